@@ -1,0 +1,56 @@
+# Developer and CI entry points. `make run` starts everything locally; `make test` is what CI runs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+BIN := .venv/bin
+BOXOFFICE := $(BIN)/boxoffice
+BOXOFFICE_ADMIN_TOKEN ?= dev-admin-token
+
+.PHONY: venv services services-stop migrate run lint test bench clean
+
+# uv from PyPI when the machine lacks it: --user fails inside a virtualenv, plain fails on a
+# system Python (PEP 668), hence the chain. `python3 -m uv` works with pip's bin dir off PATH.
+venv:
+	@if command -v uv >/dev/null; then uv=uv; \
+	elif python3 -m uv --version >/dev/null 2>&1; then uv="python3 -m uv"; else \
+		echo "uv not found: installing it with pip"; \
+		pip="python3 -m pip install --quiet uv"; \
+		$$pip --user 2>/dev/null || $$pip 2>/dev/null || $$pip --user --break-system-packages; \
+		uv="python3 -m uv"; \
+	fi; \
+	$$uv sync --frozen --quiet
+
+services: venv
+	@.ci/services.sh
+
+services-stop:
+	@.ci/services.sh stop
+
+migrate: venv services
+	$(BOXOFFICE) migrate
+
+# Both in the foreground: Ctrl-C, or either one exiting, stops the other. Background jobs of a
+# non-interactive shell ignore SIGINT, hence the trap that forwards a TERM.
+run: export BOXOFFICE_ADMIN_TOKEN := $(BOXOFFICE_ADMIN_TOKEN)
+run: venv services migrate
+	@pids=; trap 'trap - INT TERM; kill $$pids 2>/dev/null || true; wait' INT TERM; \
+	$(BOXOFFICE) serve & pids="$$pids $$!"; \
+	$(BOXOFFICE) worker & pids="$$pids $$!"; \
+	rc=0; wait -n || rc=$$?; \
+	kill $$pids 2>/dev/null || true; wait || true; exit $$rc
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: venv services lint
+	$(BIN)/pytest
+
+bench: venv services
+	$(BIN)/python -m loadtest.bench
+
+clean: services-stop
+	rm -rf .data .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,51 @@
+-- common.lua: loaded by every wrk script of loadtest/bench.py (dofile, next to them).
+-- setup() numbers the threads; done() prints one line the bench parses:
+--   BENCH_RESULT {"requests": …, "duration_us": …, "p50_us": …, "p99_us": …, …}
+-- Latencies are wrk's own (microseconds, every completed request of the run).
+
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", #threads)
+  threads[#threads + 1] = thread
+end
+
+-- Hold ids for this thread: every nthreads-th line of the file, so that no two threads
+-- (and no two requests) ever use the same hold.
+function load_pool(path, nthreads)
+  local ids, i = {}, 0
+  for line in io.lines(path) do
+    if line ~= "" then
+      if i % nthreads == tid then ids[#ids + 1] = line end
+      i = i + 1
+    end
+  end
+  return ids
+end
+
+-- The next hold id of this thread's pool; counts (in the global `exhausted`) each request
+-- made after the pool ran out, which then reuses the last id: the bench rejects the run.
+function next_hold(ids)
+  pool_next = (pool_next or 0) + 1
+  local id = ids[pool_next]
+  if id == nil then
+    exhausted = (exhausted or 0) + 1
+    id = ids[#ids] or "none"
+  end
+  return id
+end
+
+function done(summary, latency, requests)
+  local exhausted = 0
+  for _, t in ipairs(threads) do exhausted = exhausted + (t:get("exhausted") or 0) end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests": %.0f, "duration_us": %.0f, "bytes": %.0f, ' ..
+    '"p50_us": %.0f, "p90_us": %.0f, "p99_us": %.0f, "mean_us": %.1f, "max_us": %.0f, ' ..
+    '"errors_connect": %.0f, "errors_read": %.0f, "errors_write": %.0f, ' ..
+    '"errors_status": %.0f, "errors_timeout": %.0f, "exhausted": %.0f}\n',
+    summary.requests, summary.duration, summary.bytes,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout, exhausted))
+end

@@ -1,0 +1,35 @@
+-- cancel.lua: cancel (refund) a booking; its tickets go back on sale at once, and the
+-- cancellation reaches PostgreSQL through the outbox, after the confirmation it cancels.
+-- KEYS: the event keys (lib.lua), [17] Idempotency-Key record (optional, last)
+-- ARGV: common [1..4] (lib.lua), [5] booking id,
+--       [6] the booking record JSON from PostgreSQL, for a booking Redis no longer has ("" = none)
+-- Returns JSON {status = "cancelled"}, or {err = code}. Cancelling twice changes nothing.
+local cached = replay()
+if cached then return cached end
+if not loaded() then return NOT_LOADED end
+local raw = redis.call('HGET', K.bookings, ARGV[5])
+if not raw then
+  if ARGV[6] == '' then return finish(fail('booking_not_found')) end
+  raw = ARGV[6]
+end
+local b = cjson.decode(raw)
+if b.s == 'cancelled' then return finish('{"status":"cancelled"}') end
+
+local now = now_ms()
+for cat, n in pairs(b.q) do
+  redis.call('HINCRBY', K.sold, cat, -n)
+  redis.call('HINCRBY', K.avail, cat, n)
+end
+local mark = 'b:' .. b.id
+for _, label in ipairs(b.st or {}) do
+  if redis.call('HGET', K.seatstate, label) == mark then
+    redis.call('HDEL', K.seatstate, label)
+    redis.call('ZADD', K.free, seat_position(label), label)
+  end
+end
+if redis.call('HINCRBY', K.cust, b.c, -b.n) <= 0 then redis.call('HDEL', K.cust, b.c) end
+b.s, b.xa = 'cancelled', now
+redis.call('HSET', K.bookings, b.id, cjson.encode(b))
+redis.call('XADD', K.outbox, '*', 'op', 'cancel', 'booking', b.id, 'at', now)
+redis.call('HINCRBY', K.stats, 'cancelled', 1)
+return finish('{"status":"cancelled"}')

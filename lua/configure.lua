@@ -1,0 +1,31 @@
+-- configure.lua: admin changes to a live event: status, on-sale time, name, capacities.
+-- KEYS: the event keys (lib.lua), [17] Idempotency-Key record (optional, last)
+-- ARGV: common [1..4] (lib.lua), [5] changes JSON {status?, on_sale_at? (ms, "" = none),
+--       name?, caps? = {category = new capacity}}
+-- Returns JSON {ok = 1}, or {err = code, ...}. A capacity change moves the difference into
+-- or out of `avail` at once; it may not go below what is held plus sold.
+local cached = replay()
+if cached then return cached end
+if not loaded() then return NOT_LOADED end
+reclaim(now_ms(), RECLAIM_BATCH)
+local ch = cjson.decode(ARGV[5])
+local caps = ch.caps or {}
+for cat, cap in pairs(caps) do
+  local raw = redis.call('HGET', K.cats, cat)
+  if not raw then return finish(fail('unknown_category', {category = cat})) end
+  if cjson.decode(raw).s == 1 then return finish(fail('seated_capacity', {category = cat})) end
+  local committed = tonumber(redis.call('HGET', K.held, cat) or '0')
+    + tonumber(redis.call('HGET', K.sold, cat) or '0')
+  if cap < committed then
+    return finish(fail('capacity_below_committed', {category = cat, committed = committed}))
+  end
+end
+for cat, cap in pairs(caps) do
+  local old = tonumber(redis.call('HGET', K.cap, cat))
+  redis.call('HSET', K.cap, cat, cap)
+  redis.call('HINCRBY', K.avail, cat, cap - old)
+end
+for _, field in ipairs({'status', 'on_sale_at', 'name'}) do
+  if ch[field] ~= nil then redis.call('HSET', K.meta, field, ch[field]) end
+end
+return finish('{"ok":1}')

@@ -1,0 +1,235 @@
+-- lib.lua: helpers shared by every event script. The loader (service/scripts.py)
+-- prepends this file to each script, so a helper is written once and never copied.
+--
+-- Every event script receives the event's keys first, in this order (service/keys.py):
+local K = {
+  meta = KEYS[1],       -- hash: name, starts_at, on_sale_at (ms, "" = none), status, ttl, mpo, mpc, currency, order
+  cats = KEYS[2],       -- hash: category -> JSON {p = price, s = seated 0/1, lo, hi = seat positions}
+  cap = KEYS[3],        -- hash: category -> capacity
+  avail = KEYS[4],      -- hash: category -> tickets on sale
+  held = KEYS[5],       -- hash: category -> tickets in live holds
+  sold = KEYS[6],       -- hash: category -> tickets sold
+  seatmap = KEYS[7],    -- hash: seat label -> "position:category" (static)
+  seatstate = KEYS[8],  -- hash: seat label -> "h:<hold_id>" or "b:<booking_id>"; absent = available
+  free = KEYS[9],       -- zset: available seat labels scored by position (best available = lowest)
+  deadlines = KEYS[10], -- zset: live hold id -> expires_at ms
+  holds = KEYS[11],     -- hash: hold id -> hold record JSON
+  ended = KEYS[12],     -- zset: ended hold id -> ended_at ms, to forget records after retention
+  cust = KEYS[13],      -- hash: customer id -> tickets held plus bought
+  stats = KEYS[14],     -- hash: holds created / confirmed / released / expired, for /metrics
+  bookings = KEYS[15],  -- hash: booking id -> booking record JSON
+  outbox = KEYS[16],    -- stream: confirmed and cancelled bookings for the write-behind worker
+}
+local NKEYS = 16
+
+-- Every event script gets the same leading ARGV (service/scripts.py):
+--   [1] Idempotency-Key fingerprint ("" = no key; the key itself is then last in KEYS)
+--   [2] idempotency record TTL, seconds  [3] reclaim batch  [4] ended-hold retention, ms
+-- Op-specific ARGV start at [5].
+local RECLAIM_BATCH = tonumber(ARGV[3])
+local RETENTION_MS = tonumber(ARGV[4])
+
+-- Redis server time, so that every API process and worker agrees on what "overdue" means.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fail(code, extra)
+  local r = extra or {}
+  r.err = code
+  return cjson.encode(r)
+end
+
+-- cjson encodes an empty table as {}; leave empty lists out and let the reader default them.
+local function nonempty(t)
+  if next(t) == nil then return nil end
+  return t
+end
+
+local function seat_position(label)
+  return tonumber(string.match(redis.call('HGET', K.seatmap, label), '^(%d+):'))
+end
+
+-- Put a live hold's tickets back on sale and record how it ended.
+local function end_hold(h, status, now)
+  for cat, n in pairs(h.q) do
+    redis.call('HINCRBY', K.held, cat, -n)
+    redis.call('HINCRBY', K.avail, cat, n)
+  end
+  for _, label in ipairs(h.st or {}) do
+    redis.call('HDEL', K.seatstate, label)
+    redis.call('ZADD', K.free, seat_position(label), label)
+  end
+  if redis.call('HINCRBY', K.cust, h.c, -h.n) <= 0 then redis.call('HDEL', K.cust, h.c) end
+  h.s = status
+  h.e = now
+  redis.call('HINCRBY', K.stats, status, 1)
+  redis.call('HSET', K.holds, h.id, cjson.encode(h))
+  redis.call('ZREM', K.deadlines, h.id)
+  redis.call('ZADD', K.ended, now, h.id)
+end
+
+-- Expire up to `limit` overdue holds. Returns true when more may remain beyond the batch.
+local function reclaim(now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local raw = redis.call('HGET', K.holds, id)
+    local h = raw and cjson.decode(raw)
+    if h and h.s == 'held' then
+      end_hold(h, 'expired', now)
+    else
+      redis.call('ZREM', K.deadlines, id)
+    end
+  end
+  return #ids == limit
+end
+
+-- Forget up to `limit` ended holds past their retention. Off the hot path: the sweeper
+-- and the listener do it (reclaim.lua), and so does reading the event (view.lua).
+local function forget_ended(now, limit)
+  local old = redis.call('ZRANGEBYSCORE', K.ended, '-inf', now - RETENTION_MS, 'LIMIT', 0, limit)
+  for _, id in ipairs(old) do
+    redis.call('HDEL', K.holds, id)
+    redis.call('ZREM', K.ended, id)
+  end
+end
+
+local function idem_key()
+  if ARGV[1] ~= '' then return KEYS[#KEYS] end
+  return nil
+end
+
+-- The key holds "<fingerprint>\n<first reply>". A replay gets the first reply; the same
+-- key with another request gets idempotency_key_reused.
+local function replay()
+  local key = idem_key()
+  if not key then return nil end
+  local v = redis.call('GET', key)
+  if not v then return nil end
+  local sep = string.find(v, '\n', 1, true)
+  if string.sub(v, 1, sep - 1) ~= ARGV[1] then return fail('idempotency_key_reused') end
+  return string.sub(v, sep + 1)
+end
+
+-- Return a reply, remembering it first when the request carries an Idempotency-Key.
+local function finish(reply)
+  local key = idem_key()
+  if key then redis.call('SET', key, ARGV[1] .. '\n' .. reply, 'EX', ARGV[2]) end
+  return reply
+end
+
+local NOT_LOADED = '{"err":"not_loaded"}'
+-- "Call me again after reclaiming the event's overdue holds": more than one batch is due.
+local RETRY = '{"err":"retry"}'
+local function loaded() return redis.call('EXISTS', K.meta) == 1 end
+
+-- The hold a confirm or release names; or, instead, the reply to give at once (a replayed
+-- Idempotency-Key, an event not loaded, no such hold).
+local function named_hold(hold_id)
+  local cached = replay()
+  if cached then return nil, cached end
+  if not loaded() then return nil, NOT_LOADED end
+  local raw = redis.call('HGET', K.holds, hold_id)
+  if not raw then return nil, finish(fail('hold_not_found')) end
+  return cjson.decode(raw), nil
+end
+
+-- A hash as a Lua table (field -> value).
+local function hash_map(key)
+  local flat, out = redis.call('HGETALL', key), {}
+  for i = 1, #flat, 2 do out[flat[i]] = flat[i + 1] end
+  return out
+end
+
+local function hset_all(key, t)
+  local args = {}
+  for k, v in pairs(t) do
+    args[#args + 1] = k
+    args[#args + 1] = v
+    if #args == 1000 then
+      redis.call('HSET', key, unpack(args))
+      args = {}
+    end
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
+end
+
+-- Recount the event's live state from its records: confirmed bookings (the sold tickets
+-- and seats), then live holds (held), whatever the counters, the seat map and the
+-- per-customer counts said before. A hold that wants a seat a booking has is released:
+-- a sale is never undone for a hold. Available is what is neither held nor sold, never
+-- below zero. Returns a summary {categories = {name = {available, held, sold}},
+-- released = [hold ids], double_sold = [seat labels], overcommitted = [categories]}.
+local function rebuild(now)
+  local sold, held, cust, owner = {}, {}, {}, {}
+  local out = {released = {}, double_sold = {}, overcommitted = {}, categories = {}}
+  for _, raw in ipairs(redis.call('HVALS', K.bookings)) do
+    local b = cjson.decode(raw)
+    if b.s == 'confirmed' then
+      for cat, n in pairs(b.q) do sold[cat] = (sold[cat] or 0) + n end
+      cust[b.c] = (cust[b.c] or 0) + b.n
+      for _, label in ipairs(b.st or {}) do
+        if owner[label] then
+          out.double_sold[#out.double_sold + 1] = label
+        else
+          owner[label] = 'b:' .. b.id
+        end
+      end
+    end
+  end
+  for _, raw in ipairs(redis.call('HVALS', K.holds)) do
+    local h = cjson.decode(raw)
+    if h.s == 'held' then
+      local clash = false
+      for _, label in ipairs(h.st or {}) do clash = clash or owner[label] ~= nil end
+      if clash then
+        h.s, h.e = 'released', now
+        redis.call('HSET', K.holds, h.id, cjson.encode(h))
+        redis.call('ZREM', K.deadlines, h.id)
+        redis.call('ZADD', K.ended, now, h.id)
+        out.released[#out.released + 1] = h.id
+      else
+        for cat, n in pairs(h.q) do held[cat] = (held[cat] or 0) + n end
+        cust[h.c] = (cust[h.c] or 0) + h.n
+        for _, label in ipairs(h.st or {}) do owner[label] = 'h:' .. h.id end
+      end
+    end
+  end
+  redis.call('DEL', K.seatstate, K.free, K.cust)
+  local flat, state, free = redis.call('HGETALL', K.seatmap), {}, {}
+  for i = 1, #flat, 2 do
+    local label = flat[i]
+    if owner[label] then
+      state[label] = owner[label]
+    else
+      free[#free + 1] = tonumber(string.match(flat[i + 1], '^(%d+):'))
+      free[#free + 1] = label
+      if #free == 1000 then
+        redis.call('ZADD', K.free, unpack(free))
+        free = {}
+      end
+    end
+  end
+  if #free > 0 then redis.call('ZADD', K.free, unpack(free)) end
+  hset_all(K.seatstate, state)
+  hset_all(K.cust, cust)
+  local caps = redis.call('HGETALL', K.cap)
+  for i = 1, #caps, 2 do
+    local cat = caps[i]
+    local s, hd = sold[cat] or 0, held[cat] or 0
+    local avail = tonumber(caps[i + 1]) - s - hd
+    if avail < 0 then
+      out.overcommitted[#out.overcommitted + 1] = cat
+      avail = 0 -- never on sale what is held or sold
+    end
+    redis.call('HSET', K.avail, cat, avail)
+    redis.call('HSET', K.held, cat, hd)
+    redis.call('HSET', K.sold, cat, s)
+    out.categories[cat] = {available = avail, held = hd, sold = s}
+  end
+  out.released = nonempty(out.released)
+  out.double_sold = nonempty(out.double_sold)
+  out.overcommitted = nonempty(out.overcommitted)
+  return out
+end

@@ -1,0 +1,83 @@
+"""Bookings: read from Redis while they are live there, from PostgreSQL (the durable
+record) otherwise; listed and cancelled by the admin."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+import sqlalchemy as sa
+
+from service import errors, ledger, schemas
+from service.catalog import call, ensure_loaded
+from service.context import Services
+from service.db import bookings
+from service.keys import event_keys
+from service.records import BookingRecord, decode_booking
+from service.sales import booking_view
+from service.scripts import Idempotency
+
+MAX_LIMIT = 1000
+
+
+def _uuid(value: str, what: errors.BoxofficeError) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise what from None
+
+
+async def _from_postgres(svc: Services, event_id: str, booking_id: str) -> BookingRecord | None:
+    bid = _uuid(booking_id, errors.BookingNotFound(f"no booking {booking_id!r} in this event"))
+    return await ledger.find(svc, event_id, bid)
+
+
+async def get_booking(svc: Services, event_id: str, booking_id: str) -> schemas.Booking:
+    raw = await svc.redis.hget(event_keys(event_id).bookings, booking_id)
+    stored = await _from_postgres(svc, event_id, booking_id)
+    if raw is None:
+        if stored is None:
+            await ensure_loaded(svc, event_id)  # event_not_found, if that is what it is
+            raise errors.BookingNotFound(f"no booking {booking_id!r} in this event")
+        return booking_view(event_id, stored, persisted=True)
+    live = decode_booking(raw)
+    # Persisted: PostgreSQL has it, in the state Redis shows (a cancellation counts too).
+    return booking_view(event_id, live, persisted=stored is not None and stored.s == live.s)
+
+
+async def list_bookings(
+    svc: Services,
+    event_id: str,
+    status: str | None,
+    customer_id: str | None,
+    limit: int,
+    cursor: str | None,
+) -> schemas.BookingPage:
+    where = [bookings.c.event_id == event_id]
+    if status is not None:
+        where.append(bookings.c.status == status)
+    if customer_id is not None:
+        where.append(bookings.c.customer_id == customer_id)
+    if cursor is not None:
+        where.append(bookings.c.booking_id > _uuid(cursor, errors.ValidationError("bad cursor")))
+    records = await ledger.records(svc, sa.and_(*where), limit + 1)
+    if not records:
+        await ensure_loaded(svc, event_id)  # event_not_found for an unknown event
+    page = records[:limit]
+    return schemas.BookingPage(
+        bookings=[booking_view(event_id, r, persisted=True) for r in page],
+        next_cursor=page[-1].id if len(records) > limit else None,
+    )
+
+
+async def cancel_booking(
+    svc: Services, event_id: str, booking_id: str, idem: Idempotency | None
+) -> None:
+    fallback = b""
+    if not await svc.redis.hexists(event_keys(event_id).bookings, booking_id):
+        # Redis no longer has it (trimmed or restored): PostgreSQL tells the script what
+        # the booking holds, so its tickets still come back.
+        stored = await _from_postgres(svc, event_id, booking_id)
+        if stored is not None:
+            fallback = msgspec.json.encode(stored)
+    await call(svc, "cancel", event_id, booking_id, fallback, idempotency=idem)

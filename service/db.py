@@ -1,0 +1,114 @@
+"""PostgreSQL tables (SQLAlchemy Core) and the engine."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("starts_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("on_sale_at", sa.DateTime(timezone=True), nullable=True),
+    # Admin-set state; "scheduled" is derived from on_sale_at, never stored.
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("hold_ttl_seconds", sa.Integer, nullable=False),
+    sa.Column("max_per_order", sa.Integer, nullable=False),
+    sa.Column("max_per_customer", sa.Integer, nullable=True),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint("status IN ('on_sale', 'paused', 'closed')", name="status"),
+)
+
+categories = sa.Table(
+    "categories",
+    metadata,
+    sa.Column(
+        "event_id", sa.Text, sa.ForeignKey("events.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("price", sa.BigInteger, nullable=False),
+    sa.Column("seated", sa.Boolean, nullable=False),
+    sa.Column("capacity", sa.Integer, nullable=False),
+    sa.CheckConstraint("capacity >= 0", name="capacity"),
+    sa.CheckConstraint("price >= 0", name="price"),
+)
+
+seats = sa.Table(
+    "seats",
+    metadata,
+    sa.Column(
+        "event_id", sa.Text, sa.ForeignKey("events.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("label", sa.Text, primary_key=True),
+    sa.Column("category", sa.Text, nullable=False),
+    # Order of the seat within the whole event: categories in their order, then each
+    # category's seats in theirs. Best-available picks the lowest positions.
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.UniqueConstraint("event_id", "position"),
+    sa.ForeignKeyConstraint(
+        ["event_id", "category"], ["categories.event_id", "categories.name"], ondelete="CASCADE"
+    ),
+)
+
+
+def create_engine(database_url: str) -> AsyncEngine:
+    return create_async_engine(database_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+# --- bookings: written behind, from the outbox streams ----------------------------------
+
+bookings = sa.Table(
+    "bookings",
+    metadata,
+    sa.Column("booking_id", sa.Uuid, primary_key=True),
+    sa.Column("event_id", sa.Text, sa.ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("hold_id", sa.Text, nullable=False),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("total", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("payment_ref", sa.Text, nullable=True),
+    # In the order the hold assigned them: named seats first, then best-available picks.
+    sa.Column("seats", sa.ARRAY(sa.Text), nullable=False),
+    sa.Column("confirmed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("cancelled_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column(
+        "persisted_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint("status IN ('confirmed', 'cancelled')", name="status"),
+    sa.Index(None, "event_id", "booking_id"),
+    sa.Index(None, "event_id", "customer_id"),
+)
+
+# Per category: `quantity` as the customer asked in `items` (0 when only named seats),
+# `tickets` all of the booking's tickets in it, named seats included.
+booking_items = sa.Table(
+    "booking_items",
+    metadata,
+    sa.Column(
+        "booking_id",
+        sa.Uuid,
+        sa.ForeignKey("bookings.booking_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("category", sa.Text, primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("quantity", sa.Integer, nullable=False),
+    sa.Column("tickets", sa.Integer, nullable=False),
+)

@@ -1,0 +1,113 @@
+"""The domain error tree. One handler (service/api.py) turns these into problem details."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import asyncpg.exceptions
+import redis.exceptions
+import sqlalchemy.exc
+
+from service.schemas import Problem
+
+
+class BoxofficeError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        # Fields the contract adds to the problem document (`available`, `seats`, ...).
+        self.extra = extra
+        self.headers: dict[str, str] | None = None
+
+    def problem(self) -> Problem:
+        return Problem(
+            status=self.status, title=self.title, detail=self.detail, code=self.code, **self.extra
+        )
+
+
+def _error(status: int, code: str, title: str) -> type[BoxofficeError]:
+    return type(
+        "".join(part.title() for part in code.split("_")),
+        (BoxofficeError,),
+        {"status": status, "code": code, "title": title, "__module__": __name__},
+    )
+
+
+# Spelled out, rather than generated in a loop, so that mypy and readers see each name.
+ValidationError = _error(400, "validation_error", "Invalid request")
+UnknownCategory = _error(400, "unknown_category", "Unknown category")
+UnknownSeat = _error(400, "unknown_seat", "Unknown seat")
+Unauthorized = _error(401, "unauthorized", "Unauthorized")
+EventNotFound = _error(404, "event_not_found", "Event not found")
+HoldNotFound = _error(404, "hold_not_found", "Hold not found")
+BookingNotFound = _error(404, "booking_not_found", "Booking not found")
+NotFound = _error(404, "not_found", "Not found")
+MethodNotAllowed = _error(405, "method_not_allowed", "Method not allowed")
+NotOnSale = _error(409, "not_on_sale", "Event not on sale")
+SoldOut = _error(409, "sold_out", "Sold out")
+SeatsUnavailable = _error(409, "seats_unavailable", "Seats unavailable")
+CustomerLimit = _error(409, "customer_limit", "Customer limit reached")
+HoldReleased = _error(409, "hold_released", "Hold released")
+HoldConfirmed = _error(409, "hold_confirmed", "Hold confirmed")
+EventExists = _error(409, "event_exists", "Event exists")
+CapacityBelowCommitted = _error(409, "capacity_below_committed", "Capacity below committed")
+IdempotencyInProgress = _error(409, "idempotency_in_progress", "Request in progress")
+HoldExpired = _error(410, "hold_expired", "Hold expired")
+PayloadTooLarge = _error(413, "payload_too_large", "Payload too large")
+IdempotencyKeyReused = _error(422, "idempotency_key_reused", "Idempotency-Key reused")
+RateLimited = _error(429, "rate_limited", "Too many requests")
+Unavailable = _error(503, "unavailable", "Service unavailable")
+
+ALL: tuple[type[BoxofficeError], ...] = tuple(
+    obj
+    for obj in list(globals().values())
+    if isinstance(obj, type) and issubclass(obj, BoxofficeError) and obj is not BoxofficeError
+)
+BY_CODE: dict[str, type[BoxofficeError]] = {cls.code: cls for cls in ALL}
+
+# Errors of the drivers that mean "Redis or PostgreSQL is unreachable": answered with 503.
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    OSError,  # ConnectionError and TimeoutError among them
+)
+# SQLSTATE classes of a server that refuses work for now, not for this input: connection
+# exceptions, insufficient resources (too many connections), operator intervention
+# (shutting down, starting up, session killed).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error says "a server is away, try again later" rather than "this request
+    (or outbox entry) is bad". SQLAlchemy wraps the driver's error: look through the chain."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, DRIVER_ERRORS):
+            return True
+        sqlstate = getattr(seen, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
+def log_failure(log: logging.Logger, what: str, exc: BaseException) -> None:
+    """A background loop's failure: a warning when a server is away (it comes back), the
+    whole traceback when it is anything else."""
+    if unavailable(exc):
+        log.warning("%s: %r", what, exc)
+    else:
+        log.error("%s", what, exc_info=exc)

@@ -1,0 +1,155 @@
+"""Expiry, the fast and the backstop layers (the lazy one is in every script):
+
+- the listener hears Redis delete a hold's TTL key (a keyspace `expired` event) and
+  reclaims that event's overdue holds at once;
+- the sweeper reclaims every event's overdue holds every couple of seconds, on one worker
+  at a time, because pub/sub loses whatever is sent while no listener is subscribed.
+
+Reclaiming is idempotent, whichever layer gets there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from service import errors
+from service.catalog import live_event_ids, reclaim_all
+from service.context import Services
+from service.keys import SWEEPER_LOCK, event_keys, parse_hold_ttl
+from service.timefmt import redis_ms
+
+log = logging.getLogger("boxoffice.expiry")
+
+# Keyevent notifications (E) of expired keys (x); `A` includes x.
+NEEDED_FLAGS = "Ex"
+# Redis sends "expired" when it deletes the key, not when the TTL runs out: with thousands
+# of TTL keys its sampling can be over a second late. The listener therefore also looks at
+# each event's earliest deadline this often.
+WATCH_SECONDS = 0.25
+
+
+async def sweep(svc: Services) -> None:
+    for event_id in await live_event_ids(svc):
+        await reclaim_all(svc, event_id)
+
+
+async def overdue_events(svc: Services) -> set[str]:
+    """Events whose earliest hold deadline has passed (one pipelined round trip)."""
+    event_ids = await live_event_ids(svc)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.time()
+    for event_id in event_ids:
+        pipe.zrange(event_keys(event_id).deadlines, 0, 0, withscores=True)
+    time_reply, *firsts = await pipe.execute()
+    now = redis_ms(time_reply)
+    return {e for e, first in zip(event_ids, firsts, strict=True) if first and first[0][1] <= now}
+
+
+def _notifications_on(flags: str) -> bool:
+    return "E" in flags and ("x" in flags or "A" in flags)
+
+
+async def notifications_enabled(client: Redis) -> bool:
+    try:
+        config = await client.config_get("notify-keyspace-events")
+    except ResponseError:  # CONFIG disabled or renamed: cannot tell
+        return False
+    return _notifications_on(str(next(iter(config.values()), "")))
+
+
+async def enable_notifications(client: Redis) -> bool:
+    """Add the flags the listener needs to those already set, never removing any."""
+    try:
+        config = await client.config_get("notify-keyspace-events")
+        flags = str(next(iter(config.values()), ""))
+        if not _notifications_on(flags):
+            await client.config_set("notify-keyspace-events", flags + NEEDED_FLAGS)
+    except ResponseError as e:
+        log.warning("cannot enable keyspace notifications (%s): relying on the sweeper", e)
+        return False
+    return True
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Listener:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.subscribed = asyncio.Event()  # set while subscribed
+        self.subscriptions = 0  # how many times it (re)subscribed
+        db = svc.redis.connection_pool.connection_kwargs.get("db", 0)
+        self.channel = f"__keyevent@{db}__:expired"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                await self._listen(stop)
+                backoff = 0.1
+            except Exception as e:
+                errors.log_failure(log, f"expiry listener stopped, again in {backoff:.1f}s", e)
+            finally:
+                self.subscribed.clear()
+            await _wait(stop, backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        # A client of its own, without the pool's silent reconnects: a dropped connection
+        # must surface here, because the events sent meanwhile are lost and need a sweep.
+        client = Redis.from_url(self.svc.settings.redis_url)
+        try:
+            await enable_notifications(client)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe(self.channel)
+            self.subscribed.set()
+            self.subscriptions += 1
+            await sweep(self.svc)
+            loop = asyncio.get_running_loop()
+            next_watch = loop.time() + WATCH_SECONDS
+            while not stop.is_set():
+                message = await pubsub.get_message(timeout=WATCH_SECONDS)
+                due: set[str] = set()
+                while message is not None:
+                    parsed = parse_hold_ttl(message["data"].decode())
+                    if parsed is not None:
+                        due.add(parsed[0])
+                    message = await pubsub.get_message(timeout=0)
+                if loop.time() >= next_watch:
+                    due |= await overdue_events(self.svc)
+                    next_watch = loop.time() + WATCH_SECONDS
+                for event_id in due:  # one reclaim per event, however many holds ran out
+                    await reclaim_all(self.svc, event_id)
+        finally:
+            await client.aclose()
+
+
+class Sweeper:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        interval = svc.settings.sweep_interval_seconds
+        # A sweeper that dies lets another take over after three intervals at most.
+        self.lock = svc.redis.lock(SWEEPER_LOCK, timeout=interval * 3, blocking=False)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                if await self._lead():
+                    await sweep(self.svc)
+            except Exception as e:
+                errors.log_failure(log, "sweep failed", e)
+            await _wait(stop, self.svc.settings.sweep_interval_seconds)
+        with contextlib.suppress(Exception):
+            await self.lock.release()
+
+    async def _lead(self) -> bool:
+        if await self.lock.owned():
+            return bool(await self.lock.reacquire())
+        return bool(await self.lock.acquire(blocking=False))

@@ -1,0 +1,89 @@
+"""Idempotency-Key: fingerprints, and the once-only wrapper of the admin routes.
+
+The hot routes (hold, confirm, release) check and record the key inside their own script,
+in the same atomic step as the work. Admin routes are rare and touch PostgreSQL too, so
+they use a record of their own: claimed before the work, filled with the response after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Response
+
+from service import errors
+from service.context import Services
+from service.keys import global_idempotency
+from service.scripts import Idempotency
+
+# How long a claimed key may stay unfinished before another request may take it over
+# (a process that died mid-request must not block the key for a day).
+CLAIM_SECONDS = 60
+
+T = TypeVar("T")
+
+
+def fingerprint(key: str, method: str, path: str, body: bytes) -> Idempotency:
+    if not 1 <= len(key) <= 128 or not key.isascii() or not key.isprintable():
+        raise errors.ValidationError("Idempotency-Key: 1 to 128 printable ASCII characters")
+    request = hashlib.sha256(f"{method} {path}\n".encode() + body).hexdigest()
+    return Idempotency(hashlib.sha256(key.encode()).hexdigest(), request)
+
+
+class _Stored(msgspec.Struct):
+    fingerprint: str
+    status: int = 0  # 0: still in progress
+    body: msgspec.Raw = msgspec.Raw(b"null")
+    problem: bool = False
+
+
+async def once(
+    svc: Services,
+    idem: Idempotency | None,
+    status: int,
+    work: Callable[[], Awaitable[T]],
+) -> Response[T]:
+    """Run `work` once per Idempotency-Key; a repeat gets the first response."""
+    if idem is None:
+        return Response(await work(), status_code=status)
+    key = global_idempotency(idem.key_digest)
+    claim = msgspec.json.encode(_Stored(idem.fingerprint))
+    if not await svc.redis.set(key, claim, nx=True, ex=CLAIM_SECONDS):
+        raw = await svc.redis.get(key)
+        if raw is not None:
+            return _replay(msgspec.json.decode(raw, type=_Stored), idem)
+    try:
+        result = await work()
+    except errors.BoxofficeError as e:
+        if e.status >= 500:
+            await svc.redis.delete(key)
+            raise
+        await _store(svc, key, idem, e.status, msgspec.json.encode(e.problem()), True)
+        raise
+    except BaseException:
+        await svc.redis.delete(key)  # nothing was done: let a retry do it
+        raise
+    await _store(svc, key, idem, status, msgspec.json.encode(result), False)
+    return Response(result, status_code=status)
+
+
+async def _store(
+    svc: Services, key: str, idem: Idempotency, status: int, body: bytes, is_problem: bool
+) -> None:
+    record = _Stored(idem.fingerprint, status, msgspec.Raw(body), is_problem)
+    await svc.redis.set(key, msgspec.json.encode(record), ex=svc.settings.idempotency_ttl_seconds)
+
+
+def _replay(stored: _Stored, idem: Idempotency) -> Response[Any]:
+    if stored.fingerprint != idem.fingerprint:
+        raise errors.IdempotencyKeyReused("this Idempotency-Key was used with another request")
+    if stored.status == 0:
+        raise errors.IdempotencyInProgress("the first request with this key is still running")
+    return Response(
+        stored.body,
+        status_code=stored.status,
+        media_type="application/problem+json" if stored.problem else "application/json",
+    )

@@ -1,0 +1,97 @@
+"""Every Redis key name, and nowhere else.
+
+All keys of one event share the hash tag ``{ev:<event_id>}``, so each script touches one
+slot and the service runs unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+PREFIX = "bo:"
+# Events with live state in Redis, for the sweeper and the worker to find.
+EVENTS = f"{PREFIX}events"
+# One sweeper at a time across all workers.
+SWEEPER_LOCK = f"{PREFIX}sweeper:lock"
+# The consumer group of the write-behind workers on every outbox stream.
+OUTBOX_GROUP = "writers"
+
+# Order matters: the scripts read them as KEYS[1..16] (lua/lib.lua).
+EVENT_KEY_NAMES = (
+    "meta",
+    "cats",
+    "cap",
+    "avail",
+    "held",
+    "sold",
+    "seatmap",
+    "seatstate",
+    "free",
+    "deadlines",
+    "holds",
+    "ended",
+    "cust",
+    "stats",
+    "bookings",
+    "outbox",
+)
+
+
+class EventKeys:
+    __slots__ = ("all", "deadletter", "event_id", "tag", *EVENT_KEY_NAMES)
+
+    def __init__(self, event_id: str) -> None:
+        self.event_id = event_id
+        self.tag = f"{PREFIX}{{ev:{event_id}}}"
+        for name in EVENT_KEY_NAMES:
+            setattr(self, name, f"{self.tag}:{name}")
+        # Encoded once: every script call passes them all, and redis-py sends bytes as is.
+        self.all: tuple[bytes, ...] = tuple(
+            f"{self.tag}:{name}".encode() for name in EVENT_KEY_NAMES
+        )
+        # Outbox entries that failed again and again: kept for an operator, never dropped.
+        self.deadletter = f"{self.tag}:deadletter"
+
+    meta: str
+    cats: str
+    cap: str
+    avail: str
+    held: str
+    sold: str
+    seatmap: str
+    seatstate: str
+    free: str
+    deadlines: str
+    holds: str
+    ended: str
+    cust: str
+    stats: str
+    bookings: str
+    outbox: str
+
+    def hold_ttl(self, hold_id: str) -> str:
+        """The key whose expiry tells the keyspace listener that a hold ran out."""
+        return f"{self.tag}:ttl:{hold_id}"
+
+    def idempotency(self, key_digest: str) -> str:
+        return f"{self.tag}:idem:{key_digest}"
+
+
+@lru_cache(maxsize=4096)
+def event_keys(event_id: str) -> EventKeys:
+    return EventKeys(event_id)
+
+
+def global_idempotency(key_digest: str) -> str:
+    """Idempotency records of requests that belong to no live event (creating one)."""
+    return f"{PREFIX}idem:{key_digest}"
+
+
+def parse_hold_ttl(key: str) -> tuple[str, str] | None:
+    """(event_id, hold_id) from a hold TTL key name, or None for any other key."""
+    if not key.startswith(f"{PREFIX}{{ev:"):
+        return None
+    tag_end = key.find("}:ttl:")
+    if tag_end < 0:
+        return None
+    return key[len(PREFIX) + 4 : tag_end], key[tag_end + 6 :]

@@ -1,0 +1,217 @@
+"""/metrics and /ready: HTTP figures from the middleware, live figures read from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import sqlalchemy as sa
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from service import schemas
+from service.catalog import live_event_ids
+from service.context import Services
+from service.expiry import notifications_enabled
+from service.keys import event_keys
+from service.timefmt import redis_ms
+from service.writebehind import outbox_state
+
+REQUESTS = Counter(
+    "boxoffice_requests",
+    "HTTP requests by route template and status",
+    ["method", "path", "status_code"],
+)
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LATENCY = Histogram(
+    "boxoffice_request_duration_seconds",
+    "HTTP request latency by route template",
+    ["method", "path"],
+    buckets=BUCKETS,
+)
+_UNCOUNTED = frozenset({"/metrics", "/health"})
+# How often a process adds what it counted to the shared metrics.
+FLUSH_SECONDS = 1.0
+
+
+class HttpStats:
+    """Request counts and latencies, tallied in plain dictionaries and added to the
+    Prometheus metrics once a second. With several server processes every increment of a
+    Prometheus metric is a locked write to a shared file; per request that cost a third of
+    the hold path's throughput. Tallied, it costs two dictionary updates."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        # (method, path) -> count per bucket (the last one +Inf), then the sum of seconds.
+        self.latencies: dict[tuple[str, str], list[float]] = {}
+
+    def record(self, method: str, path: str, status: int, seconds: float) -> None:
+        self.counts[method, path, status] += 1
+        tally = self.latencies.get((method, path))
+        if tally is None:
+            tally = self.latencies[method, path] = [0.0] * (len(BUCKETS) + 2)
+        tally[bisect.bisect_left(BUCKETS, seconds)] += 1
+        tally[-1] += seconds
+
+    def flush(self) -> None:
+        counts, latencies = self.counts, self.latencies
+        self.counts, self.latencies = collections.Counter(), {}
+        for labels, count in counts.items():
+            REQUESTS.labels(*labels).inc(count)
+        for route, tally in latencies.items():
+            child = LATENCY.labels(*route)
+            # prometheus_client has no bulk observe(): add to the child's bucket values,
+            # which is what observe() does one sample at a time.
+            for bucket, in_bucket in zip(child._buckets, tally[:-1], strict=True):
+                if in_bucket:
+                    bucket.inc(in_bucket)
+            child._sum.inc(tally[-1])
+
+    async def flush_every(self, seconds: float = FLUSH_SECONDS) -> None:
+        try:
+            while True:
+                await asyncio.sleep(seconds)
+                self.flush()
+        finally:
+            self.flush()
+
+
+def middleware(stats: HttpStats) -> Callable[[ASGIApp], ASGIApp]:
+    """Counts each request by route template (one series per route, not one per event or
+    hold) and its status, and times it."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def record(scope: Scope, receive: Receive, send: Send) -> None:
+            path = scope.get("path_template", "")
+            if path in _UNCOUNTED:
+                await app(scope, receive, send)
+                return
+            started = time.perf_counter()
+            status = 500
+
+            async def sending(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, sending)
+            finally:
+                method: str = scope.get("method", "")  # type: ignore[assignment]
+                stats.record(method, path, status, time.perf_counter() - started)
+
+        return record
+
+    return wrap
+
+
+class _Snapshot(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics
+
+
+def _http_registry() -> CollectorRegistry:
+    # Several server processes: each writes its samples to files, summed here at scrape.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
+    return REGISTRY
+
+
+async def _live(svc: Services) -> list[Metric]:
+    labels = ["event", "category"]
+    gauges = {
+        name: GaugeMetricFamily(f"boxoffice_tickets_{name}", help_, labels=labels)
+        for name, help_ in (
+            ("capacity", "Tickets in the category"),
+            ("available", "Tickets on sale now"),
+            ("held", "Tickets in live holds"),
+            ("sold", "Tickets sold"),
+        )
+    }
+    holds = CounterMetricFamily(
+        "boxoffice_holds", "Holds by what happened to them", labels=["event", "outcome"]
+    )
+    backlog = GaugeMetricFamily(
+        "boxoffice_outbox_backlog",
+        "Bookings and cancellations not yet in PostgreSQL",
+        labels=["event"],
+    )
+    lag = GaugeMetricFamily(
+        "boxoffice_outbox_lag_seconds",
+        "Age of the oldest entry not yet in PostgreSQL",
+        labels=["event"],
+    )
+    dead = GaugeMetricFamily(
+        "boxoffice_outbox_dead_letters",
+        "Entries in the event's dead-letter stream",
+        labels=["event"],
+    )
+    event_ids = await live_event_ids(svc)
+    pipe = svc.redis.pipeline(transaction=False)
+    for event_id in event_ids:
+        k = event_keys(event_id)
+        for key in (k.cap, k.avail, k.held, k.sold, k.stats):
+            pipe.hgetall(key)
+    pipe.time()
+    *replies, time_reply = await pipe.execute()
+    now_ms = redis_ms(time_reply)
+    for i, event_id in enumerate(event_ids):
+        cap, avail, held, sold, stats = replies[i * 5 : i * 5 + 5]
+        for name, values in (
+            ("capacity", cap),
+            ("available", avail),
+            ("held", held),
+            ("sold", sold),
+        ):
+            for category, value in values.items():
+                gauges[name].add_metric([event_id, category.decode()], int(value))
+        for outcome, value in stats.items():
+            holds.add_metric([event_id, outcome.decode()], int(value))
+        outbox = await outbox_state(svc, event_id)
+        backlog.add_metric([event_id], outbox.backlog)
+        oldest = outbox.oldest_ms
+        lag.add_metric([event_id], 0 if oldest is None else max(0, now_ms - oldest) / 1000)
+        dead.add_metric([event_id], outbox.dead_letters)
+    return [*gauges.values(), holds, backlog, lag, dead]
+
+
+async def render(svc: Services) -> bytes:
+    live = CollectorRegistry()
+    live.register(_Snapshot(await _live(svc)))
+    return generate_latest(_http_registry()) + generate_latest(live)
+
+
+async def readiness(svc: Services) -> schemas.Readiness:
+    missing: list[str] = []
+    warnings: list[str] = []
+    try:
+        await svc.redis.ping()
+        # Loading is idempotent: this also heals a SCRIPT FLUSH before anyone calls.
+        await svc.scripts.load()
+    except Exception:  # whatever it is, not ready
+        missing.append("redis")
+    if "redis" not in missing and not await notifications_enabled(svc.redis):
+        # Not a reason to take the API out of service: holds still expire, lazily and by
+        # the sweeper, only less promptly than with the listener.
+        warnings.append("keyspace notifications are off: is `boxoffice worker` running?")
+    try:
+        async with svc.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    except Exception:  # whatever it is, not ready
+        missing.append("postgresql")
+    return schemas.Readiness(
+        status="unavailable" if missing else "ready", missing=missing, warnings=warnings
+    )

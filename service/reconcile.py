@@ -1,0 +1,534 @@
+"""Reconciliation: does Redis (the live state) agree with PostgreSQL (the durable record)?
+
+The check reads everything a chunk at a time (HSCAN, a server-side cursor), so memory
+stays bounded by the chunk, plus a set of ids per event to count each record once (HSCAN
+may return an element twice). The repair adopts into Redis the bookings it lacks, writes to
+PostgreSQL the outbox entries that are stuck, and then recounts the event's live state from
+its records in one atomic script (lua/repair.lua): it is safe while the event is selling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+
+from service import catalog, ledger
+from service.context import Services
+from service.db import categories, events
+from service.keys import event_keys
+from service.records import decode_booking, decode_hold
+from service.timefmt import from_ms, redis_ms
+from service.writebehind import Entry, WriteBehind, outbox_state, write
+
+_encode = msgspec.json.encode
+
+log = logging.getLogger("boxoffice.reconcile")
+
+CHUNK = 5000
+# An outbox entry waiting longer than this is stuck, not just waiting.
+STUCK_SECONDS = 60
+# A hold this long past its deadline and still held has leaked: the sweeper runs every
+# couple of seconds, so only a dead worker fleet (or a bug) leaves one this long.
+LEAK_GRACE_MS = 10_000
+# Problems listed per event; all are counted.
+MAX_LISTED = 50
+# The check reads a live event a chunk at a time, not in one snapshot: a hold that expires
+# between two reads looks like drift for an instant. Drift counts only when each of these
+# checks, this far apart, finds it.
+CHECKS = 3
+RECHECK_SECONDS = 1.0
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    kind: str
+    detail: str
+
+
+class CategoryReport(msgspec.Struct):
+    name: str
+    capacity: int | None  # None: not in Redis
+    available: int | None
+    held: int | None
+    sold: int | None
+    expected: dict[str, int]  # capacity, available, held, sold from the records
+    consistent: bool
+
+
+class OutboxReport(msgspec.Struct):
+    waiting: int
+    oldest_seconds: float | None
+    stuck: bool
+    dead_letters: int
+
+
+class SeatReport(msgspec.Struct):
+    total: int
+    available: int
+    held: int
+    sold: int
+
+
+class EventReport(msgspec.Struct):
+    event_id: str
+    consistent: bool
+    in_redis: bool
+    categories: list[CategoryReport]
+    seats: SeatReport
+    bookings_in_postgres: int
+    outbox: OutboxReport
+    leaked_holds: int
+    problem_counts: dict[str, int]
+    problems: list[Problem]
+    repairs: list[str] = msgspec.field(default_factory=list)
+
+
+class Report(msgspec.Struct):
+    consistent: bool
+    checked_at: str
+    repaired: bool
+    events: list[EventReport]
+
+
+class _Findings:
+    """What a check of one event found, as it goes."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.listed: list[Problem] = []
+
+    def add(self, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        if len(self.listed) < MAX_LISTED:
+            self.listed.append(Problem(kind, detail))
+
+
+async def _hscan(svc: Services, key: str) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+    """A hash a chunk at a time, each field once."""
+    seen: set[bytes] = set()
+    cursor = 0
+    while True:
+        reply: Any = await svc.redis.hscan(key, cursor, count=CHUNK)
+        cursor, chunk = reply
+        fresh = [(k, v) for k, v in chunk.items() if k not in seen]
+        seen.update(k for k, _ in fresh)
+        if fresh:
+            yield fresh
+        if cursor == 0:
+            return
+
+
+async def _redis_time(svc: Services) -> int:
+    return redis_ms(await svc.redis.time())
+
+
+async def _outbox_bookings(svc: Services, event_id: str) -> tuple[dict[str, Entry], set[str]]:
+    """Confirmations (booking id -> entry) and cancellations (booking ids) in the outbox."""
+    confirms: dict[str, Entry] = {}
+    cancels: set[str] = set()
+    start = "-"
+    while True:
+        chunk: Any = await svc.redis.xrange(event_keys(event_id).outbox, min=start, count=CHUNK)
+        for entry_id, fields in chunk:
+            if fields.get(b"op") == b"confirm":
+                try:
+                    confirms[decode_booking(fields[b"booking"]).id] = (event_id, entry_id, fields)
+                except msgspec.ValidationError:
+                    continue  # a poison entry: the worker dead-letters it
+            elif fields.get(b"op") == b"cancel":
+                cancels.add(fields[b"booking"].decode())
+        if len(chunk) < CHUNK:
+            return confirms, cancels
+        start = "(" + chunk[-1][0].decode()
+
+
+async def check_event(svc: Services, event_id: str) -> EventReport:
+    found = _Findings()
+    keys = event_keys(event_id)
+    async with svc.engine.connect() as conn:
+        cats = {
+            r.name: r.capacity
+            for r in await conn.execute(
+                sa.select(categories.c.name, categories.c.capacity)
+                .where(categories.c.event_id == event_id)
+                .order_by(categories.c.position)
+            )
+        }
+    in_redis = bool(await svc.redis.exists(keys.meta))
+    sold: Counter[str] = Counter()
+    held: Counter[str] = Counter()
+    outbox_confirms, outbox_cancels = await _outbox_bookings(svc, event_id)
+    now = await _redis_time(svc)
+
+    # PostgreSQL's bookings, against Redis's. Their ids and statuses are kept (a few
+    # dozen bytes a booking) to tell Redis's bookings which are persisted.
+    in_postgres: dict[str, str] = {}
+    async for chunk in ledger.briefs(svc, event_id):
+        in_postgres.update((r.id, r.s) for r in chunk)
+        live: list[Any] = await svc.redis.hmget(keys.bookings, [r.id for r in chunk])
+        for r, raw in zip(chunk, live, strict=True):
+            if raw is None:
+                if in_redis:
+                    found.add("booking_unknown_to_redis", f"booking {r.id} ({r.s})")
+                if r.s == "confirmed":
+                    sold.update(r.q)
+            elif r.s == "cancelled" and decode_booking(raw).s == "confirmed":
+                found.add("booking_status", f"booking {r.id} is cancelled in PostgreSQL only")
+        if in_redis:
+            sold_seats = {
+                label: f"b:{r.id}"
+                for r in chunk
+                if r.s == "confirmed" and r.id not in outbox_cancels
+                for label in r.st
+            }
+            await _seats_are(svc, event_id, sold_seats, "seat_not_sold_in_redis", found)
+    outbox = await _outbox(svc, event_id, now, found)
+    if not in_redis:
+        found.add("event_missing_in_redis", "PostgreSQL has the event, Redis has none of it")
+        return _report(event_id, found, cats, None, sold, held, len(in_postgres), outbox, 0, None)
+
+    # Redis's bookings: the sold tickets, each persisted or on its way there.
+    async for pairs in _hscan(svc, keys.bookings):
+        records = [decode_booking(raw) for _, raw in pairs]
+        for b in records:
+            if b.s == "confirmed":
+                sold.update(b.q)
+            if b.id not in in_postgres and b.id not in outbox_confirms:
+                found.add(
+                    "booking_not_persisted", f"booking {b.id}: not in PostgreSQL nor in the outbox"
+                )
+            elif (
+                b.s == "cancelled"
+                and in_postgres.get(b.id) == "confirmed"
+                and b.id not in outbox_cancels
+            ):
+                found.add(
+                    "booking_not_persisted",
+                    f"cancellation of {b.id}: not in PostgreSQL nor in the outbox",
+                )
+        taken = {label: f"b:{b.id}" for b in records if b.s == "confirmed" for label in b.st}
+        await _seats_are(svc, event_id, taken, "seat_not_sold", found)
+
+    # Live holds: the held tickets; and the leaked ones.
+    leaked = 0
+    async for pairs in _hscan(svc, keys.holds):
+        holds = [h for h in (decode_hold(raw) for _, raw in pairs) if h.s == "held"]
+        for h in holds:
+            held.update(h.q)
+            if h.ex < now - LEAK_GRACE_MS:
+                leaked += 1
+                found.add("leaked_hold", f"hold {h.id} expired at {from_ms(h.ex)}, still held")
+        taken = {label: f"h:{h.id}" for h in holds for label in h.st}
+        await _seats_are(svc, event_id, taken, "seat_not_held", found)
+
+    seats = await _check_seats(svc, event_id, in_postgres, outbox_confirms, found)
+    counters = await _counters(svc, event_id)
+    return _report(
+        event_id, found, cats, counters, sold, held, len(in_postgres), outbox, leaked, seats
+    )
+
+
+async def _seats_are(
+    svc: Services, event_id: str, expected: dict[str, str], kind: str, found: _Findings
+) -> None:
+    """Each seat in `expected` has that state ("b:<booking>" or "h:<hold>") in Redis."""
+    if not expected:
+        return
+    states: list[Any] = await svc.redis.hmget(event_keys(event_id).seatstate, list(expected))
+    for (label, want), state in zip(expected.items(), states, strict=True):
+        have = state.decode() if state else "available"
+        if have != want:
+            found.add(kind, f"seat {label} should be {want}, Redis has {have}")
+
+
+class _SeatChunk(msgspec.Struct):
+    cursor: str
+    total: int
+    available: int
+    held: int
+    sold: int
+    problems: list[tuple[str, str]] = []
+    booked: list[str] = []
+
+
+_decode_seats = msgspec.json.Decoder(_SeatChunk).decode
+
+
+async def _check_seats(
+    svc: Services,
+    event_id: str,
+    in_postgres: dict[str, str],
+    outbox_confirms: dict[str, Entry],
+    found: _Findings,
+) -> SeatReport:
+    """Every seat in exactly one state, and a held or sold one backed by its record:
+    checked by a read-only script a chunk at a time, next to the data."""
+    tally = SeatReport(0, 0, 0, 0)
+    cursor = "0"
+    while True:
+        chunk = _decode_seats(await svc.scripts.call("check_seats", event_id, cursor, CHUNK))
+        tally.total += chunk.total
+        tally.available += chunk.available
+        tally.held += chunk.held
+        tally.sold += chunk.sold
+        for kind, detail in chunk.problems:
+            found.add(kind, detail)
+        for booking_id in chunk.booked:
+            if booking_id not in in_postgres and booking_id not in outbox_confirms:
+                found.add("seat_without_record", f"booking {booking_id} is nowhere durable")
+        cursor = chunk.cursor
+        if cursor == "0":
+            return tally
+
+
+async def _counters(svc: Services, event_id: str) -> dict[str, dict[str, int]]:
+    keys = event_keys(event_id)
+    pipe = svc.redis.pipeline(transaction=False)
+    for key in (keys.cap, keys.avail, keys.held, keys.sold):
+        pipe.hgetall(key)
+    cap, avail, held, sold = await pipe.execute()
+    return {
+        name: {k.decode(): int(v) for k, v in values.items()}
+        for name, values in (
+            ("capacity", cap),
+            ("available", avail),
+            ("held", held),
+            ("sold", sold),
+        )
+    }
+
+
+async def _outbox(svc: Services, event_id: str, now: int, found: _Findings) -> OutboxReport:
+    state = await outbox_state(svc, event_id)
+    oldest = None if state.oldest_ms is None else max(0.0, (now - state.oldest_ms) / 1000)
+    stuck = oldest is not None and oldest > STUCK_SECONDS
+    if stuck:
+        found.add("outbox_stuck", f"{state.backlog} entries waiting, the oldest for {oldest:.0f} s")
+    if state.dead_letters:
+        found.add("dead_letters", f"{state.dead_letters} entries in the dead-letter stream")
+    return OutboxReport(state.backlog, oldest, stuck, state.dead_letters)
+
+
+def _report(
+    event_id: str,
+    found: _Findings,
+    cats: dict[str, int],
+    counters: dict[str, dict[str, int]] | None,
+    sold: Counter[str],
+    held: Counter[str],
+    pg_count: int,
+    outbox: OutboxReport,
+    leaked: int,
+    seats: SeatReport | None,
+) -> EventReport:
+    reports = []
+    for name, capacity in cats.items():
+        expected = {
+            "capacity": capacity,
+            "available": capacity - held[name] - sold[name],
+            "held": held[name],
+            "sold": sold[name],
+        }
+        actual = {k: (counters or {}).get(k, {}).get(name) for k in expected}
+        ok = counters is not None and actual == expected
+        if counters is not None and not ok:
+            found.add(
+                "counter_mismatch",
+                f"{name}: Redis has {actual}, the records say {expected}",
+            )
+        if any(v is not None and v < 0 for v in actual.values()):
+            found.add("negative_counter", f"{name}: {actual}")
+        reports.append(CategoryReport(name, **actual, expected=expected, consistent=ok))
+    return EventReport(
+        event_id=event_id,
+        consistent=not found.counts,
+        in_redis=counters is not None,
+        categories=reports,
+        seats=seats or SeatReport(0, 0, 0, 0),
+        bookings_in_postgres=pg_count,
+        outbox=outbox,
+        leaked_holds=leaked,
+        problem_counts=dict(found.counts),
+        problems=found.listed,
+    )
+
+
+# --- repair -----------------------------------------------------------------------------
+
+
+async def repair_event(svc: Services, event_id: str) -> list[str]:
+    """Put Redis back in line with the records; returns what it changed."""
+    keys = event_keys(event_id)
+    done: list[str] = []
+    if not await svc.redis.exists(keys.meta):
+        await catalog.restore(svc, event_id)
+        return ["loaded the event from PostgreSQL (catalog and bookings)"]
+    if added := await ledger.adopt(svc, event_id):
+        done.append(f"adopted {added} booking(s) that only PostgreSQL had")
+    done += await _redrive(svc, event_id)
+    done += await _align_capacity(svc, event_id)
+    summary = msgspec.json.decode(await catalog.call(svc, "repair", event_id))
+    for name, after in summary["categories"].items():
+        before = summary["before"][name]
+        if before != after:
+            done.append(f"{name}: counters {before} -> {after}")
+    if summary["expired"]:
+        done.append(f"released {summary['expired']} hold(s) past their deadline")
+    if summary.get("released"):
+        done.append(f"released hold(s) {', '.join(summary['released'])}: their seats are sold")
+    return done
+
+
+async def _redrive(svc: Services, event_id: str) -> list[str]:
+    """Write to PostgreSQL what should be there and is not: the outbox (whatever a dead or
+    absent worker left), dead letters, and Redis's bookings whose entries were lost.
+    Idempotent, like the worker itself."""
+    keys = event_keys(event_id)
+    done: list[str] = []
+    if drained := await WriteBehind(svc, "reconcile").drain(event_id):
+        done.append(f"wrote {drained} outbox entr(y/ies) to PostgreSQL")
+    dead: Any = await svc.redis.xrange(keys.deadletter)
+    redriven = 0
+    for entry_id, fields in dead:
+        original = {k: v for k, v in fields.items() if k not in (b"error", b"source_id")}
+        try:
+            async with svc.engine.begin() as conn:
+                await write(conn, [(event_id, entry_id, original)])
+        except Exception as e:  # still poison: it stays for an operator
+            log.warning("dead letter %s of %s still fails: %r", entry_id, event_id, e)
+            continue
+        await svc.redis.xdel(keys.deadletter, entry_id)
+        redriven += 1
+    if redriven:
+        done.append(f"re-drove {redriven} dead letter(s) into PostgreSQL")
+    lost: list[Entry] = []
+    stored: dict[str, str] = {}
+    async for chunk in ledger.briefs(svc, event_id):
+        stored.update((r.id, r.s) for r in chunk)
+    async for pairs in _hscan(svc, keys.bookings):
+        for r in (decode_booking(raw) for _, raw in pairs):
+            if r.id not in stored:
+                confirmed = msgspec.structs.replace(r, s="confirmed")
+                lost.append((event_id, b"0-0", {b"op": b"confirm", b"booking": _encode(confirmed)}))
+            if r.s == "cancelled" and stored.get(r.id) != "cancelled":
+                cancel = {b"op": b"cancel", b"booking": r.id.encode(), b"at": str(r.ca).encode()}
+                lost.append((event_id, b"0-0", cancel))
+    if lost:
+        async with svc.engine.begin() as conn:
+            await write(conn, lost)
+        done.append(f"wrote {len(lost)} booking change(s) the outbox had lost")
+    return done
+
+
+async def _align_capacity(svc: Services, event_id: str) -> list[str]:
+    """PostgreSQL holds the catalog: a capacity Redis has otherwise is put back."""
+    keys = event_keys(event_id)
+    async with svc.engine.connect() as conn:
+        caps = {
+            r.name: r.capacity
+            for r in await conn.execute(
+                sa.select(categories.c.name, categories.c.capacity).where(
+                    categories.c.event_id == event_id, ~categories.c.seated
+                )
+            )
+        }
+    raw: Any = await svc.redis.hgetall(keys.cap)
+    live = {k.decode(): int(v) for k, v in raw.items()}
+    wrong = {name: cap for name, cap in caps.items() if live.get(name) != cap}
+    if not wrong:
+        return []
+    await svc.redis.hset(keys.cap, mapping=wrong)  # the recount that follows fixes the rest
+    return [f"capacity of {name} back to {cap}" for name, cap in wrong.items()]
+
+
+# --- all events -------------------------------------------------------------------------
+
+
+async def event_ids(svc: Services, only: str | None) -> list[str]:
+    async with svc.engine.connect() as conn:
+        query = sa.select(events.c.id).order_by(events.c.id)
+        if only is not None:
+            query = query.where(events.c.id == only)
+        return [r.id for r in await conn.execute(query)]
+
+
+async def _settled_check(svc: Services, event_id: str) -> EventReport:
+    report = await check_event(svc, event_id)
+    for _ in range(CHECKS - 1):
+        if report.consistent:
+            break
+        await asyncio.sleep(RECHECK_SECONDS)
+        report = await check_event(svc, event_id)
+    return report
+
+
+async def reconcile(
+    svc: Services,
+    only: str | None = None,
+    repair: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Report:
+    ids = await event_ids(svc, only)
+    reports = []
+    for i, event_id in enumerate(ids):
+        if progress is not None:
+            progress(i, len(ids), event_id)
+        report = await _settled_check(svc, event_id)
+        if repair and not report.consistent:
+            repairs = await repair_event(svc, event_id)
+            report = await _settled_check(svc, event_id)
+            report.repairs = repairs
+        reports.append(report)
+    return Report(
+        consistent=all(r.consistent for r in reports),
+        checked_at=from_ms(await _redis_time(svc)),
+        repaired=repair,
+        events=reports,
+    )
+
+
+def render(report: Report) -> str:
+    """The report as a table for people."""
+    lines = []
+    for e in report.events:
+        verdict = "consistent" if e.consistent else "DRIFT"
+        lines.append(f"event {e.event_id}: {verdict}" + ("" if e.in_redis else " (not in Redis)"))
+        lines.append(
+            f"  {'category':<20} {'capacity':>9} {'available':>10} {'held':>7} {'sold':>7}"
+            "   expected (available/held/sold)"
+        )
+        for c in e.categories:
+            x = c.expected
+            values = [c.capacity, c.available, c.held, c.sold]
+            shown = ["-" if v is None else str(v) for v in values]
+            mark = "" if c.consistent else "  <-"
+            lines.append(
+                f"  {c.name:<20} {shown[0]:>9} {shown[1]:>10} {shown[2]:>7} {shown[3]:>7}"
+                f"   {x['available']}/{x['held']}/{x['sold']}{mark}"
+            )
+        s, o = e.seats, e.outbox
+        if s.total:
+            lines.append(
+                f"  seats: {s.total} ({s.available} available, {s.held} held, {s.sold} sold)"
+            )
+        oldest = "" if o.oldest_seconds is None else f", oldest {o.oldest_seconds:.1f} s"
+        lines.append(
+            f"  bookings in PostgreSQL: {e.bookings_in_postgres}; outbox: {o.waiting} waiting"
+            f"{oldest}, {o.dead_letters} dead letter(s); leaked holds: {e.leaked_holds}"
+        )
+        for kind, n in sorted(e.problem_counts.items()):
+            lines.append(f"  ! {kind}: {n}")
+        lines.extend(f"    - {p.detail}" for p in e.problems)
+        lines.extend(f"  repaired: {r}" for r in e.repairs)
+    total = len(report.events)
+    drift = sum(not e.consistent for e in report.events)
+    lines.append(
+        f"{total} event(s) checked, {drift} with drift"
+        + (" after repair" if report.repaired else "")
+    )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,156 @@
+"""The hot path: holds, confirms, releases and the live seat map, one script call each."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+
+import msgspec
+
+from service import errors, schemas
+from service.catalog import call, restore
+from service.context import Services
+from service.keys import event_keys
+from service.records import BookingRecord, HoldRecord, decode_booking, decode_hold
+from service.scripts import Idempotency
+from service.timefmt import from_ms, redis_ms
+
+_encode = msgspec.json.encode
+
+
+def uuid7() -> str:
+    """A time-ordered booking id (RFC 9562 UUIDv7): 48 bits of milliseconds, then random."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
+    return str(uuid.UUID(int=value))
+
+
+def hold_view(event_id: str, h: HoldRecord, status: str | None = None) -> schemas.Hold:
+    return schemas.Hold(
+        hold_id=h.id,
+        event_id=event_id,
+        customer_id=h.c,
+        status=status or h.s,  # type: ignore[arg-type]
+        created_at=from_ms(h.ca),
+        expires_at=from_ms(h.ex),
+        items=[schemas.HoldItem(category=c, quantity=n) for c, n in h.it],
+        seats=h.st,
+        total=h.t,
+        currency=h.cu,
+        booking_id=h.b,
+    )
+
+
+def booking_view(
+    event_id: str, b: BookingRecord, persisted: bool | msgspec.UnsetType = msgspec.UNSET
+) -> schemas.Booking:
+    return schemas.Booking(
+        booking_id=b.id,
+        hold_id=b.h,
+        event_id=event_id,
+        customer_id=b.c,
+        status=b.s,  # type: ignore[arg-type]
+        items=[schemas.HoldItem(category=c, quantity=n) for c, n in b.it],
+        seats=b.st,
+        total=b.t,
+        currency=b.cu,
+        payment_ref=b.pr,
+        confirmed_at=from_ms(b.ca),
+        persisted=persisted,
+    )
+
+
+async def create_hold(
+    svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
+) -> schemas.Hold:
+    count = sum(i.quantity for i in body.items) + len(body.seats)
+    if count == 0:
+        raise errors.ValidationError("ask for at least one ticket in `items` or `seats`")
+    if len({i.category for i in body.items}) != len(body.items):
+        raise errors.ValidationError("a category appears at most once in `items`")
+    if len(set(body.seats)) != len(body.seats):
+        raise errors.ValidationError("a seat appears at most once in `seats`")
+    hold_id = secrets.token_urlsafe(16)  # 128 random bits: knowing it is the authority
+    reply = await call(
+        svc,
+        "hold",
+        event_id,
+        hold_id,
+        body.customer_id,
+        _encode([(i.category, i.quantity) for i in body.items]),
+        _encode(body.seats),
+        extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
+        idempotency=idem,
+    )
+    # A replayed Idempotency-Key returns the first reply: the hold as it was created.
+    return hold_view(event_id, decode_hold(reply), "held")
+
+
+async def confirm_hold(
+    svc: Services,
+    event_id: str,
+    hold_id: str,
+    body: schemas.HoldConfirm,
+    idem: Idempotency | None,
+) -> schemas.Booking:
+    reply = await call(
+        svc, "confirm", event_id, hold_id, uuid7(), body.payment_ref or "", idempotency=idem
+    )
+    return booking_view(event_id, decode_booking(reply))
+
+
+async def release_hold(
+    svc: Services, event_id: str, hold_id: str, idem: Idempotency | None
+) -> None:
+    await call(svc, "release", event_id, hold_id, idempotency=idem)
+
+
+async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[bytes | None, int]:
+    """One field of an event hash and the Redis clock, loading a lost event first."""
+    keys = event_keys(event_id)
+    for _ in range(2):
+        pipe = svc.redis.pipeline(transaction=False)
+        pipe.exists(keys.meta)
+        pipe.hget(key, field)
+        pipe.time()
+        loaded, raw, time_reply = await pipe.execute()
+        if loaded:
+            return raw, redis_ms(time_reply)
+        await restore(svc, event_id)
+    raise errors.Unavailable("the event could not be loaded")
+
+
+async def get_hold(svc: Services, event_id: str, hold_id: str) -> schemas.Hold:
+    raw, now = await _read(svc, event_id, event_keys(event_id).holds, hold_id)
+    if raw is None:
+        raise errors.HoldNotFound(f"no hold {hold_id!r} in this event")
+    h = decode_hold(raw)
+    # Overdue is expired, whether or not anything has reclaimed it yet.
+    return hold_view(event_id, h, "expired" if h.s == "held" and now >= h.ex else None)
+
+
+class _Seats(msgspec.Struct):
+    seatmap: dict[str, str]
+    state: dict[str, str]
+
+
+_decode_seats = msgspec.json.Decoder(_Seats).decode
+_SEAT_STATUS = {"h": "held", "b": "sold"}
+
+
+async def list_seats(
+    svc: Services, event_id: str, category: str | None, status: str | None
+) -> schemas.SeatList:
+    s = _decode_seats(await call(svc, "seats", event_id))
+    rows = []
+    for label, value in s.seatmap.items():
+        pos, _, cat = value.partition(":")
+        state = s.state.get(label)
+        seat_status = _SEAT_STATUS[state[0]] if state else "available"
+        if (category is None or cat == category) and (status is None or seat_status == status):
+            rows.append((int(pos), schemas.Seat(label=label, category=cat, status=seat_status)))  # type: ignore[arg-type]
+    rows.sort(key=lambda r: r[0])
+    return schemas.SeatList(seats=[seat for _, seat in rows])

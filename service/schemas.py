@@ -1,0 +1,198 @@
+"""msgspec structs of the HTTP API: every request and response body."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# `$` alone also matches before a trailing newline; the look-ahead closes that gap and
+# stays valid in the JSON Schema (ECMA 262) dialect of the OpenAPI document.
+EVENT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}(?!\n)$"
+NAME_PATTERN = r"^[A-Za-z0-9 _.-]{1,64}(?!\n)$"
+
+EventId = Annotated[str, Meta(pattern=EVENT_ID_PATTERN, description="Chosen by the admin.")]
+CategoryName = Annotated[str, Meta(pattern=NAME_PATTERN)]
+SeatLabel = Annotated[str, Meta(pattern=NAME_PATTERN)]
+CustomerId = Annotated[str, Meta(min_length=1, max_length=128)]
+Quantity = Annotated[int, Meta(ge=1, le=100)]
+# At most 10^9 minor units a ticket: an order's total (100 tickets at most) stays within
+# the 14 significant digits that Redis's Lua JSON encoder writes exactly.
+Money = Annotated[int, Meta(ge=0, le=10**9, description="Minor units: 2500 = 25.00.")]
+Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}(?!\n)$", description="ISO 4217.")]
+Timestamp = Annotated[str, Meta(description="RFC 3339, UTC, `Z` suffix.")]
+AwareDatetime = Annotated[datetime, Meta(tz=True, description="RFC 3339 with an offset.")]
+EventStatus = Literal["scheduled", "on_sale", "paused", "closed"]
+HoldStatus = Literal["held", "confirmed", "released", "expired"]
+BookingStatus = Literal["confirmed", "cancelled"]
+SeatStatus = Literal["available", "held", "sold"]
+
+
+class Request(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Request bodies: unknown fields are an error, not silently ignored."""
+
+
+# --- holds and bookings -------------------------------------------------------------
+
+
+class HoldItem(Request):
+    category: CategoryName
+    quantity: Quantity
+
+
+class HoldCreate(Request):
+    customer_id: CustomerId
+    items: list[HoldItem] = msgspec.field(default_factory=list)
+    seats: list[SeatLabel] = msgspec.field(default_factory=list)
+
+
+class HoldConfirm(Request):
+    payment_ref: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+
+
+class Hold(Struct, kw_only=True, omit_defaults=True):
+    hold_id: str
+    event_id: str
+    customer_id: str
+    status: HoldStatus
+    created_at: Timestamp
+    expires_at: Timestamp
+    items: list[HoldItem]
+    seats: list[str]
+    total: int
+    currency: str
+    booking_id: str | None = msgspec.field(default=None)
+
+
+class Booking(Struct, kw_only=True, omit_defaults=True):
+    booking_id: str
+    hold_id: str
+    event_id: str
+    customer_id: str
+    status: BookingStatus
+    items: list[HoldItem]
+    seats: list[str]
+    total: int
+    currency: str
+    payment_ref: str | None
+    confirmed_at: Timestamp
+    persisted: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+class BookingPage(Struct, kw_only=True):
+    bookings: list[Booking]
+    next_cursor: str | None
+
+
+# --- events -------------------------------------------------------------------------
+
+
+class SeatBlock(Request):
+    rows: Annotated[
+        list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.]{1,16}(?!\n)$")]], Meta(min_length=1)
+    ]
+    seats_per_row: Annotated[int, Meta(ge=1, le=10_000)]
+
+
+class CategoryCreate(Request):
+    name: CategoryName
+    price: Money
+    currency: Currency
+    capacity: Annotated[int, Meta(ge=0, le=10_000_000)] | None = None
+    seat_blocks: list[SeatBlock] | None = None
+    seats: list[SeatLabel] | None = None
+
+
+class EventCreate(Request):
+    id: EventId
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    starts_at: AwareDatetime
+    categories: Annotated[list[CategoryCreate], Meta(min_length=1, max_length=100)]
+    on_sale_at: AwareDatetime | None = None
+    hold_ttl_seconds: Annotated[int, Meta(ge=10, le=86400)] = 300
+    max_per_order: Annotated[int, Meta(ge=1, le=100)] = 10
+    max_per_customer: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+
+
+class CategoryPatch(Request):
+    name: CategoryName
+    capacity: Annotated[int, Meta(ge=0, le=10_000_000)]
+
+
+class EventPatch(Request):
+    status: Literal["on_sale", "paused", "closed"] | None = None
+    on_sale_at: AwareDatetime | msgspec.UnsetType | None = msgspec.UNSET
+    name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    categories: list[CategoryPatch] | None = None
+
+
+class Category(Struct, kw_only=True):
+    name: str
+    price: int
+    currency: str
+    seated: bool
+    capacity: int
+    available: int
+
+
+class Event(Struct, kw_only=True):
+    id: str
+    name: str
+    starts_at: Timestamp
+    status: EventStatus
+    on_sale_at: Timestamp | None
+    hold_ttl_seconds: int
+    max_per_order: int
+    max_per_customer: int | None
+    categories: list[Category]
+
+
+class EventSummary(Struct, kw_only=True):
+    id: str
+    name: str
+    starts_at: Timestamp
+    status: EventStatus
+
+
+class EventList(Struct, kw_only=True):
+    events: list[EventSummary]
+
+
+class Seat(Struct, kw_only=True):
+    label: str
+    category: str
+    status: SeatStatus
+
+
+class SeatList(Struct, kw_only=True):
+    seats: list[Seat]
+
+
+# --- operations ---------------------------------------------------------------------
+
+
+class Health(Struct, kw_only=True):
+    status: str
+
+
+class Readiness(Struct, kw_only=True):
+    status: Literal["ready", "unavailable"]
+    missing: list[str]
+    warnings: list[str]
+
+
+class Problem(Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details; `available`, `seats`, `remaining` and `errors` appear
+    with the codes that carry them."""
+
+    type: str = "about:blank"
+    status: int
+    title: str
+    detail: str
+    code: str
+    available: dict[str, int] | None = None
+    seats: list[str] | None = None
+    remaining: int | None = None
+    errors: list[dict[str, str]] | None = None

@@ -1,0 +1,156 @@
+"""Loads lua/, calls a script, and turns an error reply into a domain error."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError, NoScriptError
+
+from service import errors
+from service.keys import event_keys
+from service.scriptpipe import ScriptPipe, bulk
+from service.settings import Settings
+
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+NAMES = (
+    "hold",
+    "confirm",
+    "release",
+    "cancel",
+    "reclaim",
+    "view",
+    "seats",
+    "configure",
+    "load",
+    "repair",
+    "check_seats",
+)
+
+NOT_LOADED = b'{"err":"not_loaded"}'
+RETRY = b'{"err":"retry"}'
+
+
+class Idempotency(NamedTuple):
+    key_digest: str
+    fingerprint: str
+
+
+class _ErrorReply(msgspec.Struct):
+    err: str
+    available: dict[str, int] | None = None
+    seats: list[str] | None = None
+    remaining: int | None = None
+    category: str | None = None
+    seat: str | None = None
+    max_per_order: int | None = None
+    committed: int | None = None
+
+
+_decode_error = msgspec.json.Decoder(_ErrorReply).decode
+
+
+class Scripts:
+    """The Lua scripts of one Redis connection pool, each with lua/lib.lua prepended."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        lib = (LUA_DIR / "lib.lua").read_text()
+        self._redis = redis
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(lib + "\n" + (LUA_DIR / f"{name}.lua").read_text())
+            for name in NAMES
+        }
+        self._common = bulk(
+            str(settings.idempotency_ttl_seconds).encode(),
+            str(settings.reclaim_batch).encode(),
+            str(settings.hold_retention_seconds * 1000).encode(),
+        )
+        self._pipe = ScriptPipe(settings.redis_url)
+        self._event_keys: dict[str, bytes] = {}
+
+    async def load(self) -> None:
+        """Load every script up front. A later SCRIPT FLUSH or restart is handled per call:
+        redis-py answers NOSCRIPT by loading the script again and retrying."""
+        for script in self._scripts.values():
+            await self._redis.script_load(script.script)
+
+    async def call(
+        self,
+        name: str,
+        event_id: str,
+        *args: str | bytes | int,
+        extra_keys: tuple[str, ...] = (),
+        idempotency: Idempotency | None = None,
+    ) -> bytes:
+        keys = event_keys(event_id)
+        fingerprint = ""
+        if idempotency is not None:
+            extra_keys = (*extra_keys, keys.idempotency(idempotency.key_digest))
+            fingerprint = idempotency.fingerprint
+        event_keys_resp = self._event_keys.get(event_id)
+        if event_keys_resp is None:
+            event_keys_resp = self._event_keys[event_id] = bulk(*keys.all)
+        numkeys = len(keys.all) + len(extra_keys)
+        tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common
+        tail += bulk(*(_bytes(a) for a in args))
+        count = 4 + numkeys + 3 + len(args)
+        for attempt in range(3):
+            script = self._scripts[name]
+            head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
+            try:
+                reply: bytes = await self._pipe.call(head + event_keys_resp + tail)
+                return reply
+            except NoScriptError:
+                # SCRIPT FLUSH or a restart: load it again, then call again.
+                script.sha = await self._redis.script_load(script.script)
+            except ConnectionError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))  # every script is safe to repeat
+        raise ConnectionError("Redis kept refusing the script")
+
+    def close(self) -> None:
+        self._pipe.close()
+
+
+def _bytes(value: str | bytes | int) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode() if isinstance(value, int) else value.encode()
+
+
+def raise_for_error(reply: bytes) -> None:
+    """Raise the domain error an error reply stands for; return for any other reply."""
+    # Records never contain this byte sequence: a quote inside a JSON string is escaped.
+    if b'"err":' not in reply:
+        return
+    e = _decode_error(reply)
+    if e.err == "too_many":
+        raise errors.ValidationError(f"at most {e.max_per_order} tickets per order")
+    if e.err == "seated_capacity":
+        raise errors.ValidationError(
+            f"category {e.category!r} is seated: its capacity is its seat count"
+        )
+    cls = errors.BY_CODE[e.err]
+    extra: dict[str, Any] = {}
+    detail = None
+    if e.err == "sold_out":
+        extra["available"] = e.available or {}
+        detail = "not enough tickets left in " + ", ".join(sorted(extra["available"]))
+    elif e.err == "seats_unavailable":
+        extra["seats"] = e.seats or []
+        detail = "seats already taken: " + ", ".join(extra["seats"])
+    elif e.err == "customer_limit":
+        extra["remaining"] = e.remaining
+        detail = f"this customer may hold or buy {e.remaining} more ticket(s) of this event"
+    elif e.err == "unknown_category":
+        detail = f"no category {e.category!r} in this event"
+    elif e.err == "unknown_seat":
+        detail = f"no seat {e.seat!r} in this event"
+    elif e.err == "capacity_below_committed":
+        detail = f"category {e.category!r} has {e.committed} tickets held or sold"
+    raise cls(detail, **extra)

@@ -1,0 +1,344 @@
+"""The write-behind worker: outbox streams in Redis -> bookings in PostgreSQL.
+
+At-least-once delivery (a consumer group; XACK only after the commit) plus idempotent
+writes (INSERT ... ON CONFLICT DO NOTHING on the booking id, cancellation as an UPDATE
+that only moves confirmed to cancelled) give an exactly-once effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import redis.exceptions
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service import errors
+from service.catalog import live_event_ids
+from service.context import Services
+from service.keys import OUTBOX_GROUP, event_keys
+from service.records import decode_booking
+
+_encode = msgspec.json.encode
+
+log = logging.getLogger("boxoffice.writebehind")
+
+
+Entry = tuple[str, bytes, dict[bytes, bytes]]  # (event id, stream entry id, fields)
+
+
+# New events' streams are found this often; dead consumers' entries claimed and the
+# outbox trimmed this often.
+DISCOVER_SECONDS = 1.0
+MAINTAIN_SECONDS = 5.0
+# Pause before an entry that failed is tried again.
+RETRY_SECONDS = 0.5
+
+
+def _ts(ms: int | bytes) -> datetime:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC)
+
+
+# Whole batches as arrays, one statement per table: a round trip and a plan per batch,
+# however many rows, and no per-row work in the database driver.
+_INSERT_BOOKINGS = """
+INSERT INTO bookings (booking_id, event_id, hold_id, customer_id, status, total, currency,
+                      payment_ref, seats, confirmed_at)
+SELECT b, e, h, c, 'confirmed', t, cu, pr, ARRAY(SELECT jsonb_array_elements_text(s::jsonb)), ca
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::text[],
+            $8::text[], $9::timestamptz[]) AS u(b, e, h, c, t, cu, pr, s, ca)
+ON CONFLICT DO NOTHING
+"""
+_INSERT_ITEMS = """
+INSERT INTO booking_items (booking_id, category, position, quantity, tickets)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::int4[], $5::int4[])
+ON CONFLICT DO NOTHING
+"""
+# Only a confirmed booking becomes cancelled: a replayed cancellation changes nothing.
+_CANCEL = """
+UPDATE bookings SET status = 'cancelled', cancelled_at = u.at
+FROM unnest($1::uuid[], $2::timestamptz[]) AS u(b, at)
+WHERE booking_id = u.b AND status = 'confirmed'
+"""
+
+
+async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
+    """Write a batch of outbox entries in the caller's transaction."""
+    rows: list[list[Any]] = [[] for _ in range(9)]
+    items: list[list[Any]] = [[] for _ in range(5)]
+    cancels: list[list[Any]] = [[], []]
+    for event_id, _, fields in entries:
+        op = fields[b"op"]
+        if op == b"confirm":
+            b = decode_booking(fields[b"booking"])
+            booking_id = uuid.UUID(b.id)
+            row = (
+                booking_id,
+                event_id,
+                b.h,
+                b.c,
+                b.t,
+                b.cu,
+                b.pr,
+                _encode(b.st).decode(),
+                _ts(b.ca),
+            )
+            for column, value in zip(rows, row, strict=True):
+                column.append(value)
+            asked = dict(b.it)
+            order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
+            for position, cat in enumerate(order):
+                item: tuple[Any, ...] = (booking_id, cat, position, asked.get(cat, 0), b.q[cat])
+                for column, value in zip(items, item, strict=True):
+                    column.append(value)
+        elif op == b"cancel":
+            cancels[0].append(uuid.UUID(fields[b"booking"].decode()))
+            cancels[1].append(_ts(fields[b"at"]))
+        else:
+            raise ValueError(f"unknown outbox op {op!r}")
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    if rows[0]:
+        await raw.execute(_INSERT_BOOKINGS, *rows)
+        await raw.execute(_INSERT_ITEMS, *items)
+    if cancels[0]:
+        await raw.execute(_CANCEL, *cancels)
+
+
+class OutboxState(msgspec.Struct, frozen=True):
+    backlog: int  # entries not yet written and acknowledged
+    oldest_ms: int | None  # when the oldest of them was appended (its stream id's time)
+    dead_letters: int
+
+
+async def outbox_state(svc: Services, event_id: str) -> OutboxState:
+    keys = event_keys(event_id)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.xinfo_groups(keys.outbox)
+    pipe.xpending(keys.outbox, OUTBOX_GROUP)
+    pipe.xlen(keys.deadletter)
+    groups, pending, dead = await pipe.execute(raise_on_error=False)
+    if isinstance(groups, Exception) or isinstance(pending, Exception):
+        # No stream or no group yet: no worker has seen the event, and every entry waits.
+        entries: Any = await svc.redis.xrange(keys.outbox, count=1)
+        backlog = await svc.redis.xlen(keys.outbox)
+        first = _stream_id(entries[0][0])[0] if entries else None
+        return OutboxState(backlog, first, int(dead))
+    group = _our_group(groups)
+    last = group["last-delivered-id"]
+    last = last.decode() if isinstance(last, bytes) else last
+    undelivered: Any = await svc.redis.xrange(keys.outbox, min=f"({last}", count=1)
+    firsts = [_stream_id(pending["min"])[0]] if pending["pending"] else []
+    firsts += [_stream_id(undelivered[0][0])[0]] if undelivered else []
+    backlog = pending["pending"] + (group.get("lag") or 0)
+    return OutboxState(backlog, min(firsts) if firsts else None, int(dead))
+
+
+def _our_group(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The write-behind's entry in an XINFO GROUPS reply."""
+    return next(g for g in groups if g["name"] in (OUTBOX_GROUP, OUTBOX_GROUP.encode()))
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    text = value.decode() if isinstance(value, bytes) else value
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class WriteBehind:
+    def __init__(self, svc: Services, consumer: str) -> None:
+        self.svc = svc
+        self.consumer = consumer
+        self.settings = svc.settings
+        self._streams: dict[str, str] = {}  # stream key -> event id
+        self._attempts: dict[bytes, int] = defaultdict(int)
+        # After a failed batch, our own pending entries are read again before new ones.
+        self._pending_first = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_discover = next_maintain = 0.0
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                if loop.time() >= next_discover:
+                    await self.discover()
+                    next_discover = loop.time() + DISCOVER_SECONDS
+                if loop.time() >= next_maintain:
+                    await self.maintain()
+                    next_maintain = loop.time() + MAINTAIN_SECONDS
+                    # A reply lost on the way (a read that timed out and was re-sent) left
+                    # entries pending to us that no read of new ones will return.
+                    self._pending_first = True
+                await self.step()
+                backoff = 0.1
+            except Exception as e:
+                if isinstance(e, redis.exceptions.ResponseError) and "NOGROUP" in str(e):
+                    # A stream or its group vanished (Redis flushed or restarted empty):
+                    # finding the streams again creates the groups again.
+                    log.warning("write-behind: %s; finding the outbox streams again", e)
+                    self._streams.clear()
+                    next_discover = 0.0
+                    continue
+                # Nothing unwritten was acknowledged, so nothing is lost: read our pending
+                # entries again once Redis or PostgreSQL is back.
+                errors.log_failure(log, f"write-behind paused, retrying in {backoff:.1f}s", e)
+                self._pending_first = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def discover(self) -> None:
+        """Find the outbox streams of new events and make sure our group exists on each."""
+        for event_id in await live_event_ids(self.svc):
+            if event_keys(event_id).outbox not in self._streams:
+                await self._join(event_id)
+
+    async def _join(self, event_id: str) -> None:
+        stream = event_keys(event_id).outbox
+        try:
+            await self.svc.redis.xgroup_create(stream, OUTBOX_GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._streams[stream] = event_id
+
+    async def step(self) -> int:
+        """Read one batch, write it, acknowledge it. Returns how many entries it handled."""
+        if not self._streams:
+            await asyncio.sleep(self.settings.outbox_block_ms / 1000)
+            return 0
+        pending = self._pending_first
+        reply: Any = await self.svc.redis.xreadgroup(
+            OUTBOX_GROUP,
+            self.consumer,
+            dict.fromkeys(self._streams, "0" if pending else ">"),
+            count=self.settings.outbox_batch,
+            block=None if pending else self.settings.outbox_block_ms,
+        )
+        entries = [
+            (self._streams[stream.decode()], entry_id, fields)
+            for stream, messages in reply or []
+            for entry_id, fields in messages
+            if fields  # an entry trimmed while pending comes back empty
+        ]
+        if pending and not entries:
+            self._pending_first = False
+        await self.handle(entries)
+        return len(entries)
+
+    async def handle(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        try:
+            async with self.svc.engine.begin() as conn:
+                await write(conn, entries)
+        except Exception as e:
+            if errors.unavailable(e):
+                raise
+            log.exception("batch of %d failed; writing its entries one by one", len(entries))
+            await self._one_by_one(entries)
+            return
+        await self._ack(entries)
+
+    async def _one_by_one(self, entries: list[Entry]) -> None:
+        """Isolate a poison entry so that the rest of its batch goes on."""
+        retry = False
+        for entry in entries:
+            try:
+                async with self.svc.engine.begin() as conn:
+                    await write(conn, [entry])
+            except Exception as e:
+                if errors.unavailable(e):
+                    raise
+                self._attempts[entry[1]] += 1
+                if self._attempts[entry[1]] >= self.settings.outbox_max_attempts:
+                    await self._dead_letter(entry, repr(e))
+                else:
+                    retry = self._pending_first = True
+                continue
+            await self._ack([entry])
+        if retry:  # not at once: what failed may be passing
+            await asyncio.sleep(RETRY_SECONDS)
+
+    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        event_id, entry_id, fields = entry
+        keys = event_keys(event_id)
+        log.error(
+            "outbox entry %s of %s moved to %s: %s", entry_id, event_id, keys.deadletter, reason
+        )
+        pipe = self.svc.redis.pipeline(transaction=True)
+        record: dict[Any, Any] = {**fields, b"source_id": entry_id, b"error": reason.encode()}
+        pipe.xadd(keys.deadletter, record)
+        pipe.xack(keys.outbox, OUTBOX_GROUP, entry_id)
+        await pipe.execute()
+        self._attempts.pop(entry_id, None)
+
+    async def _ack(self, entries: list[Entry]) -> None:
+        by_stream: dict[str, list[bytes]] = defaultdict(list)
+        for event_id, entry_id, _ in entries:
+            by_stream[event_keys(event_id).outbox].append(entry_id)
+            self._attempts.pop(entry_id, None)
+        pipe = self.svc.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, OUTBOX_GROUP, *ids)
+        await pipe.execute()
+
+    async def drain(self, event_id: str) -> int:
+        """Write and acknowledge everything in one event's outbox now, whoever held it:
+        entries waiting for a worker and entries another consumer left pending. Returns
+        how many entries it handled."""
+        self._streams = {}
+        await self._join(event_id)
+        handled = 0
+        while True:
+            claim: Any = await self.svc.redis.xautoclaim(
+                event_keys(event_id).outbox,
+                OUTBOX_GROUP,
+                self.consumer,
+                0,
+                "0-0",
+                count=self.settings.outbox_batch,
+            )
+            claimed = [(event_id, i, f) for i, f in claim[1] if f]
+            await self.handle(claimed)
+            self._pending_first = False
+            read = await self.step()
+            handled += len(claimed) + read
+            if not claimed and not read:
+                await self._trim(event_keys(event_id).outbox)
+                return handled
+
+    async def maintain(self) -> None:
+        """Claim the entries of dead consumers, and trim what every consumer acknowledged."""
+        for stream, event_id in list(self._streams.items()):
+            start = "0-0"
+            while True:
+                claim: Any = await self.svc.redis.xautoclaim(
+                    stream,
+                    OUTBOX_GROUP,
+                    self.consumer,
+                    self.settings.outbox_claim_idle_ms,
+                    start,
+                    count=self.settings.outbox_batch,
+                )
+                start, claimed = claim[0], claim[1]
+                await self.handle([(event_id, i, f) for i, f in claimed if f])
+                if start in (b"0-0", "0-0"):
+                    break
+            await self._trim(stream)
+
+    async def _trim(self, stream: str) -> None:
+        # The last delivered id first, then the pending entries: whatever another worker
+        # reads in between lies above that id and is kept. Below both, every entry was
+        # delivered and is no longer pending: acknowledged.
+        groups: Any = await self.svc.redis.xinfo_groups(stream)
+        floor = _stream_id(_our_group(groups)["last-delivered-id"])
+        summary: Any = await self.svc.redis.xpending(stream, OUTBOX_GROUP)
+        if summary["pending"]:
+            floor = min(floor, _stream_id(summary["min"]))
+        await self.svc.redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)

@@ -1,0 +1,91 @@
+"""`boxoffice serve` and `boxoffice worker` as real subprocesses, for the tests to drive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.servers import free_port
+
+BOXOFFICE = str(Path(sys.executable).parent / "boxoffice")
+
+
+class Process:
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        self.command = command
+        self._env = {**os.environ, **env}
+        self._proc: subprocess.Popen[bytes] | None = None
+        # A file, not a pipe: a pipe nobody reads would block the process once full.
+        self.log_path = Path(tempfile.mkstemp(prefix=f"boxoffice-{command}-", suffix=".log")[1])
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            [BOXOFFICE, self.command],
+            env=self._env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log_path.open("ab"),
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15) -> int | None:
+        """Signal the process and wait for it; returns its exit code."""
+        if self._proc is None:
+            return None
+        proc, self._proc = self._proc, None
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class ApiServer(Process):
+    def __init__(self, env: dict[str, str], workers: int = 2) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            "serve",
+            {
+                **env,
+                "BOXOFFICE_HOST": "127.0.0.1",
+                "BOXOFFICE_PORT": str(self.port),
+                "BOXOFFICE_WORKERS": str(workers),
+            },
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        super().start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"boxoffice serve exited:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("boxoffice serve did not answer /health in time")
+
+
+class Worker(Process):
+    def __init__(self, env: dict[str, str]) -> None:
+        super().__init__("worker", env)

@@ -1,0 +1,169 @@
+"""Shared fixtures: a test database and Redis database of their own, the real API server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from service import migrate
+from service.context import Services
+from service.settings import Settings
+from tests.apiserver import ApiServer
+
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _test_settings() -> Settings:
+    """The configured servers, but never the data of `make run`: Redis database 15 and a
+    PostgreSQL database named `<name>_test`."""
+    base = Settings.from_env()
+    redis_url = (
+        os.environ.get("BOXOFFICE_TEST_REDIS_URL") or base.redis_url.rsplit("/", 1)[0] + "/15"
+    )
+    db = make_url(base.database_url)
+    database_url = db.set(database=f"{db.database or 'boxoffice'}_test").render_as_string(
+        hide_password=False
+    )
+    return Settings(redis_url=redis_url, database_url=database_url, admin_token=ADMIN_TOKEN)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    s = _test_settings()
+    migrate.ensure_database(s.database_url)
+    migrate.upgrade(s.database_url)
+    return s
+
+
+def server_env(settings: Settings) -> dict[str, str]:
+    return {
+        "BOXOFFICE_REDIS_URL": settings.redis_url,
+        "BOXOFFICE_DATABASE_URL": settings.database_url,
+        "BOXOFFICE_ADMIN_TOKEN": settings.admin_token,
+    }
+
+
+@pytest.fixture(scope="session")
+def api(settings: Settings) -> Iterator[ApiServer]:
+    server = ApiServer(server_env(settings))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def svc(settings: Settings) -> AsyncIterator[Services]:
+    services = Services.open(settings)
+    await services.redis.flushdb()
+    await services.scripts.load()
+    yield services
+    await services.close()
+
+
+@pytest.fixture
+async def client(api: ApiServer, svc: Services) -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=api.url, timeout=30, limits=limits) as c:
+        yield c
+
+
+def new_event_id(prefix: str = "ev") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def event_body(event_id: str | None = None, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": event_id or new_event_id(),
+        "name": "Test drop",
+        "starts_at": "2030-12-01T19:00:00Z",
+        "hold_ttl_seconds": 300,
+        "max_per_order": 10,
+        "categories": [
+            {"name": "GA", "price": 2500, "currency": "EUR", "capacity": 50},
+            {
+                "name": "VIP",
+                "price": 9900,
+                "currency": "EUR",
+                "seat_blocks": [{"rows": ["A", "B"], "seats_per_row": 5}],
+                "seats": ["BOX-1", "BOX-2"],
+            },
+        ],
+    }
+    body.update(overrides)
+    return body
+
+
+async def create_event(client: httpx.AsyncClient, **overrides: Any) -> str:
+    body = event_body(**overrides)
+    r = await client.post("/admin/events", json=body, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    event_id: str = body["id"]
+    return event_id
+
+
+async def availability(client: httpx.AsyncClient, event_id: str) -> dict[str, int]:
+    r = await client.get(f"/events/{event_id}")
+    assert r.status_code == 200, r.text
+    return {c["name"]: c["available"] for c in r.json()["categories"]}
+
+
+async def snapshot(client: httpx.AsyncClient, event_id: str) -> tuple[Any, Any]:
+    """Everything a request could change: availability and every seat's state."""
+    event = (await client.get(f"/events/{event_id}")).json()
+    seats = (await client.get(f"/events/{event_id}/seats")).json()
+    return event, seats
+
+
+# Moves a hold's deadline into the past, as the passing of its TTL would: the tests check
+# what happens after expiry without waiting minutes for it. Touches only the test's state.
+_EXPIRE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local h = cjson.decode(raw)
+local t = redis.call('TIME')
+h.ex = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(h))
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then redis.call('ZADD', KEYS[2], h.ex, ARGV[1]) end
+if ARGV[2] == '1' then redis.call('PEXPIRE', KEYS[3], 1) end
+return 1
+"""
+
+
+async def expire_hold(
+    svc: Services, event_id: str, hold_id: str, fire_ttl: bool = True, ago_ms: int = 1
+) -> None:
+    """Move the hold's deadline into the past; with fire_ttl, its TTL key expires too (the
+    keyspace event the listener hears), else only a sweep or a lazy reclaim can find it."""
+    from service.keys import event_keys
+
+    k = event_keys(event_id)
+    await svc.redis.eval(
+        _EXPIRE,
+        3,
+        k.holds,
+        k.deadlines,
+        k.hold_ttl(hold_id),
+        hold_id,
+        "1" if fire_ttl else "0",
+        ago_ms,
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.1)
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {**server_env(settings), "BOXOFFICE_SWEEP_INTERVAL_SECONDS": "0.5", **extra}
