@@ -18,7 +18,9 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import RequestBody
 from litestar.params import Parameter
+from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import Receive, Scope, Send
 
 from service import (
     bookings,
@@ -48,8 +50,10 @@ EventIdParam = Annotated[
 # --- errors ---------------------------------------------------------------------------
 
 
-def problem(exc: errors.BoxofficeError) -> Response[schemas.Problem]:
-    return Response(
+def problem(
+    exc: errors.BoxofficeError, response: type[Response[Any]] = Response
+) -> Response[schemas.Problem]:
+    return response(
         exc.problem(),
         status_code=exc.status,
         media_type=PROBLEM_JSON,
@@ -84,7 +88,46 @@ def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any
     if cls is errors.PayloadTooLarge:
         # The rest of the body was never read: the connection cannot carry another request.
         err.headers = {"connection": "close"}
+        return problem(err, TooLarge)
     return problem(err)
+
+
+# A refused body is read and thrown away up to this much before the 413 goes out.
+_DRAIN_BYTES = 1024 * 1024
+_DRAIN_WAIT = 0.25
+
+
+async def drain(receive: Receive) -> None:
+    """Read what the client is still sending of a refused body. The server closes the
+    connection after a 413; closing a socket with unread bytes in it makes the kernel
+    reset the connection, and the reset can destroy the 413 before the client reads it."""
+    left = _DRAIN_BYTES
+    while left > 0:
+        try:
+            message = await asyncio.wait_for(receive(), _DRAIN_WAIT)
+        except TimeoutError:  # nothing more is coming (or the client stalls): answer now
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        left -= len(message.get("body", b""))
+
+
+class _DrainFirst(ASGIResponse):
+    __slots__ = ("_response",)
+
+    def __init__(self, response: ASGIResponse) -> None:
+        self._response = response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await drain(receive)
+        await self._response(scope, receive, send)
+
+
+class TooLarge(Response[schemas.Problem]):
+    """The 413 problem, sent once the rest of the refused body has been read."""
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
+        return _DrainFirst(super().to_asgi_response(*args, **kwargs))
 
 
 def on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
