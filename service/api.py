@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import re
@@ -454,6 +455,11 @@ def create_app(settings: Settings) -> Litestar:
                 if not errors.unavailable(e):
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
+            # Everything built so far lives as long as the process. Left to the collector,
+            # it is traversed again by every full collection, a 50 ms pause about once a
+            # second under load (the p99 of a hold); frozen, it is never traversed again.
+            gc.collect()
+            gc.freeze()
             yield
         finally:
             flusher.cancel()
