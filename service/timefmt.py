@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 
 def from_ms(ms: int) -> str:
-    spec = "seconds" if ms % 1000 == 0 else "milliseconds"
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec=spec)[:-6] + "Z"
+    seconds, millis = divmod(ms, 1000)
+    if millis:
+        return f"{_second(seconds)}.{millis:03d}Z"
+    return _second(seconds) + "Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
+    # Every hold and booking formats a time near now: a second is formatted once, not per
+    # request (a third of building a hold's answer).
+    return datetime.fromtimestamp(seconds, UTC).isoformat()[:-6]
 
 
 def to_ms(dt: datetime) -> int:

@@ -23,16 +23,25 @@ function load_pool(path, nthreads)
   return ids
 end
 
--- The next hold id of this thread's pool; counts (in the global `exhausted`) each request
--- made after the pool ran out, which then reuses the last id: the bench rejects the run.
-function next_hold(ids)
+-- This thread's requests, one per hold id, each formatted by `build(id)` up front: a
+-- wrk.format per request costs wrk more CPU than some answers cost the server, and wrk
+-- shares the machine's two cores with it.
+function prepare(path, nthreads, build)
+  local requests = {}
+  for _, id in ipairs(load_pool(path, nthreads)) do requests[#requests + 1] = build(id) end
+  return requests
+end
+
+-- The next request of this thread; counts (in the global `exhausted`) each one made after
+-- the pool ran out, which then repeats the last: the bench rejects the run.
+function next_request(requests)
   pool_next = (pool_next or 0) + 1
-  local id = ids[pool_next]
-  if id == nil then
+  local r = requests[pool_next]
+  if r == nil then
     exhausted = (exhausted or 0) + 1
-    id = ids[#ids] or "none"
+    r = requests[#requests]
   end
-  return id
+  return r
 end
 
 function done(summary, latency, requests)

@@ -3,15 +3,17 @@
 -- holds collection, /events/{id}/holds.
 dofile(debug.getinfo(1, "S").source:sub(2):match("^(.*/)") .. "common.lua")
 
-local ids, prefix
+local requests
 wrk.headers["Content-Type"] = "application/json"
 local body = '{"payment_ref":"pi_bench"}'
 
 function init(args)
-  ids = load_pool(args[1], tonumber(args[2]))
-  prefix = wrk.path .. "/"
+  local prefix = wrk.path .. "/"
+  requests = prepare(args[1], tonumber(args[2]), function(id)
+    return wrk.format("POST", prefix .. id .. "/confirm", nil, body)
+  end)
 end
 
 function request()
-  return wrk.format("POST", prefix .. next_hold(ids) .. "/confirm", nil, body)
+  return next_request(requests)
 end

@@ -3,13 +3,15 @@
 -- collection, /events/{id}/holds.
 dofile(debug.getinfo(1, "S").source:sub(2):match("^(.*/)") .. "common.lua")
 
-local ids, prefix
+local requests
 
 function init(args)
-  ids = load_pool(args[1], tonumber(args[2]))
-  prefix = wrk.path .. "/"
+  local prefix = wrk.path .. "/"
+  requests = prepare(args[1], tonumber(args[2]), function(id)
+    return wrk.format("DELETE", prefix .. id)
+  end)
 end
 
 function request()
-  return wrk.format("DELETE", prefix .. next_hold(ids))
+  return next_request(requests)
 end
