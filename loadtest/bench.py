@@ -1039,7 +1039,7 @@ def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
             {
                 "key": g.key,
                 "label": g.label,
-                "value": round(value, 2),
+                "value": round(value, 3),
                 "goal": f"{g.op} {g.goal:g}",
                 "met": met,
                 "trustworthy": num.valid and den.valid,
@@ -1091,7 +1091,7 @@ def ratio_lines(rs: list[dict[str, Any]]) -> list[str]:
     for r in rs:
         verdict = "met" if r["met"] else "NOT met"
         doubt = "" if r["trustworthy"] else " (a figure behind it is marked !: see below)"
-        lines.append(f"{r['label']:<42} {r['value']:>7.2f}   goal {r['goal']:<6} {verdict}{doubt}")
+        lines.append(f"{r['label']:<42} {r['value']:>7.3f}   goal {r['goal']:<6} {verdict}{doubt}")
     return lines
 
 
@@ -1132,7 +1132,7 @@ def readme_block(
     lines += ["", "| ratio | value | goal | |", "|---|---:|---:|---|"]
     for ratio in rs:
         verdict = "met" if ratio["met"] else "not met"
-        lines.append(f"| {ratio['label']} | {ratio['value']:.2f} | {ratio['goal']} | {verdict} |")
+        lines.append(f"| {ratio['label']} | {ratio['value']:.3f} | {ratio['goal']} | {verdict} |")
     if notes := note_lines(results):
         lines += [
             "",
