@@ -762,6 +762,35 @@ async def test_payload_too_large_without_content_length(client: httpx.AsyncClien
         assert_problem(r, 413, "payload_too_large")
 
 
+async def test_payload_too_large_reaches_a_client_still_sending(
+    client: httpx.AsyncClient,
+) -> None:
+    """The server answers 413 while the client is still sending its body. Closing then,
+    with bytes unread, makes the kernel reset the connection, and the 413 is lost before
+    the client reads it (it failed CI once). The server reads the rest first."""
+    event_id = await create_event(client)
+
+    async def slow_chunks() -> AsyncIterator[bytes]:
+        yield b'{"customer_id": "c", "items": [{"category": "GA", "quantity": 1}], "x": "'
+        for _ in range(70):
+            yield b"y" * 1024
+        await asyncio.sleep(0.1)  # the server has refused the body by now
+        for _ in range(4):
+            yield b"y" * 1024
+        yield b'"}'
+
+    async with unchanged(client, event_id):
+        for _ in range(3):
+            r = await send_alone(
+                client,
+                "POST",
+                f"/events/{event_id}/holds",
+                content=slow_chunks(),
+                headers=json_headers(),
+            )
+            assert_problem(r, 413, "payload_too_large")
+
+
 async def test_connection_after_payload_too_large(client: httpx.AsyncClient) -> None:
     """After a 413 on a keep-alive connection, the server either says `Connection: close`
     or keeps serving that connection; it must not drop it unannounced, or a client's
