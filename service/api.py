@@ -87,7 +87,8 @@ def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any
     if exc.headers and "allow" in exc.headers:
         err.headers = {"allow": exc.headers["allow"]}
     if cls is errors.PayloadTooLarge:
-        # The rest of the body was never read: the connection cannot carry another request.
+        # Whatever of the body the drain leaves unread (past 1 MiB, or from a client that
+        # stalls) stays in the connection: it cannot carry another request.
         err.headers = {"connection": "close"}
         return problem(err, TooLarge)
     return problem(err)
@@ -114,6 +115,9 @@ async def drain(receive: Receive) -> None:
 
 
 class _DrainFirst(ASGIResponse):
+    """An ASGIResponse that reads the refused body before it answers. It wraps the real one
+    instead of building itself: the exception middleware only ever calls it."""
+
     __slots__ = ("_response",)
 
     def __init__(self, response: ASGIResponse) -> None:
