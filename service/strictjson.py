@@ -18,6 +18,7 @@ from service import errors
 
 class StrictJSON(AbstractDTO[Any]):
     _decoders: ClassVar[dict[str, msgspec.json.Decoder[Any]]] = {}
+    _by_handler: ClassVar[dict[Any, msgspec.json.Decoder[Any]]] = {}
 
     @classmethod
     def create_for_field_definition(
@@ -45,8 +46,14 @@ class StrictJSON(AbstractDTO[Any]):
         return False
 
     def decode_bytes(self, value: bytes) -> Any:
+        handler = self.asgi_connection.route_handler
+        decoder = self._by_handler.get(handler)
+        if decoder is None:
+            # Litestar rebuilds handler_id from the handler's layers on every access: a
+            # string per request on the hold path. Looked up once per handler instead.
+            decoder = self._by_handler[handler] = self._decoders[handler.handler_id]
         try:
-            return self._decoders[self.asgi_connection.route_handler.handler_id].decode(value)
+            return decoder.decode(value)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise errors.ValidationError(str(e)) from e
 
