@@ -84,8 +84,9 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
 )
 # SQLSTATE classes of a server that refuses work for now, not for this input: connection
 # exceptions, insufficient resources (too many connections), operator intervention
-# (shutting down, starting up, session killed).
-_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+# (shutting down, starting up, session killed), and a server that will not let us in or
+# has no such database (28, 3D000): set-up to fix, never a reason to refuse a booking.
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P", "28", "3D000")
 
 
 def unavailable(exc: BaseException) -> bool:

@@ -910,3 +910,26 @@ async def test_unavailable_when_redis_is_down(settings: Settings) -> None:
     finally:
         await asyncio.to_thread(server.stop)
         await asyncio.to_thread(redis.close)
+
+
+async def test_unavailable_when_the_database_is_missing(settings: Settings) -> None:
+    """A PostgreSQL that answers but has no such database (or refuses the role) is a server
+    that cannot take the request now, not a bug: 503, like one that is down."""
+    from sqlalchemy import make_url
+
+    missing = make_url(settings.database_url).set(database="boxoffice_no_such_database")
+    env = {
+        **server_env(settings),
+        "BOXOFFICE_DATABASE_URL": missing.render_as_string(hide_password=False),
+    }
+    server = ApiServer(env, workers=1)
+    try:
+        await asyncio.to_thread(server.start)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            body = event_body()
+            r = await c.post("/admin/events", json=body, headers=ADMIN)
+            assert_problem(r, 503, "unavailable")
+            assert (await c.get("/ready")).status_code == 503
+            assert_problem(await c.get("/events"), 503, "unavailable")
+    finally:
+        await asyncio.to_thread(server.stop)
