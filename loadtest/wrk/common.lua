@@ -23,9 +23,8 @@ function load_pool(path, nthreads)
   return ids
 end
 
--- This thread's requests, one per hold id, each formatted by `build(id)` up front: a
--- wrk.format per request costs wrk more CPU than some answers cost the server, and wrk
--- shares the machine's two cores with it.
+-- This thread's requests, one per hold id, each formatted by `build(id)` before the run:
+-- the run itself only hands out ready strings (wrk shares the two cores with the server).
 function prepare(path, nthreads, build)
   local requests = {}
   for _, id in ipairs(load_pool(path, nthreads)) do requests[#requests + 1] = build(id) end
