@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from service.context import Services
 from service.settings import Settings
@@ -745,19 +746,27 @@ async def test_payload_too_large(client: httpx.AsyncClient) -> None:
     await assert_no_event(client, body["id"])
 
 
+async def chunked_hold(pause: float = 0.0) -> AsyncIterator[bytes]:
+    """A hold body of about 74 KiB in chunks, with no Content-Length. With `pause`, the
+    last 4 KiB come that long after the first 70, by when the server has refused it."""
+    yield b'{"customer_id": "c", "items": [{"category": "GA", "quantity": 1}], "x": "'
+    for i in range(74):
+        if i == 70 and pause:
+            await asyncio.sleep(pause)
+        yield b"y" * 1024
+    yield b'"}'
+
+
 async def test_payload_too_large_without_content_length(client: httpx.AsyncClient) -> None:
     """A chunked body is limited too, not only one that announces its length."""
     event_id = await create_event(client)
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield b'{"customer_id": "c", "items": [{"category": "GA", "quantity": 1}], "x": "'
-        for _ in range(70):
-            yield b"y" * 1024
-        yield b'"}'
-
     async with unchanged(client, event_id):
         r = await send_alone(
-            client, "POST", f"/events/{event_id}/holds", content=chunks(), headers=json_headers()
+            client,
+            "POST",
+            f"/events/{event_id}/holds",
+            content=chunked_hold(),
+            headers=json_headers(),
         )
         assert_problem(r, 413, "payload_too_large")
 
@@ -769,23 +778,13 @@ async def test_payload_too_large_reaches_a_client_still_sending(
     with bytes unread, makes the kernel reset the connection, and the 413 is lost before
     the client reads it (it failed CI once). The server reads the rest first."""
     event_id = await create_event(client)
-
-    async def slow_chunks() -> AsyncIterator[bytes]:
-        yield b'{"customer_id": "c", "items": [{"category": "GA", "quantity": 1}], "x": "'
-        for _ in range(70):
-            yield b"y" * 1024
-        await asyncio.sleep(0.1)  # the server has refused the body by now
-        for _ in range(4):
-            yield b"y" * 1024
-        yield b'"}'
-
     async with unchanged(client, event_id):
         for _ in range(3):
             r = await send_alone(
                 client,
                 "POST",
                 f"/events/{event_id}/holds",
-                content=slow_chunks(),
+                content=chunked_hold(pause=0.1),
                 headers=json_headers(),
             )
             assert_problem(r, 413, "payload_too_large")
@@ -915,8 +914,6 @@ async def test_unavailable_when_redis_is_down(settings: Settings) -> None:
 async def test_unavailable_when_the_database_is_missing(settings: Settings) -> None:
     """A PostgreSQL that answers but has no such database (or refuses the role) is a server
     that cannot take the request now, not a bug: 503, like one that is down."""
-    from sqlalchemy import make_url
-
     missing = make_url(settings.database_url).set(database="boxoffice_no_such_database")
     env = {
         **server_env(settings),
