@@ -28,6 +28,7 @@ end
 function prepare(path, nthreads, build)
   local requests = {}
   for _, id in ipairs(load_pool(path, nthreads)) do requests[#requests + 1] = build(id) end
+  if #requests == 0 then requests[1] = build("none") end -- an empty pool: counted as exhausted
   return requests
 end
 
