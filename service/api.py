@@ -11,13 +11,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from litestar import Litestar, Request, Response, delete, get, patch, post
+from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
+from litestar.datastructures import ResponseHeader
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import RequestBody
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIHeader,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
+from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -52,8 +63,11 @@ EventIdParam = Annotated[
 
 
 def problem(
-    exc: errors.BoxofficeError, response: type[Response[Any]] = Response
+    request: Request[Any, Any, Any],
+    exc: errors.BoxofficeError,
+    response: type[Response[Any]] = Response,
 ) -> Response[schemas.Problem]:
+    metrics.note_refusal(request.scope, exc.code)
     return response(
         exc.problem(),
         status_code=exc.status,
@@ -71,27 +85,52 @@ _HTTP_ERRORS: dict[int, type[errors.BoxofficeError]] = {
 }
 
 
-def on_domain_error(_: Request[Any, Any, Any], exc: errors.BoxofficeError) -> Response[Any]:
-    return problem(exc)
+def on_domain_error(request: Request[Any, Any, Any], exc: errors.BoxofficeError) -> Response[Any]:
+    return problem(request, exc)
 
 
-def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """Litestar's own errors (routing, parameters, body size) in the same problem shape."""
     cls = _HTTP_ERRORS.get(exc.status_code)
     if cls is None:
-        return on_crash(_, exc)
+        return on_crash(request, exc)
     extra: dict[str, Any] = {}
-    if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
-        extra["errors"] = [{k: str(v) for k, v in e.items()} for e in exc.extra]
-    err = cls(exc.detail if cls is errors.ValidationError else None, **extra)
+    detail = None
+    if isinstance(exc, ValidationException):
+        detail, extra = _validation(exc)
+    err = cls(detail, **extra)
     if exc.headers and "allow" in exc.headers:
         err.headers = {"allow": exc.headers["allow"]}
     if cls is errors.PayloadTooLarge:
         # Whatever of the body the drain leaves unread (past 1 MiB, or from a client that
         # stalls) stays in the connection: it cannot carry another request.
         err.headers = {"connection": "close"}
-        return problem(err, TooLarge)
-    return problem(err)
+        return problem(request, err, TooLarge)
+    return problem(request, err)
+
+
+def _validation(exc: ValidationException) -> tuple[str, dict[str, Any]]:
+    """Litestar's parameter errors in plain words: which parameter, what it must be;
+    never its internals (`ParamType.QUERY`, the regex, the message of a parser)."""
+    if not isinstance(exc.extra, list) or not exc.extra:
+        return "invalid request", {}
+    where: list[dict[str, str]] = []
+    for e in exc.extra:
+        source = str(e.get("source", "")).rpartition(".")[2].lower() or "request"
+        name = str(e.get("key", ""))
+        where.append({"key": name, "source": source, "message": _plain(str(e.get("message")))})
+    first = where[0]
+    return f"{first['source']} parameter `{first['key']}`: {first['message']}", {"errors": where}
+
+
+def _plain(message: str) -> str:
+    # Litestar/msgspec words a bad value as "Expected `int`, got `str`"; the rest of what
+    # it says (regexes, internal names) means nothing to a client.
+    if message.startswith("Expected ") or message.startswith("Invalid enum value"):
+        return message.split(" - at ", 1)[0].replace("Invalid enum value", "not one of the values")
+    if "required" in message.lower() or "missing" in message.lower():
+        return "required"
+    return "not a valid value"
 
 
 # A refused body is read and thrown away up to this much before the 413 goes out.
@@ -135,18 +174,34 @@ class TooLarge(Response[schemas.Problem]):
         return _DrainFirst(super().to_asgi_response(*args, **kwargs))
 
 
-def on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     # Driver errors that escaped the boundary mean Redis or PostgreSQL is unreachable.
     if errors.unavailable(exc):
         log.warning("backend unavailable: %r", exc)
-        return problem(errors.Unavailable("Redis or PostgreSQL is unreachable; try again"))
+        server = errors.server_of(exc) or "Redis or PostgreSQL"
+        return problem(request, errors.Unavailable(f"{server} is unreachable; try again"))
     log.exception("unhandled error")
-    return problem(errors.BoxofficeError("unexpected error; nothing was changed"))
+    return problem(request, errors.BoxofficeError("unexpected error; nothing was changed"))
 
 
-def _problems(*classes: type[errors.BoxofficeError]) -> dict[int, ResponseSpec]:
+# What any route may answer: no such route or method, a body too large or not JSON, a bug.
+_ANY_ROUTE = (
+    errors.NotFound,
+    errors.MethodNotAllowed,
+    errors.PayloadTooLarge,
+    errors.UnsupportedMediaType,
+    errors.BoxofficeError,
+)
+
+
+def _problems(
+    *classes: type[errors.BoxofficeError], backends: bool = True
+) -> dict[int, ResponseSpec]:
     by_status: dict[int, list[str]] = {}
-    for cls in (*classes, errors.ValidationError, errors.Unavailable):
+    # A route that reads Redis or PostgreSQL may find one away (503); every one of them
+    # takes parameters or a body that may be invalid (400).
+    usual = (errors.ValidationError, errors.Unavailable) if backends else ()
+    for cls in sorted((*classes, *usual, *_ANY_ROUTE), key=lambda c: c is errors.NotFound):
         by_status.setdefault(cls.status, []).append(f"`{cls.code}`")
     return {
         status: ResponseSpec(
@@ -157,6 +212,12 @@ def _problems(*classes: type[errors.BoxofficeError]) -> dict[int, ResponseSpec]:
         )
         for status, codes in by_status.items()
     }
+
+
+def _location(template: str) -> ResponseHeader:
+    return ResponseHeader(
+        name="Location", description=f"The new resource: `{template}`", documentation_only=True
+    )
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -179,6 +240,41 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
     if key is None:
         return None
     return idempotency.fingerprint(key, request.method, request.url.path, await request.body())
+
+
+# Handlers that read their body; for the others the body is read only to apply the limit.
+_BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})
+
+
+def _json_media_type(content_type: bytes) -> bool:
+    media = content_type.partition(b";")[0].strip().lower()
+    return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
+
+
+async def body_rules(request: Request[Any, Any, Any]) -> None:
+    """The contract's rules for any request body, whatever the route does with it: over
+    64 KiB is 413 (Litestar applies its limit only to a body that is read), declared as
+    anything but JSON is 415. A body without a Content-Type is taken for JSON."""
+    declared = b"0"
+    chunked = False
+    content_type = None
+    for name, value in request.scope["headers"]:
+        if name == b"content-type":
+            content_type = value
+        elif name == b"content-length":
+            declared = value
+        elif name == b"transfer-encoding":
+            chunked = True
+    if declared == b"0" and not chunked:
+        return
+    if content_type is not None and not _json_media_type(content_type):
+        await request.body()  # 413 first when it is both; and nothing left unread
+        media = content_type.decode("latin-1").partition(";")[0].strip()
+        raise errors.UnsupportedMediaType(
+            f"the body must be JSON (Content-Type: application/json), not {media!r}"
+        )
+    if request.method not in _BODY_METHODS:
+        await request.body()  # raises 413 past the limit
 
 
 def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -224,6 +320,7 @@ async def list_seats(
     "/events/{event_id:str}/holds",
     tags=["holds"],
     status_code=201,
+    response_headers=[_location("/events/{event_id}/holds/{hold_id}")],
     responses=_problems(
         errors.UnknownCategory,
         errors.UnknownSeat,
@@ -238,10 +335,12 @@ async def list_seats(
 )
 async def create_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.HoldCreate
-) -> schemas.Hold:
-    return await sales.create_hold(
+) -> Response[schemas.Hold]:
+    hold = await sales.create_hold(
         _svc(request), _event(event_id), data, await _idempotency(request)
     )
+    location = f"/events/{event_id}/holds/{hold.hold_id}"
+    return Response(hold, status_code=201, headers={"location": location})
 
 
 @get(
@@ -314,6 +413,7 @@ async def get_booking(
     "/admin/events",
     tags=["admin"],
     status_code=201,
+    response_headers=[_location("/events/{id}")],
     guards=[admin_guard],
     responses=_problems(
         errors.Unauthorized,
@@ -327,9 +427,12 @@ async def create_event(
     request: Request[Any, Any, Any], data: schemas.EventCreate
 ) -> Response[schemas.Event]:
     svc = _svc(request)
-    return await idempotency.once(
+    response = await idempotency.once(
         svc, await _idempotency(request), 201, lambda: catalog.create_event(svc, data)
     )
+    if response.status_code == 201:  # a replay too: the same body names the same event
+        response.headers["location"] = f"/events/{data.id}"
+    return response
 
 
 @patch(
@@ -418,18 +521,27 @@ async def reconcile_event(
 # --- operations -------------------------------------------------------------------------
 
 
-@get("/health", tags=["operations"])
+@get("/health", tags=["operations"], responses=_problems(backends=False))
 async def health() -> schemas.Health:
     return schemas.Health(status="ok")
 
 
-@get("/ready", tags=["operations"], responses={503: ResponseSpec(schemas.Readiness)})
+@get(
+    "/ready",
+    tags=["operations"],
+    responses={**_problems(backends=False), 503: ResponseSpec(schemas.Readiness)},
+)
 async def ready(request: Request[Any, Any, Any]) -> Response[schemas.Readiness]:
     state = await metrics.readiness(_svc(request))
     return Response(state, status_code=503 if state.missing else 200)
 
 
-@get("/metrics", tags=["operations"], media_type="text/plain; version=0.0.4")
+@get(
+    "/metrics",
+    tags=["operations"],
+    media_type="text/plain; version=0.0.4",
+    responses=_problems(backends=False),
+)
 async def metrics_route(request: Request[Any, Any, Any]) -> bytes:
     return await metrics.render(_svc(request))
 
@@ -437,11 +549,64 @@ async def metrics_route(request: Request[Any, Any, Any]) -> bytes:
 # --- the app ----------------------------------------------------------------------------
 
 
-def _confirm_body_is_optional(app: Litestar) -> None:
+@get("/{path:str}", include_in_schema=False)
+async def schema_not_found(path: str) -> None:
+    # Litestar answers an unknown path under /schema with an HTML page of its own.
+    raise errors.NotFound(f"no page {path!r} under /schema")
+
+
+_IDEMPOTENCY_KEY = OpenAPIParameter(
+    name="Idempotency-Key",
+    param_in="header",
+    required=False,
+    schema=Schema(type=OpenAPIType.STRING, min_length=1, max_length=128),
+    description="1-128 printable ASCII characters. A repeat with the same body within "
+    "24 hours gets the first response and changes nothing; with another body, 422 "
+    "`idempotency_key_reused`; while the first still runs, 409 `idempotency_in_progress`.",
+)
+_RETRY_AFTER = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.INTEGER), description="Seconds to wait before trying again"
+)
+_HEADERS_OF_STATUS = {
+    "401": {"WWW-Authenticate": OpenAPIHeader(schema=Schema(const="Bearer"))},
+    "409": {"Retry-After": _RETRY_AFTER},  # with `idempotency_in_progress`
+    "429": {"Retry-After": _RETRY_AFTER},
+    "503": {"Retry-After": _RETRY_AFTER},
+}
+
+
+def _operations(app: Litestar) -> list[tuple[str, str, Operation]]:
+    found = []
+    for path, item in (app.openapi_schema.paths or {}).items():
+        for method in ("get", "post", "patch", "put", "delete"):
+            op = getattr(item, method)
+            if isinstance(op, Operation):
+                found.append((path, method, op))
+    return found
+
+
+def _document(app: Litestar) -> None:
+    """What Litestar cannot be told per route: the admin's bearer scheme, the
+    Idempotency-Key header of every state-changing operation, the headers of errors."""
+    schema = app.openapi_schema
+    schema.components = schema.components or Components()
+    schema.components.security_schemes = {
+        "bearer": SecurityScheme(
+            type="http", scheme="bearer", description="The admin token, `BOXOFFICE_ADMIN_TOKEN`"
+        )
+    }
+    for path, method, op in _operations(app):
+        if path.startswith("/admin/"):
+            op.security = [{"bearer": []}]
+        if method != "get":
+            op.parameters = [*(op.parameters or []), _IDEMPOTENCY_KEY]
+        for status, response in (op.responses or {}).items():
+            if status in _HEADERS_OF_STATUS and isinstance(response, OpenAPIResponse):
+                response.headers = {**(response.headers or {}), **_HEADERS_OF_STATUS[status]}
     # Litestar documents every `data` as required; the confirm body may be left out.
-    path = app.openapi_schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
-    if path.post is not None and isinstance(path.post.request_body, RequestBody):
-        path.post.request_body.required = False
+    confirm = schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
+    if confirm.post is not None and isinstance(confirm.post.request_body, RequestBody):
+        confirm.post.request_body.required = False
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -469,7 +634,7 @@ def create_app(settings: Settings) -> Litestar:
             flusher.cancel()
             await svc.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             list_events,
             get_event,
@@ -489,7 +654,8 @@ def create_app(settings: Settings) -> Litestar:
             metrics_route,
         ],
         lifespan=[lifespan],
-        on_startup=[_confirm_body_is_optional],
+        on_startup=[_document],
+        before_request=body_rules,
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
@@ -498,15 +664,20 @@ def create_app(settings: Settings) -> Litestar:
             HTTP_500_INTERNAL_SERVER_ERROR: on_crash,
             Exception: on_crash,
         },
-        middleware=[metrics.middleware(stats)],
         openapi_config=OpenAPIConfig(
             title="Boxoffice",
             version="0.1.0",
             description="Ticket reservations for ticket drops: instant, atomic holds in Redis.",
             path="/schema",
-            render_plugins=[RedocRenderPlugin(path="/"), SwaggerRenderPlugin()],
+            # Redoc also at /schema/redoc, where Litestar's own default puts it.
+            render_plugins=[RedocRenderPlugin(path=["/", "/redoc"]), SwaggerRenderPlugin()],
+            openapi_router=Router("/schema", route_handlers=[schema_not_found]),
         ),
     )
+    # Around the whole app, not as route middleware: requests that match no route (404,
+    # 405) are answered before any route's middleware runs, and they count too.
+    app.asgi_handler = metrics.middleware(stats)(app.asgi_handler)
+    return app
 
 
 def create_app_from_env() -> Litestar:

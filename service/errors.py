@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any, ClassVar
 
 import asyncpg.exceptions
@@ -16,13 +17,15 @@ class BoxofficeError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     title: ClassVar[str] = "Internal error"
+    # Headers the contract puts on every answer of this code (`Retry-After`, ...).
+    always: ClassVar[dict[str, str]] = {}
 
     def __init__(self, detail: str | None = None, **extra: Any) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         # Fields the contract adds to the problem document (`available`, `seats`, ...).
         self.extra = extra
-        self.headers: dict[str, str] | None = None
+        self.headers: dict[str, str] | None = dict(self.always) or None
 
     def problem(self) -> Problem:
         return Problem(
@@ -30,19 +33,32 @@ class BoxofficeError(Exception):
         )
 
 
-def _error(status: int, code: str, title: str) -> type[BoxofficeError]:
+def _error(
+    status: int, code: str, title: str, always: dict[str, str] | None = None
+) -> type[BoxofficeError]:
     return type(
         "".join(part.title() for part in code.split("_")),
         (BoxofficeError,),
-        {"status": status, "code": code, "title": title, "__module__": __name__},
+        {
+            "status": status,
+            "code": code,
+            "title": title,
+            "always": always or {},
+            "__module__": __name__,
+        },
     )
+
+
+# Seconds a client waits before it tries again: a server away is usually back in moments.
+RETRY_AFTER_SECONDS = 1
+_RETRY = {"retry-after": str(RETRY_AFTER_SECONDS)}
 
 
 # Spelled out, rather than generated in a loop, so that mypy and readers see each name.
 ValidationError = _error(400, "validation_error", "Invalid request")
 UnknownCategory = _error(400, "unknown_category", "Unknown category")
 UnknownSeat = _error(400, "unknown_seat", "Unknown seat")
-Unauthorized = _error(401, "unauthorized", "Unauthorized")
+Unauthorized = _error(401, "unauthorized", "Unauthorized", {"www-authenticate": "Bearer"})
 EventNotFound = _error(404, "event_not_found", "Event not found")
 HoldNotFound = _error(404, "hold_not_found", "Hold not found")
 BookingNotFound = _error(404, "booking_not_found", "Booking not found")
@@ -56,12 +72,13 @@ HoldReleased = _error(409, "hold_released", "Hold released")
 HoldConfirmed = _error(409, "hold_confirmed", "Hold confirmed")
 EventExists = _error(409, "event_exists", "Event exists")
 CapacityBelowCommitted = _error(409, "capacity_below_committed", "Capacity below committed")
-IdempotencyInProgress = _error(409, "idempotency_in_progress", "Request in progress")
+IdempotencyInProgress = _error(409, "idempotency_in_progress", "Request in progress", _RETRY)
 HoldExpired = _error(410, "hold_expired", "Hold expired")
 PayloadTooLarge = _error(413, "payload_too_large", "Payload too large")
+UnsupportedMediaType = _error(415, "unsupported_media_type", "Unsupported media type")
 IdempotencyKeyReused = _error(422, "idempotency_key_reused", "Idempotency-Key reused")
-RateLimited = _error(429, "rate_limited", "Too many requests")
-Unavailable = _error(503, "unavailable", "Service unavailable")
+RateLimited = _error(429, "rate_limited", "Too many requests", _RETRY)
+Unavailable = _error(503, "unavailable", "Service unavailable", _RETRY)
 
 ALL: tuple[type[BoxofficeError], ...] = tuple(
     obj
@@ -103,6 +120,36 @@ def unavailable(exc: BaseException) -> bool:
             return True
         seen = getattr(seen, "orig", None) or seen.__cause__
     return False
+
+
+# The libraries that talk to each server, by top-level module name.
+_SERVER_OF_MODULE = {"redis": "Redis", "asyncpg": "PostgreSQL", "sqlalchemy": "PostgreSQL"}
+
+
+def server_of(exc: BaseException) -> str | None:
+    """Which server an error came from, "Redis" or "PostgreSQL" (None: neither), told by
+    the library that raised it: its exception types, else the code it was raised in (a
+    bare OSError from a socket inside asyncpg is PostgreSQL's)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, redis.exceptions.RedisError):
+            return "Redis"
+        if isinstance(
+            seen,
+            sqlalchemy.exc.SQLAlchemyError
+            | asyncpg.exceptions.PostgresError
+            | asyncpg.exceptions.InterfaceError,
+        ):
+            return "PostgreSQL"
+        frames = [frame for frame, _ in traceback.walk_tb(seen.__traceback__)]
+        for frame in reversed(frames):  # the innermost library frame is the origin
+            server = _SERVER_OF_MODULE.get(frame.f_globals.get("__name__", "").partition(".")[0])
+            if server is not None:
+                return server
+        seen = getattr(seen, "orig", None) or seen.__cause__ or seen.__context__
+    return None
 
 
 def log_failure(log: logging.Logger, what: str, exc: BaseException) -> None:

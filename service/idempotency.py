@@ -29,8 +29,19 @@ T = TypeVar("T")
 def fingerprint(key: str, method: str, path: str, body: bytes) -> Idempotency:
     if not 1 <= len(key) <= 128 or not key.isascii() or not key.isprintable():
         raise errors.ValidationError("Idempotency-Key: 1 to 128 printable ASCII characters")
-    request = hashlib.sha256(f"{method} {path}\n".encode() + body).hexdigest()
+    request = hashlib.sha256(f"{method} {path}\n".encode() + canonical(body)).hexdigest()
     return Idempotency(hashlib.sha256(key.encode()).hexdigest(), request)
+
+
+def canonical(body: bytes) -> bytes:
+    """The body as a JSON value: the same request whatever its key order and whitespace.
+    A body that is not JSON is kept as it is (the route refuses it with 400 anyway)."""
+    if not body:
+        return body
+    try:
+        return msgspec.json.encode(msgspec.json.decode(body), order="sorted")
+    except (msgspec.DecodeError, msgspec.EncodeError):
+        return body
 
 
 class _Stored(msgspec.Struct):

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from service import schemas
+from service import errors, schemas
 from service.catalog import live_event_ids
 from service.context import Services
 from service.expiry import notifications_enabled
@@ -32,11 +32,21 @@ REQUESTS = Counter(
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LATENCY = Histogram(
     "boxoffice_request_duration_seconds",
-    "HTTP request latency by route template",
-    ["method", "path"],
+    "HTTP request latency by route template and status",
+    ["method", "path", "status_code"],
     buckets=BUCKETS,
 )
+REFUSALS = Counter(
+    "boxoffice_refusals", "Problem-details answers (errors and refusals) by code", ["code"]
+)
 _UNCOUNTED = frozenset({"/metrics", "/health"})
+# The one label of every request that matched no route (404, 405): a client cannot make
+# a series per made-up path.
+UNMATCHED = "<unmatched>"
+# Where the error handler leaves a problem's code for the middleware, in the request scope.
+_REFUSAL = "boxoffice_refusal"
+# How long /metrics waits for Redis's live figures before it answers without them.
+LIVE_TIMEOUT_SECONDS = 2.0
 # How often a process adds what it counted to the shared metrics.
 FLUSH_SECONDS = 1.0
 
@@ -48,25 +58,31 @@ class HttpStats:
     the hold path's throughput. Tallied, it costs two dictionary updates."""
 
     def __init__(self) -> None:
-        self.counts: collections.Counter[tuple[str, str, int]] = collections.Counter()
-        # (method, path) -> count per bucket (the last one +Inf), then the sum of seconds.
-        self.latencies: dict[tuple[str, str], list[float]] = {}
+        # (method, path, status) -> count per bucket (the last one +Inf), then the sum of
+        # seconds; the number of requests is the sum of the buckets.
+        self.latencies: dict[tuple[str, str, int], list[float]] = {}
+        self.refusals: collections.Counter[str] = collections.Counter()
 
-    def record(self, method: str, path: str, status: int, seconds: float) -> None:
-        self.counts[method, path, status] += 1
-        tally = self.latencies.get((method, path))
+    def record(
+        self, method: str, path: str, status: int, seconds: float, refusal: str | None = None
+    ) -> None:
+        tally = self.latencies.get((method, path, status))
         if tally is None:
-            tally = self.latencies[method, path] = [0.0] * (len(BUCKETS) + 2)
+            tally = self.latencies[method, path, status] = [0.0] * (len(BUCKETS) + 2)
         tally[bisect.bisect_left(BUCKETS, seconds)] += 1
         tally[-1] += seconds
+        if refusal is not None:
+            self.refusals[refusal] += 1
 
     def flush(self) -> None:
-        counts, latencies = self.counts, self.latencies
-        self.counts, self.latencies = collections.Counter(), {}
-        for labels, count in counts.items():
-            REQUESTS.labels(*labels).inc(count)
-        for route, tally in latencies.items():
-            child = LATENCY.labels(*route)
+        latencies, refusals = self.latencies, self.refusals
+        self.latencies, self.refusals = {}, collections.Counter()
+        for code, count in refusals.items():
+            REFUSALS.labels(code).inc(count)
+        for labels, tally in latencies.items():
+            REQUESTS.labels(*labels).inc(sum(tally[:-1]))
+        for labels, tally in latencies.items():
+            child = LATENCY.labels(*labels)
             # prometheus_client has no bulk observe(): add to the child's bucket values,
             # which is what observe() does one sample at a time.
             for bucket, in_bucket in zip(child._buckets, tally[:-1], strict=True):
@@ -83,16 +99,17 @@ class HttpStats:
             self.flush()
 
 
+def note_refusal(scope: Scope, code: str) -> None:
+    """Called with each problem answer: the middleware counts it by code."""
+    scope.setdefault("state", {})[_REFUSAL] = code
+
+
 def middleware(stats: HttpStats) -> Callable[[ASGIApp], ASGIApp]:
     """Counts each request by route template (one series per route, not one per event or
-    hold) and its status, and times it."""
+    hold) and its status, times it, and counts problem answers by code."""
 
     def wrap(app: ASGIApp) -> ASGIApp:
         async def record(scope: Scope, receive: Receive, send: Send) -> None:
-            path = scope.get("path_template", "")
-            if path in _UNCOUNTED:
-                await app(scope, receive, send)
-                return
             started = time.perf_counter()
             status = 500
 
@@ -105,8 +122,12 @@ def middleware(stats: HttpStats) -> Callable[[ASGIApp], ASGIApp]:
             try:
                 await app(scope, receive, sending)
             finally:
-                method: str = scope.get("method", "")  # type: ignore[assignment]
-                stats.record(method, path, status, time.perf_counter() - started)
+                # Known only now: the router sets the template when a route matched.
+                path = scope.get("path_template") or UNMATCHED
+                if path not in _UNCOUNTED:
+                    method: str = scope.get("method", "")  # type: ignore[assignment]
+                    refusal = scope.get("state", {}).get(_REFUSAL)
+                    stats.record(method, path, status, time.perf_counter() - started, refusal)
 
         return record
 
@@ -189,8 +210,20 @@ async def _live(svc: Services) -> list[Metric]:
 
 
 async def render(svc: Services) -> bytes:
+    """The process's own figures always; Redis's live figures when Redis answers in time
+    (`boxoffice_live_figures_up` says which): an outage is when the figures matter most."""
+    up = GaugeMetricFamily(
+        "boxoffice_live_figures_up", "1 when the figures read from Redis are included"
+    )
+    live_metrics: list[Metric] = []
+    try:
+        live_metrics = await asyncio.wait_for(_live(svc), LIVE_TIMEOUT_SECONDS)
+    except Exception as e:
+        if not errors.unavailable(e):  # TimeoutError is an OSError: unavailable too
+            raise
+    up.add_metric([], 1 if live_metrics else 0)
     live = CollectorRegistry()
-    live.register(_Snapshot(await _live(svc)))
+    live.register(_Snapshot([*live_metrics, up]))
     return generate_latest(_http_registry()) + generate_latest(live)
 
 

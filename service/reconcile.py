@@ -45,7 +45,9 @@ CHECKS = 3
 RECHECK_SECONDS = 1.0
 
 
-class Problem(msgspec.Struct, omit_defaults=True):
+class Finding(msgspec.Struct, omit_defaults=True):
+    """One inconsistency; named apart from the problem details of errors (schemas.Problem)."""
+
     kind: str
     detail: str
 
@@ -84,7 +86,7 @@ class EventReport(msgspec.Struct):
     outbox: OutboxReport
     leaked_holds: int
     problem_counts: dict[str, int]
-    problems: list[Problem]
+    problems: list[Finding]
     repairs: list[str] = msgspec.field(default_factory=list)
 
 
@@ -100,12 +102,12 @@ class _Findings:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self.listed: list[Problem] = []
+        self.listed: list[Finding] = []
 
     def add(self, kind: str, detail: str) -> None:
         self.counts[kind] += 1
         if len(self.listed) < MAX_LISTED:
-            self.listed.append(Problem(kind, detail))
+            self.listed.append(Finding(kind, detail))
 
 
 async def _hscan(svc: Services, key: str) -> AsyncIterator[list[tuple[bytes, bytes]]]:
