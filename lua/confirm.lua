@@ -2,18 +2,19 @@
 -- KEYS: the event keys (lib.lua), [17] Idempotency-Key record (optional, last)
 -- ARGV: common [1..4] (lib.lua), [5] hold id, [6] new booking id, [7] payment ref ("" = none)
 -- Returns JSON: the booking record (the same one again for a confirmed hold), or
--- {err = code}. The outbox entry is written in this same step: no booking exists that
--- the write-behind worker will not see.
+-- {err = code} (hold_released adds ended_at ms, hold_expired expires_at ms). The outbox
+-- entry is written in this same step: no booking exists that the write-behind worker
+-- will not see.
 local h, early = named_hold(ARGV[5])
 if early then return early end
 if h.s == 'confirmed' then return finish(redis.call('HGET', K.bookings, h.b)) end
-if h.s == 'released' then return finish(fail('hold_released')) end
-if h.s == 'expired' then return finish(fail('hold_expired')) end
+if h.s == 'released' then return finish(fail('hold_released', {ended_at = h.e})) end
+if h.s == 'expired' then return finish(fail('hold_expired', {expires_at = h.ex})) end
 local now = now_ms()
 if now >= h.ex then
   -- Overdue but not reclaimed yet: reclaim it now rather than sell it late.
   end_hold(h, 'expired', now)
-  return finish(fail('hold_expired'))
+  return finish(fail('hold_expired', {expires_at = h.ex}))
 end
 
 for cat, n in pairs(h.q) do

@@ -3,7 +3,8 @@
 --       keyspace listener hears), [18] Idempotency-Key record (optional, last)
 -- ARGV: common [1..4] (lib.lua), [5] hold id, [6] customer id,
 --       [7] items JSON [[category, quantity], ...], [8] seat labels JSON [label, ...]
--- Returns JSON: the hold record; or {err = code, ...}; or {err = "retry"} when overdue
+-- Returns JSON: the hold record; or {err = code, ...} (not_on_sale adds the event's
+-- status and on_sale_at ms, absent when none); or {err = "retry"} when overdue
 -- holds beyond the reclaim batch may be what stands in the way (the caller reclaims
 -- and calls again, so an expired hold never blocks a sale).
 local cached = replay()
@@ -45,7 +46,7 @@ for _, label in ipairs(seats) do
 end
 if n > tonumber(m[4]) then return finish(fail('too_many', {max_per_order = tonumber(m[4])})) end
 if m[1] ~= 'on_sale' or (m[2] ~= '' and now < tonumber(m[2])) then
-  return finish(fail('not_on_sale'))
+  return finish(fail('not_on_sale', {status = m[1], on_sale_at = tonumber(m[2])}))
 end
 if m[5] ~= '' then
   local has = tonumber(redis.call('HGET', K.cust, customer) or '0')

@@ -47,7 +47,7 @@ from service import (
 from service.context import Services
 from service.scripts import Idempotency
 from service.settings import Settings
-from service.strictjson import StrictJSON
+from service.strictjson import StrictJSON, plain
 
 log = logging.getLogger("boxoffice.api")
 
@@ -117,20 +117,13 @@ def _validation(exc: ValidationException) -> tuple[str, dict[str, Any]]:
     where: list[dict[str, str]] = []
     for e in exc.extra:
         source = str(e.get("source", "")).rpartition(".")[2].lower() or "request"
-        name = str(e.get("key", ""))
-        where.append({"key": name, "source": source, "message": _plain(str(e.get("message")))})
+        if e.get("key") == "data":  # the handler's name for the body
+            return "a JSON body is required", {}
+        where.append(
+            {"key": str(e.get("key")), "source": source, "message": plain(str(e.get("message")))}
+        )
     first = where[0]
     return f"{first['source']} parameter `{first['key']}`: {first['message']}", {"errors": where}
-
-
-def _plain(message: str) -> str:
-    # Litestar/msgspec words a bad value as "Expected `int`, got `str`"; the rest of what
-    # it says (regexes, internal names) means nothing to a client.
-    if message.startswith("Expected ") or message.startswith("Invalid enum value"):
-        return message.split(" - at ", 1)[0].replace("Invalid enum value", "not one of the values")
-    if "required" in message.lower() or "missing" in message.lower():
-        return "required"
-    return "not a valid value"
 
 
 # A refused body is read and thrown away up to this much before the 413 goes out.

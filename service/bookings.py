@@ -34,12 +34,13 @@ async def _from_postgres(svc: Services, event_id: str, booking_id: str) -> Booki
 
 async def get_booking(svc: Services, event_id: str, booking_id: str) -> schemas.Booking:
     raw = await svc.redis.hget(event_keys(event_id).bookings, booking_id)
-    stored = await _from_postgres(svc, event_id, booking_id)
     if raw is None:
+        await ensure_loaded(svc, event_id)  # event_not_found comes before booking_not_found
+        stored = await _from_postgres(svc, event_id, booking_id)
         if stored is None:
-            await ensure_loaded(svc, event_id)  # event_not_found, if that is what it is
             raise errors.BookingNotFound(f"no booking {booking_id!r} in this event")
         return booking_view(event_id, stored, persisted=True)
+    stored = await _from_postgres(svc, event_id, booking_id)
     live = decode_booking(raw)
     # Persisted: PostgreSQL has it, in the state Redis shows (a cancellation counts too).
     return booking_view(event_id, live, persisted=stored is not None and stored.s == live.s)
@@ -59,7 +60,13 @@ async def list_bookings(
     if customer_id is not None:
         where.append(bookings.c.customer_id == customer_id)
     if cursor is not None:
-        where.append(bookings.c.booking_id > _uuid(cursor, errors.ValidationError("bad cursor")))
+        try:
+            where.append(bookings.c.booking_id > uuid.UUID(cursor))
+        except ValueError:
+            await ensure_loaded(svc, event_id)  # event_not_found first
+            raise errors.ValidationError(
+                "`cursor`: not a cursor of this list; pass the `next_cursor` of a page"
+            ) from None
     records = await ledger.records(svc, sa.and_(*where), limit + 1)
     if not records:
         await ensure_loaded(svc, event_id)  # event_not_found for an unknown event
@@ -75,6 +82,7 @@ async def cancel_booking(
 ) -> None:
     fallback = b""
     if not await svc.redis.hexists(event_keys(event_id).bookings, booking_id):
+        await ensure_loaded(svc, event_id)  # event_not_found comes before booking_not_found
         # Redis no longer has it (trimmed or restored): PostgreSQL tells the script what
         # the booking holds, so its tickets still come back.
         stored = await _from_postgres(svc, event_id, booking_id)

@@ -305,14 +305,19 @@ async def _counters(svc: Services, event_id: str) -> dict[str, dict[str, int]]:
     }
 
 
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
 async def _outbox(svc: Services, event_id: str, now: int, found: _Findings) -> OutboxReport:
     state = await outbox_state(svc, event_id)
     oldest = None if state.oldest_ms is None else max(0.0, (now - state.oldest_ms) / 1000)
     stuck = oldest is not None and oldest > STUCK_SECONDS
     if stuck:
-        found.add("outbox_stuck", f"{state.backlog} entries waiting, the oldest for {oldest:.0f} s")
+        waiting = _entries(state.backlog)
+        found.add("outbox_stuck", f"{waiting} waiting, the oldest for {oldest:.0f} s")
     if state.dead_letters:
-        found.add("dead_letters", f"{state.dead_letters} entries in the dead-letter stream")
+        found.add("dead_letters", f"{_entries(state.dead_letters)} in the dead-letter stream")
     return OutboxReport(state.backlog, oldest, stuck, state.dead_letters)
 
 

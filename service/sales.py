@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from typing import NoReturn
 
 import msgspec
 
 from service import errors, schemas
-from service.catalog import call, restore
+from service.catalog import call, ensure_loaded, restore
 from service.context import Services
 from service.keys import event_keys
 from service.records import BookingRecord, HoldRecord, decode_booking, decode_hold
@@ -63,16 +64,22 @@ def booking_view(
     )
 
 
+async def _invalid(svc: Services, event_id: str, detail: str) -> NoReturn:
+    """A body the event could never accept; but event_not_found comes first."""
+    await ensure_loaded(svc, event_id)
+    raise errors.ValidationError(detail)
+
+
 async def create_hold(
     svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
 ) -> schemas.Hold:
     count = sum(i.quantity for i in body.items) + len(body.seats)
     if count == 0:
-        raise errors.ValidationError("ask for at least one ticket in `items` or `seats`")
+        await _invalid(svc, event_id, "ask for at least one ticket in `items` or `seats`")
     if len({i.category for i in body.items}) != len(body.items):
-        raise errors.ValidationError("a category appears at most once in `items`")
+        await _invalid(svc, event_id, "a category appears at most once in `items`")
     if len(set(body.seats)) != len(body.seats):
-        raise errors.ValidationError("a seat appears at most once in `seats`")
+        await _invalid(svc, event_id, "a seat appears at most once in `seats`")
     hold_id = secrets.token_urlsafe(16)  # 128 random bits: knowing it is the authority
     reply = await call(
         svc,

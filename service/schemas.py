@@ -12,6 +12,15 @@ from msgspec import Meta, Struct
 # stays valid in the JSON Schema (ECMA 262) dialect of the OpenAPI document.
 EVENT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}(?!\n)$"
 NAME_PATTERN = r"^[A-Za-z0-9 _.-]{1,64}(?!\n)$"
+ROW_PATTERN = r"^[A-Za-z0-9_.]{1,16}(?!\n)$"
+CURRENCY_PATTERN = r"^[A-Z]{3}(?!\n)$"
+# Each pattern in words, for error messages: a client is told what is expected, not a regex.
+PATTERN_WORDS = {
+    EVENT_ID_PATTERN: "1 to 64 characters of a-z, 0-9 and `-`, not starting with `-`",
+    NAME_PATTERN: "1 to 64 characters of A-Z, a-z, 0-9, space, `_`, `.` and `-`",
+    ROW_PATTERN: "1 to 16 characters of A-Z, a-z, 0-9, `_` and `.`",
+    CURRENCY_PATTERN: "an ISO 4217 currency code: three capital letters, e.g. EUR",
+}
 
 EventId = Annotated[str, Meta(pattern=EVENT_ID_PATTERN, description="Chosen by the admin.")]
 CategoryName = Annotated[str, Meta(pattern=NAME_PATTERN)]
@@ -21,7 +30,23 @@ Quantity = Annotated[int, Meta(ge=1, le=100)]
 # At most 10^9 minor units a ticket: an order's total (100 tickets at most) stays within
 # the 14 significant digits that Redis's Lua JSON encoder writes exactly.
 Money = Annotated[int, Meta(ge=0, le=10**9, description="Minor units: 2500 = 25.00.")]
-Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}(?!\n)$", description="ISO 4217.")]
+Currency = Annotated[
+    str, Meta(pattern=CURRENCY_PATTERN, description="An ISO 4217 currency code, e.g. `EUR`.")
+]
+# The codes of ISO 4217 (list one, 2025) that money is priced in: the national and the
+# shared currencies, not the fund, precious-metal, testing and "no currency" codes.
+ISO_4217 = frozenset(
+    """
+    AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN
+    BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR
+    FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD
+    JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD
+    MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP
+    PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC
+    SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES VND VUV WST
+    XAF XCD XCG XOF XPF YER ZAR ZMW ZWG
+    """.split()  # noqa: SIM905 (a list literal of 156 strings reads worse)
+)
 Timestamp = Annotated[str, Meta(description="RFC 3339, UTC, `Z` suffix.")]
 AwareDatetime = Annotated[datetime, Meta(tz=True, description="RFC 3339 with an offset.")]
 EventStatus = Literal["scheduled", "on_sale", "paused", "closed"]
@@ -90,9 +115,7 @@ class BookingPage(Struct, kw_only=True):
 
 
 class SeatBlock(Request):
-    rows: Annotated[
-        list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.]{1,16}(?!\n)$")]], Meta(min_length=1)
-    ]
+    rows: Annotated[list[Annotated[str, Meta(pattern=ROW_PATTERN)]], Meta(min_length=1)]
     seats_per_row: Annotated[int, Meta(ge=1, le=10_000)]
 
 
@@ -103,6 +126,10 @@ class CategoryCreate(Request):
     capacity: Annotated[int, Meta(ge=0, le=10_000_000)] | None = None
     seat_blocks: list[SeatBlock] | None = None
     seats: list[SeatLabel] | None = None
+
+    def __post_init__(self) -> None:
+        if self.currency not in ISO_4217:
+            raise ValueError(f"currency {self.currency!r} is not an ISO 4217 currency code")
 
 
 class EventCreate(Request):

@@ -15,6 +15,7 @@ from service import errors
 from service.keys import event_keys
 from service.scriptpipe import ScriptPipe, bulk
 from service.settings import Settings
+from service.timefmt import from_ms
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 NAMES = (
@@ -49,6 +50,12 @@ class _ErrorReply(msgspec.Struct):
     seat: str | None = None
     max_per_order: int | None = None
     committed: int | None = None
+    # Times in ms (hold_expired, hold_released, not_on_sale), the event's status, a booking.
+    expires_at: int | None = None
+    ended_at: int | None = None
+    on_sale_at: int | None = None
+    status: str | None = None
+    booking_id: str | None = None
 
 
 _decode_error = msgspec.json.Decoder(_ErrorReply).decode
@@ -146,11 +153,42 @@ def raise_for_error(reply: bytes) -> None:
         detail = "seats already taken: " + ", ".join(extra["seats"])
     elif e.err == "customer_limit":
         extra["remaining"] = e.remaining
-        detail = f"this customer may hold or buy {e.remaining} more ticket(s) of this event"
+        tickets = "ticket" if e.remaining == 1 else "tickets"
+        detail = f"this customer may hold or buy {e.remaining} more {tickets} of this event"
     elif e.err == "unknown_category":
         detail = f"no category {e.category!r} in this event"
     elif e.err == "unknown_seat":
         detail = f"no seat {e.seat!r} in this event"
     elif e.err == "capacity_below_committed":
         detail = f"category {e.category!r} has {e.committed} tickets held or sold"
+    else:
+        detail = _detail(e)
     raise cls(detail, **extra)
+
+
+def _detail(e: _ErrorReply) -> str | None:
+    """What the client can do about it, rather than the title again."""
+    if e.err == "not_on_sale":
+        if e.status == "paused":
+            return "sales of this event are paused"
+        if e.status == "closed":
+            return "sales of this event are closed"
+        if e.on_sale_at is not None:
+            return f"this event goes on sale at {from_ms(e.on_sale_at)}"
+    elif e.err == "hold_expired":
+        at = f" at {from_ms(e.expires_at)}" if e.expires_at is not None else ""
+        return f"the hold expired{at}; its tickets are back on sale: hold again"
+    elif e.err == "hold_released":
+        at = f" at {from_ms(e.ended_at)}" if e.ended_at is not None else ""
+        return f"the hold was released{at}; its tickets are back on sale: hold again"
+    elif e.err == "hold_confirmed":
+        return f"the hold is already booking {e.booking_id}: cancel the booking instead"
+    return _DETAILS.get(e.err)
+
+
+_DETAILS = {
+    "hold_not_found": "no hold with this id in this event (an ended hold stays readable "
+    "for a day, then is forgotten)",
+    "booking_not_found": "no booking with this id in this event",
+    "idempotency_key_reused": "this Idempotency-Key was used with another request",
+}
