@@ -120,7 +120,11 @@ def _validation(exc: ValidationException) -> tuple[str, dict[str, Any]]:
         if e.get("key") == "data":  # the handler's name for the body
             return "a JSON body is required", {}
         where.append(
-            {"key": str(e.get("key")), "source": source, "message": plain(str(e.get("message")))}
+            {
+                "key": str(e.get("key")),
+                "source": source,
+                "message": plain(str(e.get("message")), ""),
+            }
         )
     first = where[0]
     return f"{first['source']} parameter `{first['key']}`: {first['message']}", {"errors": where}
@@ -664,7 +668,9 @@ def create_app(settings: Settings) -> Litestar:
             path="/schema",
             # Redoc also at /schema/redoc, where Litestar's own default puts it.
             render_plugins=[RedocRenderPlugin(path=["/", "/redoc"]), SwaggerRenderPlugin()],
-            openapi_router=Router("/schema", route_handlers=[schema_not_found]),
+            openapi_router=Router(
+                "/schema", route_handlers=[schema_not_found], include_in_schema=False
+            ),
         ),
     )
     # Around the whole app, not as route middleware: requests that match no route (404,

@@ -56,11 +56,11 @@ class StrictJSON(AbstractDTO[Any]):
             decoder = self._by_handler[handler] = self._decoders[handler.handler_id]
         try:
             return decoder.decode(value)
+        except msgspec.ValidationError as e:  # a DecodeError too: first
+            raise errors.ValidationError(plain(str(e))) from e
         except msgspec.DecodeError as e:
             ends = ": it ends too early" if "truncated" in str(e) else ""
             raise errors.ValidationError(f"the body is not valid JSON{ends}") from e
-        except msgspec.ValidationError as e:
-            raise errors.ValidationError(plain(str(e))) from e
 
     def decode_builtins(self, value: dict[str, Any]) -> Any:
         raise errors.ValidationError("the body must be JSON (application/json)")
@@ -107,8 +107,9 @@ _REWORDS: list[tuple[re.Pattern[str], Any]] = [
 ]
 
 
-def plain(message: str) -> str:
-    """A validation message in plain words, led by the field it is about."""
+def plain(message: str, subject: str = "the body") -> str:
+    """A validation message in plain words, led by the field it is about (by `subject`
+    when it is about the whole value)."""
     parts = _AT.fullmatch(message)
     what, where = (parts["what"], parts["where"]) if parts else (message, None)
     for pattern, reword in _REWORDS:
@@ -117,7 +118,7 @@ def plain(message: str) -> str:
             break
     if where:
         return f"`{where}`: {what}"
-    return f"the body {what}" if what.startswith("must") else what
+    return f"{subject} {what}".strip() if what.startswith("must") else what
 
 
 def _type(name: str) -> str:
