@@ -20,6 +20,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
     Components,
+    OpenAPIFormat,
     OpenAPIHeader,
     OpenAPIResponse,
     OpenAPIType,
@@ -207,7 +208,7 @@ def _problems(
             media_type=PROBLEM_JSON,
             generate_examples=False,
         )
-        for status, codes in by_status.items()
+        for status, codes in sorted(by_status.items())
     }
 
 
@@ -566,7 +567,7 @@ _RETRY_AFTER = OpenAPIHeader(
 )
 _HEADERS_OF_STATUS = {
     "401": {"WWW-Authenticate": OpenAPIHeader(schema=Schema(const="Bearer"))},
-    "409": {"Retry-After": _RETRY_AFTER},  # with `idempotency_in_progress`
+    "409": {"Retry-After": _RETRY_AFTER},
     "429": {"Retry-After": _RETRY_AFTER},
     "503": {"Retry-After": _RETRY_AFTER},
 }
@@ -582,10 +583,13 @@ def _operations(app: Litestar) -> list[tuple[str, str, Operation]]:
     return found
 
 
-def _document(app: Litestar) -> None:
+def document(app: Litestar) -> None:
     """What Litestar cannot be told per route: the admin's bearer scheme, the
-    Idempotency-Key header of every state-changing operation, the headers of errors."""
+    Idempotency-Key header of every state-changing operation, the headers of answers.
+    Run at start-up (and by service.apidoc); a second run changes nothing."""
     schema = app.openapi_schema
+    if schema.components and schema.components.security_schemes:
+        return
     schema.components = schema.components or Components()
     schema.components.security_schemes = {
         "bearer": SecurityScheme(
@@ -598,8 +602,17 @@ def _document(app: Litestar) -> None:
         if method != "get":
             op.parameters = [*(op.parameters or []), _IDEMPOTENCY_KEY]
         for status, response in (op.responses or {}).items():
-            if status in _HEADERS_OF_STATUS and isinstance(response, OpenAPIResponse):
-                response.headers = {**(response.headers or {}), **_HEADERS_OF_STATUS[status]}
+            if not isinstance(response, OpenAPIResponse):
+                continue
+            headers = _HEADERS_OF_STATUS.get(status, {})
+            # Of the 409s, only idempotency_in_progress says when to come back.
+            if status != "409" or "idempotency_in_progress" in response.description:
+                response.headers = {**(response.headers or {}), **headers} or None
+            location = (response.headers or {}).get("Location")
+            if isinstance(location, OpenAPIHeader):  # Litestar gives it no schema
+                location.schema = Schema(
+                    type=OpenAPIType.STRING, format=OpenAPIFormat.URI_REFERENCE
+                )
     # Litestar documents every `data` as required; the confirm body may be left out.
     confirm = schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
     if confirm.post is not None and isinstance(confirm.post.request_body, RequestBody):
@@ -651,7 +664,7 @@ def create_app(settings: Settings) -> Litestar:
             metrics_route,
         ],
         lifespan=[lifespan],
-        on_startup=[_document],
+        on_startup=[document],
         before_request=body_rules,
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,

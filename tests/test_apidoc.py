@@ -1,0 +1,40 @@
+"""docs/API.md, the reference a reader of the repository gets, is what the running
+service documents: regenerated from the live server's OpenAPI document, it must not differ."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from service import apidoc
+
+
+async def served_document(client: httpx.AsyncClient) -> dict[str, Any]:
+    r = await client.get("/schema/openapi.json")
+    assert r.status_code == 200, r.text
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+async def test_api_reference_is_up_to_date(client: httpx.AsyncClient) -> None:
+    expected = apidoc.render(await served_document(client))
+    committed = apidoc.DOC_PATH.read_text() if apidoc.DOC_PATH.exists() else ""
+    assert committed == expected, (
+        f"{apidoc.DOC_PATH} differs from the service's OpenAPI document: "
+        f"run `{apidoc.COMMAND}` and commit the result"
+    )
+
+
+async def test_the_generator_documents_what_the_server_serves(client: httpx.AsyncClient) -> None:
+    assert apidoc.openapi_document() == await served_document(client)
+
+
+def test_check_mode(monkeypatch: Any, tmp_path: Any) -> None:
+    stale = tmp_path / "API.md"
+    stale.write_text("# stale\n")
+    monkeypatch.setattr(apidoc, "DOC_PATH", stale)
+    assert apidoc.main(["--check"]) == 1
+    assert apidoc.main([]) == 0
+    assert apidoc.main(["--check"]) == 0
+    assert stale.read_text().startswith("# Boxoffice HTTP API")
