@@ -97,11 +97,18 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
         return on_crash(request, exc)
     extra: dict[str, Any] = {}
     detail = None
+    allow = (exc.headers or {}).get("allow")
     if isinstance(exc, ValidationException):
         detail, extra = _validation(exc)
+    elif cls is errors.NotFound:
+        detail = f"no route for {request.method} {request.url.path}"
+    elif cls is errors.MethodNotAllowed:
+        detail = f"{request.method} is not allowed here; allowed: {allow}"
+    elif cls is errors.PayloadTooLarge:
+        detail = f"the body is over the limit of {_svc(request).settings.max_body_bytes} bytes"
     err = cls(detail, **extra)
-    if exc.headers and "allow" in exc.headers:
-        err.headers = {"allow": exc.headers["allow"]}
+    if allow:
+        err.headers = {"allow": allow}
     if cls is errors.PayloadTooLarge:
         # Whatever of the body the drain leaves unread (past 1 MiB, or from a client that
         # stalls) stays in the connection: it cannot carry another request.

@@ -448,6 +448,16 @@ async def test_error_details_say_more_than_the_title(
     assert booking["booking_id"] in body["detail"], body
 
 
+async def test_routing_and_size_errors_say_what(client: httpx.AsyncClient) -> None:
+    body = assert_problem(await client.get("/nowhere"), 404, "not_found")
+    assert "GET /nowhere" in body["detail"], body
+    body = assert_problem(await client.put("/events"), 405, "method_not_allowed")
+    assert "PUT" in body["detail"] and "GET" in body["detail"], body
+    r = await send_alone(client, "POST", "/admin/events", content=BIG_STRING, headers=ADMIN)
+    body = assert_problem(r, 413, "payload_too_large")
+    assert "65536 bytes" in body["detail"], body
+
+
 async def test_not_on_sale_says_why(client: httpx.AsyncClient) -> None:
     later = "2031-01-02T03:04:05Z"
     scheduled = await create_event(client, on_sale_at=later)
