@@ -41,8 +41,9 @@ REFUSALS = Counter(
 )
 _UNCOUNTED = frozenset({"/metrics", "/health"})
 # The one label of every request that matched no route (404, 405): a client cannot make
-# a series per made-up path.
+# a series per made-up path, nor per made-up method.
 UNMATCHED = "<unmatched>"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Where the error handler leaves a problem's code for the middleware, in the request scope.
 _REFUSAL = "boxoffice_refusal"
 # How long /metrics waits for Redis's live figures before it answers without them.
@@ -55,7 +56,7 @@ class HttpStats:
     """Request counts and latencies, tallied in plain dictionaries and added to the
     Prometheus metrics once a second. With several server processes every increment of a
     Prometheus metric is a locked write to a shared file; per request that cost a third of
-    the hold path's throughput. Tallied, it costs two dictionary updates."""
+    the hold path's throughput. Tallied, it costs a dictionary update (two for a refusal)."""
 
     def __init__(self) -> None:
         # (method, path, status) -> count per bucket (the last one +Inf), then the sum of
@@ -81,7 +82,6 @@ class HttpStats:
             REFUSALS.labels(code).inc(count)
         for labels, tally in latencies.items():
             REQUESTS.labels(*labels).inc(sum(tally[:-1]))
-        for labels, tally in latencies.items():
             child = LATENCY.labels(*labels)
             # prometheus_client has no bulk observe(): add to the child's bucket values,
             # which is what observe() does one sample at a time.
@@ -126,6 +126,8 @@ def middleware(stats: HttpStats) -> Callable[[ASGIApp], ASGIApp]:
                 path = scope.get("path_template") or UNMATCHED
                 if path not in _UNCOUNTED:
                     method: str = scope.get("method", "")  # type: ignore[assignment]
+                    if method not in _METHODS:
+                        method = "OTHER"
                     refusal = scope.get("state", {}).get(_REFUSAL)
                     stats.record(method, path, status, time.perf_counter() - started, refusal)
 
