@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
-from service import idempotency
+from service import errors, idempotency
 from service.context import Services
 from service.keys import event_keys, global_idempotency
 from service.settings import Settings
@@ -91,6 +91,11 @@ async def test_idempotency_in_progress_says_when_to_retry(
     assert_problem(r, 409, "idempotency_in_progress")
     assert int(r.headers["retry-after"]) >= 1, r.headers
     assert_problem(await client.get(f"/events/{body['id']}"), 404, "event_not_found")
+
+
+def test_rate_limited_says_when_to_retry() -> None:
+    """No route limits rates yet (README); when one does, its 429 carries Retry-After."""
+    assert int((errors.RateLimited().headers or {})["retry-after"]) >= 1
 
 
 # --- 503 and /metrics while a server is away ---------------------------------------------
