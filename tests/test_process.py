@@ -267,13 +267,13 @@ def wait_closed(sockets: list[socket.socket], within: float) -> float:
             if left <= 0:
                 raise AssertionError(f"{open_} of {len(sockets)} connections still open")
             for key, _ in selector.select(timeout=left):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
                 try:
-                    data = sock.recv(65536)
+                    data = ready.recv(65536)
                 except OSError:
                     data = b""
                 if not data:  # anything sent before the end (a 408) is read and ignored
-                    selector.unregister(sock)
+                    selector.unregister(ready)
                     open_ -= 1
     return time.monotonic()
