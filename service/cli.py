@@ -1,8 +1,8 @@
 """The `boxoffice` command: serve, worker, migrate, reconcile.
 
 A setting that cannot be used, or a server the command cannot do without, is one line on
-stderr and exit status 2. A command is a function (settings, args) -> exit status, registered
-in _parser() with set_defaults(run=...).
+stderr and exit status 2. A command is a Command (settings, args) -> exit status, registered
+in _parser() with command(name, run, summary).
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
 from service.settings import SettingError, Settings
 
 log = logging.getLogger("boxoffice.cli")
+
+# What a subcommand runs: its exit status.
+Command = Callable[[Settings, argparse.Namespace], int]
 
 # File descriptors an API process keeps for itself (Redis and PostgreSQL pools, the metrics
 # files, the interpreter's own): connections get what the open-file limit leaves.
@@ -209,13 +213,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('boxoffice')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run: object, summary: str, **kwargs: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, run: Command, summary: str, epilog: str | None = None
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=summary,
             description=summary,
+            epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            **kwargs,  # type: ignore[arg-type]
         )
         sub.set_defaults(run=run)
         return sub
