@@ -31,10 +31,13 @@ migrate: venv services
 	$(BOXOFFICE) migrate
 
 # Both in the foreground: Ctrl-C, or either one exiting, stops the other. Background jobs of a
-# non-interactive shell ignore SIGINT, hence the trap that forwards a TERM.
+# non-interactive shell ignore SIGINT, hence the trap that forwards a TERM. Stopped by a
+# signal, the recipe exits 0 (a wanted stop, not an error for make to report); it ignores
+# further signals meanwhile (resetting them to the default would kill it with status 143).
 run: export BOXOFFICE_ADMIN_TOKEN := $(BOXOFFICE_ADMIN_TOKEN)
 run: venv services migrate
-	@pids=; trap 'trap - INT TERM; kill $$pids 2>/dev/null || true; wait' INT TERM; \
+	@pids=; stop() { trap '' INT TERM; kill $$pids 2>/dev/null || true; wait; exit 0; }; \
+	trap stop INT TERM; \
 	$(BOXOFFICE) serve & pids="$$pids $$!"; \
 	$(BOXOFFICE) worker & pids="$$pids $$!"; \
 	rc=0; wait -n || rc=$$?; \

@@ -83,7 +83,7 @@ def serve(target: str, port: int, workers: int) -> None:
     settings = msgspec.structs.replace(
         Settings.from_env(), host="127.0.0.1", port=port, workers=workers
     )
-    cli.serve(settings)
+    cli.serve(settings, argparse.Namespace())
 
 
 def main() -> None:

@@ -1,22 +1,48 @@
-"""The `boxoffice` command: serve, worker, migrate, reconcile."""
+"""The `boxoffice` command: serve, worker, migrate, reconcile.
+
+A setting that cannot be used, or a server the command cannot do without, is one line on
+stderr and exit status 2. A command is a Command (settings, args) -> exit status, registered
+in _parser() with command(name, run, summary).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import logging
 import os
+import resource
 import shutil
+import socket
 import sys
 import tempfile
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
-from service.settings import Settings
+from service.settings import SettingError, Settings
+
+log = logging.getLogger("boxoffice.cli")
+
+# What a subcommand runs: its exit status.
+Command = Callable[[Settings, argparse.Namespace], int]
+
+# File descriptors an API process keeps for itself (Redis and PostgreSQL pools, the metrics
+# files, the interpreter's own): connections get what the open-file limit leaves.
+RESERVED_FILES = 256
+# A worker process that has not stopped this long after SIGTERM is killed: granian loses a
+# SIGTERM that reaches a worker still starting up, and would wait for it forever.
+WORKER_KILL_TIMEOUT_SECONDS = 10
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, args: argparse.Namespace) -> int:
     from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
 
+    check_port_free(settings.host, settings.port)
+    connections = connection_limit(settings.http_max_connections)
     # Each worker process writes its HTTP metrics to files here; /metrics sums them. Set
     # before any worker imports prometheus_client.
     metrics_dir = tempfile.mkdtemp(prefix="boxoffice-metrics-")
@@ -32,34 +58,105 @@ def serve(settings: Settings) -> None:
             loop=Loops.uvloop,
             working_dir=Path.cwd(),
             log_access=False,
+            # HTTP/1 only: the auto-detection of HTTP/2 waits for a connection's first bytes
+            # with no time limit, so a client that connects and sends nothing would hold its
+            # connection forever. The header timeout also closes idle keep-alive connections.
+            http=HTTPModes.http1,
+            http1_settings=HTTP1Settings(
+                header_read_timeout=round(settings.http_idle_timeout_seconds * 1000)
+            ),
+            # Connections per process, idle ones included; beyond it new ones wait unaccepted.
+            backpressure=connections,
+            # A worker process that dies (killed, out of memory) is replaced; the others
+            # serve meanwhile. One that keeps dying within seconds stops the server.
+            respawn_failed_workers=True,
+            workers_kill_timeout=WORKER_KILL_TIMEOUT_SECONDS,
         ).serve()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
 
 
-def migrate(settings: Settings) -> None:
-    from service.migrate import ensure_database, upgrade
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on. granian binds with SO_REUSEPORT, which lets a
+    second server share the port and take half its requests; a socket without it cannot bind
+    there while the first one listens."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        raise SettingError("host", f"{host!r} is not an IP address, such as 127.0.0.1") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: connections of a server that just stopped (TIME_WAIT) do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SettingError("port", f"{host}:{port} is already in use") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise SettingError("host", f"{host} is not an address of this machine") from None
+            raise SettingError("port", f"cannot listen on {host}:{port}: {e.strerror}") from None
 
-    ensure_database(settings.database_url)
+
+def connection_limit(wanted: int) -> int:
+    """Connections are open files: raise this process's soft limit (its worker processes
+    inherit it) toward the hard one, and keep to what fits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + RESERVED_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft - RESERVED_FILES < wanted:
+        limit = max(1, soft - RESERVED_FILES)
+        log.warning(
+            "BOXOFFICE_HTTP_MAX_CONNECTIONS lowered from %d to %d: the open-file limit is %d",
+            wanted,
+            limit,
+            soft,
+        )
+        return limit
+    return wanted
+
+
+def migrate(settings: Settings, args: argparse.Namespace) -> int:
+    # The summary below says what alembic's INFO lines would (some are logged on import).
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from service.migrate import current_revision, ensure_database, head_revision, upgrade
+
+    name = ensure_database(settings.database_url)
+    before = current_revision(settings.database_url)
     upgrade(settings.database_url)
+    after = current_revision(settings.database_url)
+    latest = " (the latest)" if after == head_revision() else ""
+    if before == after:
+        print(f"database {name} is at revision {after}{latest}; nothing to do")
+    else:
+        print(f"database {name} migrated from {before or 'no revision'} to {after}{latest}")
+    return 0
 
 
-def worker(settings: Settings) -> None:
+def worker(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
     from service.worker import run
 
     asyncio.run(run(settings))
+    return 0
+
+
+RECONCILE_EXIT = """\
+exit status:
+  0  Redis and PostgreSQL agree (after --repair: nothing is left to repair)
+  1  drift found (after --repair: some remains)
+  2  could not run: a setting cannot be used, Redis or PostgreSQL unreachable, no such event
+"""
 
 
 def reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    """Exit 0 when consistent, 1 when drift was found (or remains after --repair), 2 when
-    it could not run."""
     import asyncio
 
     import msgspec
 
-    from service import errors
     from service.context import Services
     from service.reconcile import Report, reconcile, render
 
@@ -77,16 +174,7 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await svc.close()
 
-    try:
-        report = asyncio.run(run())
-    except Exception as e:
-        if not errors.unavailable(e):
-            raise
-        print(
-            f"boxoffice reconcile: cannot run, Redis or PostgreSQL unreachable: {e}",
-            file=sys.stderr,
-        )
-        return 2
+    report = asyncio.run(run())
     if sys.stderr.isatty() and len(report.events) > 1:
         sys.stderr.write("\r" + " " * 80 + "\r")
     if args.event is not None and not report.events:
@@ -99,19 +187,89 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.consistent else 1
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="boxoffice", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="the HTTP API (BOXOFFICE_HOST, _PORT, _WORKERS)")
-    commands.add_parser("worker", help="write-behind, expiry listener and sweeper")
-    commands.add_parser("migrate", help="create the database if missing and migrate it")
-    check = commands.add_parser("reconcile", help="compare Redis with PostgreSQL, and repair")
+def unreachable(settings: Settings, exc: BaseException) -> str:
+    """Which server an "unavailable" error is about, where it was looked for, and why."""
+    import redis.exceptions
+    from redis.connection import parse_url
+    from sqlalchemy.engine import make_url
+
+    cause = getattr(exc, "orig", None) or exc
+    reason = (str(cause) or type(cause).__name__).splitlines()[0]
+    if isinstance(exc, redis.exceptions.RedisError):
+        o = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+        where = o.get("path") or f"{o.get('host', '127.0.0.1')}:{o.get('port', 6379)}"
+        return f"cannot reach Redis at {where} (BOXOFFICE_REDIS_URL): {reason}"
+    url = make_url(settings.database_url)
+    where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
+    return f"cannot reach PostgreSQL at {where} (BOXOFFICE_DATABASE_URL): {reason}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="boxoffice",
+        description="Boxoffice: ticket reservations. Configured by BOXOFFICE_* environment "
+        "variables (README, Configuration).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('boxoffice')}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, run: Command, summary: str, epilog: str | None = None
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    command(
+        "serve",
+        serve,
+        "the HTTP API (BOXOFFICE_HOST, _PORT, _WORKERS, _HTTP_MAX_CONNECTIONS, "
+        "_HTTP_IDLE_TIMEOUT_SECONDS)",
+    )
+    command("worker", worker, "write-behind to PostgreSQL, expiry listener and sweeper")
+    command(
+        "migrate",
+        migrate,
+        "create the database if missing, migrate it, and say at which revision it is",
+    )
+    check = command(
+        "reconcile", reconcile, "compare Redis with PostgreSQL, and repair", epilog=RECONCILE_EXIT
+    )
     check.add_argument("--event", help="only this event (default: every event)")
     check.add_argument("--repair", action="store_true", help="put Redis back in line")
     check.add_argument("--json", action="store_true", help="the report as JSON (README)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings.from_env()
-    if args.command == "reconcile":
-        sys.exit(reconcile(settings, args))
-    {"serve": serve, "worker": worker, "migrate": migrate}[args.command](settings)
+    sys.exit(run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    from service import errors
+
+    name = f"boxoffice {args.command}"
+    try:
+        settings = Settings.from_env()
+    except SettingError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    try:
+        status: int = args.run(settings, args)
+    except SettingError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not errors.unavailable(e):
+            raise
+        print(f"{name}: {unreachable(settings, e)}", file=sys.stderr)
+        return 2
+    return status

@@ -99,6 +99,15 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InterfaceError,
     OSError,  # ConnectionError and TimeoutError among them
 )
+# Replies of a Redis that is up but cannot serve now: loading its dataset after a restart,
+# a replica cut off from its primary or read-only after a failover, a cluster moving slots.
+_NOT_NOW_REPLIES: tuple[type[BaseException], ...] = (
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
 # SQLSTATE classes of a server that refuses work for now, not for this input: connection
 # exceptions, insufficient resources (too many connections), operator intervention
 # (shutting down, starting up, session killed), and a server that will not let us in or
@@ -113,7 +122,7 @@ def unavailable(exc: BaseException) -> bool:
     for _ in range(4):
         if seen is None:
             return False
-        if isinstance(seen, DRIVER_ERRORS):
+        if isinstance(seen, DRIVER_ERRORS + _NOT_NOW_REPLIES):
             return True
         sqlstate = getattr(seen, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):

@@ -8,26 +8,53 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def upgrade(database_url: str) -> None:
-    """Run `alembic upgrade head`. Blocking: from async code use asyncio.to_thread."""
+def _config(database_url: str | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["database_url"] = database_url
-    command.upgrade(config, "head")
+    return config
 
 
-def ensure_database(database_url: str) -> None:
-    """Create the database named in the URL if the server does not have it yet."""
-    asyncio.run(_ensure_database(database_url))
+def upgrade(database_url: str) -> None:
+    """Run `alembic upgrade head`. Blocking: from async code use asyncio.to_thread."""
+    command.upgrade(_config(database_url), "head")
 
 
-async def _ensure_database(database_url: str) -> None:
+def head_revision() -> str | None:
+    """The revision the migrations lead to."""
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def current_revision(database_url: str) -> str | None:
+    """The revision the database is at; None before the first migration."""
+    return asyncio.run(_current_revision(database_url))
+
+
+async def _current_revision(database_url: str) -> str | None:
+    engine = create_async_engine(database_url, poolclass=sa.pool.NullPool)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(
+                lambda sync: MigrationContext.configure(sync).get_current_revision()
+            )
+    finally:
+        await engine.dispose()
+
+
+def ensure_database(database_url: str) -> str:
+    """Create the database named in the URL if the server does not have it yet; its name."""
+    return asyncio.run(_ensure_database(database_url))
+
+
+async def _ensure_database(database_url: str) -> str:
     url = make_url(database_url)
     name = url.database
     if not name:
@@ -48,3 +75,4 @@ async def _ensure_database(database_url: str) -> None:
                 await conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
     finally:
         await engine.dispose()
+    return name

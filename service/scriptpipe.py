@@ -19,8 +19,9 @@ import ssl
 from typing import Any, cast
 
 import hiredis
+from redis._parsers.base import BaseParser
 from redis.connection import parse_url
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, ResponseError
 
 # Connections per process: enough to keep Redis busy while one buffer is in flight.
 CONNECTIONS = 2
@@ -55,8 +56,11 @@ class _Connection(asyncio.Protocol):
             future, _ = self.waiting.popleft()
             if future.done():
                 continue
-            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-                future.set_exception(NoScriptError(str(reply)))
+            if isinstance(reply, ResponseError):
+                # The class redis-py gives the same reply (NoScriptError, BusyLoadingError
+                # while Redis loads its dataset, ReadOnlyError, ...): callers and
+                # errors.unavailable() tell them apart by class.
+                future.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
             elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Annotated
+from urllib.parse import urlsplit
 
 import msgspec
+from redis.connection import parse_url
+from sqlalchemy.engine import make_url
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class SettingError(ValueError):
+    """A setting that cannot be used; the message names its environment variable."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.variable = f"BOXOFFICE_{name.upper()}"
+        super().__init__(f"{self.variable}: {problem}")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -13,31 +29,88 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
     host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    port: Port = 8000
+    workers: Count = 1
+    # Connections one API process keeps open at once (idle ones included), and how long a
+    # connection may take to send a request head (new, or idle between keep-alive requests)
+    # before it is closed: together they bound what idle or slow clients can hold.
+    http_max_connections: Count = 4096
+    http_idle_timeout_seconds: Annotated[float, msgspec.Meta(ge=0.001, le=60)] = 10.0
     # Holds reclaimed lazily by each hold script before it decides; bounded so that one
     # request never pays for a backlog of thousands.
-    reclaim_batch: int = 50
-    idempotency_ttl_seconds: int = 86400
+    reclaim_batch: Count = 50
+    idempotency_ttl_seconds: Count = 86400
     # How long ended holds stay readable (the contract promises at least 24 hours).
-    hold_retention_seconds: int = 86400
-    max_body_bytes: int = 64 * 1024
+    hold_retention_seconds: Count = 86400
+    max_body_bytes: Count = 64 * 1024
     # The worker: how often the sweeper runs, and the write-behind's batches.
-    sweep_interval_seconds: float = 2.0
-    outbox_batch: int = 1000
-    outbox_block_ms: int = 500
+    sweep_interval_seconds: Seconds = 2.0
+    outbox_batch: Count = 1000
+    outbox_block_ms: Count = 500
     # A consumer silent this long is taken for dead: its pending entries are claimed.
-    outbox_claim_idle_ms: int = 30_000
+    outbox_claim_idle_ms: Count = 30_000
     # Failures of one outbox entry before it moves to the dead-letter stream.
-    outbox_max_attempts: int = 3
+    outbox_max_attempts: Count = 3
+
+    def __post_init__(self) -> None:
+        # Here rather than in from_env, so that every Settings, however built, holds URLs
+        # the drivers accept. A ValueError raised here names no variable: from_env adds it.
+        check_redis_url(self.redis_url)
+        msgspec.structs.force_setattr(self, "database_url", asyncpg_url(self.database_url))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Raises SettingError for the first variable that cannot be used."""
         env = os.environ if env is None else env
         fields: dict[str, object] = {}
         for name in cls.__struct_fields__:
             raw = env.get(f"BOXOFFICE_{name.upper()}")
-            if raw is not None:
-                fields[name] = raw
-        # convert() with str_values turns "8000" into 8000 and rejects "eight".
-        return msgspec.convert(fields, cls, strict=False)
+            if raw is None:
+                continue
+            # One field at a time (every other one keeps its default) so that the error
+            # names its variable. str_values: "8000" becomes 8000, "eight" is refused.
+            try:
+                one = msgspec.convert({name: raw}, cls, strict=False)
+            except msgspec.ValidationError as e:
+                raise SettingError(name, _reason(e, raw)) from None
+            fields[name] = getattr(one, name)
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def _reason(error: msgspec.ValidationError, raw: str) -> str:
+    text = str(error).split(" - at `$", 1)[0]
+    if not text.startswith("Expected"):
+        return text  # from __post_init__, which does not repeat the value: it may hold a password
+    for type_, words in (("`int`", "a whole number"), ("`float`", "a number")):
+        text = text.replace(f"Expected {type_}, got `str`", f"is not {words}")
+        text = text.replace(f"Expected {type_}", f"must be {words}")
+    return f"{raw!r} {text}"
+
+
+def check_redis_url(url: str) -> None:
+    hint = "expected redis://[:password@]host:port/db, rediss://… or unix://path"
+    try:
+        options = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        raise ValueError(f"not a Redis URL ({hint})") from None
+    db = urlsplit(url).path.strip("/")
+    if "path" not in options and (not options.get("host") or (db and not db.isdigit())):
+        raise ValueError(f"no host or a database that is not a number ({hint})")
+
+
+def asyncpg_url(url: str) -> str:
+    """The URL with the driver this service uses: postgresql:// and postgres:// mean the same
+    database as postgresql+asyncpg://."""
+    hint = "expected postgresql://user:password@host:port/name"
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ValueError(f"not a database URL ({hint})") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in ("postgresql", "postgres") or driver not in ("", "asyncpg"):
+        raise ValueError(f"unsupported database driver {parsed.drivername!r} ({hint})")
+    if not parsed.database:
+        raise ValueError(f"no database name ({hint})")
+    if parsed.drivername == "postgresql+asyncpg":
+        return url
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
