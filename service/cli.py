@@ -189,13 +189,14 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 def unreachable(settings: Settings, exc: BaseException) -> str:
     """Which server an "unavailable" error is about, where it was looked for, and why."""
-    import redis.exceptions
     from redis.connection import parse_url
     from sqlalchemy.engine import make_url
 
+    from service.errors import server_of
+
     cause = getattr(exc, "orig", None) or exc
     reason = (str(cause) or type(cause).__name__).splitlines()[0]
-    if isinstance(exc, redis.exceptions.RedisError):
+    if server_of(exc) == "Redis":
         o = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
         where = o.get("path") or f"{o.get('host', '127.0.0.1')}:{o.get('port', 6379)}"
         return f"cannot reach Redis at {where} (BOXOFFICE_REDIS_URL): {reason}"
