@@ -36,7 +36,7 @@ from service import (
 from service.context import Services
 from service.scripts import Idempotency
 from service.settings import Settings
-from service.strictjson import StrictJSON
+from service.strictjson import StrictJSON, check_params
 
 log = logging.getLogger("boxoffice.api")
 
@@ -491,6 +491,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         on_startup=[_confirm_body_is_optional],
         dto=StrictJSON,
+        before_request=check_params,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             errors.BoxofficeError: on_domain_error,
