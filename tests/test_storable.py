@@ -24,7 +24,7 @@ from tests.conftest import ADMIN
 
 # Any character PostgreSQL's text can hold: every plane, controls included; not NUL and
 # not a surrogate (the door refuses those, tests/test_door.py).
-TEXT_CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+TEXT_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _.-"
 ROW_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_."
 # ISO 4217 codes (any three letters used to pass; the door now wants real ones).
