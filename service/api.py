@@ -209,15 +209,21 @@ async def get_event(request: Request[Any, Any, Any], event_id: EventIdParam) -> 
 @get(
     "/events/{event_id:str}/seats",
     tags=["events"],
-    responses=_problems(errors.EventNotFound),
+    responses=_problems(errors.EventNotFound, errors.UnknownCategory),
 )
 async def list_seats(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
     category: str | None = None,
     status: schemas.SeatStatus | None = None,
+    limit: Annotated[
+        int, Parameter(ge=1, le=sales.MAX_SEAT_LIMIT, description="Seats examined for this page")
+    ] = 1000,
+    cursor: Annotated[str | None, Parameter(description="`next_cursor` of the page before")] = None,
 ) -> schemas.SeatList:
-    return await sales.list_seats(_svc(request), _event(event_id), category, status)
+    """The seat map in seat order, a page at a time. With `status`, a page may hold fewer
+    than `limit` seats (even none) and still have a `next_cursor`: follow it to the end."""
+    return await sales.list_seats(_svc(request), _event(event_id), category, status, limit, cursor)
 
 
 @post(

@@ -15,7 +15,7 @@ from service import errors, ledger, schemas
 from service.context import Services
 from service.db import categories, events, seats
 from service.keys import EVENTS, event_keys
-from service.scripts import NOT_LOADED, RETRY, Idempotency, raise_for_error
+from service.scripts import NO_ORDER, NOT_LOADED, RETRY, Idempotency, raise_for_error
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
@@ -42,6 +42,8 @@ async def call(
             await restore(svc, event_id)
         elif reply == RETRY:
             await reclaim_all(svc, event_id)
+        elif reply == NO_ORDER:
+            await load_seat_order(svc, event_id)
         else:
             raise_for_error(reply)
             return reply
@@ -64,6 +66,8 @@ class _Plan(msgspec.Struct):
     cats: list[dict[str, Any]]
     labels: list[str]
     seat_cats: list[str]
+    # Per seat, where it stands: (row, number) for a seat from a block, else (None, None).
+    places: list[tuple[str | None, int | None]]
 
 
 def _plan(body: schemas.EventCreate) -> _Plan:
@@ -76,6 +80,7 @@ def _plan(body: schemas.EventCreate) -> _Plan:
     cats: list[dict[str, Any]] = []
     labels: list[str] = []
     seat_cats: list[str] = []
+    places: list[tuple[str | None, int | None]] = []
     for c in body.categories:
         seated = c.seat_blocks is not None or c.seats is not None
         if seated == (c.capacity is not None):
@@ -84,12 +89,16 @@ def _plan(body: schemas.EventCreate) -> _Plan:
             )
         lo = len(labels)
         for block in c.seat_blocks or []:
-            labels.extend(
-                f"{row}-{n}" for row in block.rows for n in range(1, block.seats_per_row + 1)
-            )
+            block_places = [
+                (row, n) for row in block.rows for n in range(1, block.seats_per_row + 1)
+            ]
+            labels.extend(f"{row}-{n}" for row, n in block_places)
+            places.extend(block_places)
             if len(labels) > MAX_SEATS:
                 break
+        blocks = len(labels) - lo
         labels.extend(c.seats or [])
+        places.extend([(None, None)] * len(c.seats or []))
         if len(labels) > MAX_SEATS:
             raise errors.ValidationError(f"at most {MAX_SEATS} seats per event")
         if seated and len(labels) == lo:
@@ -104,6 +113,7 @@ def _plan(body: schemas.EventCreate) -> _Plan:
                 "cap": capacity,
                 "lo": lo,
                 "hi": len(labels) - 1,
+                "nb": blocks,
             }
         )
     if len(set(labels)) != len(labels):
@@ -119,7 +129,7 @@ def _plan(body: schemas.EventCreate) -> _Plan:
         body.categories[0].currency,
         names,
     )
-    return _Plan(meta, cats, labels, seat_cats)
+    return _Plan(meta, cats, labels, seat_cats, places)
 
 
 def _meta(
@@ -195,15 +205,47 @@ async def _insert_seats(conn: AsyncConnection, event_id: str, plan: _Plan) -> No
     # COPY: an event of 200,000 seats is created in a second, not a minute of INSERTs.
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
         "seats",
-        records=[(event_id, label, plan.seat_cats[i], i) for i, label in enumerate(plan.labels)],
-        columns=["event_id", "label", "category", "position"],
+        records=[
+            (event_id, label, plan.seat_cats[i], i, *plan.places[i])
+            for i, label in enumerate(plan.labels)
+        ],
+        columns=["event_id", "label", "category", "position", "row", "number"],
     )
 
 
 async def _load(svc: Services, event_id: str, plan: _Plan, mode: str) -> None:
     enc = msgspec.json.encode
-    await svc.scripts.call("load", event_id, mode, enc(plan.meta), enc(plan.cats), *plan.labels)
+    await svc.scripts.call(
+        "load",
+        event_id,
+        mode,
+        enc(plan.meta),
+        enc(plan.cats),
+        *plan.labels,
+        extra_keys=(event_keys(event_id).seat_order,),
+    )
     await svc.redis.sadd(EVENTS, event_id)
+
+
+async def load_seat_order(svc: Services, event_id: str) -> None:
+    """Build the seat order list of an event that an earlier version loaded without one."""
+    async with svc.engine.connect() as conn:
+        labels = (
+            await conn.execute(
+                sa.select(seats.c.label)
+                .where(seats.c.event_id == event_id)
+                .order_by(seats.c.position)
+            )
+        ).scalars()
+        await svc.scripts.call(
+            "load",
+            event_id,
+            "order",
+            "",
+            "",
+            *labels,
+            extra_keys=(event_keys(event_id).seat_order,),
+        )
 
 
 async def ensure_loaded(svc: Services, event_id: str) -> None:
@@ -238,12 +280,14 @@ async def restore(svc: Services, event_id: str) -> None:
         ).all()
         seat_rows = (
             await conn.execute(
-                sa.select(seats.c.label, seats.c.category)
+                sa.select(seats.c.label, seats.c.category, seats.c.row)
                 .where(seats.c.event_id == event_id)
                 .order_by(seats.c.position)
             )
         ).all()
     per_category = Counter(r.category for r in seat_rows)
+    # A category's block seats come first in its seat order: counting them is enough.
+    in_blocks = Counter(r.category for r in seat_rows if r.row is not None)
     plan_cats: list[dict[str, Any]] = []
     pos = 0
     for c in cats:
@@ -256,6 +300,7 @@ async def restore(svc: Services, event_id: str) -> None:
                 "cap": c.capacity,
                 "lo": pos,
                 "hi": pos + n - 1,
+                "nb": in_blocks[c.name],
             }
         )
         pos += n
@@ -271,7 +316,8 @@ async def restore(svc: Services, event_id: str) -> None:
         [c.name for c in cats],
     )
     await ledger.adopt(svc, event_id)
-    await _load(svc, event_id, _Plan(meta, plan_cats, [r.label for r in seat_rows], []), "restore")
+    plan = _Plan(meta, plan_cats, [r.label for r in seat_rows], [], [])
+    await _load(svc, event_id, plan, "restore")
 
 
 # --- read ---------------------------------------------------------------------------

@@ -197,10 +197,14 @@ class Seat(Struct, kw_only=True):
     label: str
     category: str
     status: SeatStatus
+    # Where a seat from `seat_blocks` stands; null for an explicitly named seat.
+    row: str | None
+    number: int | None
 
 
 class SeatList(Struct, kw_only=True):
     seats: list[Seat]
+    next_cursor: str | None
 
 
 # --- operations ---------------------------------------------------------------------

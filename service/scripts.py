@@ -33,6 +33,8 @@ NAMES = (
 
 NOT_LOADED = b'{"err":"not_loaded"}'
 RETRY = b'{"err":"retry"}'
+# The event's seat order list is missing (loaded by an earlier version): build it.
+NO_ORDER = b'{"err":"no_order"}'
 
 
 class Idempotency(NamedTuple):
