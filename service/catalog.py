@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +20,8 @@ from service.scripts import NO_ORDER, NOT_LOADED, RETRY, Idempotency, raise_for_
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
+# Unknown event ids a process remembers (briefly) at most.
+MISSES_CACHED = 10_000
 # A script asks to be called again after the event was loaded, or after a reclaim; more
 # than a few rounds means something else keeps interfering.
 MAX_ROUNDS = 8
@@ -195,6 +198,7 @@ async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Even
         await _insert_seats(conn, body.id, plan)
         # Redis is loaded before the commit: if loading fails, PostgreSQL rolls back too.
         await _load(svc, body.id, plan, "create")
+    MISSES.forget(body.id)
     return await view_event(svc, body.id)
 
 
@@ -263,13 +267,53 @@ async def live_event_ids(svc: Services) -> list[str]:
 # --- restore ------------------------------------------------------------------------
 
 
+class _Misses:
+    """Event ids that PostgreSQL did not have a moment ago, in this process: requests for
+    an unknown event would otherwise each cost a query. Only a restore asks, and a restore
+    only runs for an event Redis does not have: an event created since (by any process)
+    is in Redis at once, so this never hides it."""
+
+    def __init__(self, size: int) -> None:
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self._size = size
+
+    def missing(self, event_id: str) -> bool:
+        until = self._until.get(event_id)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._until[event_id]
+        return False
+
+    def add(self, event_id: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        self._until[event_id] = time.monotonic() + seconds
+        self._until.move_to_end(event_id)
+        if len(self._until) > self._size:
+            self._until.popitem(last=False)
+
+    def forget(self, event_id: str) -> None:
+        self._until.pop(event_id, None)
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+MISSES = _Misses(MISSES_CACHED)
+
+
 async def restore(svc: Services, event_id: str) -> None:
     """Load an event that PostgreSQL has and Redis lost (or never had). Its bookings are
     adopted first, so that the load counts them as sold: never more stock than
     PostgreSQL allows."""
+    if MISSES.missing(event_id):
+        raise errors.EventNotFound(f"no event {event_id!r}")
     async with svc.engine.connect() as conn:
         ev = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
         if ev is None:
+            MISSES.add(event_id, svc.settings.unknown_event_cache_seconds)
             raise errors.EventNotFound(f"no event {event_id!r}")
         cats = (
             await conn.execute(
