@@ -23,7 +23,9 @@ local K = {
 local NKEYS = 16
 
 -- Every event script gets the same leading ARGV (service/scripts.py):
---   [1] Idempotency-Key fingerprint ("" = no key; the key itself is then last in KEYS)
+--   [1] Idempotency-Key fingerprint ("" = no key; with one, KEYS ends with the event's
+--       count of remembered keys and the key's record, and ARGV with the most records
+--       the event may make per TTL)
 --   [2] idempotency record TTL, seconds  [3] reclaim batch  [4] ended-hold retention, ms
 -- Op-specific ARGV start at [5].
 local RECLAIM_BATCH = tonumber(ARGV[3])
@@ -100,13 +102,22 @@ local function idem_key()
   return nil
 end
 
+-- A new record is refused (rate_limited, nothing done) once the event made as many as it
+-- may in the current window, which opens with its first record and lasts a TTL: no
+-- client can make an event remember more than twice that many at once.
+local function idem_full()
+  local count = KEYS[#KEYS - 1]
+  if tonumber(redis.call('GET', count) or '0') < tonumber(ARGV[#ARGV]) then return nil end
+  return fail('rate_limited', {retry_after = math.max(1, redis.call('TTL', count))})
+end
+
 -- The key holds "<fingerprint>\n<first reply>". A replay gets the first reply; the same
 -- key with another request gets idempotency_key_reused.
 local function replay()
   local key = idem_key()
   if not key then return nil end
   local v = redis.call('GET', key)
-  if not v then return nil end
+  if not v then return idem_full() end
   local sep = string.find(v, '\n', 1, true)
   if string.sub(v, 1, sep - 1) ~= ARGV[1] then return fail('idempotency_key_reused') end
   return string.sub(v, sep + 1)
@@ -115,7 +126,10 @@ end
 -- Return a reply, remembering it first when the request carries an Idempotency-Key.
 local function finish(reply)
   local key = idem_key()
-  if key then redis.call('SET', key, ARGV[1] .. '\n' .. reply, 'EX', ARGV[2]) end
+  if key then
+    redis.call('SET', key, ARGV[1] .. '\n' .. reply, 'EX', ARGV[2])
+    if redis.call('INCR', KEYS[#KEYS - 1]) == 1 then redis.call('EXPIRE', KEYS[#KEYS - 1], ARGV[2]) end
+  end
   return reply
 end
 

@@ -48,7 +48,7 @@ from service import (
 from service.context import Services
 from service.scripts import Idempotency
 from service.settings import Settings
-from service.strictjson import StrictJSON, plain
+from service.strictjson import StrictJSON, check_params, plain
 
 log = logging.getLogger("boxoffice.api")
 
@@ -256,10 +256,12 @@ def _json_media_type(content_type: bytes) -> bool:
     return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
 
 
-async def body_rules(request: Request[Any, Any, Any]) -> None:
-    """The contract's rules for any request body, whatever the route does with it: over
-    64 KiB is 413 (Litestar applies its limit only to a body that is read), declared as
-    anything but JSON is 415. A body without a Content-Type is taken for JSON."""
+async def door(request: Request[Any, Any, Any]) -> None:
+    """The contract's rules for any request, whatever the route does with it: no NUL or
+    unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
+    its limit only to a body that is read), declared as anything but JSON is 415. A body
+    without a Content-Type is taken for JSON."""
+    await check_params(request)
     declared = b"0"
     chunked = False
     content_type = None
@@ -310,15 +312,21 @@ async def get_event(request: Request[Any, Any, Any], event_id: EventIdParam) -> 
 @get(
     "/events/{event_id:str}/seats",
     tags=["events"],
-    responses=_problems(errors.EventNotFound),
+    responses=_problems(errors.EventNotFound, errors.UnknownCategory),
 )
 async def list_seats(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
     category: str | None = None,
     status: schemas.SeatStatus | None = None,
+    limit: Annotated[
+        int, Parameter(ge=1, le=sales.MAX_SEAT_LIMIT, description="Seats examined for this page")
+    ] = 1000,
+    cursor: Annotated[str | None, Parameter(description="`next_cursor` of the page before")] = None,
 ) -> schemas.SeatList:
-    return await sales.list_seats(_svc(request), _event(event_id), category, status)
+    """The seat map in seat order, a page at a time. With `status`, a page may hold fewer
+    than `limit` seats (even none) and still have a `next_cursor`: follow it to the end."""
+    return await sales.list_seats(_svc(request), _event(event_id), category, status, limit, cursor)
 
 
 @post(
@@ -336,6 +344,7 @@ async def list_seats(
         errors.CustomerLimit,
         errors.PayloadTooLarge,
         errors.IdempotencyKeyReused,
+        errors.RateLimited,
     ),
 )
 async def create_hold(
@@ -370,6 +379,7 @@ async def get_hold(
         errors.HoldExpired,
         errors.PayloadTooLarge,
         errors.IdempotencyKeyReused,
+        errors.RateLimited,
     ),
 )
 async def confirm_hold(
@@ -391,7 +401,11 @@ async def confirm_hold(
     "/events/{event_id:str}/holds/{hold_id:str}",
     tags=["holds"],
     responses=_problems(
-        errors.EventNotFound, errors.HoldNotFound, errors.HoldConfirmed, errors.IdempotencyKeyReused
+        errors.EventNotFound,
+        errors.HoldNotFound,
+        errors.HoldConfirmed,
+        errors.IdempotencyKeyReused,
+        errors.RateLimited,
     ),
 )
 async def release_hold(
@@ -495,6 +509,7 @@ async def list_bookings(
         errors.EventNotFound,
         errors.BookingNotFound,
         errors.IdempotencyKeyReused,
+        errors.RateLimited,
     ),
 )
 async def cancel_booking(
@@ -672,7 +687,7 @@ def create_app(settings: Settings) -> Litestar:
         ],
         lifespan=[lifespan],
         on_startup=[document],
-        before_request=body_rules,
+        before_request=door,
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

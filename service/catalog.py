@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -15,10 +16,12 @@ from service import errors, ledger, schemas
 from service.context import Services
 from service.db import categories, events, seats
 from service.keys import EVENTS, event_keys
-from service.scripts import NOT_LOADED, RETRY, Idempotency, raise_for_error
+from service.scripts import NO_ORDER, NOT_LOADED, RETRY, Idempotency, raise_for_error
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
+# Unknown event ids a process remembers (briefly) at most.
+MISSES_CACHED = 10_000
 # A script asks to be called again after the event was loaded, or after a reclaim; more
 # than a few rounds means something else keeps interfering.
 MAX_ROUNDS = 8
@@ -42,6 +45,8 @@ async def call(
             await restore(svc, event_id)
         elif reply == RETRY:
             await reclaim_all(svc, event_id)
+        elif reply == NO_ORDER:
+            await load_seat_order(svc, event_id)
         else:
             raise_for_error(reply)
             return reply
@@ -64,6 +69,8 @@ class _Plan(msgspec.Struct):
     cats: list[dict[str, Any]]
     labels: list[str]
     seat_cats: list[str]
+    # Per seat, where it stands: (row, number) for a seat from a block, else (None, None).
+    places: list[tuple[str | None, int | None]]
 
 
 def _plan(body: schemas.EventCreate) -> _Plan:
@@ -76,6 +83,7 @@ def _plan(body: schemas.EventCreate) -> _Plan:
     cats: list[dict[str, Any]] = []
     labels: list[str] = []
     seat_cats: list[str] = []
+    places: list[tuple[str | None, int | None]] = []
     for c in body.categories:
         seated = c.seat_blocks is not None or c.seats is not None
         if seated == (c.capacity is not None):
@@ -84,12 +92,16 @@ def _plan(body: schemas.EventCreate) -> _Plan:
             )
         lo = len(labels)
         for block in c.seat_blocks or []:
-            labels.extend(
-                f"{row}-{n}" for row in block.rows for n in range(1, block.seats_per_row + 1)
-            )
+            block_places = [
+                (row, n) for row in block.rows for n in range(1, block.seats_per_row + 1)
+            ]
+            labels.extend(f"{row}-{n}" for row, n in block_places)
+            places.extend(block_places)
             if len(labels) > MAX_SEATS:
                 break
+        blocks = len(labels) - lo
         labels.extend(c.seats or [])
+        places.extend([(None, None)] * len(c.seats or []))
         if len(labels) > MAX_SEATS:
             raise errors.ValidationError(f"at most {MAX_SEATS} seats per event")
         if seated and len(labels) == lo:
@@ -104,6 +116,7 @@ def _plan(body: schemas.EventCreate) -> _Plan:
                 "cap": capacity,
                 "lo": lo,
                 "hi": len(labels) - 1,
+                "nb": blocks,
             }
         )
     if len(set(labels)) != len(labels):
@@ -119,7 +132,7 @@ def _plan(body: schemas.EventCreate) -> _Plan:
         body.categories[0].currency,
         names,
     )
-    return _Plan(meta, cats, labels, seat_cats)
+    return _Plan(meta, cats, labels, seat_cats, places)
 
 
 def _meta(
@@ -185,6 +198,7 @@ async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Even
         await _insert_seats(conn, body.id, plan)
         # Redis is loaded before the commit: if loading fails, PostgreSQL rolls back too.
         await _load(svc, body.id, plan, "create")
+    MISSES.forget(body.id)
     return await view_event(svc, body.id)
 
 
@@ -195,15 +209,47 @@ async def _insert_seats(conn: AsyncConnection, event_id: str, plan: _Plan) -> No
     # COPY: an event of 200,000 seats is created in a second, not a minute of INSERTs.
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
         "seats",
-        records=[(event_id, label, plan.seat_cats[i], i) for i, label in enumerate(plan.labels)],
-        columns=["event_id", "label", "category", "position"],
+        records=[
+            (event_id, label, plan.seat_cats[i], i, *plan.places[i])
+            for i, label in enumerate(plan.labels)
+        ],
+        columns=["event_id", "label", "category", "position", "row", "number"],
     )
 
 
 async def _load(svc: Services, event_id: str, plan: _Plan, mode: str) -> None:
     enc = msgspec.json.encode
-    await svc.scripts.call("load", event_id, mode, enc(plan.meta), enc(plan.cats), *plan.labels)
+    await svc.scripts.call(
+        "load",
+        event_id,
+        mode,
+        enc(plan.meta),
+        enc(plan.cats),
+        *plan.labels,
+        extra_keys=(event_keys(event_id).seat_order,),
+    )
     await svc.redis.sadd(EVENTS, event_id)
+
+
+async def load_seat_order(svc: Services, event_id: str) -> None:
+    """Build the seat order list of an event that an earlier version loaded without one."""
+    async with svc.engine.connect() as conn:
+        labels = (
+            await conn.execute(
+                sa.select(seats.c.label)
+                .where(seats.c.event_id == event_id)
+                .order_by(seats.c.position)
+            )
+        ).scalars()
+        await svc.scripts.call(
+            "load",
+            event_id,
+            "order",
+            "",
+            "",
+            *labels,
+            extra_keys=(event_keys(event_id).seat_order,),
+        )
 
 
 async def ensure_loaded(svc: Services, event_id: str) -> None:
@@ -221,13 +267,53 @@ async def live_event_ids(svc: Services) -> list[str]:
 # --- restore ------------------------------------------------------------------------
 
 
+class _Misses:
+    """Event ids that PostgreSQL did not have a moment ago, in this process: requests for
+    an unknown event would otherwise each cost a query. Only a restore asks, and a restore
+    only runs for an event Redis does not have: an event created since (by any process)
+    is in Redis at once, so this never hides it."""
+
+    def __init__(self, size: int) -> None:
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self._size = size
+
+    def missing(self, event_id: str) -> bool:
+        until = self._until.get(event_id)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._until[event_id]
+        return False
+
+    def add(self, event_id: str, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        self._until[event_id] = time.monotonic() + seconds
+        self._until.move_to_end(event_id)
+        if len(self._until) > self._size:
+            self._until.popitem(last=False)
+
+    def forget(self, event_id: str) -> None:
+        self._until.pop(event_id, None)
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+MISSES = _Misses(MISSES_CACHED)
+
+
 async def restore(svc: Services, event_id: str) -> None:
     """Load an event that PostgreSQL has and Redis lost (or never had). Its bookings are
     adopted first, so that the load counts them as sold: never more stock than
     PostgreSQL allows."""
+    if MISSES.missing(event_id):
+        raise errors.EventNotFound(f"no event {event_id!r}")
     async with svc.engine.connect() as conn:
         ev = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
         if ev is None:
+            MISSES.add(event_id, svc.settings.unknown_event_cache_seconds)
             raise errors.EventNotFound(f"no event {event_id!r}")
         cats = (
             await conn.execute(
@@ -238,12 +324,14 @@ async def restore(svc: Services, event_id: str) -> None:
         ).all()
         seat_rows = (
             await conn.execute(
-                sa.select(seats.c.label, seats.c.category)
+                sa.select(seats.c.label, seats.c.category, seats.c.row)
                 .where(seats.c.event_id == event_id)
                 .order_by(seats.c.position)
             )
         ).all()
     per_category = Counter(r.category for r in seat_rows)
+    # A category's block seats come first in its seat order: counting them is enough.
+    in_blocks = Counter(r.category for r in seat_rows if r.row is not None)
     plan_cats: list[dict[str, Any]] = []
     pos = 0
     for c in cats:
@@ -256,6 +344,7 @@ async def restore(svc: Services, event_id: str) -> None:
                 "cap": c.capacity,
                 "lo": pos,
                 "hi": pos + n - 1,
+                "nb": in_blocks[c.name],
             }
         )
         pos += n
@@ -271,7 +360,8 @@ async def restore(svc: Services, event_id: str) -> None:
         [c.name for c in cats],
     )
     await ledger.adopt(svc, event_id)
-    await _load(svc, event_id, _Plan(meta, plan_cats, [r.label for r in seat_rows], []), "restore")
+    plan = _Plan(meta, plan_cats, [r.label for r in seat_rows], [], [])
+    await _load(svc, event_id, plan, "restore")
 
 
 # --- read ---------------------------------------------------------------------------

@@ -60,6 +60,9 @@ seats = sa.Table(
     # Order of the seat within the whole event: categories in their order, then each
     # category's seats in theirs. Best-available picks the lowest positions.
     sa.Column("position", sa.Integer, nullable=False),
+    # Where a seat from a seat block stands, for drawing the map; null for a named seat.
+    sa.Column("row", sa.Text, nullable=True),
+    sa.Column("number", sa.Integer, nullable=True),
     sa.UniqueConstraint("event_id", "position"),
     sa.ForeignKeyConstraint(
         ["event_id", "category"], ["categories.event_id", "categories.name"], ondelete="CASCADE"

@@ -107,6 +107,8 @@ _NOT_NOW_REPLIES: tuple[type[BaseException], ...] = (
     redis.exceptions.MasterDownError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
+    # Redis at maxmemory (noeviction) refuses writes until memory is freed or raised.
+    redis.exceptions.OutOfMemoryError,
 )
 # SQLSTATE classes of a server that refuses work for now, not for this input: connection
 # exceptions, insufficient resources (too many connections), operator intervention

@@ -38,7 +38,15 @@ EVENT_KEY_NAMES = (
 
 
 class EventKeys:
-    __slots__ = ("all", "deadletter", "event_id", "tag", *EVENT_KEY_NAMES)
+    __slots__ = (
+        "all",
+        "deadletter",
+        "event_id",
+        "idempotency_count",
+        "seat_order",
+        "tag",
+        *EVENT_KEY_NAMES,
+    )
 
     def __init__(self, event_id: str) -> None:
         self.event_id = event_id
@@ -51,6 +59,12 @@ class EventKeys:
         )
         # Outbox entries that failed again and again: kept for an operator, never dropped.
         self.deadletter = f"{self.tag}:deadletter"
+        # list: seat labels in seat order (static), so that a page of the seat map is a
+        # range, not a walk over the whole map. Only load.lua and seats.lua take it.
+        self.seat_order = f"{self.tag}:order"
+        # string: Idempotency-Key records the event's scripts made in the current window
+        # (lua/lib.lua, finish), to bound them.
+        self.idempotency_count = f"{self.tag}:idemcount"
 
     meta: str
     cats: str

@@ -229,6 +229,21 @@ async def render(svc: Services) -> bytes:
     return generate_latest(_http_registry()) + generate_latest(live)
 
 
+async def _eviction_warnings(svc: Services) -> list[str]:
+    """An evicting maxmemory-policy would drop stock, holds and confirmations not yet in
+    PostgreSQL without a word. INFO, not CONFIG GET: managed Redis often disables CONFIG."""
+    try:
+        policy = (await svc.redis.info("memory")).get("maxmemory_policy")
+    except Exception:  # not a reason to be unready; the rest of /ready says if Redis is away
+        return []
+    if policy in (None, "noeviction"):
+        return []
+    return [
+        f"Redis maxmemory-policy is {policy}: it may evict live stock, holds and"
+        " confirmations; set it to noeviction"
+    ]
+
+
 async def readiness(svc: Services) -> schemas.Readiness:
     missing: list[str] = []
     warnings: list[str] = []
@@ -242,6 +257,8 @@ async def readiness(svc: Services) -> schemas.Readiness:
         # Not a reason to take the API out of service: holds still expire, lazily and by
         # the sweeper, only less promptly than with the listener.
         warnings.append("keyspace notifications are off: is `boxoffice worker` running?")
+    if "redis" not in missing:
+        warnings += await _eviction_warnings(svc)
     try:
         async with svc.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))

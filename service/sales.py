@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import secrets
 import time
@@ -139,25 +140,84 @@ async def get_hold(svc: Services, event_id: str, hold_id: str) -> schemas.Hold:
     return hold_view(event_id, h, "expired" if h.s == "held" and now >= h.ex else None)
 
 
-class _Seats(msgspec.Struct):
-    seatmap: dict[str, str]
-    state: dict[str, str]
+class _SeatChunk(msgspec.Struct):
+    """A reply of lua/seats.lua."""
+
+    next: int
+    cats: list[tuple[str, int, int, int]] = []  # name, first and last position, block seats
+    first: int = 0
+    labels: list[str] = []
+    st: str = ""
+    pos: list[int] | None = None
 
 
-_decode_seats = msgspec.json.Decoder(_Seats).decode
-_SEAT_STATUS = {"h": "held", "b": "sold"}
+_decode_seat_chunk = msgspec.json.Decoder(_SeatChunk).decode
+MAX_SEAT_LIMIT = 5000
+# Positions one script call examines: about a millisecond of Redis time. A page of more
+# is several calls, so that no page blocks Redis for long, whatever the event's size.
+SEATS_PER_CALL = 1000
+_STATUS = {"a": "available", "h": "held", "b": "sold"}
+_LETTER = {"available": "a", "held": "h", "sold": "b"}
+
+
+def _seat_cursor(cursor: str | None) -> int:
+    # A position in the seat order: opaque to the client, checked here.
+    if cursor is None:
+        return 0
+    if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 7):
+        raise errors.ValidationError("`cursor` is not one this API gave out")
+    return int(cursor)
+
+
+def _seats(chunk: _SeatChunk) -> list[schemas.Seat]:
+    out = []
+    firsts = [c[1] for c in chunk.cats]
+    for i, label in enumerate(chunk.labels):
+        pos = chunk.first + i if chunk.pos is None else chunk.pos[i]
+        name, lo, _, blocks = chunk.cats[bisect.bisect_right(firsts, pos) - 1]
+        row: str | None = None
+        number: int | None = None
+        if pos - lo < blocks:
+            # A block seat's label is `<row>-<number>`, and a row name has no `-`.
+            row, _, n = label.partition("-")
+            number = int(n)
+        status = _STATUS[chunk.st[i]]
+        out.append(schemas.Seat(label=label, category=name, status=status, row=row, number=number))  # type: ignore[arg-type]
+    return out
 
 
 async def list_seats(
-    svc: Services, event_id: str, category: str | None, status: str | None
+    svc: Services,
+    event_id: str,
+    category: str | None,
+    status: str | None,
+    limit: int = 1000,
+    cursor: str | None = None,
 ) -> schemas.SeatList:
-    s = _decode_seats(await call(svc, "seats", event_id))
-    rows = []
-    for label, value in s.seatmap.items():
-        pos, _, cat = value.partition(":")
-        state = s.state.get(label)
-        seat_status = _SEAT_STATUS[state[0]] if state else "available"
-        if (category is None or cat == category) and (status is None or seat_status == status):
-            rows.append((int(pos), schemas.Seat(label=label, category=cat, status=seat_status)))  # type: ignore[arg-type]
-    rows.sort(key=lambda r: r[0])
-    return schemas.SeatList(seats=[seat for _, seat in rows])
+    """One page of the seat map: `limit` positions of the seat order examined, in short
+    script calls (a status filter may leave fewer seats than that)."""
+    first = _seat_cursor(cursor)
+    left = limit
+    order = (event_keys(event_id).seat_order,)
+    seats: list[schemas.Seat] = []
+    while True:
+        reply = await call(
+            svc,
+            "seats",
+            event_id,
+            first,
+            min(SEATS_PER_CALL, left),
+            category or "",
+            _LETTER[status] if status else "",
+            extra_keys=order,
+        )
+        chunk = _decode_seat_chunk(reply)
+        seats += _seats(chunk)
+        if chunk.next < 0:
+            break
+        # The script starts at the category's first seat when the cursor lies before it.
+        left -= chunk.next - chunk.first
+        if left <= 0:
+            break
+        first = chunk.next
+    return schemas.SeatList(seats=seats, next_cursor=None if chunk.next < 0 else str(chunk.next))

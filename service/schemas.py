@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
+
+from service.timefmt import to_ms
 
 # `$` alone also matches before a trailing newline; the look-ahead closes that gap and
 # stays valid in the JSON Schema (ECMA 262) dialect of the OpenAPI document.
@@ -57,6 +59,28 @@ SeatStatus = Literal["available", "held", "sold"]
 
 class Request(Struct, kw_only=True, forbid_unknown_fields=True):
     """Request bodies: unknown fields are an error, not silently ignored."""
+
+
+# Times are kept to the millisecond in UTC, as Redis keeps them and the API answers them,
+# between these two: one more step out and `+14:00` pushes year 1 into year 0, and asyncpg
+# stores 0001-01-01T00:00:00Z as `-infinity`.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FIRST_MS = to_ms(datetime(1, 1, 1, 0, 0, 0, 1000, tzinfo=UTC))
+_LAST_MS = to_ms(datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC))
+
+
+def _utc_ms(name: str, value: datetime) -> datetime:
+    """The time in UTC, rounded to the millisecond; ValueError (a validation error of the
+    body, for msgspec) when it falls outside the range."""
+    try:
+        ms = to_ms(value)
+    except (OverflowError, ValueError):
+        ms = _FIRST_MS - 1
+    if not _FIRST_MS <= ms <= _LAST_MS:
+        raise ValueError(
+            f"`{name}` must lie between 0001-01-01T00:00:00.001Z and 9999-12-31T23:59:59.999Z"
+        )
+    return _EPOCH + timedelta(milliseconds=ms)
 
 
 # --- holds and bookings -------------------------------------------------------------
@@ -142,6 +166,11 @@ class EventCreate(Request):
     max_per_order: Annotated[int, Meta(ge=1, le=100)] = 10
     max_per_customer: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
 
+    def __post_init__(self) -> None:
+        self.starts_at = _utc_ms("starts_at", self.starts_at)
+        if self.on_sale_at is not None:
+            self.on_sale_at = _utc_ms("on_sale_at", self.on_sale_at)
+
 
 class CategoryPatch(Request):
     name: CategoryName
@@ -153,6 +182,10 @@ class EventPatch(Request):
     on_sale_at: AwareDatetime | msgspec.UnsetType | None = msgspec.UNSET
     name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
     categories: list[CategoryPatch] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.on_sale_at, datetime):
+            self.on_sale_at = _utc_ms("on_sale_at", self.on_sale_at)
 
 
 class Category(Struct, kw_only=True):
@@ -191,10 +224,14 @@ class Seat(Struct, kw_only=True):
     label: str
     category: str
     status: SeatStatus
+    # Where a seat from `seat_blocks` stands; null for an explicitly named seat.
+    row: str | None
+    number: int | None
 
 
 class SeatList(Struct, kw_only=True):
     seats: list[Seat]
+    next_cursor: str | None
 
 
 # --- operations ---------------------------------------------------------------------

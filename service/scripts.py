@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +35,8 @@ NAMES = (
 
 NOT_LOADED = b'{"err":"not_loaded"}'
 RETRY = b'{"err":"retry"}'
+# The event's seat order list is missing (loaded by an earlier version): build it.
+NO_ORDER = b'{"err":"no_order"}'
 
 
 class Idempotency(NamedTuple):
@@ -56,6 +59,7 @@ class _ErrorReply(msgspec.Struct):
     on_sale_at: int | None = None
     status: str | None = None
     booking_id: str | None = None
+    retry_after: int | None = None
 
 
 _decode_error = msgspec.json.Decoder(_ErrorReply).decode
@@ -77,7 +81,7 @@ class Scripts:
             str(settings.hold_retention_seconds * 1000).encode(),
         )
         self._pipe = ScriptPipe(settings.redis_url)
-        self._event_keys: dict[str, bytes] = {}
+        self._idempotency_cap = settings.idempotency_max_keys_per_event
 
     async def load(self) -> None:
         """Load every script up front. A later SCRIPT FLUSH or restart is handled per call:
@@ -96,11 +100,11 @@ class Scripts:
         keys = event_keys(event_id)
         fingerprint = ""
         if idempotency is not None:
-            extra_keys = (*extra_keys, keys.idempotency(idempotency.key_digest))
+            key = keys.idempotency(idempotency.key_digest)
+            extra_keys = (*extra_keys, keys.idempotency_count, key)
             fingerprint = idempotency.fingerprint
-        event_keys_resp = self._event_keys.get(event_id)
-        if event_keys_resp is None:
-            event_keys_resp = self._event_keys[event_id] = bulk(*keys.all)
+            args = (*args, self._idempotency_cap)
+        event_keys_resp = _event_keys_resp(event_id)
         numkeys = len(keys.all) + len(extra_keys)
         tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common
         tail += bulk(*(_bytes(a) for a in args))
@@ -122,6 +126,17 @@ class Scripts:
 
     def close(self) -> None:
         self._pipe.close()
+
+
+# Bounded like keys.event_keys: any event id that reaches a script (an unknown one too)
+# would otherwise stay in memory for good, and anyone can send new ones.
+EVENT_KEYS_CACHED = 4096
+
+
+@lru_cache(maxsize=EVENT_KEYS_CACHED)
+def _event_keys_resp(event_id: str) -> bytes:
+    """The event's keys in the Redis protocol: the same for every call of the event."""
+    return bulk(*event_keys(event_id).all)
 
 
 def _bytes(value: str | bytes | int) -> bytes:
@@ -161,9 +176,17 @@ def raise_for_error(reply: bytes) -> None:
         detail = f"no seat {e.seat!r} in this event"
     elif e.err == "capacity_below_committed":
         detail = f"category {e.category!r} has {e.committed} tickets held or sold"
+    elif e.err == "rate_limited":
+        detail = (
+            "this event remembers as many Idempotency-Keys as it may;"
+            f" try again in {e.retry_after} s"
+        )
     else:
         detail = _detail(e)
-    raise cls(detail, **extra)
+    err = cls(detail, **extra)
+    if e.retry_after is not None:
+        err.headers = {"retry-after": str(e.retry_after)}
+    raise err
 
 
 def _detail(e: _ErrorReply) -> str | None:

@@ -40,6 +40,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # request never pays for a backlog of thousands.
     reclaim_batch: Count = 50
     idempotency_ttl_seconds: Count = 86400
+    # Idempotency-Keys an event's hold, confirm, release and cancel remember at once (at
+    # most twice this many within a TTL), so that no client can grow Redis without end.
+    idempotency_max_keys_per_event: Count = 200_000
+    # How long a process remembers that an event id is unknown to PostgreSQL, so that
+    # requests for unknown events do not each cost a query (0: not at all).
+    unknown_event_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     # How long ended holds stay readable (the contract promises at least 24 hours).
     hold_retention_seconds: Count = 86400
     max_body_bytes: Count = 64 * 1024

@@ -1,8 +1,12 @@
-"""Strict request-body decoding for Litestar.
+"""Strict request-body decoding for Litestar, and the door check of every string.
 
 Litestar converts bodies with msgspec in lax mode, where `"2"` passes for an int. This
 data-only DTO decodes the raw bytes strictly into the handler's `data` type instead, and
 leaves the OpenAPI request body exactly as Litestar would document it.
+
+Every string a request brings (body, path, query) is checked for what PostgreSQL's text
+cannot hold: a NUL character or an unpaired surrogate. Whatever the API acknowledges must
+be storable.
 """
 
 from __future__ import annotations
@@ -11,11 +15,63 @@ import re
 from typing import Any, ClassVar
 
 import msgspec
+from litestar import Request
 from litestar.dto import AbstractDTO
 from litestar.typing import FieldDefinition
 
 from service import errors
 from service.schemas import PATTERN_WORDS
+
+# PostgreSQL's text holds neither; msgspec turns `\u0000` into a NUL (and a lone
+# surrogate escape, which it refuses today, would become a lone surrogate).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+_WHY = "text with a NUL character or an unpaired surrogate cannot be stored"
+
+
+def _unstorable(value: Any, where: str) -> str | None:
+    """Where in a decoded body the first unstorable string is, or None."""
+    if isinstance(value, str):
+        return where if _UNSTORABLE.search(value) else None
+    if isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            found = _unstorable(getattr(value, name), f"{where}.{name}")
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _unstorable(item, f"{where}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _unstorable(key, f"{where}.{key}") or _unstorable(item, f"{where}.{key}")
+            if found:
+                return found
+    return None
+
+
+def check_body(raw: bytes, decoded: Any) -> None:
+    # Such a character can only arrive as a `\u` escape (raw ones are malformed JSON or
+    # UTF-8): a body without one is not walked at all.
+    if b"\\u" in raw:
+        where = _unstorable(decoded, "$")
+        if where:
+            raise errors.ValidationError(
+                f"{_WHY} (at `{where}`)", errors=[{"key": where, "message": _WHY, "source": "body"}]
+            )
+
+
+async def check_params(request: Request[Any, Any, Any]) -> None:
+    """Litestar's before-request hook: the path and query parameters of every route."""
+    # The ASGI path is already percent-decoded: it holds every path parameter.
+    if _UNSTORABLE.search(request.scope["path"]):
+        raise errors.ValidationError(f"{_WHY} (in the path)")
+    # The query is decoded as UTF-8 with replacement (no surrogates); a NUL comes only as
+    # `%00`, so most queries are not parsed here at all.
+    if b"%00" in request.scope.get("query_string", b""):
+        for name, value in request.query_params.multi_items():
+            if _UNSTORABLE.search(value):
+                raise errors.ValidationError(f"{_WHY} (query parameter `{name}`)")
 
 
 class StrictJSON(AbstractDTO[Any]):
@@ -55,12 +111,14 @@ class StrictJSON(AbstractDTO[Any]):
             # string per request on the hold path. Looked up once per handler instead.
             decoder = self._by_handler[handler] = self._decoders[handler.handler_id]
         try:
-            return decoder.decode(value)
+            decoded = decoder.decode(value)
         except msgspec.ValidationError as e:  # a DecodeError too: first
             raise errors.ValidationError(plain(str(e))) from e
         except msgspec.DecodeError as e:
             ends = ": it ends too early" if "truncated" in str(e) else ""
             raise errors.ValidationError(f"the body is not valid JSON{ends}") from e
+        check_body(value, decoded)
+        return decoded
 
     def decode_builtins(self, value: dict[str, Any]) -> Any:
         raise errors.ValidationError("the body must be JSON (application/json)")

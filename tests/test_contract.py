@@ -59,7 +59,7 @@ BOOKING_FIELDS = {
     "payment_ref",
     "confirmed_at",
 }
-SEAT_FIELDS = {"label", "category", "status"}
+SEAT_FIELDS = {"label", "category", "status", "row", "number"}
 
 VIP_SEATS = [f"{row}-{n}" for row in "AB" for n in range(1, 6)] + ["BOX-1", "BOX-2"]
 
@@ -257,7 +257,7 @@ async def test_openapi_confirm_body_is_optional(openapi: dict[str, Any]) -> None
 async def test_openapi_seats_filters(openapi: dict[str, Any]) -> None:
     op = openapi["paths"]["/events/{event_id}/seats"]["get"]
     query = {p["name"]: p for p in op["parameters"] if p["in"] == "query"}
-    assert set(query) == {"category", "status"}, query
+    assert set(query) == {"category", "status", "limit", "cursor"}, query
     assert {"available", "held", "sold"} <= set(query["status"]["schema"]["enum"])
 
 
@@ -597,14 +597,16 @@ async def test_seats_and_filters(client: httpx.AsyncClient) -> None:
     assert labels(await seats("?category=Balcony")) == balcony
     assert labels(await seats("?category=VIP")) == VIP_SEATS
     assert await seats("?category=GA") == []
-    assert await seats("?category=Nothing") == []
+    r = await client.get(f"/events/{event_id}/seats?category=Nothing")
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "unknown_category"
     assert labels(await seats("?status=held")) == ["A-1", "A-2", "BOX-1"]
     assert labels(await seats("?status=sold")) == ["B-1", "Z-2"]
     assert labels(await seats("?status=available")) == [
         s for s in VIP_SEATS + balcony if s not in {"A-1", "A-2", "BOX-1", "B-1", "Z-2"}
     ]
     assert await seats("?category=Balcony&status=sold") == [
-        {"label": "Z-2", "category": "Balcony", "status": "sold"}
+        {"label": "Z-2", "category": "Balcony", "status": "sold", "row": "Z", "number": 2}
     ]
     assert await seats("?category=Balcony&status=held") == []
     assert {s["label"]: s["status"] for s in await seats()} == {

@@ -110,3 +110,31 @@ async def test_a_replica_that_cannot_take_the_request_is_503(
                     assert r.json()["code"] == "unavailable"
         finally:
             server.stop()
+
+
+async def test_a_redis_out_of_memory_is_503_and_changes_nothing(settings: Settings) -> None:
+    # With noeviction (the policy the README asks for), a full Redis refuses writes: the
+    # hold cannot be taken now, but nothing is wrong with the request.
+    with RedisServer(args=("--maxmemory-policy", "noeviction")) as own_redis:
+        server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": own_redis.url}, 1)
+        server.start()
+        direct = redis.asyncio.Redis.from_url(own_redis.url)
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                event_id = await create_event(client)
+                before = (await client.get(f"/events/{event_id}")).json()["categories"]
+                await direct.config_set("maxmemory", "1")
+                hold = {"customer_id": "c", "items": [{"category": "GA", "quantity": 1}]}
+                r = await client.post(f"/events/{event_id}/holds", json=hold)
+                assert r.status_code == 503, r.text
+                assert r.json()["code"] == "unavailable"
+                assert "Redis" in r.json()["detail"]
+                assert r.headers["retry-after"]
+                await direct.config_set("maxmemory", "0")
+                after = (await client.get(f"/events/{event_id}")).json()["categories"]
+                assert after == before
+                r = await client.post(f"/events/{event_id}/holds", json=hold)
+                assert r.status_code == 201, r.text
+        finally:
+            await direct.aclose()
+            server.stop()
