@@ -30,6 +30,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     outbox_claim_idle_ms: int = 30_000
     # Failures of one outbox entry before it moves to the dead-letter stream.
     outbox_max_attempts: int = 3
+    # A worker that has not refreshed its liveness key this long is dead: another takes
+    # over its pending entries at once, and forgets it.
+    worker_liveness_ms: int = 3000
+    # PostgreSQL: connecting, one statement, and waiting for a pooled connection. A server
+    # that hangs is then an error to retry (and a log line), not a silent stall.
+    database_connect_timeout_seconds: float = 5.0
+    database_command_timeout_seconds: float = 10.0
+    database_pool_timeout_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -8,10 +8,12 @@ that only moves confirmed to cancelled) give an exactly-once effect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,8 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service import errors
 from service.catalog import live_event_ids
 from service.context import Services
-from service.keys import OUTBOX_GROUP, event_keys
+from service.keys import OUTBOX_GROUP, event_keys, worker_alive
 from service.records import decode_booking
+from service.timefmt import now_ms
 
 _encode = msgspec.json.encode
 
@@ -32,12 +35,19 @@ log = logging.getLogger("boxoffice.writebehind")
 Entry = tuple[str, bytes, dict[bytes, bytes]]  # (event id, stream entry id, fields)
 
 
-# New events' streams are found this often; dead consumers' entries claimed and the
-# outbox trimmed this often.
+# New events' streams are found, and dead workers' entries taken over, this often; idle
+# consumers' entries claimed and the outbox trimmed this often.
 DISCOVER_SECONDS = 1.0
 MAINTAIN_SECONDS = 5.0
 # Pause before an entry that failed is tried again.
 RETRY_SECONDS = 0.5
+# How often a worker refreshes its liveness key (it expires after worker_liveness_ms).
+HEARTBEAT_SECONDS = 1.0
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _ts(ms: int | bytes) -> datetime:
@@ -67,40 +77,70 @@ WHERE booking_id = u.b AND status = 'confirmed'
 """
 
 
-async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
-    """Write a batch of outbox entries in the caller's transaction."""
+class Poison(Exception):
+    """An outbox entry that can never be written as it is: its own fault, not a server's."""
+
+
+class Rows(msgspec.Struct):
+    """One entry as the rows of the batch statements."""
+
+    booking: tuple[Any, ...] | None = None
+    items: list[tuple[Any, ...]] = []
+    cancel: tuple[Any, ...] | None = None
+
+
+def _convert(fields: dict[bytes, bytes], event_id: str) -> Rows:
+    op = fields[b"op"]
+    if op == b"confirm":
+        b = decode_booking(fields[b"booking"])
+        booking_id = uuid.UUID(b.id)
+        booking = (
+            booking_id,
+            event_id,
+            b.h,
+            b.c,
+            b.t,
+            b.cu,
+            b.pr,
+            _encode(b.st).decode(),
+            _ts(b.ca),
+        )
+        asked = dict(b.it)
+        order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
+        items = [(booking_id, c, i, asked.get(c, 0), b.q[c]) for i, c in enumerate(order)]
+        return Rows(booking=booking, items=items)
+    if op == b"cancel":
+        return Rows(cancel=(uuid.UUID(fields[b"booking"].decode()), _ts(fields[b"at"])))
+    raise ValueError(f"unknown outbox op {op!r}")
+
+
+def convert(entry: Entry) -> Rows:
+    """The rows of one entry, before any server is asked: whatever fails here (malformed
+    JSON, a missing field, an unknown op, a time out of range) is the entry's own fault,
+    whatever Python type the failure has, and trying again cannot help."""
+    try:
+        return _convert(entry[2], entry[0])
+    except Exception as e:  # no I/O above: nothing here is a server's failure
+        raise Poison(f"{type(e).__name__}: {e}") from e
+
+
+def _append(columns: list[list[Any]], values: tuple[Any, ...]) -> None:
+    for column, value in zip(columns, values, strict=True):
+        column.append(value)
+
+
+async def write_rows(conn: AsyncConnection, batch: list[Rows]) -> None:
+    """Write converted entries in the caller's transaction."""
     rows: list[list[Any]] = [[] for _ in range(9)]
     items: list[list[Any]] = [[] for _ in range(5)]
     cancels: list[list[Any]] = [[], []]
-    for event_id, _, fields in entries:
-        op = fields[b"op"]
-        if op == b"confirm":
-            b = decode_booking(fields[b"booking"])
-            booking_id = uuid.UUID(b.id)
-            row = (
-                booking_id,
-                event_id,
-                b.h,
-                b.c,
-                b.t,
-                b.cu,
-                b.pr,
-                _encode(b.st).decode(),
-                _ts(b.ca),
-            )
-            for column, value in zip(rows, row, strict=True):
-                column.append(value)
-            asked = dict(b.it)
-            order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
-            for position, cat in enumerate(order):
-                item: tuple[Any, ...] = (booking_id, cat, position, asked.get(cat, 0), b.q[cat])
-                for column, value in zip(items, item, strict=True):
-                    column.append(value)
-        elif op == b"cancel":
-            cancels[0].append(uuid.UUID(fields[b"booking"].decode()))
-            cancels[1].append(_ts(fields[b"at"]))
-        else:
-            raise ValueError(f"unknown outbox op {op!r}")
+    for entry in batch:
+        if entry.booking is not None:
+            _append(rows, entry.booking)
+        for item in entry.items:
+            _append(items, item)
+        if entry.cancel is not None:
+            _append(cancels, entry.cancel)
     raw = (await conn.get_raw_connection()).driver_connection
     assert raw is not None
     if rows[0]:
@@ -108,6 +148,12 @@ async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
         await raw.execute(_INSERT_ITEMS, *items)
     if cancels[0]:
         await raw.execute(_CANCEL, *cancels)
+
+
+async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
+    """Write a batch of outbox entries in the caller's transaction; Poison for an entry
+    that cannot be converted (nothing is written then)."""
+    await write_rows(conn, [convert(e) for e in entries])
 
 
 class OutboxState(msgspec.Struct, frozen=True):
@@ -150,17 +196,63 @@ def _stream_id(value: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+# Fields a dead letter adds to the outbox entry it keeps.
+DEAD_LETTER_META = (b"source_id", b"error", b"attempts", b"first_failed_at")
+
+
+def original_fields(dead_letter: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The outbox entry a dead letter keeps, without what the dead letter added."""
+    return {k: v for k, v in dead_letter.items() if k not in DEAD_LETTER_META}
+
+
+def entry_booking_id(fields: dict[bytes, bytes]) -> str | None:
+    """The booking an outbox entry is about, or None when the entry is too broken to say."""
+    try:
+        if fields.get(b"op") == b"confirm":
+            return decode_booking(fields[b"booking"]).id
+        return fields[b"booking"].decode()
+    except (KeyError, UnicodeDecodeError, msgspec.DecodeError):
+        return None
+
+
+class _Failures(msgspec.Struct):
+    attempts: int = 0
+    first_ms: int = 0
+
+
 class WriteBehind:
     def __init__(self, svc: Services, consumer: str) -> None:
         self.svc = svc
         self.consumer = consumer
         self.settings = svc.settings
         self._streams: dict[str, str] = {}  # stream key -> event id
-        self._attempts: dict[bytes, int] = defaultdict(int)
+        self._failures: dict[bytes, _Failures] = defaultdict(_Failures)
         # After a failed batch, our own pending entries are read again before new ones.
         self._pending_first = True
+        self._drop_consumer = svc.redis.register_script((LUA_DIR / "drop_consumer.lua").read_text())
 
     async def run(self, stop: asyncio.Event) -> None:
+        heartbeat = asyncio.get_running_loop().create_task(self.heartbeat(stop))
+        try:
+            await self._loop(stop)
+        finally:
+            heartbeat.cancel()
+            # Gone at once, rather than when it expires: another worker may tidy up now.
+            with contextlib.suppress(Exception):
+                await self.svc.redis.delete(worker_alive(self.consumer))
+
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        """Keep this worker's liveness key: while it exists, the entries pending to this
+        consumer are this worker's; once it has expired, any other worker takes them."""
+        key, ttl = worker_alive(self.consumer), self.settings.worker_liveness_ms
+        while not stop.is_set():
+            try:
+                await self.svc.redis.set(key, b"1", px=ttl)
+            except Exception as e:  # the write-behind says so too; keep trying
+                errors.log_failure(log, "liveness key not refreshed", e)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         next_discover = next_maintain = 0.0
         backoff = 0.1
@@ -168,6 +260,7 @@ class WriteBehind:
             try:
                 if loop.time() >= next_discover:
                     await self.discover()
+                    await self.reap()
                     next_discover = loop.time() + DISCOVER_SECONDS
                 if loop.time() >= next_maintain:
                     await self.maintain()
@@ -232,31 +325,52 @@ class WriteBehind:
         return len(entries)
 
     async def handle(self, entries: list[Entry]) -> None:
-        if not entries:
+        """Write and acknowledge entries. An entry that cannot be converted is
+        dead-lettered at once, before PostgreSQL is asked anything: so every error the
+        write raises afterwards comes from the database, and only the database's "not
+        now" (errors.unavailable) pauses the worker."""
+        good: list[Entry] = []
+        rows: list[Rows] = []
+        for entry in entries:
+            try:
+                rows.append(convert(entry))
+            except Poison as e:
+                await self._dead_letter(entry, str(e))
+                continue
+            good.append(entry)
+        if not good:
             return
         try:
-            async with self.svc.engine.begin() as conn:
-                await write(conn, entries)
+            await self._write(rows)
         except Exception as e:
             if errors.unavailable(e):
                 raise
-            log.exception("batch of %d failed; writing its entries one by one", len(entries))
-            await self._one_by_one(entries)
+            log.warning("batch of %d failed (%r); writing its entries one by one", len(good), e)
+            await self._one_by_one(good, rows)
             return
-        await self._ack(entries)
+        await self._ack(good)
 
-    async def _one_by_one(self, entries: list[Entry]) -> None:
-        """Isolate a poison entry so that the rest of its batch goes on."""
+    async def _write(self, rows: list[Rows]) -> None:
+        try:
+            async with self.svc.engine.begin() as conn:
+                await write_rows(conn, rows)
+        except TimeoutError as e:  # a query, a connection or the pool: said plainly
+            limit = self.settings.database_command_timeout_seconds
+            raise TimeoutError(f"PostgreSQL did not answer within {limit:g} s ({e!r})") from e
+
+    async def _one_by_one(self, entries: list[Entry], rows: list[Rows]) -> None:
+        """Isolate an entry PostgreSQL rejects so that the rest of its batch goes on."""
         retry = False
-        for entry in entries:
+        for entry, row in zip(entries, rows, strict=True):
             try:
-                async with self.svc.engine.begin() as conn:
-                    await write(conn, [entry])
+                await self._write([row])
             except Exception as e:
                 if errors.unavailable(e):
                     raise
-                self._attempts[entry[1]] += 1
-                if self._attempts[entry[1]] >= self.settings.outbox_max_attempts:
+                failures = self._failures[entry[1]]
+                failures.attempts += 1
+                failures.first_ms = failures.first_ms or now_ms()
+                if failures.attempts >= self.settings.outbox_max_attempts:
                     await self._dead_letter(entry, repr(e))
                 else:
                     retry = self._pending_first = True
@@ -268,25 +382,84 @@ class WriteBehind:
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
         event_id, entry_id, fields = entry
         keys = event_keys(event_id)
+        failures = self._failures.pop(entry_id, None) or _Failures(1, now_ms())
         log.error(
-            "outbox entry %s of %s moved to %s: %s", entry_id, event_id, keys.deadletter, reason
+            "outbox entry %s of %s moved to %s after %d attempt(s): %s",
+            entry_id,
+            event_id,
+            keys.deadletter,
+            failures.attempts,
+            reason,
         )
+        record: dict[Any, Any] = {
+            **fields,
+            b"source_id": entry_id,
+            b"error": reason.encode(),
+            b"attempts": failures.attempts,
+            b"first_failed_at": failures.first_ms,
+        }
         pipe = self.svc.redis.pipeline(transaction=True)
-        record: dict[Any, Any] = {**fields, b"source_id": entry_id, b"error": reason.encode()}
         pipe.xadd(keys.deadletter, record)
         pipe.xack(keys.outbox, OUTBOX_GROUP, entry_id)
         await pipe.execute()
-        self._attempts.pop(entry_id, None)
 
     async def _ack(self, entries: list[Entry]) -> None:
         by_stream: dict[str, list[bytes]] = defaultdict(list)
         for event_id, entry_id, _ in entries:
             by_stream[event_keys(event_id).outbox].append(entry_id)
-            self._attempts.pop(entry_id, None)
+            self._failures.pop(entry_id, None)
         pipe = self.svc.redis.pipeline(transaction=False)
         for stream, ids in by_stream.items():
             pipe.xack(stream, OUTBOX_GROUP, *ids)
         await pipe.execute()
+
+    async def reap(self) -> None:
+        """Take over at once what dead workers left pending (a worker is dead once its
+        liveness key has expired), then forget the dead consumers that hold nothing."""
+        streams = list(self._streams.items())
+        pipe = self.svc.redis.pipeline(transaction=False)
+        for stream, _ in streams:
+            pipe.xinfo_consumers(stream, OUTBOX_GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        found = [
+            (stream, event_id, _text(c["name"]), int(c["pending"]))
+            for (stream, event_id), reply in zip(streams, replies, strict=True)
+            if not isinstance(reply, Exception)  # a stream flushed meanwhile: found again
+            for c in reply
+            if _text(c["name"]) != self.consumer
+        ]
+        names = sorted({name for _, _, name, _ in found})
+        if not names:
+            return
+        pipe = self.svc.redis.pipeline(transaction=False)
+        for name in names:  # one EXISTS each: the keys lie in different cluster slots
+            pipe.exists(worker_alive(name))
+        alive = dict(zip(names, await pipe.execute(), strict=True))
+        for stream, event_id, name, pending in found:
+            if alive[name]:
+                continue
+            if pending:
+                await self._take_over(stream, event_id, name)
+            # Atomic with its check that nothing is pending to it: an entry that consumer
+            # read a moment ago (a worker alive after all) is never dropped with it.
+            await self._drop_consumer(
+                keys=[stream], args=[OUTBOX_GROUP, name, self.settings.worker_liveness_ms]
+            )
+
+    async def _take_over(self, stream: str, event_id: str, consumer: str) -> None:
+        while True:
+            rows: Any = await self.svc.redis.xpending_range(
+                stream, OUTBOX_GROUP, "-", "+", self.settings.outbox_batch, consumername=consumer
+            )
+            if not rows:
+                return
+            ids = [r["message_id"] for r in rows]
+            claimed: Any = await self.svc.redis.xclaim(stream, OUTBOX_GROUP, self.consumer, 0, ids)
+            log.warning("took over %d entries of dead worker %s", len(claimed), consumer)
+            # Pending to us now: should the write fail, our pending entries are read again.
+            await self.handle([(event_id, i, f) for i, f in claimed if f])
+            if len(rows) < self.settings.outbox_batch:
+                return
 
     async def drain(self, event_id: str) -> int:
         """Write and acknowledge everything in one event's outbox now, whoever held it:
