@@ -1,4 +1,4 @@
-"""The `boxoffice` command: serve, worker, migrate, reconcile."""
+"""The `boxoffice` command: serve, worker, migrate, reconcile, dead-letters."""
 
 from __future__ import annotations
 
@@ -99,6 +99,34 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.consistent else 1
 
 
+def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from service.deadletters import command
+
+    return command(settings, args.action, args.event, getattr(args, "ids", []), args.json)
+
+
+def _dead_letters_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from service.deadletters import USAGE
+
+    epilog = {"epilog": USAGE, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    parser = commands.add_parser(
+        "dead-letters",
+        help="list, replay or discard dead letters",
+        **epilog,  # type: ignore[arg-type]
+    )
+    parser.add_argument("--event", help="only this event (default: every live event)")
+    parser.add_argument("--json", action="store_true", help="the list as JSON")
+    actions = parser.add_subparsers(dest="action", metavar="{replay,discard}")
+    for name, what in (
+        ("replay", "put dead letters back in the outbox (once their cause is fixed)"),
+        ("discard", "drop dead letters for good (reconcile then reports their bookings)"),
+    ):
+        action = actions.add_parser(name, help=what, description=what, **epilog)  # type: ignore[arg-type]
+        # SUPPRESS: an --event given before the action is not reset by this one's default.
+        action.add_argument("--event", default=argparse.SUPPRESS, help="the event (required)")
+        action.add_argument("ids", nargs="+", metavar="ID", help="dead letter ids (from the list)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="boxoffice", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,9 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--event", help="only this event (default: every event)")
     check.add_argument("--repair", action="store_true", help="put Redis back in line")
     check.add_argument("--json", action="store_true", help="the report as JSON (README)")
+    _dead_letters_parser(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings.from_env()
     if args.command == "reconcile":
         sys.exit(reconcile(settings, args))
+    if args.command == "dead-letters":
+        sys.exit(dead_letters(settings, args))
     {"serve": serve, "worker": worker, "migrate": migrate}[args.command](settings)

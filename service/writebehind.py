@@ -46,7 +46,7 @@ HEARTBEAT_SECONDS = 1.0
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -173,14 +173,14 @@ async def outbox_state(svc: Services, event_id: str) -> OutboxState:
         # No stream or no group yet: no worker has seen the event, and every entry waits.
         entries: Any = await svc.redis.xrange(keys.outbox, count=1)
         backlog = await svc.redis.xlen(keys.outbox)
-        first = _stream_id(entries[0][0])[0] if entries else None
+        first = stream_id(entries[0][0])[0] if entries else None
         return OutboxState(backlog, first, int(dead))
     group = _our_group(groups)
     last = group["last-delivered-id"]
     last = last.decode() if isinstance(last, bytes) else last
     undelivered: Any = await svc.redis.xrange(keys.outbox, min=f"({last}", count=1)
-    firsts = [_stream_id(pending["min"])[0]] if pending["pending"] else []
-    firsts += [_stream_id(undelivered[0][0])[0]] if undelivered else []
+    firsts = [stream_id(pending["min"])[0]] if pending["pending"] else []
+    firsts += [stream_id(undelivered[0][0])[0]] if undelivered else []
     backlog = pending["pending"] + (group.get("lag") or 0)
     return OutboxState(backlog, min(firsts) if firsts else None, int(dead))
 
@@ -190,7 +190,7 @@ def _our_group(groups: list[dict[str, Any]]) -> dict[str, Any]:
     return next(g for g in groups if g["name"] in (OUTBOX_GROUP, OUTBOX_GROUP.encode()))
 
 
-def _stream_id(value: bytes | str) -> tuple[int, int]:
+def stream_id(value: bytes | str) -> tuple[int, int]:
     text = value.decode() if isinstance(value, bytes) else value
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
@@ -422,11 +422,11 @@ class WriteBehind:
             pipe.xinfo_consumers(stream, OUTBOX_GROUP)
         replies = await pipe.execute(raise_on_error=False)
         found = [
-            (stream, event_id, _text(c["name"]), int(c["pending"]))
+            (stream, event_id, text(c["name"]), int(c["pending"]))
             for (stream, event_id), reply in zip(streams, replies, strict=True)
             if not isinstance(reply, Exception)  # a stream flushed meanwhile: found again
             for c in reply
-            if _text(c["name"]) != self.consumer
+            if text(c["name"]) != self.consumer
         ]
         names = sorted({name for _, _, name, _ in found})
         if not names:
@@ -510,8 +510,8 @@ class WriteBehind:
         # reads in between lies above that id and is kept. Below both, every entry was
         # delivered and is no longer pending: acknowledged.
         groups: Any = await self.svc.redis.xinfo_groups(stream)
-        floor = _stream_id(_our_group(groups)["last-delivered-id"])
+        floor = stream_id(_our_group(groups)["last-delivered-id"])
         summary: Any = await self.svc.redis.xpending(stream, OUTBOX_GROUP)
         if summary["pending"]:
-            floor = min(floor, _stream_id(summary["min"]))
+            floor = min(floor, stream_id(summary["min"]))
         await self.svc.redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
