@@ -75,7 +75,7 @@ async def replay(svc: Services, event_id: str, dead_letter_id: str) -> None:
     if _ENTRY_ID.fullmatch(dead_letter_id):
         script = svc.redis.register_script((LUA_DIR / "replay_dead_letter.lua").read_text())
         args: list[str | bytes] = [dead_letter_id, *DEAD_LETTER_META]
-        if await script(keys=[keys.deadletter, keys.outbox], args=args):
+        if await script(keys=[keys.deadletter, keys.outbox, keys.bookings], args=args):
             return
     raise await _not_found(svc, event_id, dead_letter_id)
 

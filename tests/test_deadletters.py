@@ -332,3 +332,29 @@ async def test_repair_writes_a_lost_cancellation_with_its_own_time(
     assert to_ms(row.cancelled_at) == cancelled_ms, (
         "the cancellation's time, not the confirmation's"
     )
+
+
+async def test_a_confirmation_replayed_after_its_booking_was_cancelled_ends_cancelled(
+    client: httpx.AsyncClient, svc: Services, refuse: Fix
+) -> None:
+    event_id = await create_event(client)
+    refused = await book(client, event_id, REFUSED)
+    await write_behind(svc, event_id)
+    (letter,) = await dead_letters(client, event_id)
+    # Refunded while its confirmation is a dead letter: the cancellation reaches
+    # PostgreSQL first, and finds nothing to cancel.
+    r = await client.delete(f"/admin/events/{event_id}/bookings/{refused}", headers=ADMIN)
+    assert r.status_code == 204
+    await write_behind(svc, event_id)
+    assert await persisted_ids(svc, event_id) == []
+
+    await refuse()
+    path = f"/admin/events/{event_id}/dead-letters/{letter['id']}/replay"
+    assert (await client.post(path, headers=ADMIN)).status_code == 202
+    await write_behind(svc, event_id)
+    async with svc.engine.connect() as conn:
+        status = await conn.scalar(
+            sa.select(bookings.c.status).where(bookings.c.event_id == event_id)
+        )
+    assert status == "cancelled"
+    assert (await reconcile.reconcile(svc, event_id)).consistent
