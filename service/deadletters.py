@@ -15,9 +15,10 @@ from service import errors
 from service.catalog import ensure_loaded, live_event_ids
 from service.context import Services
 from service.keys import event_keys
+from service.scripts import LUA_DIR
 from service.settings import Settings
 from service.timefmt import from_ms
-from service.writebehind import DEAD_LETTER_META, LUA_DIR, entry_booking_id
+from service.writebehind import DEAD_LETTER_META, entry_booking_id
 
 # A stream entry id; anything else names no dead letter (and never reaches Redis).
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")

@@ -3,6 +3,11 @@
 At-least-once delivery (a consumer group; XACK only after the commit) plus idempotent
 writes (INSERT ... ON CONFLICT DO NOTHING on the booking id, cancellation as an UPDATE
 that only moves confirmed to cancelled) give an exactly-once effect.
+
+Failures are told apart by where they come from: an entry that cannot be converted to rows
+is its own fault (dead-lettered at once), one PostgreSQL refuses is dead-lettered after
+its attempts, and only a server that is away pauses the worker. A worker whose liveness
+key has expired is dead: the others take over its entries at once.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import logging
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -25,6 +29,7 @@ from service.catalog import live_event_ids
 from service.context import Services
 from service.keys import OUTBOX_GROUP, event_keys, worker_alive
 from service.records import decode_booking
+from service.scripts import LUA_DIR
 from service.timefmt import now_ms
 
 _encode = msgspec.json.encode
@@ -43,7 +48,6 @@ MAINTAIN_SECONDS = 5.0
 RETRY_SECONDS = 0.5
 # How often a worker refreshes its liveness key (it expires after worker_liveness_ms).
 HEARTBEAT_SECONDS = 1.0
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 
 
 def text(value: bytes | str) -> str:
@@ -121,7 +125,8 @@ def convert(entry: Entry) -> Rows:
     try:
         return _convert(entry[2], entry[0])
     except Exception as e:  # no I/O above: nothing here is a server's failure
-        raise Poison(f"{type(e).__name__}: {e}") from e
+        # `from None`: an OSError inside must not make the chain look like a server away.
+        raise Poison(f"{type(e).__name__}: {e}") from None
 
 
 def _append(columns: list[list[Any]], values: tuple[Any, ...]) -> None:
@@ -239,17 +244,21 @@ class WriteBehind:
             heartbeat.cancel()
             # Gone at once, rather than when it expires: another worker may tidy up now.
             with contextlib.suppress(Exception):
-                await self.svc.redis.delete(worker_alive(self.consumer))
+                await asyncio.wait_for(self.svc.redis.delete(worker_alive(self.consumer)), 1)
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
         """Keep this worker's liveness key: while it exists, the entries pending to this
         consumer are this worker's; once it has expired, any other worker takes them."""
         key, ttl = worker_alive(self.consumer), self.settings.worker_liveness_ms
+        failing = False
         while not stop.is_set():
             try:
                 await self.svc.redis.set(key, b"1", px=ttl)
-            except Exception as e:  # the write-behind says so too; keep trying
-                errors.log_failure(log, "liveness key not refreshed", e)
+                failing = False
+            except Exception as e:  # said once per outage; the write-behind says the rest
+                if not failing:
+                    errors.log_failure(log, "liveness key not refreshed", e)
+                failing = True
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _loop(self, stop: asyncio.Event) -> None:
