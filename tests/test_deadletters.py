@@ -358,3 +358,44 @@ async def test_a_confirmation_replayed_after_its_booking_was_cancelled_ends_canc
         )
     assert status == "cancelled"
     assert (await reconcile.reconcile(svc, event_id)).consistent
+
+
+async def test_repair_with_a_dead_letter_postgresql_cannot_store_exits_1_without_a_traceback(
+    client: httpx.AsyncClient, svc: Services, settings: Settings
+) -> None:
+    """The issue's case: a NUL character, which PostgreSQL text cannot hold (the API now
+    refuses it at the door; an entry from before, or added by hand, still gets here)."""
+    event_id = await create_event(client)
+    keys = event_keys(event_id)
+    record = {
+        "id": "0192d3c4-0000-7000-8000-0000000000aa",
+        "h": "h",
+        "c": "nul\u0000x",
+        "it": [["GA", 1]],
+        "st": [],
+        "q": {"GA": 1},
+        "n": 1,
+        "t": 2500,
+        "cu": "EUR",
+        "ca": int(time.time() * 1000),
+        "s": "confirmed",
+    }
+    booking = json.dumps(record).encode()
+    # Redis has the booking (its counters are put right by the repair's recount), and the
+    # outbox its entry.
+    await svc.redis.hset(keys.bookings, record["id"], booking)  # type: ignore[arg-type]
+    entry: Any = {b"op": b"confirm", b"booking": booking}
+    await svc.redis.xadd(keys.outbox, entry)
+    await write_behind(svc, event_id)
+    (letter,) = await dead_letters(client, event_id)
+    assert letter["attempts"] == 3 and "0x00" in letter["error"], letter
+
+    for args in (("--repair",), ()):
+        done = await run(settings, "reconcile", "--event", event_id, *args)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        assert "! dead_letters: 1" in done.stdout
+        assert "counter_mismatch" not in done.stdout
+        if args:
+            assert f"repaired: PostgreSQL refuses confirm of booking {record['id']}" in done.stdout
+    assert len(await dead_letters(client, event_id)) == 1
