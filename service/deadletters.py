@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,14 +24,19 @@ from service.writebehind import DEAD_LETTER_META, entry_booking_id
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
 class DeadLetter(msgspec.Struct):
-    id: str
-    op: str | None  # `confirm` or `cancel`; what the entry said when it is neither
-    booking_id: str | None  # None: the entry is too broken to tell
-    # None for a dead letter kept before they were recorded.
-    attempts: int | None
-    error: str
-    first_failed_at: str | None
+    id: Annotated[str, _doc("The dead letter's id: replay or discard it by this.")]
+    op: Annotated[str | None, _doc("`confirm` or `cancel` (or what a broken entry said).")]
+    booking_id: Annotated[str | None, _doc("null when the entry is too broken to tell.")]
+    attempts: Annotated[
+        int | None, _doc("Times it failed; null for a dead letter older than this field.")
+    ]
+    error: Annotated[str, _doc("Why it failed, the last time.")]
+    first_failed_at: Annotated[str | None, _doc("When it first failed (null: not recorded).")]
 
 
 class DeadLetterList(msgspec.Struct):
