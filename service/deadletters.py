@@ -105,8 +105,11 @@ USAGE = """exit status:
 
 
 def render(listing: dict[str, DeadLetterList]) -> str:
+    """A table for people: the events that have dead letters, then a total."""
     lines = []
     for event_id, dead in listing.items():
+        if not dead.dead_letters:
+            continue
         lines.append(f"event {event_id}: {len(dead.dead_letters)} dead letter(s)")
         for d in dead.dead_letters:
             lines.append(
@@ -114,7 +117,9 @@ def render(listing: dict[str, DeadLetterList]) -> str:
                 f"  first failed {d.first_failed_at or '?'}"
             )
             lines.append(f"    {d.error}")
-    return "\n".join(lines) + ("\n" if lines else "")
+    total = sum(len(d.dead_letters) for d in listing.values())
+    lines.append(f"{total} dead letter(s) in {len(listing)} event(s)")
+    return "\n".join(lines) + "\n"
 
 
 async def _command(svc: Services, action: str | None, event: str | None, ids: list[str]) -> Any:
