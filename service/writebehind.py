@@ -363,9 +363,13 @@ class WriteBehind:
         try:
             async with self.svc.engine.begin() as conn:
                 await write_rows(conn, rows)
-        except TimeoutError as e:  # a query, a connection or the pool: said plainly
-            limit = self.settings.database_command_timeout_seconds
-            raise TimeoutError(f"PostgreSQL did not answer within {limit:g} s ({e!r})") from e
+        except TimeoutError as e:  # a statement or a connection attempt: said plainly
+            s = self.settings
+            raise TimeoutError(
+                "PostgreSQL did not answer in time (a statement may take"
+                f" {s.database_command_timeout_seconds:g} s, connecting"
+                f" {s.database_connect_timeout_seconds:g} s)"
+            ) from e
 
     async def _one_by_one(self, entries: list[Entry], rows: list[Rows]) -> None:
         """Isolate an entry PostgreSQL rejects so that the rest of its batch goes on."""

@@ -163,7 +163,7 @@ async def _pause_and_resume(
         second = await sell(client, event_id, 20)  # holds and confirms need Redis only
 
         async def said() -> bool:
-            return "PostgreSQL did not answer within 1 s" in worker.log()
+            return "PostgreSQL did not answer in time (a statement may take 1 s" in worker.log()
 
         await eventually(said, within=15)
         await asyncio.sleep(2)  # it keeps trying meanwhile
