@@ -108,11 +108,12 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 def _dead_letters_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from service.deadletters import USAGE
 
-    epilog = {"epilog": USAGE, "formatter_class": argparse.RawDescriptionHelpFormatter}
     parser = commands.add_parser(
         "dead-letters",
         help="list, replay or discard dead letters",
-        **epilog,  # type: ignore[arg-type]
+        description="Without an action: list the dead letters.",
+        epilog=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--event", help="only this event (default: every live event)")
     parser.add_argument("--json", action="store_true", help="the list as JSON")
@@ -121,7 +122,13 @@ def _dead_letters_parser(commands: argparse._SubParsersAction[argparse.ArgumentP
         ("replay", "put dead letters back in the outbox (once their cause is fixed)"),
         ("discard", "drop dead letters for good (reconcile then reports their bookings)"),
     ):
-        action = actions.add_parser(name, help=what, description=what, **epilog)  # type: ignore[arg-type]
+        action = actions.add_parser(
+            name,
+            help=what,
+            description=what,
+            epilog=USAGE,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         # SUPPRESS: an --event given before the action is not reset by this one's default.
         action.add_argument("--event", default=argparse.SUPPRESS, help="the event (required)")
         action.add_argument("ids", nargs="+", metavar="ID", help="dead letter ids (from the list)")
