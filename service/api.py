@@ -38,6 +38,7 @@ from litestar.types import Receive, Scope, Send
 from service import (
     bookings,
     catalog,
+    deadletters,
     errors,
     idempotency,
     metrics,
@@ -538,6 +539,69 @@ async def reconcile_event(
     return report
 
 
+_DEAD_LETTER_ERRORS = (
+    errors.Unauthorized,
+    errors.EventNotFound,
+    errors.DeadLetterNotFound,
+    errors.IdempotencyInProgress,
+    errors.IdempotencyKeyReused,
+)
+
+
+@get(
+    "/admin/events/{event_id:str}/dead-letters",
+    tags=["admin"],
+    guards=[admin_guard],
+    responses=_problems(errors.Unauthorized, errors.EventNotFound),
+)
+async def list_dead_letters(
+    request: Request[Any, Any, Any], event_id: EventIdParam
+) -> deadletters.DeadLetterList:
+    """Outbox entries that failed to reach PostgreSQL again and again, oldest first."""
+    return await deadletters.list_dead_letters(_svc(request), _event(event_id))
+
+
+@post(
+    "/admin/events/{event_id:str}/dead-letters/{dead_letter_id:str}/replay",
+    tags=["admin"],
+    status_code=202,
+    guards=[admin_guard],
+    responses=_problems(*_DEAD_LETTER_ERRORS),
+)
+async def replay_dead_letter(
+    request: Request[Any, Any, Any], event_id: EventIdParam, dead_letter_id: str
+) -> Response[None]:
+    """Put the entry back in the outbox (after fixing its cause): the write-behind writes
+    it again, and dead-letters it again if it still fails."""
+    svc = _svc(request)
+    return await idempotency.once(
+        svc,
+        await _idempotency(request),
+        202,
+        lambda: deadletters.replay(svc, _event(event_id), dead_letter_id),
+    )
+
+
+@delete(
+    "/admin/events/{event_id:str}/dead-letters/{dead_letter_id:str}",
+    tags=["admin"],
+    guards=[admin_guard],
+    responses=_problems(*_DEAD_LETTER_ERRORS),
+)
+async def discard_dead_letter(
+    request: Request[Any, Any, Any], event_id: EventIdParam, dead_letter_id: str
+) -> Response[None]:
+    """Drop the entry for good. Reconcile then reports its booking as drift until
+    `boxoffice reconcile --repair` writes it from what Redis has (if PostgreSQL takes it)."""
+    svc = _svc(request)
+    return await idempotency.once(
+        svc,
+        await _idempotency(request),
+        204,
+        lambda: deadletters.discard(svc, _event(event_id), dead_letter_id),
+    )
+
+
 # --- operations -------------------------------------------------------------------------
 
 
@@ -681,6 +745,9 @@ def create_app(settings: Settings) -> Litestar:
             list_bookings,
             cancel_booking,
             reconcile_event,
+            list_dead_letters,
+            replay_dead_letter,
+            discard_dead_letter,
             health,
             ready,
             metrics_route,

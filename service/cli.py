@@ -1,4 +1,4 @@
-"""The `boxoffice` command: serve, worker, migrate, reconcile.
+"""The `boxoffice` command: serve, worker, migrate, reconcile, dead-letters.
 
 A setting that cannot be used, or a server the command cannot do without, is one line on
 stderr and exit status 2. A command is a Command (settings, args) -> exit status, registered
@@ -205,6 +205,35 @@ def unreachable(settings: Settings, exc: BaseException) -> str:
     return f"cannot reach PostgreSQL at {where} (BOXOFFICE_DATABASE_URL): {reason}"
 
 
+def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from service.deadletters import command
+
+    return command(settings, args.action, args.event, getattr(args, "ids", []), args.json)
+
+
+def _dead_letters_arguments(parser: argparse.ArgumentParser) -> None:
+    from service.deadletters import USAGE
+
+    parser.epilog = USAGE
+    parser.add_argument("--event", help="only this event (default: every live event)")
+    parser.add_argument("--json", action="store_true", help="the list as JSON")
+    actions = parser.add_subparsers(dest="action", metavar="{replay,discard}")
+    for name, what in (
+        ("replay", "put dead letters back in the outbox (once their cause is fixed)"),
+        ("discard", "drop dead letters for good (reconcile then reports their bookings)"),
+    ):
+        action = actions.add_parser(
+            name,
+            help=what,
+            description=what,
+            epilog=USAGE,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        # SUPPRESS: an --event given before the action is not reset by this one's default.
+        action.add_argument("--event", default=argparse.SUPPRESS, help="the event (required)")
+        action.add_argument("ids", nargs="+", metavar="ID", help="dead letter ids (from the list)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="boxoffice",
@@ -245,6 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--event", help="only this event (default: every event)")
     check.add_argument("--repair", action="store_true", help="put Redis back in line")
     check.add_argument("--json", action="store_true", help="the report as JSON (README)")
+    _dead_letters_arguments(
+        command("dead-letters", dead_letters, "list, replay or discard dead letters")
+    )
     return parser
 
 

@@ -35,7 +35,7 @@ class Services:
             retry_on_error=[ConnectionError, TimeoutError],
         )
         redis = Redis(connection_pool=pool)
-        return cls(settings, redis, Scripts(redis, settings), create_engine(settings.database_url))
+        return cls(settings, redis, Scripts(redis, settings), create_engine(settings))
 
     async def close(self) -> None:
         self.scripts.close()

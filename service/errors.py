@@ -62,6 +62,7 @@ Unauthorized = _error(401, "unauthorized", "Unauthorized", {"www-authenticate": 
 EventNotFound = _error(404, "event_not_found", "Event not found")
 HoldNotFound = _error(404, "hold_not_found", "Hold not found")
 BookingNotFound = _error(404, "booking_not_found", "Booking not found")
+DeadLetterNotFound = _error(404, "dead_letter_not_found", "Dead letter not found")
 NotFound = _error(404, "not_found", "Not found")
 MethodNotAllowed = _error(405, "method_not_allowed", "Method not allowed")
 NotOnSale = _error(409, "not_on_sale", "Event not on sale")

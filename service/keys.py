@@ -16,6 +16,12 @@ SWEEPER_LOCK = f"{PREFIX}sweeper:lock"
 # The consumer group of the write-behind workers on every outbox stream.
 OUTBOX_GROUP = "writers"
 
+
+def worker_alive(consumer: str) -> str:
+    """A write-behind worker's liveness key: it exists, with a short TTL, while it runs."""
+    return f"{PREFIX}worker:{consumer}:alive"
+
+
 # Order matters: the scripts read them as KEYS[1..16] (lua/lib.lua).
 EVENT_KEY_NAMES = (
     "meta",

@@ -16,15 +16,26 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
+import redis.exceptions
 import sqlalchemy as sa
 
-from service import catalog, ledger
+from service import catalog, errors, ledger
 from service.context import Services
 from service.db import categories, events
-from service.keys import event_keys
+from service.keys import OUTBOX_GROUP, event_keys
 from service.records import decode_booking, decode_hold
 from service.timefmt import from_ms, redis_ms
-from service.writebehind import Entry, WriteBehind, outbox_state, write
+from service.writebehind import (
+    Entry,
+    Poison,
+    WriteBehind,
+    entry_booking_id,
+    original_fields,
+    outbox_state,
+    stream_id,
+    text,
+    write,
+)
 
 _encode = msgspec.json.encode
 
@@ -129,24 +140,84 @@ async def _redis_time(svc: Services) -> int:
     return redis_ms(await svc.redis.time())
 
 
-async def _outbox_bookings(svc: Services, event_id: str) -> tuple[dict[str, Entry], set[str]]:
-    """Confirmations (booking id -> entry) and cancellations (booking ids) in the outbox."""
-    confirms: dict[str, Entry] = {}
-    cancels: set[str] = set()
+class _Changes:
+    """Booking changes on their way to PostgreSQL (in the outbox) or stopped on it (dead
+    letters): booking ids of confirmations and of cancellations."""
+
+    def __init__(self) -> None:
+        self.confirms: set[str] = set()
+        self.cancels: set[str] = set()
+
+    def add(self, fields: dict[bytes, bytes]) -> None:
+        booking_id = entry_booking_id(fields)
+        if booking_id is None:  # too broken to name its booking: the worker dead-letters it
+            return
+        if fields.get(b"op") == b"confirm":
+            self.confirms.add(booking_id)
+        elif fields.get(b"op") == b"cancel":
+            self.cancels.add(booking_id)
+
+
+async def _stream(svc: Services, key: str) -> AsyncIterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+    """A stream a chunk at a time."""
     start = "-"
     while True:
-        chunk: Any = await svc.redis.xrange(event_keys(event_id).outbox, min=start, count=CHUNK)
-        for entry_id, fields in chunk:
-            if fields.get(b"op") == b"confirm":
-                try:
-                    confirms[decode_booking(fields[b"booking"]).id] = (event_id, entry_id, fields)
-                except msgspec.ValidationError:
-                    continue  # a poison entry: the worker dead-letters it
-            elif fields.get(b"op") == b"cancel":
-                cancels.add(fields[b"booking"].decode())
+        chunk: Any = await svc.redis.xrange(key, min=start, count=CHUNK)
+        if chunk:
+            yield chunk
         if len(chunk) < CHUNK:
-            return confirms, cancels
+            return
         start = "(" + chunk[-1][0].decode()
+
+
+async def _outbox_bookings(svc: Services, event_id: str, found: _Findings) -> _Changes:
+    """The booking changes in the outbox and in the dead letters; each dead letter is a
+    finding (its booking is reported there, not again as not persisted)."""
+    changes = _Changes()
+    keys = event_keys(event_id)
+    acknowledged = await _acknowledged(svc, keys.outbox)
+    async for chunk in _stream(svc, keys.outbox):
+        for entry_id, fields in chunk:
+            if not acknowledged(entry_id):
+                changes.add(fields)
+    async for chunk in _stream(svc, keys.deadletter):
+        for entry_id, fields in chunk:
+            changes.add(fields)
+            found.add("dead_letters", _describe(entry_id, fields))
+    return changes
+
+
+async def _acknowledged(svc: Services, stream: str) -> Callable[[bytes], bool]:
+    """Whether an outbox entry is done with (written, or dead-lettered): delivered to the
+    write-behind and no longer pending. The stream keeps some of those until it is
+    trimmed; they are not on their way to PostgreSQL."""
+    try:
+        groups: Any = await svc.redis.xinfo_groups(stream)
+    except redis.exceptions.ResponseError:  # no stream yet: nothing was delivered
+        return lambda _: False
+    group = next((g for g in groups if text(g["name"]) == OUTBOX_GROUP), None)
+    if group is None:
+        return lambda _: False
+    last = stream_id(group["last-delivered-id"])
+    pending: set[bytes] = set()
+    start = "-"
+    while True:
+        rows: Any = await svc.redis.xpending_range(stream, OUTBOX_GROUP, start, "+", CHUNK)
+        pending.update(r["message_id"] for r in rows)
+        if len(rows) < CHUNK:
+            break
+        start = "(" + rows[-1]["message_id"].decode()
+    return lambda entry_id: stream_id(entry_id) <= last and entry_id not in pending
+
+
+def _describe(entry_id: bytes, fields: dict[bytes, bytes]) -> str:
+    def field(name: bytes) -> str:
+        return fields.get(name, b"?").decode(errors="replace")
+
+    return (
+        f"dead letter {entry_id.decode()}: {field(b'op')} of booking"
+        f" {entry_booking_id(fields) or '?'}, {field(b'attempts')} attempt(s): {field(b'error')}"
+    )
 
 
 async def check_event(svc: Services, event_id: str) -> EventReport:
@@ -164,7 +235,7 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
     in_redis = bool(await svc.redis.exists(keys.meta))
     sold: Counter[str] = Counter()
     held: Counter[str] = Counter()
-    outbox_confirms, outbox_cancels = await _outbox_bookings(svc, event_id)
+    changes = await _outbox_bookings(svc, event_id, found)
     now = await _redis_time(svc)
 
     # PostgreSQL's bookings, against Redis's. Their ids and statuses are kept (a few
@@ -185,7 +256,7 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
             sold_seats = {
                 label: f"b:{r.id}"
                 for r in chunk
-                if r.s == "confirmed" and r.id not in outbox_cancels
+                if r.s == "confirmed" and r.id not in changes.cancels
                 for label in r.st
             }
             await _seats_are(svc, event_id, sold_seats, "seat_not_sold_in_redis", found)
@@ -200,14 +271,14 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
         for b in records:
             if b.s == "confirmed":
                 sold.update(b.q)
-            if b.id not in in_postgres and b.id not in outbox_confirms:
+            if b.id not in in_postgres and b.id not in changes.confirms:
                 found.add(
                     "booking_not_persisted", f"booking {b.id}: not in PostgreSQL nor in the outbox"
                 )
             elif (
                 b.s == "cancelled"
                 and in_postgres.get(b.id) == "confirmed"
-                and b.id not in outbox_cancels
+                and b.id not in changes.cancels
             ):
                 found.add(
                     "booking_not_persisted",
@@ -228,7 +299,7 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
         taken = {label: f"h:{h.id}" for h in holds for label in h.st}
         await _seats_are(svc, event_id, taken, "seat_not_held", found)
 
-    seats = await _check_seats(svc, event_id, in_postgres, outbox_confirms, found)
+    seats = await _check_seats(svc, event_id, in_postgres, changes.confirms, found)
     counters = await _counters(svc, event_id)
     return _report(
         event_id, found, cats, counters, sold, held, len(in_postgres), outbox, leaked, seats
@@ -265,7 +336,7 @@ async def _check_seats(
     svc: Services,
     event_id: str,
     in_postgres: dict[str, str],
-    outbox_confirms: dict[str, Entry],
+    on_the_way: set[str],
     found: _Findings,
 ) -> SeatReport:
     """Every seat in exactly one state, and a held or sold one backed by its record:
@@ -281,7 +352,7 @@ async def _check_seats(
         for kind, detail in chunk.problems:
             found.add(kind, detail)
         for booking_id in chunk.booked:
-            if booking_id not in in_postgres and booking_id not in outbox_confirms:
+            if booking_id not in in_postgres and booking_id not in on_the_way:
                 found.add("seat_without_record", f"booking {booking_id} is nowhere durable")
         cursor = chunk.cursor
         if cursor == "0":
@@ -316,8 +387,6 @@ async def _outbox(svc: Services, event_id: str, now: int, found: _Findings) -> O
     if stuck:
         waiting = _entries(state.backlog)
         found.add("outbox_stuck", f"{waiting} waiting, the oldest for {oldest:.0f} s")
-    if state.dead_letters:
-        found.add("dead_letters", f"{_entries(state.dead_letters)} in the dead-letter stream")
     return OutboxReport(state.backlog, oldest, stuck, state.dead_letters)
 
 
@@ -393,43 +462,111 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
 
 async def _redrive(svc: Services, event_id: str) -> list[str]:
     """Write to PostgreSQL what should be there and is not: the outbox (whatever a dead or
-    absent worker left), dead letters, and Redis's bookings whose entries were lost.
-    Idempotent, like the worker itself."""
+    absent worker left), dead letters, and Redis's bookings whose entries were lost or
+    dead-lettered. Idempotent, like the worker itself. What PostgreSQL still refuses is
+    left as it is (reported, and the check that follows finds the drift); only a server
+    that is away stops the repair."""
     keys = event_keys(event_id)
     done: list[str] = []
     if drained := await WriteBehind(svc, "reconcile").drain(event_id):
         done.append(f"wrote {drained} outbox entr(y/ies) to PostgreSQL")
-    dead: Any = await svc.redis.xrange(keys.deadletter)
     redriven = 0
-    for entry_id, fields in dead:
-        original = {k: v for k, v in fields.items() if k not in (b"error", b"source_id")}
-        try:
-            async with svc.engine.begin() as conn:
-                await write(conn, [(event_id, entry_id, original)])
-        except Exception as e:  # still poison: it stays for an operator
-            log.warning("dead letter %s of %s still fails: %r", entry_id, event_id, e)
-            continue
-        await svc.redis.xdel(keys.deadletter, entry_id)
-        redriven += 1
+    async for chunk in _stream(svc, keys.deadletter):
+        for entry_id, fields in chunk:
+            if await _try_write(svc, [(event_id, entry_id, original_fields(fields))]) is None:
+                await svc.redis.xdel(keys.deadletter, entry_id)
+                redriven += 1
     if redriven:
         done.append(f"re-drove {redriven} dead letter(s) into PostgreSQL")
-    lost: list[Entry] = []
+    done += await _write_lost(svc, event_id)
+    if resolved := await _resolve_dead_letters(svc, event_id):
+        done.append(f"removed {resolved} dead letter(s) whose change PostgreSQL now has")
+    return done
+
+
+async def _try_write(svc: Services, entries: list[Entry]) -> str | None:
+    """Write entries in one transaction; None when done, else why PostgreSQL (or the
+    conversion) refused them. A server that is away raises."""
+    try:
+        async with svc.engine.begin() as conn:
+            await write(conn, entries)
+    except Exception as e:
+        if errors.unavailable(e) and not isinstance(e, Poison):
+            raise
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+async def _stored(svc: Services, event_id: str) -> dict[str, str]:
+    """Booking id -> status, as PostgreSQL has them."""
     stored: dict[str, str] = {}
     async for chunk in ledger.briefs(svc, event_id):
         stored.update((r.id, r.s) for r in chunk)
-    async for pairs in _hscan(svc, keys.bookings):
-        for r in (decode_booking(raw) for _, raw in pairs):
+    return stored
+
+
+async def _write_lost(svc: Services, event_id: str) -> list[str]:
+    """Redis's bookings (and cancellations) that PostgreSQL lacks, written from Redis's own
+    records: whatever happened to their outbox entries (lost, or dead-lettered because the
+    entry itself was damaged). A cancellation carries its own time (`xa`)."""
+    stored = await _stored(svc, event_id)
+    now = await _redis_time(svc)
+    lost: list[Entry] = []
+    async for pairs in _hscan(svc, event_keys(event_id).bookings):
+        for _, raw in pairs:
+            r = decode_booking(raw)
             if r.id not in stored:
                 confirmed = msgspec.structs.replace(r, s="confirmed")
                 lost.append((event_id, b"0-0", {b"op": b"confirm", b"booking": _encode(confirmed)}))
             if r.s == "cancelled" and stored.get(r.id) != "cancelled":
-                cancel = {b"op": b"cancel", b"booking": r.id.encode(), b"at": str(r.ca).encode()}
+                at = _cancelled_at(raw) or now
+                cancel = {b"op": b"cancel", b"booking": r.id.encode(), b"at": str(at).encode()}
                 lost.append((event_id, b"0-0", cancel))
-    if lost:
-        async with svc.engine.begin() as conn:
-            await write(conn, lost)
-        done.append(f"wrote {len(lost)} booking change(s) the outbox had lost")
-    return done
+    if not lost or await _try_write(svc, lost) is None:
+        return [f"wrote {len(lost)} booking change(s) the outbox had lost"] if lost else []
+    # One of them is refused: the rest go in one by one, and the refused ones are said.
+    done, refused = 0, []
+    for entry in lost:
+        if (why := await _try_write(svc, [entry])) is None:
+            done += 1
+        else:
+            refused.append(
+                f"PostgreSQL refuses {entry[2][b'op'].decode()} of booking"
+                f" {entry_booking_id(entry[2])}: {why}"
+            )
+    return ([f"wrote {done} booking change(s) the outbox had lost"] if done else []) + refused
+
+
+class _CancelTime(msgspec.Struct):
+    xa: int | None = None  # set by lua/cancel.lua
+
+
+_decode_cancel_time = msgspec.json.Decoder(_CancelTime).decode
+
+
+def _cancelled_at(raw: bytes) -> int | None:
+    """When a booking was cancelled, as its Redis record says; None for a record that does
+    not say (then the repair's own time stands in: the cancellation happened by then)."""
+    return _decode_cancel_time(raw).xa
+
+
+async def _resolve_dead_letters(svc: Services, event_id: str) -> int:
+    """Dead letters whose change PostgreSQL now has (written from Redis's record) are done
+    with: a confirmation whose booking is stored, a cancellation whose booking is
+    cancelled. The rest stay for an operator."""
+    keys = event_keys(event_id)
+    stored = await _stored(svc, event_id)
+    done = []
+    async for chunk in _stream(svc, keys.deadletter):
+        for entry_id, fields in chunk:
+            booking_id = entry_booking_id(fields)
+            status = stored.get(booking_id or "")
+            op = fields.get(b"op")
+            if (op == b"confirm" and status) or (op == b"cancel" and status == "cancelled"):
+                done.append(entry_id)
+    if done:
+        await svc.redis.xdel(keys.deadletter, *done)
+    return len(done)
 
 
 async def _align_capacity(svc: Services, event_id: str) -> list[str]:

@@ -58,6 +58,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Failures of one outbox entry before it moves to the dead-letter stream.
     outbox_max_attempts: Count = 3
 
+    # A worker that has not refreshed its liveness key this long is dead: another takes
+    # over its pending entries at once, and forgets it.
+    worker_liveness_ms: Count = 3000
+    # PostgreSQL: connecting, one statement, and waiting for a pooled connection. A server
+    # that hangs is then an error to retry (and a log line), not a silent stall.
+    database_connect_timeout_seconds: Seconds = 5.0
+    database_command_timeout_seconds: Seconds = 10.0
+    database_pool_timeout_seconds: Seconds = 10.0
+
     def __post_init__(self) -> None:
         # Here rather than in from_env, so that every Settings, however built, holds URLs
         # the drivers accept. A ValueError raised here names no variable: from_env adds it.

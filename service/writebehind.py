@@ -3,11 +3,17 @@
 At-least-once delivery (a consumer group; XACK only after the commit) plus idempotent
 writes (INSERT ... ON CONFLICT DO NOTHING on the booking id, cancellation as an UPDATE
 that only moves confirmed to cancelled) give an exactly-once effect.
+
+Failures are told apart by where they come from: an entry that cannot be converted to rows
+is its own fault (dead-lettered at once), one PostgreSQL refuses is dead-lettered after
+its attempts, and only a server that is away pauses the worker. A worker whose liveness
+key has expired is dead: the others take over its entries at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import defaultdict
@@ -21,8 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service import errors
 from service.catalog import live_event_ids
 from service.context import Services
-from service.keys import OUTBOX_GROUP, event_keys
+from service.keys import OUTBOX_GROUP, event_keys, worker_alive
 from service.records import decode_booking
+from service.scripts import LUA_DIR
+from service.timefmt import now_ms
 
 _encode = msgspec.json.encode
 
@@ -32,12 +40,18 @@ log = logging.getLogger("boxoffice.writebehind")
 Entry = tuple[str, bytes, dict[bytes, bytes]]  # (event id, stream entry id, fields)
 
 
-# New events' streams are found this often; dead consumers' entries claimed and the
-# outbox trimmed this often.
+# New events' streams are found, and dead workers' entries taken over, this often; idle
+# consumers' entries claimed and the outbox trimmed this often.
 DISCOVER_SECONDS = 1.0
 MAINTAIN_SECONDS = 5.0
 # Pause before an entry that failed is tried again.
 RETRY_SECONDS = 0.5
+# How often a worker refreshes its liveness key (it expires after worker_liveness_ms).
+HEARTBEAT_SECONDS = 1.0
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _ts(ms: int | bytes) -> datetime:
@@ -67,40 +81,71 @@ WHERE booking_id = u.b AND status = 'confirmed'
 """
 
 
-async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
-    """Write a batch of outbox entries in the caller's transaction."""
+class Poison(Exception):
+    """An outbox entry that can never be written as it is: its own fault, not a server's."""
+
+
+class Rows(msgspec.Struct):
+    """One entry as the rows of the batch statements."""
+
+    booking: tuple[Any, ...] | None = None
+    items: list[tuple[Any, ...]] = []
+    cancel: tuple[Any, ...] | None = None
+
+
+def _convert(fields: dict[bytes, bytes], event_id: str) -> Rows:
+    op = fields[b"op"]
+    if op == b"confirm":
+        b = decode_booking(fields[b"booking"])
+        booking_id = uuid.UUID(b.id)
+        booking = (
+            booking_id,
+            event_id,
+            b.h,
+            b.c,
+            b.t,
+            b.cu,
+            b.pr,
+            _encode(b.st).decode(),
+            _ts(b.ca),
+        )
+        asked = dict(b.it)
+        order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
+        items = [(booking_id, c, i, asked.get(c, 0), b.q[c]) for i, c in enumerate(order)]
+        return Rows(booking=booking, items=items)
+    if op == b"cancel":
+        return Rows(cancel=(uuid.UUID(fields[b"booking"].decode()), _ts(fields[b"at"])))
+    raise ValueError(f"unknown outbox op {op!r}")
+
+
+def convert(entry: Entry) -> Rows:
+    """The rows of one entry, before any server is asked: whatever fails here (malformed
+    JSON, a missing field, an unknown op, a time out of range) is the entry's own fault,
+    whatever Python type the failure has, and trying again cannot help."""
+    try:
+        return _convert(entry[2], entry[0])
+    except Exception as e:  # no I/O above: nothing here is a server's failure
+        # `from None`: an OSError inside must not make the chain look like a server away.
+        raise Poison(f"{type(e).__name__}: {e}") from None
+
+
+def _append(columns: list[list[Any]], values: tuple[Any, ...]) -> None:
+    for column, value in zip(columns, values, strict=True):
+        column.append(value)
+
+
+async def write_rows(conn: AsyncConnection, batch: list[Rows]) -> None:
+    """Write converted entries in the caller's transaction."""
     rows: list[list[Any]] = [[] for _ in range(9)]
     items: list[list[Any]] = [[] for _ in range(5)]
     cancels: list[list[Any]] = [[], []]
-    for event_id, _, fields in entries:
-        op = fields[b"op"]
-        if op == b"confirm":
-            b = decode_booking(fields[b"booking"])
-            booking_id = uuid.UUID(b.id)
-            row = (
-                booking_id,
-                event_id,
-                b.h,
-                b.c,
-                b.t,
-                b.cu,
-                b.pr,
-                _encode(b.st).decode(),
-                _ts(b.ca),
-            )
-            for column, value in zip(rows, row, strict=True):
-                column.append(value)
-            asked = dict(b.it)
-            order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
-            for position, cat in enumerate(order):
-                item: tuple[Any, ...] = (booking_id, cat, position, asked.get(cat, 0), b.q[cat])
-                for column, value in zip(items, item, strict=True):
-                    column.append(value)
-        elif op == b"cancel":
-            cancels[0].append(uuid.UUID(fields[b"booking"].decode()))
-            cancels[1].append(_ts(fields[b"at"]))
-        else:
-            raise ValueError(f"unknown outbox op {op!r}")
+    for entry in batch:
+        if entry.booking is not None:
+            _append(rows, entry.booking)
+        for item in entry.items:
+            _append(items, item)
+        if entry.cancel is not None:
+            _append(cancels, entry.cancel)
     raw = (await conn.get_raw_connection()).driver_connection
     assert raw is not None
     if rows[0]:
@@ -108,6 +153,12 @@ async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
         await raw.execute(_INSERT_ITEMS, *items)
     if cancels[0]:
         await raw.execute(_CANCEL, *cancels)
+
+
+async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
+    """Write a batch of outbox entries in the caller's transaction; Poison for an entry
+    that cannot be converted (nothing is written then)."""
+    await write_rows(conn, [convert(e) for e in entries])
 
 
 class OutboxState(msgspec.Struct, frozen=True):
@@ -127,14 +178,14 @@ async def outbox_state(svc: Services, event_id: str) -> OutboxState:
         # No stream or no group yet: no worker has seen the event, and every entry waits.
         entries: Any = await svc.redis.xrange(keys.outbox, count=1)
         backlog = await svc.redis.xlen(keys.outbox)
-        first = _stream_id(entries[0][0])[0] if entries else None
+        first = stream_id(entries[0][0])[0] if entries else None
         return OutboxState(backlog, first, int(dead))
     group = _our_group(groups)
     last = group["last-delivered-id"]
     last = last.decode() if isinstance(last, bytes) else last
     undelivered: Any = await svc.redis.xrange(keys.outbox, min=f"({last}", count=1)
-    firsts = [_stream_id(pending["min"])[0]] if pending["pending"] else []
-    firsts += [_stream_id(undelivered[0][0])[0]] if undelivered else []
+    firsts = [stream_id(pending["min"])[0]] if pending["pending"] else []
+    firsts += [stream_id(undelivered[0][0])[0]] if undelivered else []
     backlog = pending["pending"] + (group.get("lag") or 0)
     return OutboxState(backlog, min(firsts) if firsts else None, int(dead))
 
@@ -144,10 +195,34 @@ def _our_group(groups: list[dict[str, Any]]) -> dict[str, Any]:
     return next(g for g in groups if g["name"] in (OUTBOX_GROUP, OUTBOX_GROUP.encode()))
 
 
-def _stream_id(value: bytes | str) -> tuple[int, int]:
+def stream_id(value: bytes | str) -> tuple[int, int]:
     text = value.decode() if isinstance(value, bytes) else value
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+# Fields a dead letter adds to the outbox entry it keeps.
+DEAD_LETTER_META = (b"source_id", b"error", b"attempts", b"first_failed_at")
+
+
+def original_fields(dead_letter: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The outbox entry a dead letter keeps, without what the dead letter added."""
+    return {k: v for k, v in dead_letter.items() if k not in DEAD_LETTER_META}
+
+
+def entry_booking_id(fields: dict[bytes, bytes]) -> str | None:
+    """The booking an outbox entry is about, or None when the entry is too broken to say."""
+    try:
+        if fields.get(b"op") == b"confirm":
+            return decode_booking(fields[b"booking"]).id
+        return fields[b"booking"].decode()
+    except (KeyError, UnicodeDecodeError, msgspec.DecodeError):
+        return None
+
+
+class _Failures(msgspec.Struct):
+    attempts: int = 0
+    first_ms: int = 0
 
 
 class WriteBehind:
@@ -156,11 +231,37 @@ class WriteBehind:
         self.consumer = consumer
         self.settings = svc.settings
         self._streams: dict[str, str] = {}  # stream key -> event id
-        self._attempts: dict[bytes, int] = defaultdict(int)
+        self._failures: dict[bytes, _Failures] = defaultdict(_Failures)
         # After a failed batch, our own pending entries are read again before new ones.
         self._pending_first = True
+        self._drop_consumer = svc.redis.register_script((LUA_DIR / "drop_consumer.lua").read_text())
 
     async def run(self, stop: asyncio.Event) -> None:
+        heartbeat = asyncio.get_running_loop().create_task(self.heartbeat(stop))
+        try:
+            await self._loop(stop)
+        finally:
+            heartbeat.cancel()
+            # Gone at once, rather than when it expires: another worker may tidy up now.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.svc.redis.delete(worker_alive(self.consumer)), 1)
+
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        """Keep this worker's liveness key: while it exists, the entries pending to this
+        consumer are this worker's; once it has expired, any other worker takes them."""
+        key, ttl = worker_alive(self.consumer), self.settings.worker_liveness_ms
+        failing = False
+        while not stop.is_set():
+            try:
+                await self.svc.redis.set(key, b"1", px=ttl)
+                failing = False
+            except Exception as e:  # said once per outage; the write-behind says the rest
+                if not failing:
+                    errors.log_failure(log, "liveness key not refreshed", e)
+                failing = True
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         next_discover = next_maintain = 0.0
         backoff = 0.1
@@ -168,6 +269,7 @@ class WriteBehind:
             try:
                 if loop.time() >= next_discover:
                     await self.discover()
+                    await self.reap()
                     next_discover = loop.time() + DISCOVER_SECONDS
                 if loop.time() >= next_maintain:
                     await self.maintain()
@@ -232,31 +334,56 @@ class WriteBehind:
         return len(entries)
 
     async def handle(self, entries: list[Entry]) -> None:
-        if not entries:
+        """Write and acknowledge entries. An entry that cannot be converted is
+        dead-lettered at once, before PostgreSQL is asked anything: so every error the
+        write raises afterwards comes from the database, and only the database's "not
+        now" (errors.unavailable) pauses the worker."""
+        good: list[Entry] = []
+        rows: list[Rows] = []
+        for entry in entries:
+            try:
+                rows.append(convert(entry))
+            except Poison as e:
+                await self._dead_letter(entry, str(e))
+                continue
+            good.append(entry)
+        if not good:
             return
         try:
-            async with self.svc.engine.begin() as conn:
-                await write(conn, entries)
+            await self._write(rows)
         except Exception as e:
             if errors.unavailable(e):
                 raise
-            log.exception("batch of %d failed; writing its entries one by one", len(entries))
-            await self._one_by_one(entries)
+            log.warning("batch of %d failed (%r); writing its entries one by one", len(good), e)
+            await self._one_by_one(good, rows)
             return
-        await self._ack(entries)
+        await self._ack(good)
 
-    async def _one_by_one(self, entries: list[Entry]) -> None:
-        """Isolate a poison entry so that the rest of its batch goes on."""
+    async def _write(self, rows: list[Rows]) -> None:
+        try:
+            async with self.svc.engine.begin() as conn:
+                await write_rows(conn, rows)
+        except TimeoutError as e:  # a statement or a connection attempt: said plainly
+            s = self.settings
+            raise TimeoutError(
+                "PostgreSQL did not answer in time (a statement may take"
+                f" {s.database_command_timeout_seconds:g} s, connecting"
+                f" {s.database_connect_timeout_seconds:g} s)"
+            ) from e
+
+    async def _one_by_one(self, entries: list[Entry], rows: list[Rows]) -> None:
+        """Isolate an entry PostgreSQL rejects so that the rest of its batch goes on."""
         retry = False
-        for entry in entries:
+        for entry, row in zip(entries, rows, strict=True):
             try:
-                async with self.svc.engine.begin() as conn:
-                    await write(conn, [entry])
+                await self._write([row])
             except Exception as e:
                 if errors.unavailable(e):
                     raise
-                self._attempts[entry[1]] += 1
-                if self._attempts[entry[1]] >= self.settings.outbox_max_attempts:
+                failures = self._failures[entry[1]]
+                failures.attempts += 1
+                failures.first_ms = failures.first_ms or now_ms()
+                if failures.attempts >= self.settings.outbox_max_attempts:
                     await self._dead_letter(entry, repr(e))
                 else:
                     retry = self._pending_first = True
@@ -268,25 +395,84 @@ class WriteBehind:
     async def _dead_letter(self, entry: Entry, reason: str) -> None:
         event_id, entry_id, fields = entry
         keys = event_keys(event_id)
+        failures = self._failures.pop(entry_id, None) or _Failures(1, now_ms())
         log.error(
-            "outbox entry %s of %s moved to %s: %s", entry_id, event_id, keys.deadletter, reason
+            "outbox entry %s of %s moved to %s after %d attempt(s): %s",
+            entry_id,
+            event_id,
+            keys.deadletter,
+            failures.attempts,
+            reason,
         )
+        record: dict[Any, Any] = {
+            **fields,
+            b"source_id": entry_id,
+            b"error": reason.encode(),
+            b"attempts": failures.attempts,
+            b"first_failed_at": failures.first_ms,
+        }
         pipe = self.svc.redis.pipeline(transaction=True)
-        record: dict[Any, Any] = {**fields, b"source_id": entry_id, b"error": reason.encode()}
         pipe.xadd(keys.deadletter, record)
         pipe.xack(keys.outbox, OUTBOX_GROUP, entry_id)
         await pipe.execute()
-        self._attempts.pop(entry_id, None)
 
     async def _ack(self, entries: list[Entry]) -> None:
         by_stream: dict[str, list[bytes]] = defaultdict(list)
         for event_id, entry_id, _ in entries:
             by_stream[event_keys(event_id).outbox].append(entry_id)
-            self._attempts.pop(entry_id, None)
+            self._failures.pop(entry_id, None)
         pipe = self.svc.redis.pipeline(transaction=False)
         for stream, ids in by_stream.items():
             pipe.xack(stream, OUTBOX_GROUP, *ids)
         await pipe.execute()
+
+    async def reap(self) -> None:
+        """Take over at once what dead workers left pending (a worker is dead once its
+        liveness key has expired), then forget the dead consumers that hold nothing."""
+        streams = list(self._streams.items())
+        pipe = self.svc.redis.pipeline(transaction=False)
+        for stream, _ in streams:
+            pipe.xinfo_consumers(stream, OUTBOX_GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        found = [
+            (stream, event_id, text(c["name"]), int(c["pending"]))
+            for (stream, event_id), reply in zip(streams, replies, strict=True)
+            if not isinstance(reply, Exception)  # a stream flushed meanwhile: found again
+            for c in reply
+            if text(c["name"]) != self.consumer
+        ]
+        names = sorted({name for _, _, name, _ in found})
+        if not names:
+            return
+        pipe = self.svc.redis.pipeline(transaction=False)
+        for name in names:  # one EXISTS each: the keys lie in different cluster slots
+            pipe.exists(worker_alive(name))
+        alive = dict(zip(names, await pipe.execute(), strict=True))
+        for stream, event_id, name, pending in found:
+            if alive[name]:
+                continue
+            if pending:
+                await self._take_over(stream, event_id, name)
+            # Atomic with its check that nothing is pending to it: an entry that consumer
+            # read a moment ago (a worker alive after all) is never dropped with it.
+            await self._drop_consumer(
+                keys=[stream], args=[OUTBOX_GROUP, name, self.settings.worker_liveness_ms]
+            )
+
+    async def _take_over(self, stream: str, event_id: str, consumer: str) -> None:
+        while True:
+            rows: Any = await self.svc.redis.xpending_range(
+                stream, OUTBOX_GROUP, "-", "+", self.settings.outbox_batch, consumername=consumer
+            )
+            if not rows:
+                return
+            ids = [r["message_id"] for r in rows]
+            claimed: Any = await self.svc.redis.xclaim(stream, OUTBOX_GROUP, self.consumer, 0, ids)
+            log.warning("took over %d entries of dead worker %s", len(claimed), consumer)
+            # Pending to us now: should the write fail, our pending entries are read again.
+            await self.handle([(event_id, i, f) for i, f in claimed if f])
+            if len(rows) < self.settings.outbox_batch:
+                return
 
     async def drain(self, event_id: str) -> int:
         """Write and acknowledge everything in one event's outbox now, whoever held it:
@@ -337,8 +523,8 @@ class WriteBehind:
         # reads in between lies above that id and is kept. Below both, every entry was
         # delivered and is no longer pending: acknowledged.
         groups: Any = await self.svc.redis.xinfo_groups(stream)
-        floor = _stream_id(_our_group(groups)["last-delivered-id"])
+        floor = stream_id(_our_group(groups)["last-delivered-id"])
         summary: Any = await self.svc.redis.xpending(stream, OUTBOX_GROUP)
         if summary["pending"]:
-            floor = min(floor, _stream_id(summary["min"]))
+            floor = min(floor, stream_id(summary["min"]))
         await self.svc.redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
