@@ -214,9 +214,11 @@ def _describe(entry_id: bytes, fields: dict[bytes, bytes]) -> str:
     def field(name: bytes) -> str:
         return fields.get(name, b"?").decode(errors="replace")
 
+    attempts = fields.get(b"attempts", b"")
+    tried = _many(int(attempts), "attempt") if attempts.isdigit() else "attempts unknown"
     return (
         f"dead letter {entry_id.decode()}: {field(b'op')} of booking"
-        f" {entry_booking_id(fields) or '?'}, {field(b'attempts')} attempt(s): {field(b'error')}"
+        f" {entry_booking_id(fields) or '?'}, {tried}: {field(b'error')}"
     )
 
 
@@ -376,8 +378,8 @@ async def _counters(svc: Services, event_id: str) -> dict[str, dict[str, int]]:
     }
 
 
-def _entries(n: int) -> str:
-    return f"{n} entry" if n == 1 else f"{n} entries"
+def _many(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
 
 
 async def _outbox(svc: Services, event_id: str, now: int, found: _Findings) -> OutboxReport:
@@ -385,7 +387,7 @@ async def _outbox(svc: Services, event_id: str, now: int, found: _Findings) -> O
     oldest = None if state.oldest_ms is None else max(0.0, (now - state.oldest_ms) / 1000)
     stuck = oldest is not None and oldest > STUCK_SECONDS
     if stuck:
-        waiting = _entries(state.backlog)
+        waiting = _many(state.backlog, "entry", "entries")
         found.add("outbox_stuck", f"{waiting} waiting, the oldest for {oldest:.0f} s")
     return OutboxReport(state.backlog, oldest, stuck, state.dead_letters)
 

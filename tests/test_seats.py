@@ -145,8 +145,11 @@ async def test_rows_survive_a_restore_and_a_lost_order(
 
 BIG_ROWS = 20
 PER_ROW = 10_000  # 200,000 seats: the most an event may have
-# Redis time of one page's script call, as Redis's SLOWLOG measures it.
-MAX_PAGE_MICROSECONDS = 20_000
+# Redis time of one page's script call, as Redis's SLOWLOG measures it: wall time, so a
+# Redis that the OS deschedules mid-call (2 shared cores) shows more than the call costs.
+# Nearly every call must be within a few ms; none may come near the whole map's 430+ ms.
+P95_PAGE_MICROSECONDS = 5_000
+MAX_PAGE_MICROSECONDS = 100_000
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +231,7 @@ async def test_200000_seats_page_by_page(big_api: ApiServer, own_redis: RedisSer
         f" slowest seats.lua call {slowest} µs of Redis time, median"
         f" {sorted(micros)[len(micros) // 2]} µs over {len(micros)} calls"
     )
+    assert sorted(micros)[len(micros) * 95 // 100] < P95_PAGE_MICROSECONDS, sorted(micros)[-20:]
     assert slowest < MAX_PAGE_MICROSECONDS, sorted(micros)[-10:]
 
 
