@@ -276,7 +276,7 @@ class LocalCluster:
 
     @staticmethod
     def _owners(client: redis.Redis) -> tuple[tuple[int, int, int], ...]:
-        raw = client.execute_command("CLUSTER", "SLOTS", NEVER_DECODE=True)
+        raw = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
         return tuple(sorted((int(r[0]), int(r[1]), int(r[2][1])) for r in raw))
 
     def primaries(self) -> list[RedisServer]:
