@@ -76,8 +76,9 @@ class Scripts:
             str(settings.reclaim_batch).encode(),
             str(settings.hold_retention_seconds * 1000).encode(),
         )
-        self._pipe = ScriptPipe(settings.redis_url)
-        self._event_keys: dict[str, bytes] = {}
+        self._pipe = ScriptPipe(
+            settings.redis_url, settings.redis_seed_nodes, settings.redis_cluster_retry_seconds
+        )
 
     async def load(self) -> None:
         """Load every script up front. A later SCRIPT FLUSH or restart is handled per call:
@@ -98,9 +99,7 @@ class Scripts:
         if idempotency is not None:
             extra_keys = (*extra_keys, keys.idempotency(idempotency.key_digest))
             fingerprint = idempotency.fingerprint
-        event_keys_resp = self._event_keys.get(event_id)
-        if event_keys_resp is None:
-            event_keys_resp = self._event_keys[event_id] = bulk(*keys.all)
+        event_keys_resp, slot = self._pipe.event_keys(event_id)
         numkeys = len(keys.all) + len(extra_keys)
         tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common
         tail += bulk(*(_bytes(a) for a in args))
@@ -109,7 +108,7 @@ class Scripts:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
-                reply: bytes = await self._pipe.call(head + event_keys_resp + tail)
+                reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
                 # SCRIPT FLUSH or a restart: load it again, then call again.

@@ -10,6 +10,10 @@ import msgspec
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Cluster: more start-up nodes (comma-separated host:port) for when the URL's is down.
+    redis_seed_nodes: str = ""
+    # How long a script call on a cluster waits out a failover or a slot migration.
+    redis_cluster_retry_seconds: float = 10.0
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
     host: str = "127.0.0.1"

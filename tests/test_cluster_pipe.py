@@ -1,0 +1,234 @@
+"""The hot path's pipe on a real Redis Cluster: routing by slot, a slot moved under traffic,
+a primary killed under traffic (tests/servers.py LocalCluster, 3 primaries + replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import RedisCluster
+from redis.exceptions import NoScriptError
+
+from service.keys import event_keys
+from service.scriptpipe import ScriptPipe, bulk
+from tests.servers import LocalCluster, RedisServer, free_port
+
+# A script of the test's own, so that each run of it is counted: KEYS are an event's keys
+# (the first is the counter), so it is routed and refused exactly as the real ones are.
+COUNT = "return redis.call('INCR', KEYS[1])"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def rc(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(cluster.url)
+    await client.initialize()  # before concurrent use: its lazy start-up misroutes
+    yield client
+    await client.aclose()
+
+
+class Counter:
+    """COUNT through a ScriptPipe, over one key or all sixteen of an event."""
+
+    def __init__(self, pipe: ScriptPipe, rc: RedisCluster, sha: str, all_keys: bool) -> None:
+        self.pipe, self.rc, self.sha, self.all_keys = pipe, rc, sha, all_keys
+
+    def payload(self, event_id: str) -> tuple[bytes, int]:
+        keys, slot = self.pipe.event_keys(event_id)
+        if not self.all_keys:
+            keys = bulk(event_keys(event_id).all[0])
+        n = len(event_keys(event_id).all) if self.all_keys else 1
+        head = b"*%d\r\n" % (3 + n) + bulk(b"EVALSHA", self.sha.encode(), b"%d" % n)
+        return head + keys, slot
+
+    async def __call__(self, event_id: str) -> int:
+        payload, slot = self.payload(event_id)
+        for _ in range(3):
+            try:
+                result: int = await self.pipe.call(payload, slot)
+                return result
+            except NoScriptError:
+                # A promoted replica has no scripts: as service.scripts.Scripts does.
+                await self.rc.script_load(COUNT)
+        raise AssertionError("NOSCRIPT again and again")
+
+
+async def make_counter(cluster: LocalCluster, rc: RedisCluster, all_keys: bool) -> Counter:
+    sha: str = await rc.script_load(COUNT)
+    return Counter(ScriptPipe(cluster.url), rc, sha, all_keys)
+
+
+def counter_key(event_id: str) -> str:
+    return event_keys(event_id).meta
+
+
+async def test_calls_reach_the_primary_of_each_event(
+    cluster: LocalCluster, rc: RedisCluster
+) -> None:
+    count = await make_counter(cluster, rc, all_keys=True)
+    try:
+        by_primary = cluster.event_ids(per_primary=3, prefix="route")
+        assert len(by_primary) == 3
+        calls = [count(e) for ids in by_primary.values() for e in ids for _ in range(5)]
+        await asyncio.gather(*calls)
+        assert count.pipe.cluster is True
+        nodes = {node.port: node for node in cluster.nodes}
+        for port, ids in by_primary.items():
+            for event_id in ids:
+                # On that primary itself, not merely somewhere in the cluster.
+                assert cluster.call(nodes[port], "GET", counter_key(event_id)) == b"5"
+    finally:
+        count.pipe.close()
+
+
+async def test_seed_nodes_find_the_cluster_when_the_url_node_is_down(
+    cluster: LocalCluster, rc: RedisCluster
+) -> None:
+    sha: str = await rc.script_load(COUNT)
+    seeds = ",".join(cluster.addresses[:2])
+    pipe = ScriptPipe(f"redis://127.0.0.1:{free_port()}/0", seed_nodes=seeds)
+    try:
+        count = Counter(pipe, rc, sha, all_keys=True)
+        event_id = next(iter(cluster.event_ids(per_primary=1, prefix="seed").values()))[0]
+        assert await count(event_id) == 1
+        assert pipe.cluster is True
+    finally:
+        pipe.close()
+
+
+async def test_single_node_is_not_taken_for_a_cluster() -> None:
+    with RedisServer() as server:
+        pipe = ScriptPipe(server.url)
+        try:
+            assert await pipe.call(b"*1\r\n$4\r\nPING\r\n") == b"PONG"
+            assert pipe.cluster is False
+        finally:
+            pipe.close()
+
+
+def errorstat(cluster: LocalCluster, name: str) -> int:
+    """How often the running nodes answered an error of this kind (INFO errorstats)."""
+    total = 0
+    for node in cluster.nodes:
+        if node.running:
+            stats: dict[str, Any] = cluster.call(node, "INFO", "errorstats")
+            total += int(stats.get(f"errorstat_{name}", {}).get("count", 0))
+    return total
+
+
+def commandstat(cluster: LocalCluster, name: str) -> int:
+    total = 0
+    for node in cluster.nodes:
+        if node.running:
+            stats: dict[str, Any] = cluster.call(node, "INFO", "commandstats")
+            total += int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+    return total
+
+
+@pytest.mark.parametrize("all_keys", [False, True], ids=["one-key-ASK", "16-keys-TRYAGAIN"])
+async def test_slot_moved_mid_traffic_runs_every_call_exactly_once(
+    cluster: LocalCluster, rc: RedisCluster, all_keys: bool
+) -> None:
+    """While the slot moves key by key, a one-key call whose key has moved is sent ASKING to
+    the new owner; a call over several keys is refused with TRYAGAIN until the move is done;
+    then MOVED. None may fail, and none may run twice."""
+    count = await make_counter(cluster, rc, all_keys)
+    event_id = next(iter(cluster.event_ids(per_primary=1, prefix="move").values()))[0]
+    slot = count.payload(event_id)[1]
+    source = cluster.owner(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    # Keys to move besides the counter, so that the move lasts long enough to be hit.
+    tag = event_keys(event_id).tag
+    await rc.mset({f"{tag}:filler:{i}": i for i in range(300)})
+    asked, tried = commandstat(cluster, "asking"), errorstat(cluster, "TRYAGAIN")
+    done = asyncio.Event()
+    succeeded = 0
+    during = 0
+
+    async def buyer() -> None:
+        nonlocal succeeded, during
+        while not done.is_set():
+            await count(event_id)
+            succeeded += 1
+            during += not done.is_set()
+        for _ in range(5):  # after the move, through MOVED
+            await count(event_id)
+            succeeded += 1
+
+    try:
+        buyers = [asyncio.ensure_future(buyer()) for _ in range(64)]
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        moved = await asyncio.to_thread(cluster.move_slot, slot, target, batch=5, pause=0.01)
+        seconds = time.monotonic() - started
+        done.set()
+        await asyncio.gather(*buyers)  # any failure fails the test
+    finally:
+        done.set()
+        count.pipe.close()
+    assert moved == 301
+    assert cluster.owner(slot) is target
+    assert during > 100, "too few calls during the move to test it"
+    # Exactly once: the counter saw each acknowledged call, and no other.
+    assert cluster.call(target, "GET", counter_key(event_id)) == str(succeeded).encode()
+    if all_keys:
+        assert errorstat(cluster, "TRYAGAIN") > tried
+    else:
+        assert commandstat(cluster, "asking") > asked
+    print(f"slot move: {moved} keys in {seconds:.2f}s, {during} calls during it, none failed")
+
+
+async def test_primary_killed_mid_traffic_calls_resume_after_failover(
+    cluster: LocalCluster, rc: RedisCluster
+) -> None:
+    """SIGKILL one primary under load: its replica takes over after cluster-node-timeout,
+    and the calls of every event, on it and elsewhere, complete within the retry budget."""
+    count = await make_counter(cluster, rc, all_keys=True)
+    by_primary = cluster.event_ids(per_primary=2, prefix="fail")
+    nodes = {node.port: node for node in cluster.nodes}
+    victim_port = next(iter(by_primary))
+    victim = nodes[victim_port]
+    replica = cluster.replica_of(victim)
+    done = asyncio.Event()
+    killed_at = 0.0
+    resumed_at: dict[str, float] = {}
+    succeeded: dict[str, int] = {}
+
+    async def buyer(event_id: str) -> None:
+        while not done.is_set():
+            await count(event_id)
+            succeeded[event_id] = succeeded.get(event_id, 0) + 1
+            if killed_at and event_id not in resumed_at and time.monotonic() > killed_at + 0.05:
+                resumed_at[event_id] = time.monotonic()
+
+    try:
+        events = [e for ids in by_primary.values() for e in ids]
+        buyers = [asyncio.ensure_future(buyer(e)) for e in events for _ in range(8)]
+        await asyncio.sleep(0.3)
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        victims = by_primary[victim_port]
+        while not all(e in resumed_at for e in victims) and time.monotonic() < killed_at + 15:
+            await asyncio.sleep(0.05)
+            for b in buyers:
+                if b.done():
+                    b.result()  # a failed call fails the test now
+        await asyncio.sleep(0.3)
+        done.set()
+        await asyncio.gather(*buyers)
+    finally:
+        done.set()
+        count.pipe.close()
+    resumed = max(resumed_at[e] for e in by_primary[victim_port]) - killed_at
+    assert cluster.owner(count.payload(by_primary[victim_port][0])[1]) is replica
+    assert resumed < 10.0  # the retry budget (RETRY_SECONDS)
+    print(f"failover: calls on the killed primary's events resumed after {resumed:.2f}s")
+    cluster.heal()
