@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 from redis.asyncio import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from service.keys import event_keys
-from service.scriptpipe import ScriptPipe, bulk
+from service.scriptpipe import EVENT_KEYS_CACHED, ScriptPipe, bulk
 from tests.servers import LocalCluster, RedisServer, free_port
 
 # A script of the test's own, so that each run of it is counted: KEYS are an event's keys
@@ -232,3 +233,14 @@ async def test_primary_killed_mid_traffic_calls_resume_after_failover(
     assert resumed < 10.0  # the retry budget (RETRY_SECONDS)
     print(f"failover: calls on the killed primary's events resumed after {resumed:.2f}s")
     cluster.heal()
+
+
+def test_event_keys_cache_is_bounded() -> None:
+    """Any event id reaches the pipe (GET /events/<random> too): it must not keep them all."""
+    pipe = ScriptPipe("redis://127.0.0.1:1/0")
+    for i in range(EVENT_KEYS_CACHED + 500):
+        keys, slot = pipe.event_keys(f"random-{i}")
+    assert keys == bulk(*event_keys(f"random-{i}").all)
+    assert slot == key_slot(event_keys(f"random-{i}").meta.encode())
+    assert len(pipe._event_keys) == EVENT_KEYS_CACHED
+    assert pipe.event_keys("random-0") == pipe.event_keys("random-0")  # computed again
