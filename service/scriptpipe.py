@@ -52,7 +52,7 @@ BACKOFF_CAP = 0.25
 # Redirects followed at once before backing off: more means nodes disagree for now.
 REDIRECTS_AT_ONCE = 3
 # A node asked for the slot table and silent this long is skipped.
-TOPOLOGY_TIMEOUT = 1.0
+TOPOLOGY_TIMEOUT = 0.5
 # Refreshes of the slot table closer together than this add nothing.
 REFRESH_INTERVAL = 0.05
 
@@ -280,6 +280,9 @@ class _Cluster:
         self._replicas: list[Address] = []
         self._refreshing: asyncio.Future[None] | None = None
         self._refreshed_at = float("-inf")
+        # Asked first next time: a node that answered is likely to answer again, where a
+        # hung one would cost the whole TOPOLOGY_TIMEOUT at every refresh.
+        self._answered: list[Address] = []
 
     async def recover(self, payload: bytes, slot: int, error: RedisError) -> Any:
         """Follow redirections and wait out migrations and failovers, within the budget."""
@@ -350,7 +353,8 @@ class _Cluster:
         routed = set(self.table)
         primaries = [address for address, node in self._nodes.items() if node in routed]
         errors = []
-        for address in dict.fromkeys([*primaries, *self._startup, *self._replicas]):
+        candidates = [*self._answered, *primaries, *self._startup, *self._replicas]
+        for address in dict.fromkeys(candidates):
             options = {**self._options, "host": address[0], "port": address[1]}
             try:
                 ranges = await _ask(options, b"CLUSTER", b"SLOTS")
@@ -361,6 +365,7 @@ class _Cluster:
                 errors.append(f"{address[0]}:{address[1]}: no slot assigned")
                 continue
             self._apply(ranges, address[0])
+            self._answered = [address]
             return
         raise ConnectionError("no node of the Redis Cluster answers: " + "; ".join(errors))
 

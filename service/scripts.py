@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError, NoScriptError
 
 from service import errors
 from service.keys import event_keys
-from service.scriptpipe import ScriptPipe, bulk
+from service.scriptpipe import ScriptPipe, bulk, command
 from service.settings import Settings
 from service.timefmt import from_ms
 
@@ -111,8 +111,11 @@ class Scripts:
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
-                # SCRIPT FLUSH or a restart: load it again, then call again.
-                script.sha = await self._redis.script_load(script.script)
+                # SCRIPT FLUSH, a restart or a promoted replica: load it again on the node
+                # that said so (through the pipe: routed as the call was), then call again.
+                source = cast(str, script.script).encode()  # registered from text, above
+                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                script.sha = sha.decode()
             except ConnectionError:
                 if attempt == 2:
                     raise

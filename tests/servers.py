@@ -84,6 +84,15 @@ class RedisServer:
         """SIGKILL: a crash; only what already reached the AOF survives."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections but answers nothing, as a hung one."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def restart(self, *, kill: bool = False) -> None:
         if kill:
             self.kill()
