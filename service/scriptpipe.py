@@ -154,14 +154,14 @@ async def _dial(options: dict[str, Any], *, select: bool) -> _Connection:
     return connection
 
 
-async def _ask(options: dict[str, Any], *parts: bytes) -> Any:
+async def _ask(options: dict[str, Any], *parts: bytes, wait: float) -> Any:
     """One command on a connection of its own, closed after the reply."""
     connection = await _dial(options, select=False)
     try:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         connection.send(command(*parts), [future], loop.time())
-        return await asyncio.wait_for(future, TOPOLOGY_TIMEOUT)
+        return await asyncio.wait_for(future, wait)
     finally:
         _close(connection)
 
@@ -357,7 +357,7 @@ class _Cluster:
         for address in dict.fromkeys(candidates):
             options = {**self._options, "host": address[0], "port": address[1]}
             try:
-                ranges = await _ask(options, b"CLUSTER", b"SLOTS")
+                ranges = await _ask(options, b"CLUSTER", b"SLOTS", wait=TOPOLOGY_TIMEOUT)
             except (OSError, RedisError) as e:  # TimeoutError is an OSError
                 errors.append(f"{address[0]}:{address[1]}: {e!r}")
                 continue
@@ -371,7 +371,8 @@ class _Cluster:
 
     def _apply(self, ranges: list[list[Any]], asked_host: str) -> None:
         def address(entry: list[Any]) -> Address:
-            return (entry[0].decode() or asked_host, int(entry[1]))
+            host = entry[0].decode()  # "" or "?" when the node does not know its own
+            return (host if host not in ("", "?") else asked_host, int(entry[1]))
 
         table = list(self.table) or [self.node(address(ranges[0][2]))] * REDIS_CLUSTER_HASH_SLOTS
         replicas: list[Address] = []
@@ -442,7 +443,7 @@ class ScriptPipe:
         errors = []
         for options in self._startup_options():
             try:
-                info: bytes = await _ask(options, b"INFO", b"cluster")
+                info: bytes = await _ask(options, b"INFO", b"cluster", wait=REPLY_TIMEOUT)
             except (OSError, RedisError) as e:  # TimeoutError is an OSError
                 errors.append(repr(e))
                 continue

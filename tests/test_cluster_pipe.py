@@ -214,6 +214,7 @@ async def test_slot_moved_mid_traffic_runs_every_call_exactly_once(
     tag = event_keys(event_id).tag
     await rc.mset({f"{tag}:filler:{i}": i for i in range(300)})
     asked, tried = commandstat(cluster, "asking"), errorstat(cluster, "TRYAGAIN")
+    redirected = errorstat(cluster, "MOVED")
     done = asyncio.Event()
     succeeded = 0
     during = 0
@@ -244,6 +245,7 @@ async def test_slot_moved_mid_traffic_runs_every_call_exactly_once(
     assert during > 100, "too few calls during the move to test it"
     # Exactly once: the counter saw each acknowledged call, and no other.
     assert cluster.call(target, "GET", counter_key(event_id)) == str(succeeded).encode()
+    assert errorstat(cluster, "MOVED") > redirected  # the calls after the move
     if all_keys:
         assert errorstat(cluster, "TRYAGAIN") > tried
     else:
