@@ -2,7 +2,7 @@
 Redis Cluster of 3 primaries (+ 3 replicas), side by side in one run.
 
     .venv/bin/python -m loadtest.bench_cluster_pipe [--calls 50000] [--rounds 3]
-        [--concurrency 64] [--events 6]
+        [--concurrency 64] [--events 6] [--one-primary]
 
 Both servers are the run's own (tests/servers.py: free ports, temp dirs, gone at the end).
 Each round loads the same number of events on each (on the cluster, spread over every
@@ -11,7 +11,9 @@ service.scripts.Scripts, as the service does; the figure is this process's CPU t
 call (user + system), on uvloop like `boxoffice serve`. Rounds alternate the two so that
 a busy moment of a shared machine does not land on one side only; the best round of each
 is reported (the least disturbed), with the others beside it. redis-py's RedisCluster
-calling the same script is measured too, for scale.
+calling the same script is measured too, for scale. With --one-primary every cluster event
+is on one primary: the cost of routing alone, without the calls of a turn split into one
+smaller write per primary (which is what spreading costs: more writes and reads per call).
 """
 
 from __future__ import annotations
@@ -145,9 +147,10 @@ async def rounds(cfg: argparse.Namespace, single: RedisServer, cluster: LocalClu
         on_cluster.close()
         await redis.aclose()
         await rc.aclose()
+    where = "all on one primary" if cfg.one_primary else f"{per_primary} per primary"
     print(
         f"\n{cfg.calls:,} hold calls a round, {cfg.concurrency} at once, {len(cluster_events)}"
-        f" events ({per_primary} per primary on the cluster); client CPU per call:"
+        f" events ({where} on the cluster); client CPU per call:"
     )
     for name, values in rows.items():
         others = ", ".join(f"{v:.1f}" for v in values)
