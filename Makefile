@@ -27,8 +27,8 @@ services: venv
 services-stop:
 	@.ci/services.sh stop
 
-# A local Redis Cluster (3 primaries + 3 replicas, ports 7000-7005, .data/cluster) to try the
-# service on: BOXOFFICE_REDIS_URL=redis://127.0.0.1:7000/0.
+# A local Redis Cluster (3 primaries + 3 replicas, ports 7000-7005, .data/cluster); any node's
+# URL names it: redis://127.0.0.1:7000/0. Only script calls follow a cluster so far (issue 9).
 cluster:
 	@.ci/cluster.sh
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A local Redis Cluster for trying the service on one: 3 primaries with one replica each, on
+# A local Redis Cluster: 3 primaries with one replica each, on
 # ports CLUSTER_PORT..CLUSTER_PORT+5 (default 7000..7005; bus ports +10000), data and logs
 # under .data/cluster/<port>/. cluster-node-timeout 2000 ms: a killed primary is replaced by
 # its replica within seconds (production uses more; see README "Scaling out").
