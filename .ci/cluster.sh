@@ -2,7 +2,7 @@
 # A local Redis Cluster: 3 primaries with one replica each, on
 # ports CLUSTER_PORT..CLUSTER_PORT+5 (default 7000..7005; bus ports +10000), data and logs
 # under .data/cluster/<port>/. cluster-node-timeout 2000 ms: a killed primary is replaced by
-# its replica within seconds (production uses more; see README "Scaling out").
+# its replica within seconds (production uses more: the default is 15000).
 #   .ci/cluster.sh        start (or restart what was stopped) and wait until it serves
 #   .ci/cluster.sh stop   stop every node started here (their data stays: start again)
 # Then: BOXOFFICE_REDIS_URL=redis://127.0.0.1:7000/0 (any node does).
