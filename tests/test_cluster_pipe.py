@@ -1,5 +1,6 @@
-"""The hot path's pipe on a real Redis Cluster: routing by slot, a slot moved under traffic,
-a primary killed under traffic (tests/servers.py LocalCluster, 3 primaries + replicas)."""
+"""The hot path's pipe on a real Redis Cluster (tests/servers.py LocalCluster, 3 primaries
+with a replica each): routing by slot, seed nodes, the real scripts racing on every primary,
+a slot moved under traffic, a primary killed (SIGKILL) or hung (SIGSTOP) under traffic."""
 
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ async def rc(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
 class Counter:
     """COUNT through a ScriptPipe, over one key or all sixteen of an event."""
 
-    def __init__(self, pipe: ScriptPipe, rc: RedisCluster, sha: str, all_keys: bool) -> None:
-        self.pipe, self.rc, self.sha, self.all_keys = pipe, rc, sha, all_keys
+    def __init__(self, pipe: ScriptPipe, sha: str, all_keys: bool) -> None:
+        self.pipe, self.sha, self.all_keys = pipe, sha, all_keys
 
     def payload(self, event_id: str) -> tuple[bytes, int]:
         keys, slot = self.pipe.event_keys(event_id)
@@ -77,7 +78,7 @@ class Counter:
 
 async def make_counter(cluster: LocalCluster, rc: RedisCluster, all_keys: bool) -> Counter:
     sha: str = await rc.script_load(COUNT)
-    return Counter(ScriptPipe(cluster.url), rc, sha, all_keys)
+    return Counter(ScriptPipe(cluster.url), sha, all_keys)
 
 
 def counter_key(event_id: str) -> str:
@@ -110,7 +111,7 @@ async def test_seed_nodes_find_the_cluster_when_the_url_node_is_down(
     seeds = ",".join(cluster.addresses[:2])
     pipe = ScriptPipe(f"redis://127.0.0.1:{free_port()}/0", seed_nodes=seeds)
     try:
-        count = Counter(pipe, rc, sha, all_keys=True)
+        count = Counter(pipe, sha, all_keys=True)
         event_id = next(iter(cluster.event_ids(per_primary=1, prefix="seed").values()))[0]
         assert await count(event_id) == 1
         assert pipe.cluster is True
