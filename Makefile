@@ -7,7 +7,7 @@ BIN := .venv/bin
 BOXOFFICE := $(BIN)/boxoffice
 BOXOFFICE_ADMIN_TOKEN ?= dev-admin-token
 
-.PHONY: venv services services-stop migrate run lint test bench clean
+.PHONY: venv services services-stop cluster cluster-stop migrate run lint test bench clean
 
 # uv from PyPI when the machine lacks it: --user fails inside a virtualenv, plain fails on a
 # system Python (PEP 668), hence the chain. `python3 -m uv` works with pip's bin dir off PATH.
@@ -26,6 +26,14 @@ services: venv
 
 services-stop:
 	@.ci/services.sh stop
+
+# A local Redis Cluster (3 primaries + 3 replicas, ports 7000-7005, .data/cluster); any node's
+# URL names it: redis://127.0.0.1:7000/0. Only script calls follow a cluster so far (issue 9).
+cluster:
+	@.ci/cluster.sh
+
+cluster-stop:
+	@.ci/cluster.sh stop
 
 migrate: venv services
 	$(BOXOFFICE) migrate
@@ -54,6 +62,6 @@ test: venv services lint
 bench: venv services
 	$(BIN)/python -m loadtest.bench
 
-clean: services-stop
+clean: services-stop cluster-stop
 	rm -rf .data .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,5 +1,5 @@
 """The hot path's own Redis connections: script calls written in batches, replies matched
-in order.
+in order, routed by slot on a Redis Cluster.
 
 Every hold, confirm and release is one EVALSHA. Through a general-purpose client each pays
 for a pool checkout, building the command argument by argument, a write, a read and a task
@@ -8,26 +8,66 @@ one turn of the event loop are written to one of a few long-lived connections as
 buffer, the constant head of each command (script, key count, the event's keys, the common
 arguments) is encoded once per event, and each reply settles its caller's future straight
 from the protocol's data callback: one call's failure is only ever its own.
+
+On a cluster (found once, at the first call: `INFO cluster` of the URL's node) each primary
+has such a pipe, and each call goes to the primary of its event's slot, computed once per
+event beside the event's encoded keys. The cluster's own protocol is followed: `MOVED`
+updates the slot table and resends there, `ASK` sends `ASKING` and the call in one write to
+the named node, `TRYAGAIN` and `CLUSTERDOWN` back off, a lost connection refreshes the slot
+table (`CLUSTER SLOTS` from any node that answers). All of this within a retry budget that
+outlasts a slot migration or a failover; only then does the call fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import ssl
+from collections.abc import Iterable
 from typing import Any, cast
 
 import hiredis
 from redis._parsers.base import BaseParser
 from redis.connection import parse_url
-from redis.exceptions import ConnectionError, ResponseError
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MovedError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
-# Connections per process: enough to keep Redis busy while one buffer is in flight.
+from service.keys import event_keys
+
+# Connections per Redis server: enough to keep Redis busy while one buffer is in flight.
 CONNECTIONS = 2
 # A reply slower than this means Redis (or the network) is stuck: the connection is closed
 # and its calls fail (retried by the caller when safe: every script is).
 REPLY_TIMEOUT = 5.0
+# Events whose encoded keys and slot are kept: any event id reaches here (an unknown one
+# too, before the script says so), so the memory must be bounded. ~1 KiB each.
+EVENT_KEYS_CACHED = 8192
+# A failover with cluster-node-timeout 2000 ms took 3.5-4.5 s from SIGKILL to the replica
+# serving (tests/test_cluster_pipe.py); a slot migration a fraction of that. Retries back
+# off from the first delay, doubling up to the cap, until the budget is spent.
+RETRY_SECONDS = 10.0
+BACKOFF_FIRST = 0.01
+BACKOFF_CAP = 0.25
+# Redirects followed at once before backing off: more means nodes disagree for now.
+REDIRECTS_AT_ONCE = 3
+# A node asked for the slot table and silent this long is skipped.
+TOPOLOGY_TIMEOUT = 0.5
+# Refreshes of the slot table closer together than this add nothing.
+REFRESH_INTERVAL = 0.05
+
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
+Address = tuple[str, int]
 
 
 def bulk(*parts: bytes) -> bytes:
@@ -38,6 +78,19 @@ def bulk(*parts: bytes) -> bytes:
 def command(*parts: bytes) -> bytes:
     """One command in the Redis protocol (RESP)."""
     return b"*%d\r\n" % len(parts) + bulk(*parts)
+
+
+def parse_address(text: str, default_host: str = "127.0.0.1") -> Address:
+    """`host:port` (the host may be an IPv6 address, or empty for the node's own)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not a host:port: {text!r}")
+    return host.strip("[]") or default_host, int(port)
+
+
+def parse_seed_nodes(text: str) -> list[Address]:
+    """BOXOFFICE_REDIS_SEED_NODES: comma-separated host:port, empty for none."""
+    return [parse_address(part) for part in text.split(",") if part.strip()]
 
 
 class _Connection(asyncio.Protocol):
@@ -83,9 +136,59 @@ class _Connection(asyncio.Protocol):
         return bool(self.waiting) and now - self.waiting[0][1] > REPLY_TIMEOUT
 
 
-class ScriptPipe:
-    def __init__(self, url: str) -> None:
-        self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+async def _dial(options: dict[str, Any], *, select: bool) -> _Connection:
+    """A connection to the server the options name, authenticated (and on its database)."""
+    loop = asyncio.get_running_loop()
+    o = options
+    connection = _Connection()
+    if "path" in o:
+        await loop.create_unix_connection(lambda: connection, o["path"])
+    else:
+        tls = ssl.create_default_context() if "SSL" in str(o.get("connection_class")) else None
+        await asyncio.wait_for(
+            loop.create_connection(lambda: connection, o["host"], o.get("port", 6379), ssl=tls),
+            REPLY_TIMEOUT,
+        )
+    handshake = []
+    if o.get("password"):
+        auth = [o["username"]] if o.get("username") else []
+        handshake.append(command(b"AUTH", *(p.encode() for p in [*auth, o["password"]])))
+    if select and o.get("db"):
+        handshake.append(command(b"SELECT", str(o["db"]).encode()))
+    futures = [loop.create_future() for _ in handshake]
+    if futures:
+        connection.send(b"".join(handshake), futures, loop.time())
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), REPLY_TIMEOUT)
+        except BaseException:
+            _close(connection)
+            raise
+    return connection
+
+
+async def _ask(options: dict[str, Any], *parts: bytes, wait: float) -> Any:
+    """One command on a connection of its own, closed after the reply."""
+    connection = await _dial(options, select=False)
+    try:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        connection.send(command(*parts), [future], loop.time())
+        return await asyncio.wait_for(future, wait)
+    finally:
+        _close(connection)
+
+
+def _close(connection: _Connection) -> None:
+    if connection.transport is not None:
+        connection.transport.close()
+
+
+class _NodePipe:
+    """The calls to one Redis server: each turn's calls in one write, on a few connections."""
+
+    def __init__(self, options: dict[str, Any], *, select: bool = True) -> None:
+        self._options = options
+        self._select = select
         self._connections: list[_Connection | None] = [None] * CONNECTIONS
         self._connecting: list[asyncio.Future[_Connection] | None] = [None] * CONNECTIONS
         self._turn = itertools.cycle(range(CONNECTIONS))
@@ -93,15 +196,28 @@ class ScriptPipe:
         self._futures: list[asyncio.Future[Any]] = []
         self._watchdog: asyncio.TimerHandle | None = None
 
-    async def call(self, payload: bytes) -> Any:
-        """Send one command (already in RESP) with the others of this turn; its reply."""
+    def submit(self, payload: bytes) -> asyncio.Future[Any]:
+        """Queue one command (already in RESP) with the others of this turn; its reply."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._flush)  # after every caller ready in this turn has queued
         self._queue.append(payload)
         self._futures.append(future)
-        return await future
+        return future
+
+    def submit_asking(self, payload: bytes) -> asyncio.Future[Any]:
+        """The command after ASKING, in the same write: ASKING holds for the next command
+        of the connection only."""
+        loop = asyncio.get_running_loop()
+        asking: asyncio.Future[Any] = loop.create_future()
+        asking.cancel()  # its +OK is skipped, and nobody waits for it
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue += (_ASKING, payload)
+        self._futures += (asking, future)
+        return future
 
     def _flush(self) -> None:
         payload, futures = b"".join(self._queue), self._futures
@@ -135,27 +251,7 @@ class ScriptPipe:
         return await asyncio.shield(pending)
 
     async def _open(self, slot: int) -> _Connection:
-        loop = asyncio.get_running_loop()
-        o = self._options
-        connection = _Connection()
-        if "path" in o:
-            await loop.create_unix_connection(lambda: connection, o["path"])
-        else:
-            tls = ssl.create_default_context() if "SSL" in str(o.get("connection_class")) else None
-            await asyncio.wait_for(
-                loop.create_connection(lambda: connection, o["host"], o.get("port", 6379), ssl=tls),
-                REPLY_TIMEOUT,
-            )
-        handshake = []
-        if o.get("password"):
-            auth = [o["username"]] if o.get("username") else []
-            handshake.append(command(b"AUTH", *(p.encode() for p in [*auth, o["password"]])))
-        if o.get("db"):
-            handshake.append(command(b"SELECT", str(o["db"]).encode()))
-        futures = [loop.create_future() for _ in handshake]
-        if futures:
-            connection.send(b"".join(handshake), futures, loop.time())
-            await asyncio.wait_for(asyncio.gather(*futures), REPLY_TIMEOUT)
+        connection = await _dial(self._options, select=self._select)
         self._connections[slot] = connection
         self._arm_watchdog()
         return connection
@@ -175,11 +271,212 @@ class ScriptPipe:
 
     def close(self) -> None:
         for connection in self._connections:
-            if connection is not None and connection.transport is not None:
-                connection.transport.close()
+            if connection is not None:
+                _close(connection)
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+
+
+class _Cluster:
+    """One pipe per primary, and the slot table that routes each call to one of them."""
+
+    def __init__(
+        self, options: dict[str, Any], startup: list[Address], retry_seconds: float
+    ) -> None:
+        self._options = options
+        self._startup = startup
+        self._retry_seconds = retry_seconds
+        self._nodes: dict[Address, _NodePipe] = {}
+        self.table: list[_NodePipe] = []
+        self._replicas: list[Address] = []
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at = float("-inf")
+        # Asked first next time: a node that answered is likely to answer again, where a
+        # hung one would cost the whole TOPOLOGY_TIMEOUT at every refresh.
+        self._answered: list[Address] = []
+
+    async def recover(self, payload: bytes, slot: int, error: RedisError) -> Any:
+        """Follow redirections and wait out migrations and failovers, within the budget."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_seconds
+        delay = BACKOFF_FIRST
+        redirects = 0
+        while True:
+            ask: _NodePipe | None = None
+            back_off = True
+            if isinstance(error, ConnectionError):
+                with contextlib.suppress(ConnectionError):
+                    await self.refresh()
+            elif isinstance(error, AskError):  # MovedError is one too
+                node = self.node(parse_address(error.message.partition(" ")[2]))
+                if isinstance(error, MovedError):
+                    self.table[slot] = node
+                    self.refresh_soon()  # a failover or a resharding moves more slots
+                else:
+                    ask = node
+                redirects += 1
+                back_off = redirects > REDIRECTS_AT_ONCE
+            elif not isinstance(error, TryAgainError | ClusterDownError):
+                raise error
+            if back_off:
+                if loop.time() + delay > deadline:
+                    raise error
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_CAP)
+            try:
+                if ask is not None:
+                    return await ask.submit_asking(payload)
+                return await self.table[slot].submit(payload)
+            except (ResponseError, ConnectionError) as e:
+                error = e
+
+    def node(self, address: Address) -> _NodePipe:
+        node = self._nodes.get(address)
+        if node is None:
+            options = {**self._options, "host": address[0], "port": address[1]}
+            node = self._nodes[address] = _NodePipe(options, select=False)
+        return node
+
+    def refresh_soon(self) -> None:
+        if self._refreshing is None:
+            task = asyncio.ensure_future(self.refresh())
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def refresh(self) -> None:
+        """The slot table again, from the first node that answers (one refresh at a time,
+        shared by every caller that asks for it meanwhile)."""
+        if self._refreshing is None:
+            if asyncio.get_running_loop().time() - self._refreshed_at < REFRESH_INTERVAL:
+                return
+            self._refreshing = asyncio.ensure_future(self._refresh())
+            self._refreshing.add_done_callback(self._refreshed)
+        await asyncio.shield(self._refreshing)
+
+    def _refreshed(self, _: asyncio.Future[None]) -> None:
+        self._refreshing = None
+        self._refreshed_at = asyncio.get_running_loop().time()
+
+    async def _refresh(self) -> None:
+        routed = set(self.table)
+        primaries = [address for address, node in self._nodes.items() if node in routed]
+        errors = []
+        candidates = [*self._answered, *primaries, *self._startup, *self._replicas]
+        for address in dict.fromkeys(candidates):
+            options = {**self._options, "host": address[0], "port": address[1]}
+            try:
+                ranges = await _ask(options, b"CLUSTER", b"SLOTS", wait=TOPOLOGY_TIMEOUT)
+            except (OSError, RedisError) as e:  # TimeoutError is an OSError
+                errors.append(f"{address[0]}:{address[1]}: {e!r}")
+                continue
+            if not ranges:
+                errors.append(f"{address[0]}:{address[1]}: no slot assigned")
+                continue
+            self._apply(ranges, address[0])
+            self._answered = [address]
+            return
+        raise ConnectionError("no node of the Redis Cluster answers: " + "; ".join(errors))
+
+    def _apply(self, ranges: list[list[Any]], asked_host: str) -> None:
+        def address(entry: list[Any]) -> Address:
+            host = entry[0].decode()  # "" or "?" when the node does not know its own
+            return (host if host not in ("", "?") else asked_host, int(entry[1]))
+
+        table = list(self.table) or [self.node(address(ranges[0][2]))] * REDIS_CLUSTER_HASH_SLOTS
+        replicas: list[Address] = []
+        for first, last, primary, *others in ranges:
+            node = self.node(address(primary))
+            table[first : last + 1] = [node] * (last - first + 1)
+            replicas.extend(address(other) for other in others)
+        self.table = table
+        self._replicas = replicas
+
+    def close(self) -> None:
+        for node in self._nodes.values():
+            node.close()
+
+
+class ScriptPipe:
+    def __init__(
+        self, url: str, seed_nodes: str = "", retry_seconds: float = RETRY_SECONDS
+    ) -> None:
+        self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        self._seed_nodes = parse_seed_nodes(seed_nodes)
+        self._retry_seconds = retry_seconds
+        self._node: _NodePipe | None = None
+        self._cluster: _Cluster | None = None
+        self._detecting: asyncio.Future[None] | None = None
+        self._event_keys: dict[str, tuple[bytes, int]] = {}
+
+    def event_keys(self, event_id: str) -> tuple[bytes, int]:
+        """The event's keys in RESP, and their slot: computed once per event."""
+        entry = self._event_keys.get(event_id)
+        if entry is None:
+            keys = event_keys(event_id).all
+            entry = (bulk(*keys), key_slot(keys[0]))
+            if len(self._event_keys) >= EVENT_KEYS_CACHED:
+                del self._event_keys[next(iter(self._event_keys))]  # the oldest
+            self._event_keys[event_id] = entry
+        return entry
+
+    async def call(self, payload: bytes, slot: int = 0) -> Any:
+        """Send one command (already in RESP) with the others of this turn; its reply. The
+        slot (from event_keys()) routes it on a cluster."""
+        node = self._node
+        if node is None:
+            cluster = self._cluster
+            if cluster is None:
+                await self._detect()
+                return await self.call(payload, slot)
+            # Inline rather than a method of the cluster: one coroutine less per call.
+            try:
+                return await cluster.table[slot].submit(payload)
+            except (ResponseError, ConnectionError) as e:
+                return await cluster.recover(payload, slot, e)
+        return await node.submit(payload)
+
+    @property
+    def cluster(self) -> bool | None:
+        """Whether Redis is a cluster; None until the first call has found out."""
+        return None if self._node is None and self._cluster is None else self._cluster is not None
+
+    async def _detect(self) -> None:
+        if self._detecting is None:
+            self._detecting = asyncio.ensure_future(self._find_mode())
+            self._detecting.add_done_callback(lambda _: setattr(self, "_detecting", None))
+        await asyncio.shield(self._detecting)
+
+    async def _find_mode(self) -> None:
+        """Single node or cluster, from the first start-up node that answers."""
+        errors = []
+        for options in self._startup_options():
+            try:
+                info: bytes = await _ask(options, b"INFO", b"cluster", wait=REPLY_TIMEOUT)
+            except (OSError, RedisError) as e:  # TimeoutError is an OSError
+                errors.append(repr(e))
+                continue
+            if b"cluster_enabled:1" not in info:
+                self._node = _NodePipe(self._options)
+                return
+            startup = [(o.get("host", ""), o.get("port", 6379)) for o in self._startup_options()]
+            cluster = _Cluster(self._options, startup, self._retry_seconds)
+            await cluster.refresh()
+            self._cluster = cluster
+            return
+        raise ConnectionError("cannot reach Redis: " + "; ".join(errors))
+
+    def _startup_options(self) -> Iterable[dict[str, Any]]:
+        yield self._options
+        for host, port in self._seed_nodes:
+            yield {**self._options, "host": host, "port": port}
+
+    def close(self) -> None:
+        if self._node is not None:
+            self._node.close()
+        if self._cluster is not None:
+            self._cluster.close()
 
 
 # Sends waiting for a connection: referenced so that the event loop does not drop them.

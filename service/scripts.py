@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -14,7 +13,7 @@ from redis.exceptions import ConnectionError, NoScriptError
 
 from service import errors
 from service.keys import event_keys
-from service.scriptpipe import ScriptPipe, bulk
+from service.scriptpipe import ScriptPipe, bulk, command
 from service.settings import Settings
 from service.timefmt import from_ms
 
@@ -80,7 +79,9 @@ class Scripts:
             str(settings.reclaim_batch).encode(),
             str(settings.hold_retention_seconds * 1000).encode(),
         )
-        self._pipe = ScriptPipe(settings.redis_url)
+        self._pipe = ScriptPipe(
+            settings.redis_url, settings.redis_seed_nodes, settings.redis_cluster_retry_seconds
+        )
         self._idempotency_cap = settings.idempotency_max_keys_per_event
 
     async def load(self) -> None:
@@ -104,7 +105,7 @@ class Scripts:
             extra_keys = (*extra_keys, keys.idempotency_count, key)
             fingerprint = idempotency.fingerprint
             args = (*args, self._idempotency_cap)
-        event_keys_resp = _event_keys_resp(event_id)
+        event_keys_resp, slot = self._pipe.event_keys(event_id)
         numkeys = len(keys.all) + len(extra_keys)
         tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common
         tail += bulk(*(_bytes(a) for a in args))
@@ -113,11 +114,14 @@ class Scripts:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
-                reply: bytes = await self._pipe.call(head + event_keys_resp + tail)
+                reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
-                # SCRIPT FLUSH or a restart: load it again, then call again.
-                script.sha = await self._redis.script_load(script.script)
+                # SCRIPT FLUSH, a restart or a promoted replica: load it again on the node
+                # that said so (through the pipe: routed as the call was), then call again.
+                source = cast(str, script.script).encode()  # registered from text, above
+                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                script.sha = sha.decode()
             except ConnectionError:
                 if attempt == 2:
                     raise
@@ -126,17 +130,6 @@ class Scripts:
 
     def close(self) -> None:
         self._pipe.close()
-
-
-# Bounded like keys.event_keys: any event id that reaches a script (an unknown one too)
-# would otherwise stay in memory for good, and anyone can send new ones.
-EVENT_KEYS_CACHED = 4096
-
-
-@lru_cache(maxsize=EVENT_KEYS_CACHED)
-def _event_keys_resp(event_id: str) -> bytes:
-    """The event's keys in the Redis protocol: the same for every call of the event."""
-    return bulk(*event_keys(event_id).all)
 
 
 def _bytes(value: str | bytes | int) -> bytes:

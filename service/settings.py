@@ -26,6 +26,10 @@ class SettingError(ValueError):
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Cluster: more start-up nodes (comma-separated host:port) for when the URL's is down.
+    redis_seed_nodes: str = ""
+    # How long a script call on a cluster waits out a failover or a slot migration.
+    redis_cluster_retry_seconds: Seconds = 10.0
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
     host: str = "127.0.0.1"
@@ -71,6 +75,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         # Here rather than in from_env, so that every Settings, however built, holds URLs
         # the drivers accept. A ValueError raised here names no variable: from_env adds it.
         check_redis_url(self.redis_url)
+        if self.redis_seed_nodes:
+            from service.scriptpipe import parse_seed_nodes  # only then: it imports hiredis
+
+            parse_seed_nodes(self.redis_seed_nodes)
         msgspec.structs.force_setattr(self, "database_url", asyncpg_url(self.database_url))
 
     @classmethod

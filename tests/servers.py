@@ -8,12 +8,16 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import redis
+from redis.crc import key_slot
+
+from service.keys import event_keys
 
 
 def free_port() -> int:
@@ -79,6 +83,15 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL: a crash; only what already reached the AOF survives."""
         self._signal(signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections but answers nothing, as a hung one."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def restart(self, *, kill: bool = False) -> None:
         if kill:
@@ -151,3 +164,206 @@ class RedisServer:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def free_cluster_port(taken: set[int]) -> int:
+    """A free port below 55535 whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port >= 55535 or port in taken or port + 10000 in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) below 55535")
+
+
+class LocalCluster:
+    """A Redis Cluster of its own: `primaries` primaries with one replica each, on free ports.
+
+    A small cluster-node-timeout makes a failover take seconds: a primary killed with
+    kill() is replaced by its replica once the others have marked it failed."""
+
+    def __init__(self, primaries: int = 3, node_timeout_ms: int = 2000) -> None:
+        executable = shutil.which("redis-cli")
+        if executable is None:
+            raise RuntimeError("redis-cli is not on PATH")
+        self._cli = executable
+        taken: set[int] = set()
+        self.nodes: list[RedisServer] = []
+        for _ in range(primaries * 2):
+            port = free_cluster_port(taken)
+            taken.update((port, port + 10000))
+            args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                # Replicas sync at once instead of waiting 5 s for others to share a transfer.
+                "--repl-diskless-sync-delay", "0",
+            ]  # fmt: skip
+            self.nodes.append(RedisServer(args=args, port=port))
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        create = [self._cli, "--cluster", "create", *self.addresses]
+        subprocess.run(
+            [*create, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def client(self, node: RedisServer) -> redis.Redis:
+        return redis.Redis(port=node.port, socket_timeout=2, socket_connect_timeout=2)
+
+    def call(self, node: RedisServer, *args: str | bytes | int) -> Any:
+        with self.client(node) as client:
+            return client.execute_command(*args)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node says cluster_state:ok, every slot is served by a running
+        primary, every node agrees on it, and every replica has synced with its primary."""
+        deadline = time.monotonic() + timeout
+        while not self._settled():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not settle in time")
+            time.sleep(0.05)
+
+    def _settled(self) -> bool:
+        pictures = set()
+        try:
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                with self.client(node) as client:
+                    if client.cluster("info")["cluster_state"] != "ok":
+                        return False
+                    info = client.info("replication")
+                    if info["role"] == "slave" and info["master_link_status"] != "up":
+                        return False
+                    pictures.add(self._owners(client))
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+        if len(pictures) != 1:
+            return False
+        running = {node.port for node in self.nodes if node.running}
+        return all(port in running for _, _, port in pictures.pop())
+
+    @staticmethod
+    def _owners(client: redis.Redis) -> tuple[tuple[int, int, int], ...]:
+        raw = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        return tuple(sorted((int(r[0]), int(r[1]), int(r[2][1])) for r in raw))
+
+    def primaries(self) -> list[RedisServer]:
+        """The running primaries, ordered by their first slot."""
+        node = next(n for n in self.nodes if n.running)
+        with self.client(node) as client:
+            owners = self._owners(client)
+        by_port = {n.port: n for n in self.nodes}
+        ordered = [by_port[port] for _, _, port in owners]
+        return list(dict.fromkeys(ordered))
+
+    def owner(self, slot: int) -> RedisServer:
+        """The primary that serves a slot, as the cluster sees it now."""
+        node = next(n for n in self.nodes if n.running)
+        with self.client(node) as client:
+            owners = self._owners(client)
+        port = next(port for first, last, port in owners if first <= slot <= last)
+        return next(n for n in self.nodes if n.port == port)
+
+    def node_id(self, node: RedisServer) -> str:
+        node_id: bytes | str = self.call(node, "CLUSTER", "MYID")
+        return node_id.decode() if isinstance(node_id, bytes) else node_id
+
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        primary_id = self.node_id(primary)
+        for node in self.nodes:
+            if node is not primary and node.running:
+                info = self.call(node, "INFO", "replication")
+                if info.get("role") == "slave" and info.get("master_port") == primary.port:
+                    return node
+        raise LookupError(f"no replica of {primary.port} ({primary_id})")
+
+    def move_slot(
+        self, slot: int, target: RedisServer, *, batch: int = 10, pause: float = 0.0
+    ) -> int:
+        """Move a slot and its keys to another primary as `redis-cli --cluster reshard`
+        does (IMPORTING, MIGRATING, MIGRATE in batches, SETSLOT NODE everywhere); a pause
+        between batches stretches the migration for tests of traffic during one. Returns
+        the number of keys moved."""
+        source = self.owner(slot)
+        if source is target:
+            return 0
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        self.call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self.call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while keys := self.call(source, "CLUSTER", "GETKEYSINSLOT", slot, batch):
+            self.call(source, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            if pause:
+                time.sleep(pause)
+        for node in [target, source, *self.nodes]:
+            if node.running and self.call(node, "ROLE")[0] == b"master":
+                self.call(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return moved
+
+    def event_ids(self, per_primary: int, prefix: str = "ev") -> dict[int, list[str]]:
+        """Event ids whose hash slot ({ev:<id>}) is on each primary, by primary port."""
+        node = next(n for n in self.nodes if n.running)
+        with self.client(node) as client:
+            owners = self._owners(client)
+        found: dict[int, list[str]] = {port: [] for _, _, port in owners}
+        while any(len(ids) < per_primary for ids in found.values()):
+            event_id = f"{prefix}-{uuid.uuid4().hex[:12]}"
+            slot = key_slot(event_keys(event_id).meta.encode())
+            port = next(port for first, last, port in owners if first <= slot <= last)
+            if len(found[port]) < per_primary:
+                found[port].append(event_id)
+        return found
+
+    def kill(self, node: RedisServer) -> None:
+        """SIGKILL: the node is gone at once; its replica takes over after the timeout."""
+        node.kill()
+
+    def heal(self) -> None:
+        """Start the killed nodes again (they rejoin from nodes.conf, as replicas of the
+        primaries that replaced them) and wait for the cluster to settle."""
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        self.wait_ok()

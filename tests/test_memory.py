@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from service import catalog, errors, metrics, sales, schemas, scripts
 from service.context import Services
 from service.keys import event_keys
+from service.scriptpipe import EVENT_KEYS_CACHED
 from service.scripts import Idempotency
 from service.settings import Settings
 from tests.conftest import create_event, event_body, new_event_id
@@ -36,12 +37,12 @@ async def _unknown_calls(svc: Services, start: int, n: int) -> None:
 
 async def test_unknown_event_ids_do_not_grow_the_script_caller(svc: Services) -> None:
     """Every distinct id that reached a script used to stay in memory for good."""
-    n = scripts.EVENT_KEYS_CACHED + 2000
+    n = EVENT_KEYS_CACHED + 2000
     # Traced from the start: what a bounded cache drops was allocated while tracing.
     tracemalloc.start()
     try:
         await _unknown_calls(svc, 0, n)  # the caches are full from here on
-        assert scripts._event_keys_resp.cache_info().currsize <= scripts.EVENT_KEYS_CACHED
+        assert len(svc.scripts._pipe._event_keys) <= EVENT_KEYS_CACHED
         before = tracemalloc.take_snapshot()
         await _unknown_calls(svc, n, n)
         after = tracemalloc.take_snapshot()
@@ -50,7 +51,7 @@ async def test_unknown_event_ids_do_not_grow_the_script_caller(svc: Services) ->
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     # Unbounded, 6,000 more ids kept about 5 MB; bounded, they replace what was there.
     assert grown < 1_000_000, grown
-    assert scripts._event_keys_resp.cache_info().currsize <= scripts.EVENT_KEYS_CACHED
+    assert len(svc.scripts._pipe._event_keys) <= EVENT_KEYS_CACHED
 
 
 # --- unknown events: a PostgreSQL query each --------------------------------------------
