@@ -29,6 +29,7 @@ NAMES = (
     "seats",
     "configure",
     "load",
+    "load_seats",
     "repair",
     "check_seats",
 )
