@@ -5,8 +5,11 @@ that died half-way is redone."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -16,8 +19,9 @@ import pytest
 from service import catalog, reconcile, sales, schemas
 from service.context import Services
 from service.keys import event_keys
-from service.scripts import LUA_DIR, NAMES
+from service.scripts import LUA_DIR, NAMES, NOT_LOADED
 from service.settings import Settings
+from service.writebehind import WriteBehind
 from tests.conftest import event_body
 from tests.servers import RedisServer
 
@@ -47,15 +51,15 @@ async def own(settings: Settings, own_redis: RedisServer) -> AsyncIterator[Servi
     await services.close()
 
 
-def big_body(event_id: str | None = None) -> schemas.EventCreate:
+def big_body(rows: list[str] = ROWS, per_row: int = PER_ROW) -> schemas.EventCreate:
     stalls = {
         "name": "Stalls",
         "price": 1000,
         "currency": "EUR",
-        "seat_blocks": [{"rows": ROWS, "seats_per_row": PER_ROW}],
+        "seat_blocks": [{"rows": rows, "seats_per_row": per_row}],
     }
     ga = {"name": "GA", "price": 500, "currency": "EUR", "capacity": 100}
-    body = event_body(event_id, categories=[stalls, ga])
+    body = event_body(categories=[stalls, ga])
     return msgspec.convert(body, schemas.EventCreate)
 
 
@@ -85,8 +89,7 @@ async def script_micros(svc: Services) -> list[tuple[int, str]]:
 async def forget(svc: Services, event_id: str) -> None:
     """What a Redis restart without persistence does to an event: every key gone."""
     keys = event_keys(event_id)
-    for key in (*keys.all, keys.seat_order):
-        await svc.redis.unlink(key)
+    await svc.redis.unlink(*keys.all, keys.seat_order)
 
 
 async def hold(svc: Services, event_id: str, **body: Any) -> schemas.Hold:
@@ -94,16 +97,20 @@ async def hold(svc: Services, event_id: str, **body: Any) -> schemas.Hold:
     return await sales.create_hold(svc, event_id, payload, None)
 
 
-async def assert_complete(svc: Services, event_id: str, held: int) -> None:
+async def assert_complete(
+    svc: Services, event_id: str, held: int, seats: int = len(ROWS) * PER_ROW
+) -> None:
     report = await reconcile.reconcile(svc, event_id)
     assert report.consistent, report
     event = await catalog.view_event(svc, event_id)
     avail = {c.name: c.available for c in event.categories}
-    assert avail == {"Stalls": 200_000 - held, "GA": 100}
+    assert avail == {"Stalls": seats - held, "GA": 100}
     keys = event_keys(event_id)
-    assert await svc.redis.hlen(keys.seatmap) == 200_000
-    assert await svc.redis.llen(keys.seat_order) == 200_000
-    assert await svc.redis.zcard(keys.free) == 200_000 - held
+    assert await svc.redis.hlen(keys.seatmap) == seats
+    assert await svc.redis.llen(keys.seat_order) == seats
+    assert await svc.redis.zcard(keys.free) == seats - held
+    lease, *staged = keys.load_keys[1:]
+    assert await svc.redis.exists(lease, *staged) == 0  # nothing left behind
 
 
 async def test_200000_seats_load_in_short_calls(own: Services) -> None:
@@ -137,3 +144,94 @@ async def test_200000_seats_load_in_short_calls(own: Services) -> None:
     assert sorted(last.seats or []) == ["R19-10000", "R19-9999"]
     assert best.seats == ["R0-1", "R0-2"]
     await assert_complete(own, event.id, held=4)
+
+
+async def raw_hold(svc: Services, event_id: str, seat: str) -> bytes:
+    """The hold script itself, without the restore path: what a request meets in Redis."""
+    hold_id = uuid.uuid4().hex
+    return await svc.scripts.call(
+        "hold",
+        event_id,
+        hold_id,
+        "racer",
+        "[]",
+        f'["{seat}"]',
+        extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
+    )
+
+
+async def test_holds_racing_a_restore_never_see_a_half_loaded_event(
+    own: Services, settings: Settings, own_redis: RedisServer
+) -> None:
+    """While one process restores the event, the hold script says not_loaded (never
+    unknown_seat, never a sale from a partial map); another process's restore waits for
+    the first and does not load it again; the last seat is sold exactly once."""
+    event = await catalog.create_event(own, big_body())
+    await forget(own, event.id)
+    other = Services.open(msgspec.structs.replace(settings, redis_url=own_redis.url))
+    try:
+        await own.redis.slowlog_reset()
+        loading = asyncio.create_task(catalog.ensure_loaded(own, event.id))
+        await asyncio.sleep(0.05)
+        # Another API process: its hold finds the event not loaded, restores, and holds.
+        through_restore = asyncio.create_task(hold(other, event.id, seats=["R19-10000"]))
+        replies = []
+        while not loading.done():
+            replies.append(await raw_hold(own, event.id, "R19-9999"))
+        await loading
+        won = await through_restore
+    finally:
+        await other.close()
+    replies.append(await raw_hold(own, event.id, "R19-9999"))
+    kinds = [json.loads(r).get("err", "held") for r in replies]
+    assert kinds.count("not_loaded") > 10, kinds  # the race did happen, for a while
+    assert set(kinds) == {"not_loaded", "held", "seats_unavailable"}, kinds
+    assert kinds.count("held") == 1  # the seat once, after the load, never before
+    held_at = kinds.index("held")
+    assert set(kinds[:held_at]) == {"not_loaded"}
+    assert set(kinds[held_at + 1 :]) == {"seats_unavailable"}
+    assert won.seats == ["R19-10000"]
+    calls = [name for _, name in await script_micros(own)]
+    assert calls.count("load") == 1  # loaded once: the second restore waited for it
+    assert calls.count("load_seats") < 2 * 401  # the waiter's tries are short
+    await assert_complete(own, event.id, held=2)
+
+
+async def test_a_load_that_died_half_way_is_redone(own: Services) -> None:
+    """A restore that staged some chunks and died (its lease runs out) leaves the event
+    not loaded; the next restore takes over, drops what it staged, and loads it all,
+    the seats PostgreSQL has as sold included."""
+    rows, per_row = ["A", "B", "C"], 1000
+    event = await catalog.create_event(own, big_body(rows, per_row))
+    sold = await hold(own, event.id, seats=["A-2", "C-1000"])
+    confirm = schemas.HoldConfirm(payment_ref="p")
+    booking = await sales.confirm_hold(own, event.id, sold.hold_id, confirm, None)
+    assert await WriteBehind(own, "test-load").drain(event.id) == 1
+    await forget(own, event.id)
+    keys = event_keys(event.id).load_keys
+    labels = [f"{r}-{n}" for r in rows for n in range(1, per_row + 1)]
+    ranges = json.dumps([["Stalls", 0, len(labels) - 1], ["GA", len(labels), len(labels) - 1]])
+
+    async def stage(first: str, chunk: list[str], token: str = "dead") -> bytes:
+        return await own.scripts.call(
+            "load_seats", event.id, "restore", token, 500, ranges, first, *chunk, extra_keys=keys
+        )
+
+    assert await stage("", []) == b"ok"
+    assert await stage("0", labels[:1000]) == b"ok"
+    assert await stage("0", labels[:1000]) == b"ok"  # a repeat changes nothing
+    assert await stage("2000", labels[2000:2500]) == b"busy"  # not the next chunk
+    assert await stage("1000", labels[1000:1500]) == b"ok"
+    assert await stage("", [], token="other") == b"busy"  # the lease is the dead one's
+    assert await own.redis.llen(keys[4]) == 1500
+    assert await raw_hold(own, event.id, "A-1") == NOT_LOADED  # staged is not loaded
+    started = time.monotonic()
+    await catalog.ensure_loaded(own, event.id)
+    assert time.monotonic() - started < 5
+    await assert_complete(own, event.id, held=2, seats=len(labels))
+    live = event_keys(event.id)
+    state = await own.redis.hmget(live.seatstate, ["A-1", "A-2", "C-1000"])
+    assert state == [None, *[f"b:{booking.booking_id}".encode()] * 2]
+    assert await stage("1500", labels[1500:2000]) == b"busy"  # the dead load is over
+    assert await own.redis.lrange(live.seat_order, 0, -1) == [x.encode() for x in labels]
+    assert await own.redis.hget(live.seatmap, "C-1000") == b"2999:Stalls"
