@@ -8,10 +8,10 @@
 --       [6] this load's token, [7] lease ms, [8] categories JSON [[name, lo, hi], ...]
 --       in seat order ("[]" for "order"), [9] "" to begin, else the position of the
 --       chunk's first seat, [10...] the chunk's seat labels in seat order
--- Begin: "loaded" when a restore finds the event loaded (another process did it); "busy"
--- while another load holds the lease (a create takes it regardless: nobody else can
--- load an event PostgreSQL has not committed); else takes the lease, drops what a load
--- that died left staged, "ok".
+-- Begin: "loaded" when a restore finds the event loaded, or "order" its order list
+-- (another process did it); "busy" while another load holds the lease (a create takes
+-- it regardless: nobody else can load an event PostgreSQL has not committed); else
+-- takes the lease, drops what a load that died left staged, "ok".
 -- Chunk: "ok"; "busy" when the lease is no longer this load's or the staged seats are
 -- not the ones before this chunk (the caller begins again). Repeating a chunk is "ok".
 local lease, map, free, order = KEYS[NKEYS + 2], KEYS[NKEYS + 3], KEYS[NKEYS + 4], KEYS[NKEYS + 5]
@@ -23,6 +23,7 @@ end
 
 if ARGV[9] == '' then
   if mode == 'restore' and loaded() then return 'loaded' end
+  if mode == 'order' and redis.call('EXISTS', KEYS[NKEYS + 1]) == 1 then return 'loaded' end
   local holder = redis.call('GET', lease)
   if holder and holder ~= token and mode ~= 'create' then return 'busy' end
   redis.call('SET', lease, token, 'PX', ms)
@@ -36,6 +37,9 @@ if staged == first + #ARGV - 9 then return 'ok' end -- a repeat: already staged
 if staged ~= first then return 'busy' end
 
 local cats, c = cjson.decode(ARGV[8]), 1
+if mode ~= 'order' and (#cats == 0 or first + #ARGV - 10 > cats[#cats][3]) then
+  return redis.error_reply('load_seats: a seat beyond the categories')
+end
 local fields, scores, labels = {}, {}, {}
 local function flush()
   if mode ~= 'order' then

@@ -111,6 +111,8 @@ async def assert_complete(
     assert await svc.redis.zcard(keys.free) == seats - held
     lease, *staged = keys.load_keys[1:]
     assert await svc.redis.exists(lease, *staged) == 0  # nothing left behind
+    for key in (keys.seatmap, keys.free, keys.seat_order):
+        assert await svc.redis.ttl(key) == -1  # the staging's TTL went with it
 
 
 async def test_200000_seats_load_in_short_calls(own: Services) -> None:
