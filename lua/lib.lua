@@ -176,9 +176,7 @@ end
 -- a sale is never undone for a hold. Available is what is neither held nor sold, never
 -- below zero. Returns a summary {categories = {name = {available, held, sold}},
 -- released = [hold ids], double_sold = [seat labels], overcommitted = [categories]}.
--- `fresh`: the seat state is empty and every seat free (load.lua): only the taken seats
--- change, rather than a walk over the whole seat map.
-local function rebuild(now, fresh)
+local function rebuild(now)
   local sold, held, cust, owner = {}, {}, {}, {}
   local out = {released = {}, double_sold = {}, overcommitted = {}, categories = {}}
   for _, raw in ipairs(redis.call('HVALS', K.bookings)) do
@@ -213,16 +211,8 @@ local function rebuild(now, fresh)
       end
     end
   end
-  redis.call('DEL', K.cust)
-  local flat, state, free = {}, {}, {}
-  if fresh then
-    for label, who in pairs(owner) do
-      if redis.call('ZREM', K.free, label) == 1 then state[label] = who end
-    end
-  else
-    redis.call('DEL', K.seatstate, K.free)
-    flat = redis.call('HGETALL', K.seatmap)
-  end
+  redis.call('DEL', K.seatstate, K.free, K.cust)
+  local flat, state, free = redis.call('HGETALL', K.seatmap), {}, {}
   for i = 1, #flat, 2 do
     local label = flat[i]
     if owner[label] then

@@ -3,7 +3,8 @@
 -- call. A chunk at a time, no call blocks Redis for long, however many seats.
 -- KEYS: the event keys (lib.lua), [17] the seat order list (load.lua takes it),
 --       [18] the load lease (string: the token of the load in progress, with a TTL),
---       [19] [20] [21] the staged seat map, free seats and seat order (service/keys.py)
+--       [19] [20] [21] the staged seat map, free seats and seat order, [22...] the other
+--       staged keys (load_bookings.lua; service/keys.py lists them all)
 -- ARGV: common [1..4] (lib.lua), [5] mode: "create", "restore" or "order" (load.lua),
 --       [6] this load's token, [7] lease ms, [8] categories JSON [[name, lo, hi], ...]
 --       in seat order ("[]" for "order"), [9] "" to begin, else the position of the
@@ -27,7 +28,7 @@ if ARGV[9] == '' then
   local holder = redis.call('GET', lease)
   if holder and holder ~= token and mode ~= 'create' then return 'busy' end
   redis.call('SET', lease, token, 'PX', ms)
-  redis.call('UNLINK', map, free, order)
+  redis.call('UNLINK', unpack(KEYS, NKEYS + 3))
   return 'ok'
 end
 
@@ -63,5 +64,5 @@ for i = 10, #ARGV do
 end
 if #labels > 0 then flush() end
 -- Whatever a load that dies leaves behind goes with its lease.
-for _, key in ipairs({lease, map, free, order}) do redis.call('PEXPIRE', key, ms) end
+for i = NKEYS + 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ms) end
 return 'ok'

@@ -226,10 +226,12 @@ async def _insert_seats(conn: AsyncConnection, event_id: str, plan: _Plan) -> No
 
 
 async def _load(svc: Services, event_id: str, plan: _Plan, mode: str) -> None:
-    """Load the event into Redis (mode: lua/load.lua), a chunk of seats per call. Another
-    process's load of the same event is waited for; one that died is taken over."""
+    """Load the event into Redis (mode: lua/load.lua), a chunk of seats or bookings per
+    call. Another process's load of the same event is waited for; one that died is
+    taken over."""
     deadline = time.monotonic() + LOAD_WAIT_SECONDS
-    while not await _load_once(svc, event_id, plan, mode):
+    token = secrets.token_hex(8)
+    while not await _load_once(svc, event_id, plan, mode, token):
         if time.monotonic() > deadline:
             raise errors.Unavailable("the event is being loaded; try again")
         await asyncio.sleep(0.05)
@@ -237,11 +239,10 @@ async def _load(svc: Services, event_id: str, plan: _Plan, mode: str) -> None:
         await svc.redis.sadd(EVENTS, event_id)
 
 
-async def _load_once(svc: Services, event_id: str, plan: _Plan, mode: str) -> bool:
+async def _load_once(svc: Services, event_id: str, plan: _Plan, mode: str, token: str) -> bool:
     """One try: True when the event is loaded (by this load or another), False while
     another load holds the event's lease."""
     enc = msgspec.json.encode
-    token = secrets.token_hex(8)
     ranges = enc([[c["name"], c["lo"], c["hi"]] for c in plan.cats])
     keys = event_keys(event_id).load_keys
     firsts = [""] + [str(i) for i in range(0, len(plan.labels), LOAD_CHUNK)]
@@ -260,6 +261,13 @@ async def _load_once(svc: Services, event_id: str, plan: _Plan, mode: str) -> bo
         )
         if reply != b"ok":
             return reply == b"loaded"
+    cursor = b"0" if mode == "restore" else b"done"
+    while cursor != b"done":
+        cursor = await svc.scripts.call(
+            "load_bookings", event_id, token, LOAD_LEASE_MS, cursor, extra_keys=keys
+        )
+        if cursor == b"busy":
+            return False
     meta, cats = (enc(plan.meta), enc(plan.cats)) if mode != "order" else (b"", b"")
     reply = await svc.scripts.call(
         "load", event_id, mode, token, len(plan.labels), meta, cats, extra_keys=keys

@@ -30,6 +30,7 @@ NAMES = (
     "configure",
     "load",
     "load_seats",
+    "load_bookings",
     "repair",
     "check_seats",
 )
