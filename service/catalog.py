@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 from collections import Counter, OrderedDict
 from datetime import datetime
@@ -25,6 +27,12 @@ MISSES_CACHED = 10_000
 # A script asks to be called again after the event was loaded, or after a reclaim; more
 # than a few rounds means something else keeps interfering.
 MAX_ROUNDS = 8
+# Seats per load_seats.lua call: a few ms of Redis time each, whatever the event's size.
+LOAD_CHUNK = 500
+# A load that stops renewing its lease this long (its process died) is taken over.
+LOAD_LEASE_MS = 5000
+# How long a load waits for another process's load of the same event to finish.
+LOAD_WAIT_SECONDS = 30
 
 
 async def call(
@@ -218,17 +226,53 @@ async def _insert_seats(conn: AsyncConnection, event_id: str, plan: _Plan) -> No
 
 
 async def _load(svc: Services, event_id: str, plan: _Plan, mode: str) -> None:
+    """Load the event into Redis (mode: lua/load.lua), a chunk of seats or bookings per
+    call. Another process's load of the same event is waited for; one that died is
+    taken over."""
+    deadline = time.monotonic() + LOAD_WAIT_SECONDS
+    token = secrets.token_hex(8)
+    while not await _load_once(svc, event_id, plan, mode, token):
+        if time.monotonic() > deadline:
+            raise errors.Unavailable("the event is being loaded; try again")
+        await asyncio.sleep(0.05)
+    if mode != "order":
+        await svc.redis.sadd(EVENTS, event_id)
+
+
+async def _load_once(svc: Services, event_id: str, plan: _Plan, mode: str, token: str) -> bool:
+    """One try: True when the event is loaded (by this load or another), False while
+    another load holds the event's lease."""
     enc = msgspec.json.encode
-    await svc.scripts.call(
-        "load",
-        event_id,
-        mode,
-        enc(plan.meta),
-        enc(plan.cats),
-        *plan.labels,
-        extra_keys=(event_keys(event_id).seat_order,),
+    ranges = enc([[c["name"], c["lo"], c["hi"]] for c in plan.cats])
+    keys = event_keys(event_id).load_keys
+    firsts = [""] + [str(i) for i in range(0, len(plan.labels), LOAD_CHUNK)]
+    for first in firsts:
+        chunk = plan.labels[int(first) : int(first) + LOAD_CHUNK] if first else []
+        reply = await svc.scripts.call(
+            "load_seats",
+            event_id,
+            mode,
+            token,
+            LOAD_LEASE_MS,
+            ranges,
+            first,
+            *chunk,
+            extra_keys=keys,
+        )
+        if reply != b"ok":
+            return reply == b"loaded"
+    cursor = b"0" if mode == "restore" else b"done"
+    while cursor != b"done":
+        cursor = await svc.scripts.call(
+            "load_bookings", event_id, token, LOAD_LEASE_MS, cursor, extra_keys=keys
+        )
+        if cursor == b"busy":
+            return False
+    meta, cats = (enc(plan.meta), enc(plan.cats)) if mode != "order" else (b"", b"")
+    reply = await svc.scripts.call(
+        "load", event_id, mode, token, len(plan.labels), meta, cats, extra_keys=keys
     )
-    await svc.redis.sadd(EVENTS, event_id)
+    return reply != b"busy"
 
 
 async def load_seat_order(svc: Services, event_id: str) -> None:
@@ -241,15 +285,8 @@ async def load_seat_order(svc: Services, event_id: str) -> None:
                 .order_by(seats.c.position)
             )
         ).scalars()
-        await svc.scripts.call(
-            "load",
-            event_id,
-            "order",
-            "",
-            "",
-            *labels,
-            extra_keys=(event_keys(event_id).seat_order,),
-        )
+        plan = _Plan({}, [], list(labels), [], [])
+    await _load(svc, event_id, plan, "order")
 
 
 async def ensure_loaded(svc: Services, event_id: str) -> None:

@@ -49,6 +49,7 @@ class EventKeys:
         "deadletter",
         "event_id",
         "idempotency_count",
+        "load_keys",
         "seat_order",
         "tag",
         *EVENT_KEY_NAMES,
@@ -68,6 +69,17 @@ class EventKeys:
         # list: seat labels in seat order (static), so that a page of the seat map is a
         # range, not a walk over the whole map. Only load.lua and seats.lua take it.
         self.seat_order = f"{self.tag}:order"
+        # What the loader (lua/load_seats.lua, load_bookings.lua, load.lua) takes after
+        # the event keys: the seat order list; the load lease (string: the token of the
+        # load in progress, with a TTL); then, built a chunk at a time and put in place at
+        # once, the staged seat map, free seats, seat order, seat state, tickets sold per
+        # category and per customer, and the ids of the bookings counted (set).
+        staged = ("seatmap", "free", "order", "seatstate", "sold", "cust", "counted")
+        self.load_keys: tuple[str, ...] = (
+            self.seat_order,
+            f"{self.tag}:load:lease",
+            *(f"{self.tag}:load:{name}" for name in staged),
+        )
         # string: Idempotency-Key records the event's scripts made in the current window
         # (lua/lib.lua, finish), to bound them.
         self.idempotency_count = f"{self.tag}:idemcount"

@@ -28,6 +28,8 @@ NAMES = (
     "seats",
     "configure",
     "load",
+    "load_seats",
+    "load_bookings",
     "repair",
     "check_seats",
 )
