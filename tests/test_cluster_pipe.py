@@ -16,6 +16,8 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from service import catalog, schemas
+from service.context import Services
+from service.db import create_engine
 from service.keys import event_keys
 from service.scriptpipe import (
     EVENT_KEYS_CACHED,
@@ -134,22 +136,21 @@ def cluster_scripts(cluster: LocalCluster, rc: RedisCluster) -> Scripts:
     return Scripts(cast(Redis, rc), settings)  # Scripts loads through its client's SCRIPT LOAD
 
 
-async def load_event(scripts: Scripts, event_id: str, capacity: int) -> None:
+async def load_event(
+    cluster: LocalCluster, scripts: Scripts, rc: RedisCluster, event_id: str, capacity: int
+) -> None:
+    """Loaded as the service loads a new event (catalog._load), without PostgreSQL."""
     body = event_body(
         event_id,
         categories=[{"name": "GA", "price": 2500, "currency": "EUR", "capacity": capacity}],
     )
     plan = catalog._plan(msgspec.convert(body, schemas.EventCreate))
-    enc = msgspec.json.encode
-    await scripts.call(
-        "load",
-        event_id,
-        "create",
-        enc(plan.meta),
-        enc(plan.cats),
-        *plan.labels,
-        extra_keys=(event_keys(event_id).seat_order,),
-    )
+    settings = Settings(redis_url=cluster.url)
+    svc = Services(settings, cast(Redis, rc), scripts, create_engine(settings))
+    try:
+        await catalog._load(svc, event_id, plan, "create")
+    finally:
+        await svc.engine.dispose()
 
 
 async def test_real_scripts_race_on_every_primary(cluster: LocalCluster, rc: RedisCluster) -> None:
@@ -162,7 +163,7 @@ async def test_real_scripts_race_on_every_primary(cluster: LocalCluster, rc: Red
         by_primary = cluster.event_ids(per_primary=1, prefix="race")
         events = [ids[0] for ids in by_primary.values()]
         for event_id in events:
-            await load_event(scripts, event_id, capacity=20)
+            await load_event(cluster, scripts, rc, event_id, capacity=20)
         for node in cluster.primaries():
             cluster.call(node, "SCRIPT", "FLUSH")
 
