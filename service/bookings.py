@@ -9,10 +9,10 @@ import msgspec
 import sqlalchemy as sa
 
 from service import errors, ledger, schemas
-from service.catalog import call, ensure_loaded
 from service.context import Services
 from service.db import bookings
 from service.keys import event_keys
+from service.live import call, ensure_loaded
 from service.records import BookingRecord, decode_booking
 from service.sales import booking_view
 from service.scripts import Idempotency

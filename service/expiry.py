@@ -18,9 +18,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from service import errors
-from service.catalog import live_event_ids, reclaim_all
 from service.context import Services
 from service.keys import SWEEPER_LOCK, event_keys, parse_hold_ttl
+from service.live import live_event_ids, reclaim_all
 from service.timefmt import redis_ms
 
 log = logging.getLogger("boxoffice.expiry")

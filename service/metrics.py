@@ -17,10 +17,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service import errors, schemas
-from service.catalog import live_event_ids
 from service.context import Services
 from service.expiry import notifications_enabled
 from service.keys import event_keys
+from service.live import live_event_ids
 from service.timefmt import redis_ms
 from service.writebehind import outbox_state
 

@@ -11,9 +11,9 @@ from typing import NoReturn
 import msgspec
 
 from service import errors, schemas
-from service.catalog import call, ensure_loaded, restore
 from service.context import Services
 from service.keys import event_keys
+from service.live import call, ensure_loaded, restore
 from service.records import BookingRecord, HoldRecord, decode_booking, decode_hold
 from service.scripts import Idempotency
 from service.timefmt import from_ms, redis_ms

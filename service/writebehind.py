@@ -25,9 +25,9 @@ import redis.exceptions
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import errors
-from service.catalog import live_event_ids
 from service.context import Services
 from service.keys import OUTBOX_GROUP, event_keys, worker_alive
+from service.live import live_event_ids
 from service.records import decode_booking
 from service.scripts import LUA_DIR
 from service.timefmt import now_ms
