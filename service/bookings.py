@@ -88,4 +88,4 @@ async def cancel_booking(
         stored = await _from_postgres(svc, event_id, booking_id)
         if stored is not None:
             fallback = msgspec.json.encode(stored)
-    await call(svc, "cancel", event_id, booking_id, fallback, idempotency=idem)
+    await call(svc, "cancel", event_id, booking_id, fallback, idempotency=idem, durable=True)

@@ -32,12 +32,14 @@ async def call(
     *args: str | bytes | int,
     extra_keys: tuple[str, ...] = (),
     idempotency: Idempotency | None = None,
+    durable: bool = False,
 ) -> bytes:
     """Call an event script, loading the event from PostgreSQL first when Redis lost it
-    and reclaiming overdue holds when the script says they may be in the way."""
+    and reclaiming overdue holds when the script says they may be in the way. `durable`:
+    see Scripts.call."""
     for _ in range(MAX_ROUNDS):
         reply = await svc.scripts.call(
-            name, event_id, *args, extra_keys=extra_keys, idempotency=idempotency
+            name, event_id, *args, extra_keys=extra_keys, idempotency=idempotency, durable=durable
         )
         if reply == NOT_LOADED:
             await restore(svc, event_id)

@@ -105,7 +105,14 @@ async def confirm_hold(
     idem: Idempotency | None,
 ) -> schemas.Booking:
     reply = await call(
-        svc, "confirm", event_id, hold_id, uuid7(), body.payment_ref or "", idempotency=idem
+        svc,
+        "confirm",
+        event_id,
+        hold_id,
+        uuid7(),
+        body.payment_ref or "",
+        idempotency=idem,
+        durable=True,
     )
     return booking_view(event_id, decode_booking(reply))
 

@@ -83,6 +83,12 @@ class Scripts:
             settings.redis_url, settings.redis_seed_nodes, settings.redis_cluster_retry_seconds
         )
         self._idempotency_cap = settings.idempotency_max_keys_per_event
+        self._replicas = settings.confirm_wait_replicas
+        self._wait = (
+            command(b"WAIT", b"%d" % self._replicas, b"%d" % settings.confirm_wait_timeout_ms)
+            if self._replicas
+            else b""
+        )
 
     async def load(self) -> None:
         """Load every script up front. A later SCRIPT FLUSH or restart is handled per call:
@@ -97,7 +103,11 @@ class Scripts:
         *args: str | bytes | int,
         extra_keys: tuple[str, ...] = (),
         idempotency: Idempotency | None = None,
+        durable: bool = False,
     ) -> bytes:
+        """The script's reply. `durable`: acknowledged only once the replicas that
+        BOXOFFICE_CONFIRM_WAIT_REPLICAS asks for have the script's writes (WAIT behind it
+        on the same connection), else errors.Unavailable; a repeat finds its work done."""
         keys = event_keys(event_id)
         fingerprint = ""
         if idempotency is not None:
@@ -114,6 +124,10 @@ class Scripts:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
+                if durable and self._wait:
+                    return self._replicated(
+                        *await self._pipe.call(head + event_keys_resp + tail, slot, self._wait)
+                    )
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
@@ -127,6 +141,16 @@ class Scripts:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))  # every script is safe to repeat
         raise ConnectionError("Redis kept refusing the script")
+
+    def _replicated(self, reply: bytes, acknowledged: int) -> bytes:
+        # An error reply (or a request to load the event first) is answered as it is: it
+        # acknowledges nothing that a lost primary could take back.
+        if acknowledged < self._replicas and b'"err":' not in reply:
+            raise errors.Unavailable(
+                f"{acknowledged} of {self._replicas} Redis replicas acknowledged in time;"
+                " try again with the same Idempotency-Key"
+            )
+        return reply
 
     def close(self) -> None:
         self._pipe.close()
