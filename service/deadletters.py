@@ -148,6 +148,7 @@ def command(
     async def run() -> Any:
         svc = Services.open(settings)
         try:
+            await svc.start()
             return await _command(svc, action, event, ids)
         finally:
             await svc.close()

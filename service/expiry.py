@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from service import errors
-from service.context import Services
+from service.context import RedisClient, Services
 from service.keys import SWEEPER_LOCK, event_keys, parse_hold_ttl
 from service.live import live_event_ids, reclaim_all
 from service.timefmt import redis_ms
@@ -54,7 +54,7 @@ def _notifications_on(flags: str) -> bool:
     return "E" in flags and ("x" in flags or "A" in flags)
 
 
-async def notifications_enabled(client: Redis) -> bool:
+async def notifications_enabled(client: RedisClient) -> bool:
     try:
         config = await client.config_get("notify-keyspace-events")
     except ResponseError:  # CONFIG disabled or renamed: cannot tell
@@ -62,7 +62,7 @@ async def notifications_enabled(client: Redis) -> bool:
     return _notifications_on(str(next(iter(config.values()), "")))
 
 
-async def enable_notifications(client: Redis) -> bool:
+async def enable_notifications(client: RedisClient) -> bool:
     """Add the flags the listener needs to those already set, never removing any."""
     try:
         config = await client.config_get("notify-keyspace-events")
@@ -85,7 +85,7 @@ class Listener:
         self.svc = svc
         self.subscribed = asyncio.Event()  # set while subscribed
         self.subscriptions = 0  # how many times it (re)subscribed
-        db = svc.redis.connection_pool.connection_kwargs.get("db", 0)
+        db = svc.redis.get_connection_kwargs().get("db") or 0
         self.channel = f"__keyevent@{db}__:expired"
 
     async def run(self, stop: asyncio.Event) -> None:
