@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 import msgspec
@@ -15,6 +17,8 @@ from service.db import categories, events
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
+
+log = logging.getLogger("boxoffice.catalog")
 
 
 # --- create -------------------------------------------------------------------------
@@ -83,7 +87,30 @@ def _plan(body: schemas.EventCreate) -> live.Plan:
 
 
 async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Event:
+    """PostgreSQL, Redis's registry of live events and the event's own node are written
+    apart: in the order where a failure at any step leaves no event that sells without its
+    PostgreSQL row. The registry first (an id there without an event is harmless), then
+    PostgreSQL, then the live state last; a load that fails is undone."""
     plan = _plan(body)
+    await live.register(svc, body.id)
+    try:
+        await _insert(svc, body, plan)
+    except errors.EventExists:
+        raise  # the id is another event's: its registration stays
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await live.unregister(svc, body.id)  # else prune_registry() will
+        raise
+    try:
+        await live.load(svc, body.id, plan, "create")
+    except BaseException:
+        await _undo_create(svc, body.id)
+        raise
+    live.MISSES.forget(body.id)
+    return await view_event(svc, body.id)
+
+
+async def _insert(svc: Services, body: schemas.EventCreate, plan: live.Plan) -> None:
     async with svc.engine.begin() as conn:
         created = await conn.execute(
             insert(events)
@@ -118,10 +145,24 @@ async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Even
             ],
         )
         await _insert_seats(conn, body.id, plan)
-        # Redis is loaded before the commit: if loading fails, PostgreSQL rolls back too.
-        await live.load(svc, body.id, plan, "create")
-    live.MISSES.forget(body.id)
-    return await view_event(svc, body.id)
+
+
+async def _undo_create(svc: Services, event_id: str) -> None:
+    """After a load that failed (its answer lost, or the event half loaded): the live state
+    goes first, and only once Redis surely has none, the PostgreSQL rows, so that no moment
+    exists where Redis has the event and PostgreSQL does not. When Redis cannot be reached,
+    PostgreSQL keeps the event: Redis may have it, and otherwise loads it on first use."""
+    try:
+        await live.unload(svc, event_id)
+        async with svc.engine.begin() as conn:
+            await conn.execute(events.delete().where(events.c.id == event_id))
+        # A request for the new id may have loaded it from PostgreSQL meanwhile.
+        await live.unload(svc, event_id)
+        await live.unregister(svc, event_id)
+    except Exception as e:
+        errors.log_failure(
+            log, f"undoing the failed create of {event_id!r}: PostgreSQL keeps the event", e
+        )
 
 
 async def _insert_seats(conn: AsyncConnection, event_id: str, plan: live.Plan) -> None:
@@ -242,21 +283,55 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
         raise errors.ValidationError("a category appears at most once")
     if caps:
         changes["caps"] = caps
-    async with svc.engine.begin() as conn:
-        # The row lock serialises admin changes of one event between PostgreSQL and Redis.
-        found = await conn.execute(
-            sa.select(events.c.id).where(events.c.id == event_id).with_for_update()
-        )
-        if found.first() is None:
-            raise errors.EventNotFound(f"no event {event_id!r}")
-        if values:
-            await conn.execute(events.update().where(events.c.id == event_id).values(**values))
-        for name, cap in caps.items():
-            await conn.execute(
-                categories.update()
-                .where(categories.c.event_id == event_id, categories.c.name == name)
-                .values(capacity=cap)
+    configured: dict[str, Any] | None = None
+    try:
+        async with svc.engine.begin() as conn:
+            # The row lock serialises admin changes of one event between PostgreSQL and Redis.
+            found = (
+                await conn.execute(
+                    sa.select(events).where(events.c.id == event_id).with_for_update()
+                )
+            ).first()
+            if found is None:
+                raise errors.EventNotFound(f"no event {event_id!r}")
+            if values:
+                await conn.execute(events.update().where(events.c.id == event_id).values(**values))
+            rows = await conn.execute(
+                sa.select(categories.c.name, categories.c.capacity).where(
+                    categories.c.event_id == event_id, categories.c.name.in_(caps)
+                )
             )
-        # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
-        await live.call(svc, "configure", event_id, msgspec.json.encode(changes))
+            old_caps = {r.name: r.capacity for r in rows}
+            for name, cap in caps.items():
+                await conn.execute(
+                    categories.update()
+                    .where(categories.c.event_id == event_id, categories.c.name == name)
+                    .values(capacity=cap)
+                )
+            # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
+            await live.call(svc, "configure", event_id, msgspec.json.encode(changes))
+            configured = _undo_changes(found, changes, old_caps)
+    except BaseException:
+        if configured is not None:
+            # Redis took the change and PostgreSQL did not (the commit failed): put Redis
+            # back. If that fails too, reconcile aligns the capacities with PostgreSQL.
+            with contextlib.suppress(Exception):
+                await live.call(svc, "configure", event_id, msgspec.json.encode(configured))
+        raise
     return await view_event(svc, event_id)
+
+
+def _undo_changes(
+    before: sa.Row[Any], changes: dict[str, Any], caps: dict[str, int]
+) -> dict[str, Any]:
+    """The configure changes that put back what `changes` changed."""
+    undo: dict[str, Any] = {}
+    if "status" in changes:
+        undo["status"] = before.status
+    if "name" in changes:
+        undo["name"] = before.name
+    if "on_sale_at" in changes:
+        undo["on_sale_at"] = "" if before.on_sale_at is None else to_ms(before.on_sale_at)
+    if caps:
+        undo["caps"] = caps
+    return undo

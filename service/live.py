@@ -139,6 +139,50 @@ async def ensure_loaded(svc: Services, event_id: str) -> None:
         await restore(svc, event_id)
 
 
+# --- the registry of live events ----------------------------------------------------
+# It sits on some node of its own (a cluster puts it apart from every event), so it is
+# written apart from an event's keys: first, before the event exists anywhere (an id there
+# without an event is skipped by its readers, and pruned), and again once the event is
+# loaded (in load()), in case a prune took it out meanwhile.
+
+
+async def register(svc: Services, event_id: str) -> None:
+    await svc.redis.sadd(EVENTS, event_id)
+
+
+async def unregister(svc: Services, event_id: str) -> None:
+    """Take the id out of the registry, unless PostgreSQL has the event: looked at after
+    the removal, so that an event created meanwhile is put back (its own create registers
+    it again once loaded, too)."""
+    await svc.redis.srem(EVENTS, event_id)
+    if await in_postgres(svc, event_id):
+        await svc.redis.sadd(EVENTS, event_id)
+
+
+async def prune_registry(svc: Services) -> list[str]:
+    """Forget the registered ids of events that neither PostgreSQL nor Redis has (a create
+    that failed half-way); the ids pruned."""
+    pruned = []
+    for event_id in await live_event_ids(svc):
+        if await svc.redis.exists(event_keys(event_id).meta) or await in_postgres(svc, event_id):
+            continue
+        await unregister(svc, event_id)
+        pruned.append(event_id)
+    return pruned
+
+
+async def in_postgres(svc: Services, event_id: str) -> bool:
+    async with svc.engine.connect() as conn:
+        found = await conn.execute(sa.select(events.c.id).where(events.c.id == event_id))
+        return found.first() is not None
+
+
+async def unload(svc: Services, event_id: str) -> None:
+    """Delete the event's live state (its keys share one slot: one command)."""
+    k = event_keys(event_id)
+    await svc.redis.delete(*k.all, k.seat_order)
+
+
 async def live_event_ids(svc: Services) -> list[str]:
     """Events loaded into Redis, for the background workers and /metrics to visit."""
     members: set[Any] = await svc.redis.smembers(EVENTS)
@@ -240,6 +284,7 @@ async def restore(svc: Services, event_id: str) -> None:
         ev.currency,
         [c.name for c in cats],
     )
+    await register(svc, event_id)
     await ledger.adopt(svc, event_id)
     plan = Plan(meta, plan_cats, [r.label for r in seat_rows], [], [])
     await load(svc, event_id, plan, "restore")
