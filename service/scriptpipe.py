@@ -313,6 +313,8 @@ def _pair(node: _NodePipe, first: asyncio.Future[Any], then: bytes) -> asyncio.F
     both: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def settle(_: asyncio.Future[Any]) -> None:
+        if not second.cancelled():
+            second.exception()  # retrieved, whatever the outcome
         if both.done():
             return
         for future in (first, second):

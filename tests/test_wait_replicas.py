@@ -4,8 +4,9 @@ Retry-After, and the retry with the same Idempotency-Key gets the same booking."
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import msgspec
@@ -26,10 +27,11 @@ from tests.conftest import (
     server_env,
     worker_env,
 )
-from tests.servers import RedisServer
+from tests.servers import LocalCluster, RedisServer
 from tests.test_writebehind import persisted_ids
 
 GA = {"items": [{"category": "GA", "quantity": 1}]}
+GA_ITEM = schemas.HoldItem("GA", 1)
 
 
 def wait_synced(primary: RedisServer, replica: RedisServer, timeout: float = 20.0) -> None:
@@ -175,3 +177,113 @@ async def test_no_wait_without_the_setting(
     finally:
         replica.resume()
         await svc.close()
+
+
+# --- a cluster: a primary killed under confirmations -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as c:
+        yield c
+
+
+async def test_acknowledged_confirmations_survive_a_primary_killed_under_load(
+    settings: Settings, cluster: LocalCluster
+) -> None:
+    """kill -9 the event's primary while confirmations pour in with n = 1: its replica takes
+    over, sales resume within seconds, and every confirmation that was acknowledged is on
+    the new primary (its bookings and its outbox, which the write-behind reads)."""
+    waiting = Settings(
+        redis_url=cluster.url,
+        database_url=settings.database_url,
+        confirm_wait_replicas=1,
+        confirm_wait_timeout_ms=1000,
+    )
+    svc = Services.open(waiting)
+    await svc.start()
+    try:
+        port, (event_id,) = next(iter(cluster.event_ids(1).items()))
+        primary = next(n for n in cluster.primaries() if n.port == port)
+        big = event_body(event_id, max_per_order=1)
+        big["categories"] = [{"name": "GA", "price": 100, "currency": "EUR", "capacity": 100_000}]
+        await catalog.create_event(svc, msgspec.convert(big, schemas.EventCreate))
+
+        acknowledged: list[str] = []
+        failed = 0
+        killed_at = float("inf")
+        # After the kill: the first hold (the replica took over), and the first confirmation
+        # (WAIT 1 needs a replica again: the killed node, restarted, is the new one's).
+        held_at: float | None = None
+        confirmed_at: float | None = None
+        stop = asyncio.Event()
+
+        async def buyer(i: int) -> None:
+            nonlocal failed, held_at, confirmed_at
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    hold = await sales.create_hold(
+                        svc,
+                        event_id,
+                        schemas.HoldCreate(customer_id=f"c{i}-{n}", items=[GA_ITEM]),
+                        None,
+                    )
+                    if time.monotonic() > killed_at and held_at is None:
+                        held_at = time.monotonic()
+                    started = time.monotonic()
+                    booking = await sales.confirm_hold(
+                        svc, event_id, hold.hold_id, schemas.HoldConfirm(), None
+                    )
+                except Exception:
+                    failed += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                acknowledged.append(booking.booking_id)
+                if started > killed_at and confirmed_at is None:
+                    confirmed_at = time.monotonic()
+
+        async def until(check: Callable[[], bool], within: float) -> None:
+            deadline = time.monotonic() + within
+            while not check() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+
+        buyers = [asyncio.ensure_future(buyer(i)) for i in range(16)]
+        await asyncio.sleep(1.5)
+        before = len(acknowledged)
+        assert before > 0
+        cluster.kill(primary)
+        killed_at = time.monotonic()
+        await until(lambda: held_at is not None, 20)
+        assert held_at is not None, "holds did not resume after the failover"
+        assert held_at - killed_at < 10
+        restarted_at = time.monotonic()
+        await asyncio.to_thread(primary.start)
+        await until(lambda: confirmed_at is not None, 20)
+        stop.set()
+        await asyncio.gather(*buyers)
+        assert confirmed_at is not None, "confirmations did not resume"
+        print(
+            f"acknowledged {len(acknowledged)} ({before} before the kill), failed {failed};"
+            f" holds resumed {held_at - killed_at:.1f} s after the kill, confirmations"
+            f" {confirmed_at - killed_at:.1f} s after it (the old primary restarted"
+            f" {restarted_at - killed_at:.1f} s after it, a replica of the new one)"
+        )
+
+        await asyncio.to_thread(cluster.wait_ok)
+        k = event_keys(event_id)
+        keys: list[bytes] = await svc.redis.hkeys(k.bookings)  # type: ignore[assignment]
+        stored = {b.decode() for b in keys}
+        lost = [b for b in acknowledged if b not in stored]
+        assert lost == [], f"{len(lost)} acknowledged confirmations lost"
+        queued = set()
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await svc.redis.xrange(k.outbox)  # type: ignore[assignment]
+        for _, fields in entries:
+            if fields[b"op"] == b"confirm":
+                queued.add(msgspec.json.decode(fields[b"booking"])["id"])
+        assert set(acknowledged) <= queued
+        assert len(acknowledged) == len(set(acknowledged))
+    finally:
+        await svc.close()
+        await asyncio.to_thread(cluster.heal)
