@@ -620,6 +620,9 @@ async def reconcile(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Report:
     ids = await event_ids(svc, only)
+    if repair and only is None:
+        # Ids registered by a create that then failed: no event of theirs is anywhere.
+        await live.prune_registry(svc)
     reports = []
     for i, event_id in enumerate(ids):
         if progress is not None:
