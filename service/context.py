@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +19,7 @@ from service.db import create_engine
 from service.scriptpipe import parse_seed_nodes
 from service.scripts import Scripts
 from service.settings import Settings
+from service.timefmt import redis_ms
 
 # One client type for both: the commands are the same, only the routing differs.
 RedisClient = Redis | RedisCluster
@@ -63,6 +65,21 @@ class Services:
         await self.engine.dispose()
 
 
+async def execute_timed(
+    redis: RedisClient, pipe: Pipeline | ClusterPipeline, near: str | None = None
+) -> tuple[int, list[Any]]:
+    """A pipeline's replies, and Redis's clock (epoch ms) read with them: in the same round
+    trip on a single node; a cluster refuses TIME in a pipeline, so one more there, on the
+    node of the key `near` when given (the clock the event's scripts read)."""
+    if isinstance(redis, RedisCluster):
+        replies = await pipe.execute()
+        target = {} if near is None else {"target_nodes": redis.get_node_from_key(near)}
+        return redis_ms(await redis.time(**target)), replies
+    pipe.time()
+    *replies, now = await pipe.execute()
+    return redis_ms(now), replies
+
+
 def _single_node(settings: Settings) -> Redis:
     # Blocking: a burst beyond the pool waits for a connection instead of failing.
     # Retries: a pooled connection found dead after a Redis restart is replaced, not
@@ -99,6 +116,7 @@ async def is_cluster(settings: Settings) -> bool:
         **_client_options(settings),
         "socket_timeout": DETECT_TIMEOUT,
         "socket_connect_timeout": DETECT_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),  # the next start-up node instead
     }
     for host, port in _startup_nodes(settings):
         client = Redis(host=host, port=port, **options)

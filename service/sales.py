@@ -11,12 +11,12 @@ from typing import NoReturn
 import msgspec
 
 from service import errors, schemas
-from service.context import Services
+from service.context import Services, execute_timed
 from service.keys import event_keys
 from service.live import call, ensure_loaded, restore
 from service.records import BookingRecord, HoldRecord, decode_booking, decode_hold
 from service.scripts import Idempotency
-from service.timefmt import from_ms, redis_ms
+from service.timefmt import from_ms
 
 _encode = msgspec.json.encode
 
@@ -130,10 +130,9 @@ async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[byt
         pipe = svc.redis.pipeline(transaction=False)
         pipe.exists(keys.meta)
         pipe.hget(key, field)
-        pipe.time()
-        loaded, raw, time_reply = await pipe.execute()
+        now, (loaded, raw) = await execute_timed(svc.redis, pipe, near=key)
         if loaded:
-            return raw, redis_ms(time_reply)
+            return raw, now
         await restore(svc, event_id)
     raise errors.Unavailable("the event could not be loaded")
 
