@@ -284,6 +284,22 @@ async def test_acknowledged_confirmations_survive_a_primary_killed_under_load(
                 queued.add(msgspec.json.decode(fields[b"booking"])["id"])
         assert set(acknowledged) <= queued
         assert len(acknowledged) == len(set(acknowledged))
+
+        # And PostgreSQL, through a worker on the cluster: each booking once.
+        worker = Worker(worker_env(settings, BOXOFFICE_REDIS_URL=cluster.url))
+        worker.start()
+        try:
+
+            async def written() -> bool:
+                return len(await persisted_ids(svc, event_id)) >= len(queued)
+
+            await eventually(written, within=60)
+        finally:
+            worker.stop()
+            print(worker.log()[-2000:])
+        persisted = await persisted_ids(svc, event_id)
+        assert len(persisted) == len(set(persisted)) == len(queued)
+        assert set(acknowledged) <= set(persisted)
     finally:
         await svc.close()
         await asyncio.to_thread(cluster.heal)
