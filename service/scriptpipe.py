@@ -202,10 +202,10 @@ class _NodePipe:
         self._futures: list[asyncio.Future[Any]] = []
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def submit(self, payload: bytes, then: bytes = b"") -> asyncio.Future[Any]:
+    def submit(self, payload: bytes, then: tuple[bytes, ...] = ()) -> asyncio.Future[Any]:
         """Queue one command (already in RESP) with the others of this turn; its reply.
-        With `then` (one more command), both go in the same write on the same connection
-        and the reply is the pair of replies (see _pair)."""
+        With `then` (more commands), all go in the same write on the same connection and
+        the reply is the pair of the first and last replies (see _pair)."""
         if then and not self._waits:
             return self._for_waits().submit(payload, then)
         loop = asyncio.get_running_loop()
@@ -216,7 +216,7 @@ class _NodePipe:
         self._futures.append(future)
         return _pair(self, future, then) if then else future
 
-    def submit_asking(self, payload: bytes, then: bytes = b"") -> asyncio.Future[Any]:
+    def submit_asking(self, payload: bytes, then: tuple[bytes, ...] = ()) -> asyncio.Future[Any]:
         """The command after ASKING, in the same write: ASKING holds for the next command
         of the connection only."""
         if then and not self._waits:
@@ -305,30 +305,31 @@ class _NodePipe:
             self._watchdog = None
 
 
-def _pair(node: _NodePipe, first: asyncio.Future[Any], then: bytes) -> asyncio.Future[Any]:
-    """The replies of the command queued last and of `then`, queued right behind it: one
-    future for both, failed with the first's error if it failed (the second's reply is
-    then of no use), else with the second's."""
-    second = node.queue_after(then)
+def _pair(
+    node: _NodePipe, first: asyncio.Future[Any], then: tuple[bytes, ...]
+) -> asyncio.Future[Any]:
+    """The replies of the command queued last and of the last of `then`, queued right
+    behind it: one future for both, failed with the first error among them."""
+    others = [node.queue_after(command) for command in then]
     both: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def settle(_: asyncio.Future[Any]) -> None:
-        if not second.cancelled():
-            second.exception()  # retrieved, whatever the outcome
+        for future in (first, *others):  # every exception retrieved, whatever the outcome
+            if not future.cancelled():
+                future.exception()
         if both.done():
             return
-        for future in (first, second):
+        for future in (first, *others):
             if future.cancelled():
                 both.cancel()
                 return
             if future.exception() is not None:
                 both.set_exception(cast(BaseException, future.exception()))
                 return
-        both.set_result((first.result(), second.result()))
+        both.set_result((first.result(), others[-1].result()))
 
-    # Replies come in order: the second settles last (a lost connection fails both).
-    second.add_done_callback(settle)
-    first.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+    # Replies come in order: the last settles last (a lost connection fails them all).
+    others[-1].add_done_callback(settle)
     return both
 
 
@@ -350,7 +351,9 @@ class _Cluster:
         # hung one would cost the whole TOPOLOGY_TIMEOUT at every refresh.
         self._answered: list[Address] = []
 
-    async def recover(self, payload: bytes, slot: int, error: RedisError, then: bytes = b"") -> Any:
+    async def recover(
+        self, payload: bytes, slot: int, error: RedisError, then: tuple[bytes, ...] = ()
+    ) -> Any:
         """Follow redirections and wait out migrations and failovers, within the budget."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry_seconds
@@ -475,12 +478,12 @@ class ScriptPipe:
             self._event_keys[event_id] = entry
         return entry
 
-    async def call(self, payload: bytes, slot: int = 0, then: bytes = b"") -> Any:
+    async def call(self, payload: bytes, slot: int = 0, then: tuple[bytes, ...] = ()) -> Any:
         """Send one command (already in RESP) with the others of this turn; its reply. The
-        slot (from event_keys()) routes it on a cluster. With `then`, one more command
-        goes right behind it, in the same write to the same connection (WAIT, which
-        counts the replicas that have this connection's writes), and the reply is the
-        pair of replies; a redirected call is resent with its `then`."""
+        slot (from event_keys()) routes it on a cluster. With `then`, more commands go right
+        behind it, in the same write to the same connection (WAIT, which counts the
+        replicas that have this connection's writes), and the reply is the pair of the
+        first and the last replies; a redirected call is resent with its `then`."""
         node = self._node
         if node is None:
             cluster = self._cluster

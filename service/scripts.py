@@ -125,8 +125,15 @@ class Scripts:
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
                 if durable and self._wait:
+                    # WAIT counts replicas up to the connection's last write: a repeat
+                    # that writes nothing (the booking was made, on this or another
+                    # connection) would be counted up to some older write. A write of
+                    # nothing (a count the script keeps, plus 0) makes it now.
+                    field = _COUNTED.get(name, b"confirmed")
+                    touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
+                    then = (touch, self._wait)
                     return self._replicated(
-                        *await self._pipe.call(head + event_keys_resp + tail, slot, self._wait)
+                        *await self._pipe.call(head + event_keys_resp + tail, slot, then)
                     )
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
@@ -154,6 +161,10 @@ class Scripts:
 
     def close(self) -> None:
         self._pipe.close()
+
+
+# The stats field (lua/lib.lua) a durable script counts in.
+_COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 
 
 def _bytes(value: str | bytes | int) -> bytes:
