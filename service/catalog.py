@@ -88,20 +88,16 @@ def _plan(body: schemas.EventCreate) -> live.Plan:
 
 async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Event:
     """PostgreSQL, Redis's registry of live events and the event's own node are written
-    apart: in the order where a failure at any step leaves no event that sells without its
-    PostgreSQL row. The registry first (an id there without an event is harmless), then
-    PostgreSQL, then the live state last; a load that fails is undone."""
+    apart, in the order where a failure at any step leaves no event that sells without
+    its PostgreSQL row: PostgreSQL first (committed), then the registry, so that no event
+    is ever loaded that the workers do not find, then the live state last; a failure
+    after PostgreSQL is undone. (Registered just before the load, not before PostgreSQL:
+    a worker that found the id earlier would make its outbox group, and the load clears
+    the event's keys.)"""
     plan = _plan(body)
-    await live.register(svc, body.id)
+    await _insert(svc, body, plan)
     try:
-        await _insert(svc, body, plan)
-    except errors.EventExists:
-        raise  # the id is another event's: its registration stays
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await live.unregister(svc, body.id)  # else prune_registry() will
-        raise
-    try:
+        await live.register(svc, body.id)
         await live.load(svc, body.id, plan, "create")
     except BaseException:
         await _undo_create(svc, body.id)
@@ -148,21 +144,24 @@ async def _insert(svc: Services, body: schemas.EventCreate, plan: live.Plan) -> 
 
 
 async def _undo_create(svc: Services, event_id: str) -> None:
-    """After a load that failed (its answer lost, or the event half loaded): the live state
-    goes first, and only once Redis surely has none, the PostgreSQL rows, so that no moment
-    exists where Redis has the event and PostgreSQL does not. When Redis cannot be reached,
-    PostgreSQL keeps the event: Redis may have it, and otherwise loads it on first use."""
+    """After a registration or a load that failed (its answer lost, or the event half
+    loaded): the live state goes first, and only once Redis surely has none the
+    PostgreSQL rows, so that no moment exists where Redis has the event and PostgreSQL
+    does not. When Redis cannot be reached, PostgreSQL keeps the event: Redis may have
+    it, and otherwise loads it on first use."""
     try:
         await live.unload(svc, event_id)
         async with svc.engine.begin() as conn:
             await conn.execute(events.delete().where(events.c.id == event_id))
         # A request for the new id may have loaded it from PostgreSQL meanwhile.
         await live.unload(svc, event_id)
-        await live.unregister(svc, event_id)
     except Exception as e:
         errors.log_failure(
             log, f"undoing the failed create of {event_id!r}: PostgreSQL keeps the event", e
         )
+        return
+    with contextlib.suppress(Exception):
+        await live.unregister(svc, event_id)  # else reconcile --repair prunes it
 
 
 async def _insert_seats(conn: AsyncConnection, event_id: str, plan: live.Plan) -> None:

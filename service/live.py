@@ -141,9 +141,9 @@ async def ensure_loaded(svc: Services, event_id: str) -> None:
 
 # --- the registry of live events ----------------------------------------------------
 # It sits on some node of its own (a cluster puts it apart from every event), so it is
-# written apart from an event's keys: first, before the event exists anywhere (an id there
-# without an event is skipped by its readers, and pruned), and again once the event is
-# loaded (in load()), in case a prune took it out meanwhile.
+# written apart from an event's keys: before the event is loaded (an id there without an
+# event is skipped by its readers, and pruned), so that no loaded event is missing from
+# it, and again once the event is loaded (in load()), in case a prune took it out.
 
 
 async def register(svc: Services, event_id: str) -> None:
