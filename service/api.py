@@ -715,6 +715,7 @@ def create_app(settings: Settings) -> Litestar:
         flusher = asyncio.get_running_loop().create_task(stats.flush_every())
         try:
             try:
+                await svc.start()
                 await svc.scripts.load()
             except Exception as e:  # /ready says so; every call loads what it misses
                 if not errors.unavailable(e):

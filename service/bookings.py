@@ -9,10 +9,10 @@ import msgspec
 import sqlalchemy as sa
 
 from service import errors, ledger, schemas
-from service.catalog import call, ensure_loaded
 from service.context import Services
 from service.db import bookings
 from service.keys import event_keys
+from service.live import call, ensure_loaded
 from service.records import BookingRecord, decode_booking
 from service.sales import booking_view
 from service.scripts import Idempotency
@@ -88,4 +88,4 @@ async def cancel_booking(
         stored = await _from_postgres(svc, event_id, booking_id)
         if stored is not None:
             fallback = msgspec.json.encode(stored)
-    await call(svc, "cancel", event_id, booking_id, fallback, idempotency=idem)
+    await call(svc, "cancel", event_id, booking_id, fallback, idempotency=idem, durable=True)

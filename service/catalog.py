@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-import time
-from collections import Counter, OrderedDict
-from datetime import datetime
+import contextlib
+import logging
 from typing import Any
 
 import msgspec
@@ -14,74 +11,20 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors, ledger, schemas
+from service import errors, live, schemas
 from service.context import Services
-from service.db import categories, events, seats
-from service.keys import EVENTS, event_keys
-from service.scripts import NO_ORDER, NOT_LOADED, RETRY, Idempotency, raise_for_error
+from service.db import categories, events
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
-# Unknown event ids a process remembers (briefly) at most.
-MISSES_CACHED = 10_000
-# A script asks to be called again after the event was loaded, or after a reclaim; more
-# than a few rounds means something else keeps interfering.
-MAX_ROUNDS = 8
-# Seats per load_seats.lua call: a few ms of Redis time each, whatever the event's size.
-LOAD_CHUNK = 500
-# A load that stops renewing its lease this long (its process died) is taken over.
-LOAD_LEASE_MS = 5000
-# How long a load waits for another process's load of the same event to finish.
-LOAD_WAIT_SECONDS = 30
 
-
-async def call(
-    svc: Services,
-    name: str,
-    event_id: str,
-    *args: str | bytes | int,
-    extra_keys: tuple[str, ...] = (),
-    idempotency: Idempotency | None = None,
-) -> bytes:
-    """Call an event script, loading the event from PostgreSQL first when Redis lost it
-    and reclaiming overdue holds when the script says they may be in the way."""
-    for _ in range(MAX_ROUNDS):
-        reply = await svc.scripts.call(
-            name, event_id, *args, extra_keys=extra_keys, idempotency=idempotency
-        )
-        if reply == NOT_LOADED:
-            await restore(svc, event_id)
-        elif reply == RETRY:
-            await reclaim_all(svc, event_id)
-        elif reply == NO_ORDER:
-            await load_seat_order(svc, event_id)
-        else:
-            raise_for_error(reply)
-            return reply
-    raise errors.Unavailable("the event's live state kept changing; try again")
-
-
-async def reclaim_all(svc: Services, event_id: str) -> None:
-    """Expire every overdue hold of the event, a bounded batch per script call."""
-    while await svc.scripts.call("reclaim", event_id):
-        pass
+log = logging.getLogger("boxoffice.catalog")
 
 
 # --- create -------------------------------------------------------------------------
 
 
-class _Plan(msgspec.Struct):
-    """An event as the load script wants it."""
-
-    meta: dict[str, str | int]
-    cats: list[dict[str, Any]]
-    labels: list[str]
-    seat_cats: list[str]
-    # Per seat, where it stands: (row, number) for a seat from a block, else (None, None).
-    places: list[tuple[str | None, int | None]]
-
-
-def _plan(body: schemas.EventCreate) -> _Plan:
+def _plan(body: schemas.EventCreate) -> live.Plan:
     currencies = {c.currency for c in body.categories}
     if len(currencies) != 1:
         raise errors.ValidationError("all categories of an event share one currency")
@@ -129,7 +72,7 @@ def _plan(body: schemas.EventCreate) -> _Plan:
         )
     if len(set(labels)) != len(labels):
         raise errors.ValidationError("seat labels must be unique within the event")
-    meta = _meta(
+    meta = live.meta_hash(
         body.name,
         body.starts_at,
         body.on_sale_at,
@@ -140,36 +83,30 @@ def _plan(body: schemas.EventCreate) -> _Plan:
         body.categories[0].currency,
         names,
     )
-    return _Plan(meta, cats, labels, seat_cats, places)
-
-
-def _meta(
-    name: str,
-    starts_at: datetime,
-    on_sale_at: datetime | None,
-    status: str,
-    ttl: int,
-    max_per_order: int,
-    max_per_customer: int | None,
-    currency: str,
-    category_names: list[str],
-) -> dict[str, str | int]:
-    """The event's `meta` hash (lua/lib.lua)."""
-    return {
-        "name": name,
-        "starts_at": to_ms(starts_at),
-        "on_sale_at": "" if on_sale_at is None else to_ms(on_sale_at),
-        "status": status,
-        "ttl": ttl,
-        "mpo": max_per_order,
-        "mpc": "" if max_per_customer is None else max_per_customer,
-        "currency": currency,
-        "order": msgspec.json.encode(category_names).decode(),
-    }
+    return live.Plan(meta, cats, labels, seat_cats, places)
 
 
 async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Event:
+    """PostgreSQL, Redis's registry of live events and the event's own node are written
+    apart, in the order where a failure at any step leaves no event that sells without
+    its PostgreSQL row: PostgreSQL first (committed), then the registry, so that no event
+    is ever loaded that the workers do not find, then the live state last; a failure
+    after PostgreSQL is undone. (Registered just before the load, not before PostgreSQL:
+    a worker that found the id earlier would make its outbox group, and the load clears
+    the event's keys.)"""
     plan = _plan(body)
+    await _insert(svc, body, plan)
+    try:
+        await live.register(svc, body.id)
+        await live.load(svc, body.id, plan, "create")
+    except BaseException:
+        await _undo_create(svc, body.id)
+        raise
+    live.MISSES.forget(body.id)
+    return await view_event(svc, body.id)
+
+
+async def _insert(svc: Services, body: schemas.EventCreate, plan: live.Plan) -> None:
     async with svc.engine.begin() as conn:
         created = await conn.execute(
             insert(events)
@@ -204,13 +141,30 @@ async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Even
             ],
         )
         await _insert_seats(conn, body.id, plan)
-        # Redis is loaded before the commit: if loading fails, PostgreSQL rolls back too.
-        await _load(svc, body.id, plan, "create")
-    MISSES.forget(body.id)
-    return await view_event(svc, body.id)
 
 
-async def _insert_seats(conn: AsyncConnection, event_id: str, plan: _Plan) -> None:
+async def _undo_create(svc: Services, event_id: str) -> None:
+    """After a registration or a load that failed (its answer lost, or the event half
+    loaded): the live state goes first, and only once Redis surely has none the
+    PostgreSQL rows, so that no moment exists where Redis has the event and PostgreSQL
+    does not. When Redis cannot be reached, PostgreSQL keeps the event: Redis may have
+    it, and otherwise loads it on first use."""
+    try:
+        await live.unload(svc, event_id)
+        async with svc.engine.begin() as conn:
+            await conn.execute(events.delete().where(events.c.id == event_id))
+        # A request for the new id may have loaded it from PostgreSQL meanwhile.
+        await live.unload(svc, event_id)
+    except Exception as e:
+        errors.log_failure(
+            log, f"undoing the failed create of {event_id!r}: PostgreSQL keeps the event", e
+        )
+        return
+    with contextlib.suppress(Exception):
+        await live.unregister(svc, event_id)  # else reconcile --repair prunes it
+
+
+async def _insert_seats(conn: AsyncConnection, event_id: str, plan: live.Plan) -> None:
     if not plan.labels:
         return
     raw = await conn.get_raw_connection()
@@ -223,182 +177,6 @@ async def _insert_seats(conn: AsyncConnection, event_id: str, plan: _Plan) -> No
         ],
         columns=["event_id", "label", "category", "position", "row", "number"],
     )
-
-
-async def _load(svc: Services, event_id: str, plan: _Plan, mode: str) -> None:
-    """Load the event into Redis (mode: lua/load.lua), a chunk of seats or bookings per
-    call. Another process's load of the same event is waited for; one that died is
-    taken over."""
-    deadline = time.monotonic() + LOAD_WAIT_SECONDS
-    token = secrets.token_hex(8)
-    while not await _load_once(svc, event_id, plan, mode, token):
-        if time.monotonic() > deadline:
-            raise errors.Unavailable("the event is being loaded; try again")
-        await asyncio.sleep(0.05)
-    if mode != "order":
-        await svc.redis.sadd(EVENTS, event_id)
-
-
-async def _load_once(svc: Services, event_id: str, plan: _Plan, mode: str, token: str) -> bool:
-    """One try: True when the event is loaded (by this load or another), False while
-    another load holds the event's lease."""
-    enc = msgspec.json.encode
-    ranges = enc([[c["name"], c["lo"], c["hi"]] for c in plan.cats])
-    keys = event_keys(event_id).load_keys
-    firsts = [""] + [str(i) for i in range(0, len(plan.labels), LOAD_CHUNK)]
-    for first in firsts:
-        chunk = plan.labels[int(first) : int(first) + LOAD_CHUNK] if first else []
-        reply = await svc.scripts.call(
-            "load_seats",
-            event_id,
-            mode,
-            token,
-            LOAD_LEASE_MS,
-            ranges,
-            first,
-            *chunk,
-            extra_keys=keys,
-        )
-        if reply != b"ok":
-            return reply == b"loaded"
-    cursor = b"0" if mode == "restore" else b"done"
-    while cursor != b"done":
-        cursor = await svc.scripts.call(
-            "load_bookings", event_id, token, LOAD_LEASE_MS, cursor, extra_keys=keys
-        )
-        if cursor == b"busy":
-            return False
-    meta, cats = (enc(plan.meta), enc(plan.cats)) if mode != "order" else (b"", b"")
-    reply = await svc.scripts.call(
-        "load", event_id, mode, token, len(plan.labels), meta, cats, extra_keys=keys
-    )
-    return reply != b"busy"
-
-
-async def load_seat_order(svc: Services, event_id: str) -> None:
-    """Build the seat order list of an event that an earlier version loaded without one."""
-    async with svc.engine.connect() as conn:
-        labels = (
-            await conn.execute(
-                sa.select(seats.c.label)
-                .where(seats.c.event_id == event_id)
-                .order_by(seats.c.position)
-            )
-        ).scalars()
-        plan = _Plan({}, [], list(labels), [], [])
-    await _load(svc, event_id, plan, "order")
-
-
-async def ensure_loaded(svc: Services, event_id: str) -> None:
-    """Raise EventNotFound for an unknown event; load one that Redis lost."""
-    if not await svc.redis.exists(event_keys(event_id).meta):
-        await restore(svc, event_id)
-
-
-async def live_event_ids(svc: Services) -> list[str]:
-    """Events loaded into Redis, for the background workers and /metrics to visit."""
-    members: set[Any] = await svc.redis.smembers(EVENTS)
-    return sorted(m.decode() for m in members)
-
-
-# --- restore ------------------------------------------------------------------------
-
-
-class _Misses:
-    """Event ids that PostgreSQL did not have a moment ago, in this process: requests for
-    an unknown event would otherwise each cost a query. Only a restore asks, and a restore
-    only runs for an event Redis does not have: an event created since (by any process)
-    is in Redis at once, so this never hides it."""
-
-    def __init__(self, size: int) -> None:
-        self._until: OrderedDict[str, float] = OrderedDict()
-        self._size = size
-
-    def missing(self, event_id: str) -> bool:
-        until = self._until.get(event_id)
-        if until is None:
-            return False
-        if until > time.monotonic():
-            return True
-        del self._until[event_id]
-        return False
-
-    def add(self, event_id: str, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        self._until[event_id] = time.monotonic() + seconds
-        self._until.move_to_end(event_id)
-        if len(self._until) > self._size:
-            self._until.popitem(last=False)
-
-    def forget(self, event_id: str) -> None:
-        self._until.pop(event_id, None)
-
-    def __len__(self) -> int:
-        return len(self._until)
-
-
-MISSES = _Misses(MISSES_CACHED)
-
-
-async def restore(svc: Services, event_id: str) -> None:
-    """Load an event that PostgreSQL has and Redis lost (or never had). Its bookings are
-    adopted first, so that the load counts them as sold: never more stock than
-    PostgreSQL allows."""
-    if MISSES.missing(event_id):
-        raise errors.EventNotFound(f"no event {event_id!r}")
-    async with svc.engine.connect() as conn:
-        ev = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
-        if ev is None:
-            MISSES.add(event_id, svc.settings.unknown_event_cache_seconds)
-            raise errors.EventNotFound(f"no event {event_id!r}")
-        cats = (
-            await conn.execute(
-                sa.select(categories)
-                .where(categories.c.event_id == event_id)
-                .order_by(categories.c.position)
-            )
-        ).all()
-        seat_rows = (
-            await conn.execute(
-                sa.select(seats.c.label, seats.c.category, seats.c.row)
-                .where(seats.c.event_id == event_id)
-                .order_by(seats.c.position)
-            )
-        ).all()
-    per_category = Counter(r.category for r in seat_rows)
-    # A category's block seats come first in its seat order: counting them is enough.
-    in_blocks = Counter(r.category for r in seat_rows if r.row is not None)
-    plan_cats: list[dict[str, Any]] = []
-    pos = 0
-    for c in cats:
-        n = per_category[c.name]
-        plan_cats.append(
-            {
-                "name": c.name,
-                "p": c.price,
-                "s": int(c.seated),
-                "cap": c.capacity,
-                "lo": pos,
-                "hi": pos + n - 1,
-                "nb": in_blocks[c.name],
-            }
-        )
-        pos += n
-    meta = _meta(
-        ev.name,
-        ev.starts_at,
-        ev.on_sale_at,
-        ev.status,
-        ev.hold_ttl_seconds,
-        ev.max_per_order,
-        ev.max_per_customer,
-        ev.currency,
-        [c.name for c in cats],
-    )
-    await ledger.adopt(svc, event_id)
-    plan = _Plan(meta, plan_cats, [r.label for r in seat_rows], [], [])
-    await _load(svc, event_id, plan, "restore")
 
 
 # --- read ---------------------------------------------------------------------------
@@ -428,7 +206,7 @@ def event_status(status: str, on_sale_at_ms: int | None, now: int) -> schemas.Ev
 
 
 async def view_event(svc: Services, event_id: str) -> schemas.Event:
-    v = _decode_view(await call(svc, "view", event_id))
+    v = _decode_view(await live.call(svc, "view", event_id))
     m = v.meta
     on_sale_at = int(m["on_sale_at"]) if m["on_sale_at"] else None
     cats = []
@@ -504,21 +282,55 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
         raise errors.ValidationError("a category appears at most once")
     if caps:
         changes["caps"] = caps
-    async with svc.engine.begin() as conn:
-        # The row lock serialises admin changes of one event between PostgreSQL and Redis.
-        found = await conn.execute(
-            sa.select(events.c.id).where(events.c.id == event_id).with_for_update()
-        )
-        if found.first() is None:
-            raise errors.EventNotFound(f"no event {event_id!r}")
-        if values:
-            await conn.execute(events.update().where(events.c.id == event_id).values(**values))
-        for name, cap in caps.items():
-            await conn.execute(
-                categories.update()
-                .where(categories.c.event_id == event_id, categories.c.name == name)
-                .values(capacity=cap)
+    configured: dict[str, Any] | None = None
+    try:
+        async with svc.engine.begin() as conn:
+            # The row lock serialises admin changes of one event between PostgreSQL and Redis.
+            found = (
+                await conn.execute(
+                    sa.select(events).where(events.c.id == event_id).with_for_update()
+                )
+            ).first()
+            if found is None:
+                raise errors.EventNotFound(f"no event {event_id!r}")
+            if values:
+                await conn.execute(events.update().where(events.c.id == event_id).values(**values))
+            rows = await conn.execute(
+                sa.select(categories.c.name, categories.c.capacity).where(
+                    categories.c.event_id == event_id, categories.c.name.in_(caps)
+                )
             )
-        # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
-        await call(svc, "configure", event_id, msgspec.json.encode(changes))
+            old_caps = {r.name: r.capacity for r in rows}
+            for name, cap in caps.items():
+                await conn.execute(
+                    categories.update()
+                    .where(categories.c.event_id == event_id, categories.c.name == name)
+                    .values(capacity=cap)
+                )
+            # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
+            await live.call(svc, "configure", event_id, msgspec.json.encode(changes))
+            configured = _undo_changes(found, changes, old_caps)
+    except BaseException:
+        if configured is not None:
+            # Redis took the change and PostgreSQL did not (the commit failed): put Redis
+            # back. If that fails too, reconcile aligns the capacities with PostgreSQL.
+            with contextlib.suppress(Exception):
+                await live.call(svc, "configure", event_id, msgspec.json.encode(configured))
+        raise
     return await view_event(svc, event_id)
+
+
+def _undo_changes(
+    before: sa.Row[Any], changes: dict[str, Any], caps: dict[str, int]
+) -> dict[str, Any]:
+    """The configure changes that put back what `changes` changed."""
+    undo: dict[str, Any] = {}
+    if "status" in changes:
+        undo["status"] = before.status
+    if "name" in changes:
+        undo["name"] = before.name
+    if "on_sale_at" in changes:
+        undo["on_sale_at"] = "" if before.on_sale_at is None else to_ms(before.on_sale_at)
+    if caps:
+        undo["caps"] = caps
+    return undo

@@ -170,6 +170,7 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> Report:
         svc = Services.open(settings)
         try:
+            await svc.start()
             return await reconcile(svc, args.event, args.repair, progress)
         finally:
             await svc.close()

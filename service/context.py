@@ -2,42 +2,142 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.connection import parse_url
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import create_engine
+from service.scriptpipe import parse_seed_nodes
 from service.scripts import Scripts
 from service.settings import Settings
+from service.timefmt import redis_ms
+
+# One client type for both: the commands are the same, only the routing differs.
+RedisClient = Redis | RedisCluster
+# How long the start-up question "is this node part of a cluster?" may take per node: a
+# hung node must not hold the whole process at start-up.
+DETECT_TIMEOUT = 2.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Services:
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     scripts: Scripts
     engine: AsyncEngine
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
-        # Blocking: a burst beyond the pool waits for a connection instead of failing.
-        # Retries: a pooled connection found dead after a Redis restart is replaced, not
-        # reported. A retried script may run twice; every script is safe to repeat.
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=64,
-            timeout=5,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
-            retry_on_error=[ConnectionError, TimeoutError],
-        )
-        redis = Redis(connection_pool=pool)
+        """A single node's client; start() replaces it with a cluster's when Redis is one."""
+        redis = _single_node(settings)
         return cls(settings, redis, Scripts(redis, settings), create_engine(settings))
+
+    async def start(self) -> None:
+        """Before concurrent use: find out whether Redis is a cluster (asking the URL's node,
+        then the seed nodes) and if so, use the cluster's client, its slot table loaded.
+        Nothing answering is not an error here: the single node's client stays, and every
+        call says that Redis is away, as on a single node."""
+        if isinstance(self.redis, RedisCluster) or not await is_cluster(self.settings):
+            return
+        cluster = _cluster(self.settings)
+        try:
+            await cluster.initialize()
+        except BaseException:
+            await cluster.aclose()
+            raise
+        self.scripts.close()
+        await self.redis.aclose()
+        self.redis = cluster
+        self.scripts = Scripts(cluster, self.settings)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         self.scripts.close()
         await self.redis.aclose()
         await self.engine.dispose()
+
+
+async def execute_timed(
+    redis: RedisClient, pipe: Pipeline | ClusterPipeline, near: str | None = None
+) -> tuple[int, list[Any]]:
+    """A pipeline's replies, and Redis's clock (epoch ms) read with them: in the same round
+    trip on a single node; a cluster refuses TIME in a pipeline, so one more there, on the
+    node of the key `near` when given (the clock the event's scripts read)."""
+    if isinstance(redis, RedisCluster):
+        replies = await pipe.execute()
+        target = {} if near is None else {"target_nodes": redis.get_node_from_key(near)}
+        return redis_ms(await redis.time(**target)), replies
+    pipe.time()
+    *replies, now = await pipe.execute()
+    return redis_ms(now), replies
+
+
+def _single_node(settings: Settings) -> Redis:
+    # Blocking: a burst beyond the pool waits for a connection instead of failing.
+    # Retries: a pooled connection found dead after a Redis restart is replaced, not
+    # reported. A retried script may run twice; every script is safe to repeat.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=64,
+        timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+        retry_on_error=[ConnectionError, TimeoutError],
+    )
+    return Redis(connection_pool=pool)
+
+
+def _startup_nodes(settings: Settings) -> list[tuple[str, int]]:
+    options = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+    url_node = (options.get("host", "127.0.0.1"), int(options.get("port", 6379)))
+    return [url_node, *parse_seed_nodes(settings.redis_seed_nodes)]
+
+
+def _client_options(settings: Settings) -> dict[str, Any]:
+    """The URL's options (password, TLS, timeouts) without where to connect and the db."""
+    options: dict[str, Any] = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+    for name in ("host", "port", "db", "connection_class"):
+        options.pop(name, None)
+    if "connection_class" in parse_url(settings.redis_url):  # type: ignore[no-untyped-call]
+        options["ssl"] = True  # rediss://
+    return options
+
+
+async def is_cluster(settings: Settings) -> bool:
+    """Whether the first start-up node that answers says `cluster_enabled:1`."""
+    options = {
+        **_client_options(settings),
+        "socket_timeout": DETECT_TIMEOUT,
+        "socket_connect_timeout": DETECT_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),  # the next start-up node instead
+    }
+    for host, port in _startup_nodes(settings):
+        client = Redis(host=host, port=port, **options)
+        try:
+            info = await client.info("cluster")
+        except (OSError, RedisError):
+            continue
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        return bool(info.get("cluster_enabled"))
+    return False
+
+
+def _cluster(settings: Settings) -> RedisCluster:
+    nodes = [ClusterNode(host, port) for host, port in _startup_nodes(settings)]
+    # redis-py's own retries on a cluster: a MOVED or a lost node refreshes the slot
+    # table and tries again, a few times, before the error reaches the caller.
+    return RedisCluster(
+        startup_nodes=nodes,
+        max_connections=64,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+        **_client_options(settings),
+    )

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 import msgspec
 
 from service import errors
-from service.catalog import ensure_loaded, live_event_ids
 from service.context import Services
 from service.keys import event_keys
+from service.live import ensure_loaded, live_event_ids
 from service.scripts import LUA_DIR
 from service.settings import Settings
 from service.timefmt import from_ms
@@ -148,6 +148,7 @@ def command(
     async def run() -> Any:
         svc = Services.open(settings)
         try:
+            await svc.start()
             return await _command(svc, action, event, ids)
         finally:
             await svc.close()

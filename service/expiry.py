@@ -13,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from redis.asyncio import Redis
+import redis.exceptions
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ResponseError
+from redis.keyspace_notifications import KeyeventChannel
 
 from service import errors
-from service.catalog import live_event_ids, reclaim_all
-from service.context import Services
+from service.context import RedisClient, Services, execute_timed
 from service.keys import SWEEPER_LOCK, event_keys, parse_hold_ttl
-from service.timefmt import redis_ms
+from service.live import live_event_ids, reclaim_all
 
 log = logging.getLogger("boxoffice.expiry")
 
@@ -42,11 +46,9 @@ async def overdue_events(svc: Services) -> set[str]:
     """Events whose earliest hold deadline has passed (one pipelined round trip)."""
     event_ids = await live_event_ids(svc)
     pipe = svc.redis.pipeline(transaction=False)
-    pipe.time()
     for event_id in event_ids:
         pipe.zrange(event_keys(event_id).deadlines, 0, 0, withscores=True)
-    time_reply, *firsts = await pipe.execute()
-    now = redis_ms(time_reply)
+    now, firsts = await execute_timed(svc.redis, pipe)
     return {e for e, first in zip(event_ids, firsts, strict=True) if first and first[0][1] <= now}
 
 
@@ -54,21 +56,42 @@ def _notifications_on(flags: str) -> bool:
     return "E" in flags and ("x" in flags or "A" in flags)
 
 
-async def notifications_enabled(client: Redis) -> bool:
+async def _flags(client: Redis | RedisCluster, node: ClusterNode | None = None) -> str:
+    extra: dict[str, Any] = {} if node is None else {"target_nodes": node}
+    config = await client.config_get("notify-keyspace-events", **extra)
+    return str(next(iter(config.values()), ""))
+
+
+async def notifications_enabled(client: RedisClient) -> bool:
+    """On a cluster: on every primary (each sends the events of its own keys only)."""
+    nodes = client.get_primaries() if isinstance(client, RedisCluster) else [None]
     try:
-        config = await client.config_get("notify-keyspace-events")
+        return all([_notifications_on(await _flags(client, node)) for node in nodes])
     except ResponseError:  # CONFIG disabled or renamed: cannot tell
         return False
-    return _notifications_on(str(next(iter(config.values()), "")))
 
 
-async def enable_notifications(client: Redis) -> bool:
-    """Add the flags the listener needs to those already set, never removing any."""
+async def enable_notifications(client: RedisClient) -> bool:
+    """Add the flags the listener needs to those already set, never removing any. On a
+    cluster on every node, replicas too: a replica promoted by a failover has them."""
+    if not isinstance(client, RedisCluster):
+        return await _enable(client)
+    enabled = True
+    for node in client.get_nodes():
+        try:
+            enabled = await _enable(client, node) and enabled
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            # a node away (a dead primary, a replica): tried again when the primaries change
+            log.warning("cannot enable keyspace notifications on %s: %r", node.name, e)
+    return enabled
+
+
+async def _enable(client: Redis | RedisCluster, node: ClusterNode | None = None) -> bool:
+    extra: dict[str, Any] = {} if node is None else {"target_nodes": node}
     try:
-        config = await client.config_get("notify-keyspace-events")
-        flags = str(next(iter(config.values()), ""))
+        flags = await _flags(client, node)
         if not _notifications_on(flags):
-            await client.config_set("notify-keyspace-events", flags + NEEDED_FLAGS)
+            await client.config_set("notify-keyspace-events", flags + NEEDED_FLAGS, **extra)
     except ResponseError as e:
         log.warning("cannot enable keyspace notifications (%s): relying on the sweeper", e)
         return False
@@ -85,7 +108,7 @@ class Listener:
         self.svc = svc
         self.subscribed = asyncio.Event()  # set while subscribed
         self.subscriptions = 0  # how many times it (re)subscribed
-        db = svc.redis.connection_pool.connection_kwargs.get("db", 0)
+        db = svc.redis.get_connection_kwargs().get("db") or 0
         self.channel = f"__keyevent@{db}__:expired"
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -102,6 +125,9 @@ class Listener:
             backoff = min(backoff * 2, 5.0)
 
     async def _listen(self, stop: asyncio.Event) -> None:
+        if isinstance(self.svc.redis, RedisCluster):
+            await self._listen_cluster(stop, self.svc.redis)
+            return
         # A client of its own, without the pool's silent reconnects: a dropped connection
         # must surface here, because the events sent meanwhile are lost and need a sweep.
         client = Redis.from_url(self.svc.settings.redis_url)
@@ -109,26 +135,64 @@ class Listener:
             await enable_notifications(client)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             await pubsub.subscribe(self.channel)
-            self.subscribed.set()
-            self.subscriptions += 1
-            await sweep(self.svc)
-            loop = asyncio.get_running_loop()
-            next_watch = loop.time() + WATCH_SECONDS
-            while not stop.is_set():
-                message = await pubsub.get_message(timeout=WATCH_SECONDS)
-                due: set[str] = set()
-                while message is not None:
-                    parsed = parse_hold_ttl(message["data"].decode())
-                    if parsed is not None:
-                        due.add(parsed[0])
-                    message = await pubsub.get_message(timeout=0)
-                if loop.time() >= next_watch:
-                    due |= await overdue_events(self.svc)
-                    next_watch = loop.time() + WATCH_SECONDS
-                for event_id in due:  # one reclaim per event, however many holds ran out
-                    await reclaim_all(self.svc, event_id)
+
+            async def expired(wait: float) -> str | None:
+                message = await pubsub.get_message(timeout=wait)
+                return None if message is None else str(message["data"].decode())
+
+            await self._serve(stop, expired)
         finally:
             await client.aclose()
+
+    async def _listen_cluster(self, stop: asyncio.Event, cluster: RedisCluster) -> None:
+        """Each primary sends the events of its own keys: subscribed on every primary, and
+        on the new ones after a failover (their events sent before that were lost: the
+        overdue watch and a sweep find them)."""
+        await enable_notifications(cluster)
+        notifications = cluster.keyspace_notifications(ignore_subscribe_messages=True)
+        primaries = {node.name for node in cluster.get_primaries()}
+        try:
+            await notifications.subscribe(KeyeventChannel("expired", db=0))
+
+            async def expired(wait: float) -> str | None:
+                nonlocal primaries
+                now = {node.name for node in cluster.get_primaries()}
+                if now != primaries:
+                    log.info("expiry listener: primaries now %s", ", ".join(sorted(now)))
+                    await enable_notifications(cluster)
+                    await notifications.refresh_subscriptions()  # type: ignore[no-untyped-call]
+                    primaries = now
+                    await sweep(self.svc)
+                message = await notifications.get_message(timeout=wait)
+                return None if message is None else str(message.key)
+
+            await self._serve(stop, expired)
+        finally:
+            await notifications.aclose()  # type: ignore[no-untyped-call]
+
+    async def _serve(
+        self, stop: asyncio.Event, expired: Callable[[float], Awaitable[str | None]]
+    ) -> None:
+        """Reclaim the events whose hold keys expire (`expired` gives one key, or None
+        after waiting that long), and those whose earliest deadline has passed."""
+        self.subscribed.set()
+        self.subscriptions += 1
+        await sweep(self.svc)
+        loop = asyncio.get_running_loop()
+        next_watch = loop.time() + WATCH_SECONDS
+        while not stop.is_set():
+            key = await expired(WATCH_SECONDS)
+            due: set[str] = set()
+            while key is not None:
+                parsed = parse_hold_ttl(key)
+                if parsed is not None:
+                    due.add(parsed[0])
+                key = await expired(0)
+            if loop.time() >= next_watch:
+                due |= await overdue_events(self.svc)
+                next_watch = loop.time() + WATCH_SECONDS
+            for event_id in due:  # one reclaim per event, however many holds ran out
+                await reclaim_all(self.svc, event_id)
 
 
 class Sweeper:

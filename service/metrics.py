@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -15,13 +16,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from redis.asyncio import RedisCluster
 
 from service import errors, schemas
-from service.catalog import live_event_ids
-from service.context import Services
+from service.context import RedisClient, Services, execute_timed
 from service.expiry import notifications_enabled
 from service.keys import event_keys
-from service.timefmt import redis_ms
+from service.live import live_event_ids
 from service.writebehind import outbox_state
 
 REQUESTS = Counter(
@@ -48,6 +49,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _REFUSAL = "boxoffice_refusal"
 # How long /metrics waits for Redis's live figures before it answers without them.
 LIVE_TIMEOUT_SECONDS = 2.0
+# How long /ready waits for each primary of a cluster to answer PING.
+PING_TIMEOUT = 1.0
 # How often a process adds what it counted to the shared metrics.
 FLUSH_SECONDS = 1.0
 
@@ -188,9 +191,7 @@ async def _live(svc: Services) -> list[Metric]:
         k = event_keys(event_id)
         for key in (k.cap, k.avail, k.held, k.sold, k.stats):
             pipe.hgetall(key)
-    pipe.time()
-    *replies, time_reply = await pipe.execute()
-    now_ms = redis_ms(time_reply)
+    now_ms, replies = await execute_timed(svc.redis, pipe)
     for i, event_id in enumerate(event_ids):
         cap, avail, held, sold, stats = replies[i * 5 : i * 5 + 5]
         for name, values in (
@@ -229,6 +230,34 @@ async def render(svc: Services) -> bytes:
     return generate_latest(_http_registry()) + generate_latest(live)
 
 
+async def _silent_primaries(redis: RedisClient) -> list[tuple[str, str]]:
+    """On a cluster, the primaries that do not answer (each serves its own events), as
+    host:port and why; on a single node, raise when it does not answer."""
+    if not isinstance(redis, RedisCluster):
+        await redis.ping()
+        return []
+    silent = await _ping_primaries(redis)
+    if silent:
+        # The slot table may be older than a failover: read it again, then ask again.
+        with contextlib.suppress(Exception):
+            await redis.nodes_manager.initialize()
+        silent = await _ping_primaries(redis)
+    return silent
+
+
+async def _ping_primaries(redis: RedisCluster) -> list[tuple[str, str]]:
+    primaries = redis.get_primaries()
+    replies = await asyncio.gather(
+        *(asyncio.wait_for(redis.ping(target_nodes=node), PING_TIMEOUT) for node in primaries),
+        return_exceptions=True,
+    )
+    return [
+        (node.name, type(reply).__name__)
+        for node, reply in zip(primaries, replies, strict=True)
+        if isinstance(reply, BaseException)
+    ]
+
+
 async def _eviction_warnings(svc: Services) -> list[str]:
     """An evicting maxmemory-policy would drop stock, holds and confirmations not yet in
     PostgreSQL without a word. INFO, not CONFIG GET: managed Redis often disables CONFIG."""
@@ -248,7 +277,10 @@ async def readiness(svc: Services) -> schemas.Readiness:
     missing: list[str] = []
     warnings: list[str] = []
     try:
-        await svc.redis.ping()
+        silent = await _silent_primaries(svc.redis)
+        warnings += [f"Redis node {name} does not answer: {why}" for name, why in silent]
+        if silent:
+            raise ConnectionError("a primary does not answer")
         # Loading is idempotent: this also heals a SCRIPT FLUSH before anyone calls.
         await svc.scripts.load()
     except Exception:  # whatever it is, not ready

@@ -19,7 +19,7 @@ import msgspec
 import redis.exceptions
 import sqlalchemy as sa
 
-from service import catalog, errors, ledger
+from service import errors, ledger, live
 from service.context import Services
 from service.db import categories, events
 from service.keys import OUTBOX_GROUP, event_keys
@@ -444,13 +444,13 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
     keys = event_keys(event_id)
     done: list[str] = []
     if not await svc.redis.exists(keys.meta):
-        await catalog.restore(svc, event_id)
+        await live.restore(svc, event_id)
         return ["loaded the event from PostgreSQL (catalog and bookings)"]
     if added := await ledger.adopt(svc, event_id):
         done.append(f"adopted {added} booking(s) that only PostgreSQL had")
     done += await _redrive(svc, event_id)
     done += await _align_capacity(svc, event_id)
-    summary = msgspec.json.decode(await catalog.call(svc, "repair", event_id))
+    summary = msgspec.json.decode(await live.call(svc, "repair", event_id))
     for name, after in summary["categories"].items():
         before = summary["before"][name]
         if before != after:
@@ -620,6 +620,9 @@ async def reconcile(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Report:
     ids = await event_ids(svc, only)
+    if repair and only is None:
+        # Ids registered by a create that then failed: no event of theirs is anywhere.
+        await live.prune_registry(svc)
     reports = []
     for i, event_id in enumerate(ids):
         if progress is not None:

@@ -11,12 +11,12 @@ from typing import NoReturn
 import msgspec
 
 from service import errors, schemas
-from service.catalog import call, ensure_loaded, restore
-from service.context import Services
+from service.context import Services, execute_timed
 from service.keys import event_keys
+from service.live import call, ensure_loaded, restore
 from service.records import BookingRecord, HoldRecord, decode_booking, decode_hold
 from service.scripts import Idempotency
-from service.timefmt import from_ms, redis_ms
+from service.timefmt import from_ms
 
 _encode = msgspec.json.encode
 
@@ -105,7 +105,14 @@ async def confirm_hold(
     idem: Idempotency | None,
 ) -> schemas.Booking:
     reply = await call(
-        svc, "confirm", event_id, hold_id, uuid7(), body.payment_ref or "", idempotency=idem
+        svc,
+        "confirm",
+        event_id,
+        hold_id,
+        uuid7(),
+        body.payment_ref or "",
+        idempotency=idem,
+        durable=True,
     )
     return booking_view(event_id, decode_booking(reply))
 
@@ -123,10 +130,9 @@ async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[byt
         pipe = svc.redis.pipeline(transaction=False)
         pipe.exists(keys.meta)
         pipe.hget(key, field)
-        pipe.time()
-        loaded, raw, time_reply = await pipe.execute()
+        now, (loaded, raw) = await execute_timed(svc.redis, pipe, near=key)
         if loaded:
-            return raw, redis_ms(time_reply)
+            return raw, now
         await restore(svc, event_id)
     raise errors.Unavailable("the event could not be loaded")
 

@@ -186,9 +186,15 @@ def _close(connection: _Connection) -> None:
 class _NodePipe:
     """The calls to one Redis server: each turn's calls in one write, on a few connections."""
 
-    def __init__(self, options: dict[str, Any], *, select: bool = True) -> None:
+    def __init__(
+        self, options: dict[str, Any], *, select: bool = True, waits: bool = False
+    ) -> None:
         self._options = options
         self._select = select
+        # WAIT blocks its connection, and every call queued behind it, until the replicas
+        # answer: calls followed by one have connections of their own (made when needed).
+        self._waits = waits
+        self._wait_pipe: _NodePipe | None = None
         self._connections: list[_Connection | None] = [None] * CONNECTIONS
         self._connecting: list[asyncio.Future[_Connection] | None] = [None] * CONNECTIONS
         self._turn = itertools.cycle(range(CONNECTIONS))
@@ -196,19 +202,25 @@ class _NodePipe:
         self._futures: list[asyncio.Future[Any]] = []
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def submit(self, payload: bytes) -> asyncio.Future[Any]:
-        """Queue one command (already in RESP) with the others of this turn; its reply."""
+    def submit(self, payload: bytes, then: tuple[bytes, ...] = ()) -> asyncio.Future[Any]:
+        """Queue one command (already in RESP) with the others of this turn; its reply.
+        With `then` (more commands), all go in the same write on the same connection and
+        the reply is the pair of the first and last replies (see _pair)."""
+        if then and not self._waits:
+            return self._for_waits().submit(payload, then)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._flush)  # after every caller ready in this turn has queued
         self._queue.append(payload)
         self._futures.append(future)
-        return future
+        return _pair(self, future, then) if then else future
 
-    def submit_asking(self, payload: bytes) -> asyncio.Future[Any]:
+    def submit_asking(self, payload: bytes, then: tuple[bytes, ...] = ()) -> asyncio.Future[Any]:
         """The command after ASKING, in the same write: ASKING holds for the next command
         of the connection only."""
+        if then and not self._waits:
+            return self._for_waits().submit_asking(payload, then)
         loop = asyncio.get_running_loop()
         asking: asyncio.Future[Any] = loop.create_future()
         asking.cancel()  # its +OK is skipped, and nobody waits for it
@@ -217,6 +229,19 @@ class _NodePipe:
             loop.call_soon(self._flush)
         self._queue += (_ASKING, payload)
         self._futures += (asking, future)
+        return _pair(self, future, then) if then else future
+
+    def _for_waits(self) -> _NodePipe:
+        if self._wait_pipe is None:
+            self._wait_pipe = _NodePipe(self._options, select=self._select, waits=True)
+        return self._wait_pipe
+
+    def queue_after(self, then: bytes) -> asyncio.Future[Any]:
+        """One more command right behind the last queued one (same write, same connection:
+        a turn's queue is flushed as one buffer to one connection)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(then)
+        self._futures.append(future)
         return future
 
     def _flush(self) -> None:
@@ -273,9 +298,39 @@ class _NodePipe:
         for connection in self._connections:
             if connection is not None:
                 _close(connection)
+        if self._wait_pipe is not None:
+            self._wait_pipe.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+
+
+def _pair(
+    node: _NodePipe, first: asyncio.Future[Any], then: tuple[bytes, ...]
+) -> asyncio.Future[Any]:
+    """The replies of the command queued last and of the last of `then`, queued right
+    behind it: one future for both, failed with the first error among them."""
+    others = [node.queue_after(command) for command in then]
+    both: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def settle(_: asyncio.Future[Any]) -> None:
+        for future in (first, *others):  # every exception retrieved, whatever the outcome
+            if not future.cancelled():
+                future.exception()
+        if both.done():
+            return
+        for future in (first, *others):
+            if future.cancelled():
+                both.cancel()
+                return
+            if future.exception() is not None:
+                both.set_exception(cast(BaseException, future.exception()))
+                return
+        both.set_result((first.result(), others[-1].result()))
+
+    # Replies come in order: the last settles last (a lost connection fails them all).
+    others[-1].add_done_callback(settle)
+    return both
 
 
 class _Cluster:
@@ -296,7 +351,9 @@ class _Cluster:
         # hung one would cost the whole TOPOLOGY_TIMEOUT at every refresh.
         self._answered: list[Address] = []
 
-    async def recover(self, payload: bytes, slot: int, error: RedisError) -> Any:
+    async def recover(
+        self, payload: bytes, slot: int, error: RedisError, then: tuple[bytes, ...] = ()
+    ) -> Any:
         """Follow redirections and wait out migrations and failovers, within the budget."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry_seconds
@@ -326,8 +383,8 @@ class _Cluster:
                 delay = min(delay * 2, BACKOFF_CAP)
             try:
                 if ask is not None:
-                    return await ask.submit_asking(payload)
-                return await self.table[slot].submit(payload)
+                    return await ask.submit_asking(payload, then)
+                return await self.table[slot].submit(payload, then)
             except (ResponseError, ConnectionError) as e:
                 error = e
 
@@ -421,21 +478,24 @@ class ScriptPipe:
             self._event_keys[event_id] = entry
         return entry
 
-    async def call(self, payload: bytes, slot: int = 0) -> Any:
+    async def call(self, payload: bytes, slot: int = 0, then: tuple[bytes, ...] = ()) -> Any:
         """Send one command (already in RESP) with the others of this turn; its reply. The
-        slot (from event_keys()) routes it on a cluster."""
+        slot (from event_keys()) routes it on a cluster. With `then`, more commands go right
+        behind it, in the same write to the same connection (WAIT, which counts the
+        replicas that have this connection's writes), and the reply is the pair of the
+        first and the last replies; a redirected call is resent with its `then`."""
         node = self._node
         if node is None:
             cluster = self._cluster
             if cluster is None:
                 await self._detect()
-                return await self.call(payload, slot)
+                return await self.call(payload, slot, then)
             # Inline rather than a method of the cluster: one coroutine less per call.
             try:
-                return await cluster.table[slot].submit(payload)
+                return await cluster.table[slot].submit(payload, then)
             except (ResponseError, ConnectionError) as e:
-                return await cluster.recover(payload, slot, e)
-        return await node.submit(payload)
+                return await cluster.recover(payload, slot, e, then)
+        return await node.submit(payload, then)
 
     @property
     def cluster(self) -> bool | None:

@@ -85,6 +85,12 @@ class Scripts:
             settings.redis_url, settings.redis_seed_nodes, settings.redis_cluster_retry_seconds
         )
         self._idempotency_cap = settings.idempotency_max_keys_per_event
+        self._replicas = settings.confirm_wait_replicas
+        self._wait = (
+            command(b"WAIT", b"%d" % self._replicas, b"%d" % settings.confirm_wait_timeout_ms)
+            if self._replicas
+            else b""
+        )
 
     async def load(self) -> None:
         """Load every script up front. A later SCRIPT FLUSH or restart is handled per call:
@@ -99,7 +105,11 @@ class Scripts:
         *args: str | bytes | int,
         extra_keys: tuple[str, ...] = (),
         idempotency: Idempotency | None = None,
+        durable: bool = False,
     ) -> bytes:
+        """The script's reply. `durable`: acknowledged only once the replicas that
+        BOXOFFICE_CONFIRM_WAIT_REPLICAS asks for have the script's writes (WAIT behind it
+        on the same connection), else errors.Unavailable; a repeat finds its work done."""
         keys = event_keys(event_id)
         fingerprint = ""
         if idempotency is not None:
@@ -116,6 +126,17 @@ class Scripts:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
+                if durable and self._wait:
+                    # WAIT counts replicas up to the connection's last write: a repeat
+                    # that writes nothing (the booking was made, on this or another
+                    # connection) would be counted up to some older write. A write of
+                    # nothing (a count the script keeps, plus 0) makes it now.
+                    field = _COUNTED.get(name, b"confirmed")
+                    touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
+                    then = (touch, self._wait)
+                    return self._replicated(
+                        *await self._pipe.call(head + event_keys_resp + tail, slot, then)
+                    )
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
@@ -130,8 +151,22 @@ class Scripts:
                 await asyncio.sleep(0.05 * (attempt + 1))  # every script is safe to repeat
         raise ConnectionError("Redis kept refusing the script")
 
+    def _replicated(self, reply: bytes, acknowledged: int) -> bytes:
+        # An error reply (or a request to load the event first) is answered as it is: it
+        # acknowledges nothing that a lost primary could take back.
+        if acknowledged < self._replicas and b'"err":' not in reply:
+            raise errors.Unavailable(
+                f"{acknowledged} of {self._replicas} Redis replicas acknowledged in time;"
+                " try again with the same Idempotency-Key"
+            )
+        return reply
+
     def close(self) -> None:
         self._pipe.close()
+
+
+# The stats field (lua/lib.lua) a durable script counts in.
+_COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 
 
 def _bytes(value: str | bytes | int) -> bytes:

@@ -30,6 +30,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_seed_nodes: str = ""
     # How long a script call on a cluster waits out a failover or a slot migration.
     redis_cluster_retry_seconds: Seconds = 10.0
+    # Replicas of an event's primary that must have a confirmation, refund or cancellation
+    # before it is acknowledged (WAIT), and how long to wait for them: fewer in time is a
+    # 503, and the retry with the same Idempotency-Key gets the booking. 0: no WAIT.
+    confirm_wait_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
+    confirm_wait_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=4000)] = 1000
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
     host: str = "127.0.0.1"

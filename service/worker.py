@@ -28,6 +28,7 @@ async def run(settings: Settings) -> None:
     try:
         while not stop.is_set():
             try:
+                await svc.start()
                 await svc.scripts.load()
                 break
             except Exception as e:

@@ -22,12 +22,13 @@ from typing import Any
 
 import msgspec
 import redis.exceptions
+from redis.asyncio import RedisCluster
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import errors
-from service.catalog import live_event_ids
 from service.context import Services
 from service.keys import OUTBOX_GROUP, event_keys, worker_alive
+from service.live import live_event_ids
 from service.records import decode_booking
 from service.scripts import LUA_DIR
 from service.timefmt import now_ms
@@ -48,6 +49,8 @@ MAINTAIN_SECONDS = 5.0
 RETRY_SECONDS = 0.5
 # How often a worker refreshes its liveness key (it expires after worker_liveness_ms).
 HEARTBEAT_SECONDS = 1.0
+# On a cluster nothing blocks across streams: an empty read waits this long before the next.
+CLUSTER_POLL_SECONDS = 0.05
 
 
 def text(value: bytes | str) -> str:
@@ -315,13 +318,7 @@ class WriteBehind:
             await asyncio.sleep(self.settings.outbox_block_ms / 1000)
             return 0
         pending = self._pending_first
-        reply: Any = await self.svc.redis.xreadgroup(
-            OUTBOX_GROUP,
-            self.consumer,
-            dict.fromkeys(self._streams, "0" if pending else ">"),
-            count=self.settings.outbox_batch,
-            block=None if pending else self.settings.outbox_block_ms,
-        )
+        reply = await self._read("0" if pending else ">")
         entries = [
             (self._streams[stream.decode()], entry_id, fields)
             for stream, messages in reply or []
@@ -332,6 +329,25 @@ class WriteBehind:
             self._pending_first = False
         await self.handle(entries)
         return len(entries)
+
+    async def _read(self, start: str) -> list[Any]:
+        """One batch from every stream: on a single node one XREADGROUP over them all; on a
+        cluster one per stream (a command cannot span slots), sent together per node."""
+        redis, count = self.svc.redis, self.settings.outbox_batch
+        if not isinstance(redis, RedisCluster):
+            block = None if start == "0" else self.settings.outbox_block_ms
+            one: Any = await redis.xreadgroup(
+                OUTBOX_GROUP, self.consumer, dict.fromkeys(self._streams, start), count, block
+            )
+            return list(one or [])
+        pipe = redis.pipeline(transaction=False)
+        for stream in self._streams:
+            pipe.xreadgroup(OUTBOX_GROUP, self.consumer, {stream: start}, count=count)
+        replies: list[Any] = await pipe.execute()
+        reply: list[Any] = [one for r in replies for one in r or ()]
+        if start != "0" and not any(messages for _, messages in reply):
+            await asyncio.sleep(CLUSTER_POLL_SECONDS)  # in place of the single node's block
+        return reply
 
     async def handle(self, entries: list[Entry]) -> None:
         """Write and acknowledge entries. An entry that cannot be converted is

@@ -15,7 +15,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
-from service import catalog, schemas
+from service import catalog, live, schemas
 from service.context import Services
 from service.db import create_engine
 from service.keys import event_keys
@@ -139,7 +139,7 @@ def cluster_scripts(cluster: LocalCluster, rc: RedisCluster) -> Scripts:
 async def load_event(
     cluster: LocalCluster, scripts: Scripts, rc: RedisCluster, event_id: str, capacity: int
 ) -> None:
-    """Loaded as the service loads a new event (catalog._load), without PostgreSQL."""
+    """Loaded as the service loads a new event (live.load), without PostgreSQL."""
     body = event_body(
         event_id,
         categories=[{"name": "GA", "price": 2500, "currency": "EUR", "capacity": capacity}],
@@ -148,7 +148,7 @@ async def load_event(
     settings = Settings(redis_url=cluster.url)
     svc = Services(settings, cast(Redis, rc), scripts, create_engine(settings))
     try:
-        await catalog._load(svc, event_id, plan, "create")
+        await live.load(svc, event_id, plan, "create")
     finally:
         await svc.engine.dispose()
 

@@ -39,7 +39,7 @@ async def make_hold(client: httpx.AsyncClient, event_id: str) -> dict[str, str]:
 
 
 async def listener_subscribed(svc: Services) -> bool:
-    db = svc.redis.connection_pool.connection_kwargs.get("db", 0)
+    db = svc.redis.get_connection_kwargs().get("db") or 0
     channels = await svc.redis.pubsub_numsub(f"__keyevent@{db}__:expired")
     return bool(channels[0][1])
 

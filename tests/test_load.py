@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from service import catalog, reconcile, sales, schemas
+from service import catalog, live, reconcile, sales, schemas
 from service.context import Services
 from service.keys import event_keys
 from service.records import BookingRecord
@@ -127,7 +127,7 @@ async def test_200000_seats_load_in_short_calls(own: Services) -> None:
     await forget(own, event.id)
     await own.redis.slowlog_reset()
     started = time.perf_counter()
-    await catalog.ensure_loaded(own, event.id)
+    await live.ensure_loaded(own, event.id)
     restored = time.perf_counter() - started
     on_restore = await script_micros(own)
     print(
@@ -174,7 +174,7 @@ async def test_holds_racing_a_restore_never_see_a_half_loaded_event(
     other = Services.open(msgspec.structs.replace(settings, redis_url=own_redis.url))
     try:
         await own.redis.slowlog_reset()
-        loading = asyncio.create_task(catalog.ensure_loaded(own, event.id))
+        loading = asyncio.create_task(live.ensure_loaded(own, event.id))
         await asyncio.sleep(0.05)
         # Another API process: its hold finds the event not loaded, restores, and holds.
         through_restore = asyncio.create_task(hold(other, event.id, seats=["R19-10000"]))
@@ -229,15 +229,15 @@ async def test_a_load_that_died_half_way_is_redone(own: Services) -> None:
     assert await own.redis.llen(keys[4]) == 1500
     assert await raw_hold(own, event.id, "A-1") == NOT_LOADED  # staged is not loaded
     started = time.monotonic()
-    await catalog.ensure_loaded(own, event.id)
+    await live.ensure_loaded(own, event.id)
     assert time.monotonic() - started < 5
     await assert_complete(own, event.id, held=2, seats=len(labels))
-    live = event_keys(event.id)
-    state = await own.redis.hmget(live.seatstate, ["A-1", "A-2", "C-1000"])
+    ev = event_keys(event.id)
+    state = await own.redis.hmget(ev.seatstate, ["A-1", "A-2", "C-1000"])
     assert state == [None, *[f"b:{booking.booking_id}".encode()] * 2]
     assert await stage("1500", labels[1500:2000]) == b"busy"  # the dead load is over
-    assert await own.redis.lrange(live.seat_order, 0, -1) == [x.encode() for x in labels]
-    assert await own.redis.hget(live.seatmap, "C-1000") == b"2999:Stalls"
+    assert await own.redis.lrange(ev.seat_order, 0, -1) == [x.encode() for x in labels]
+    assert await own.redis.hget(ev.seatmap, "C-1000") == b"2999:Stalls"
 
 
 async def test_bookings_redis_kept_are_counted_in_short_calls(own: Services) -> None:
@@ -258,7 +258,7 @@ async def test_bookings_redis_kept_are_counted_in_short_calls(own: Services) -> 
     # Redis lost the live state, and kept the records.
     await own.redis.unlink(*keys.all[:-2], keys.seat_order)
     await own.redis.slowlog_reset()
-    await catalog.ensure_loaded(own, event.id)
+    await live.ensure_loaded(own, event.id)
     calls = await script_micros(own)
     assert calls[0][0] < MAX_CALL_MICROSECONDS, calls[:10]
     assert calls[len(calls) // 100][0] < P99_CALL_MICROSECONDS, calls[:10]

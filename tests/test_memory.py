@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
-from service import catalog, errors, metrics, sales, schemas, scripts
+from service import catalog, errors, live, metrics, sales, schemas, scripts
 from service.context import Services
 from service.keys import event_keys
 from service.scriptpipe import EVENT_KEYS_CACHED
@@ -101,7 +101,7 @@ async def test_unknown_event_costs_one_query_a_moment(
 
 
 def test_unknown_event_cache_is_bounded() -> None:
-    misses = catalog._Misses(3)
+    misses = live._Misses(3)
     for i in range(10):
         misses.add(f"e{i}", 60)
     assert len(misses) == 3
@@ -181,7 +181,7 @@ async def test_ready_warns_about_an_evicting_redis(settings: Settings, svc: Serv
 def test_monotonic_clock_is_what_the_cache_uses() -> None:
     """The unknown-event cache runs on the monotonic clock: wall-clock jumps do not
     stretch or cut it."""
-    misses = catalog._Misses(2)
+    misses = live._Misses(2)
     misses.add("x", 0.05)
     assert misses.missing("x")
     time.sleep(0.06)

@@ -1,0 +1,298 @@
+"""The service (API server, worker, reconcile) on a real Redis Cluster (tests/servers.py
+LocalCluster, 3 primaries with a replica each), with events on every primary."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis, RedisCluster
+
+from service.context import Services
+from service.keys import event_keys
+from service.live import live_event_ids
+from service.reconcile import reconcile
+from service.settings import Settings
+from service.writebehind import WriteBehind
+from tests.apiserver import ApiServer, Worker
+from tests.conftest import ADMIN, availability, event_body, eventually, server_env, worker_env
+from tests.servers import LocalCluster, RedisServer, free_port
+from tests.test_cli import boxoffice
+from tests.test_expiry_background import hold_status
+from tests.test_writebehind import big_event
+from tests.test_writebehind_failures import (
+    assert_each_written_once,
+    pending_ids,
+    sell_in_process,
+    until,
+    written,
+)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def csettings(cluster: LocalCluster, settings: Settings) -> Settings:
+    return Settings(
+        redis_url=cluster.url,
+        database_url=settings.database_url,
+        admin_token=settings.admin_token,
+    )
+
+
+@pytest.fixture(scope="module")
+async def csvc(csettings: Settings) -> AsyncIterator[Services]:
+    svc = Services.open(csettings)
+    await svc.start()
+    await svc.scripts.load()
+    yield svc
+    await svc.close()
+
+
+async def test_services_use_the_cluster_client_when_redis_is_a_cluster(
+    cluster: LocalCluster, csvc: Services
+) -> None:
+    assert isinstance(csvc.redis, RedisCluster)
+    # Every primary answers through it, not only the URL's node.
+    assert len(csvc.redis.get_primaries()) == 3
+    keys = [event_keys(event_id).meta for ids in cluster.event_ids(1).values() for event_id in ids]
+    for key in keys:
+        await csvc.redis.set(key, "1")
+    assert all([await csvc.redis.get(key) == b"1" for key in keys])
+
+
+async def test_seed_nodes_find_the_cluster_when_the_url_node_is_down(
+    cluster: LocalCluster, settings: Settings
+) -> None:
+    svc = Services.open(
+        Settings(
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            redis_seed_nodes=",".join(cluster.addresses[1:3]),
+            database_url=settings.database_url,
+        )
+    )
+    try:
+        await svc.start()
+        assert isinstance(svc.redis, RedisCluster)
+        assert await svc.redis.ping()
+    finally:
+        await svc.close()
+
+
+async def test_a_single_node_keeps_its_own_client(settings: Settings) -> None:
+    with RedisServer() as server:
+        svc = Services.open(Settings(redis_url=server.url, database_url=settings.database_url))
+        try:
+            await svc.start()
+            assert type(svc.redis) is Redis
+        finally:
+            await svc.close()
+
+
+async def test_nothing_answering_is_not_an_error_at_start(settings: Settings) -> None:
+    svc = Services.open(
+        Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", database_url=settings.database_url)
+    )
+    try:
+        await svc.start()
+        assert type(svc.redis) is Redis
+    finally:
+        await svc.close()
+
+
+# --- the API server and the worker on the cluster ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def capi(csettings: Settings) -> Iterator[ApiServer]:
+    server = ApiServer(server_env(csettings), workers=1)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cworker(csettings: Settings) -> Iterator[Worker]:
+    # The sweeper's interval is long: whatever releases a hold is the listener.
+    w = Worker(worker_env(csettings, BOXOFFICE_SWEEP_INTERVAL_SECONDS="600"))
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+async def cclient(capi: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=capi.url, timeout=30) as c:
+        yield c
+
+
+def on_every_primary(cluster: LocalCluster, prefix: str) -> dict[RedisServer, str]:
+    """One new event id per primary, by the primary that serves its slot."""
+    by_port = {node.port: node for node in cluster.nodes}
+    return {by_port[port]: ids[0] for port, ids in cluster.event_ids(1, prefix).items()}
+
+
+async def create(client: httpx.AsyncClient, event_id: str, **overrides: Any) -> None:
+    r = await client.post("/admin/events", json=event_body(event_id, **overrides), headers=ADMIN)
+    assert r.status_code == 201, r.text
+
+
+async def hold(client: httpx.AsyncClient, event_id: str, quantity: int = 2) -> dict[str, Any]:
+    r = await client.post(
+        f"/events/{event_id}/holds",
+        json={"customer_id": "c", "items": [{"category": "GA", "quantity": quantity}]},
+    )
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def test_hold_confirm_release_on_every_primary(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
+) -> None:
+    for node, event_id in on_every_primary(cluster, "contract").items():
+        await create(cclient, event_id)
+        # The event's state lives on the primary of its slot, and the registry knows it.
+        assert cluster.call(node, "EXISTS", event_keys(event_id).meta) == 1
+        assert event_id in await live_event_ids(csvc)
+        kept, dropped = await hold(cclient, event_id), await hold(cclient, event_id, 3)
+        assert await availability(cclient, event_id) == {"GA": 45, "VIP": 12}
+        r = await cclient.post(f"/events/{event_id}/holds/{kept['hold_id']}/confirm", json={})
+        assert r.status_code == 200, r.text
+        again = await cclient.post(f"/events/{event_id}/holds/{kept['hold_id']}/confirm", json={})
+        assert again.status_code == 200 and again.json() == r.json()
+        r = await cclient.get(f"/events/{event_id}/holds/{kept['hold_id']}")
+        assert r.status_code == 200 and r.json()["status"] == "confirmed", r.text
+        r = await cclient.delete(f"/events/{event_id}/holds/{dropped['hold_id']}")
+        assert r.status_code == 204, r.text
+        r = await cclient.delete(f"/events/{event_id}/holds/{kept['hold_id']}")
+        assert r.status_code == 409 and r.json()["code"] == "hold_confirmed"
+        assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
+
+
+def subscribed_primaries(cluster: LocalCluster) -> set[int]:
+    found = set()
+    for node in cluster.primaries():
+        channels = cluster.call(node, "PUBSUB", "NUMSUB", "__keyevent@0__:expired")
+        config = cluster.call(node, "CONFIG", "GET", "notify-keyspace-events")
+        flags = str(next(iter(config.values())))
+        if channels[1] and "E" in flags and ("x" in flags or "A" in flags):
+            found.add(node.port)
+    return found
+
+
+async def test_the_listener_expires_holds_on_every_primary_within_2s(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, cworker: Worker
+) -> None:
+    primaries = {node.port for node in cluster.primaries()}
+
+    async def listening() -> bool:
+        return subscribed_primaries(cluster) == primaries
+
+    await eventually(listening)
+    events = on_every_primary(cluster, "expiry")
+    holds = {}
+    for event_id in events.values():
+        await create(cclient, event_id, hold_ttl_seconds=10)
+        holds[event_id] = await hold(cclient, event_id)
+    for event_id, h in holds.items():  # no traffic meanwhile: only the listener can act
+        deadline = datetime.fromisoformat(h["expires_at"].replace("Z", "+00:00")).timestamp()
+        while await hold_status(csvc, event_id, h["hold_id"]) == "held":
+            late = time.time() - deadline
+            assert late < 2.0, f"{event_id} not released in 2 s:\n{cworker.log()[-3000:]}"
+            await asyncio.sleep(0.05)
+        assert await hold_status(csvc, event_id, h["hold_id"]) == "expired"
+        assert await availability(cclient, event_id) == {"GA": 50, "VIP": 12}
+    assert cworker.running
+
+
+async def test_write_behind_writes_each_confirmation_once_with_a_worker_killed(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, csettings: Settings
+) -> None:
+    per_event = 400
+    events = list(on_every_primary(cluster, "wb").values())
+    for event_id in events:
+        await create(cclient, event_id, **big_event(per_event))
+    ids = {e: await sell_in_process(csvc, e, per_event) for e in events}
+    env = worker_env(csettings, BOXOFFICE_OUTBOX_BATCH="10")
+    first = Worker(env)
+    first.start()
+    try:
+
+        async def some_written() -> bool:
+            return sum([await written(csvc, e) for e in events]) >= 50
+
+        await until(some_written, within=30, every=0.005)
+        first.kill()  # mid-backlog, most likely holding a batch it has not acknowledged
+        done = sum([await written(csvc, e) for e in events])
+        assert done < per_event * len(events), "the kill must come in the middle"
+        second = Worker({**env, "BOXOFFICE_WORKER_LIVENESS_MS": "1000"})
+        second.start()
+        try:
+
+            async def all_written() -> bool:
+                return all([await written(csvc, e) == per_event for e in events])
+
+            await until(all_written, within=60, every=0.1)
+            for event_id in events:
+                await assert_each_written_once(csvc, event_id, ids[event_id])
+                assert not await pending_ids(csvc, event_id)
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+async def test_reconcile_finds_drift_on_one_node_and_repairs_it(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, csettings: Settings
+) -> None:
+    events = on_every_primary(cluster, "rec")
+    for event_id in events.values():
+        await create(cclient, event_id)
+        h = await hold(cclient, event_id)
+        r = await cclient.post(f"/events/{event_id}/holds/{h['hold_id']}/confirm", json={})
+        assert r.status_code == 200, r.text
+        await WriteBehind(csvc, "test-reconcile").drain(event_id)
+    for event_id in events.values():
+        assert (await reconcile(csvc, event_id)).consistent
+    node, event_id = next(iter(events.items()))
+    cluster.call(node, "HINCRBY", event_keys(event_id).avail, "GA", 5)  # drift, on its node
+    report = await reconcile(csvc, event_id)
+    assert not report.consistent
+    # The command line, as an operator runs it: found from the URL's node alone.
+    args = ("reconcile", "--event", event_id, "--repair")
+    cli = await asyncio.to_thread(boxoffice, *args, env=server_env(csettings))
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "repaired" in cli.stdout
+    assert (await reconcile(csvc, event_id)).consistent
+    assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
+
+
+async def test_ready_names_a_killed_primary_then_recovers_after_failover(
+    cluster: LocalCluster, cclient: httpx.AsyncClient
+) -> None:
+    r = await cclient.get("/ready")
+    assert r.status_code == 200, r.text
+    victim = cluster.primaries()[-1]
+    cluster.kill(victim)
+    try:
+        r = await cclient.get("/ready")
+        assert r.status_code == 503, r.text
+        assert "redis" in r.json()["missing"]
+        assert any(f"127.0.0.1:{victim.port}" in w for w in r.json()["warnings"]), r.text
+
+        async def ready() -> bool:
+            return (await cclient.get("/ready")).status_code == 200
+
+        await eventually(ready, within=30)  # its replica took over
+    finally:
+        cluster.heal()
