@@ -11,12 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
+from msgspec.structs import replace
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ConnectionError
 
 from service.catalog import live_event_ids
 from service.context import Services
 from service.keys import event_keys
 from service.reconcile import reconcile
+from service.scripts import Scripts
 from service.settings import Settings
 from service.writebehind import WriteBehind
 from tests.apiserver import ApiServer, Worker
@@ -277,22 +280,62 @@ async def test_reconcile_finds_drift_on_one_node_and_repairs_it(
     assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
 
 
-async def test_ready_names_a_killed_primary_then_recovers_after_failover(
-    cluster: LocalCluster, cclient: httpx.AsyncClient
+async def call_fails_within_one_budget(
+    cluster: LocalCluster, csvc: Services, csettings: Settings, victim: RedisServer
 ) -> None:
+    """One retry policy: a script call on a dead primary gives up once its budget is
+    spent, not once per layer that used to retry it (Scripts.call tried three budgets)."""
+    budget = 1.0
+    scripts = Scripts(csvc.redis, replace(csettings, redis_cluster_retry_seconds=budget))  # type: ignore[arg-type]
+    ids = cluster.event_ids(1, "budget")
+    started = time.monotonic()
+    try:
+        alive = next(port for port in ids if port != victim.port)
+        await scripts.call("view", ids[alive][0])  # the cluster found: not timed
+        event_id = ids[victim.port][0]
+        started = time.monotonic()
+        with pytest.raises(ConnectionError):
+            await scripts.call("view", event_id)
+    finally:
+        scripts.close()
+    took = time.monotonic() - started
+    # Within one budget (the last back-off that would overrun it is not slept), where three
+    # stacked attempts took three.
+    assert took < 1.5 * budget, f"gave up after {took:.2f} s"
+
+
+async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
+    cluster: LocalCluster,
+    cclient: httpx.AsyncClient,
+    csvc: Services,
+    csettings: Settings,
+    cworker: Worker,
+) -> None:
+    """/ready names the primary that is gone; once its replica has taken over, /ready is
+    ready again and the worker's listener is subscribed on the new primary."""
+
+    async def listening() -> bool:
+        return subscribed_primaries(cluster) == {n.port for n in cluster.primaries()}
+
+    await eventually(listening)
     r = await cclient.get("/ready")
     assert r.status_code == 200, r.text
     victim = cluster.primaries()[-1]
+    replica = cluster.replica_of(victim)
     cluster.kill(victim)
     try:
         r = await cclient.get("/ready")
         assert r.status_code == 503, r.text
         assert "redis" in r.json()["missing"]
         assert any(f"127.0.0.1:{victim.port}" in w for w in r.json()["warnings"]), r.text
+        await call_fails_within_one_budget(cluster, csvc, csettings, victim)
 
         async def ready() -> bool:
             return (await cclient.get("/ready")).status_code == 200
 
-        await eventually(ready, within=30)  # its replica took over
+        await eventually(ready, within=30)
+        assert replica in cluster.primaries()
+        await eventually(listening, within=15)
+        assert cworker.running
     finally:
         cluster.heal()
