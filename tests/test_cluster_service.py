@@ -162,7 +162,8 @@ async def hold(client: httpx.AsyncClient, event_id: str, quantity: int = 2) -> d
 async def test_hold_confirm_release_on_every_primary(
     cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
 ) -> None:
-    for node, event_id in on_every_primary(cluster, "contract").items():
+    events = on_every_primary(cluster, "contract")
+    for node, event_id in events.items():
         await create(cclient, event_id)
         # The event's state lives on the primary of its slot, and the registry knows it.
         assert cluster.call(node, "EXISTS", event_keys(event_id).meta) == 1
@@ -180,6 +181,12 @@ async def test_hold_confirm_release_on_every_primary(
         r = await cclient.delete(f"/events/{event_id}/holds/{kept['hold_id']}")
         assert r.status_code == 409 and r.json()["code"] == "hold_confirmed"
         assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
+    # /metrics reads every event's figures on its own primary.
+    text = (await cclient.get("/metrics")).text
+    assert "boxoffice_live_figures_up 1.0" in text
+    for event_id in events.values():
+        line = f'boxoffice_tickets_available{{category="GA",event="{event_id}"}} 48.0'
+        assert line in text
 
 
 def subscribed_primaries(cluster: LocalCluster) -> set[int]:
@@ -276,6 +283,8 @@ async def test_reconcile_finds_drift_on_one_node_and_repairs_it(
     cli = await asyncio.to_thread(boxoffice, *args, env=server_env(csettings))
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "repaired" in cli.stdout
+    listing = await asyncio.to_thread(boxoffice, "dead-letters", env=server_env(csettings))
+    assert listing.returncode == 0, listing.stdout + listing.stderr
     assert (await reconcile(csvc, event_id)).consistent
     assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
 
