@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
@@ -15,9 +16,10 @@ from msgspec.structs import replace
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError
 
+from service import outbox
 from service.catalog import live_event_ids
 from service.context import Services
-from service.keys import event_keys
+from service.keys import OUTBOX_GROUP, event_keys
 from service.reconcile import reconcile
 from service.scripts import Scripts
 from service.settings import Settings
@@ -256,6 +258,15 @@ async def test_write_behind_writes_each_confirmation_once_with_a_worker_killed(
             for event_id in events:
                 await assert_each_written_once(csvc, event_id, ids[event_id])
                 assert not await pending_ids(csvc, event_id)
+
+            async def dead_consumers_forgotten() -> bool:  # drop_consumer.lua, on each node
+                for event_id in events:
+                    stream = event_keys(event_id).outbox
+                    if len(await csvc.redis.xinfo_consumers(stream, OUTBOX_GROUP)) != 1:
+                        return False
+                return True
+
+            await eventually(dead_consumers_forgotten, within=20)
         finally:
             second.stop()
     finally:
@@ -283,10 +294,35 @@ async def test_reconcile_finds_drift_on_one_node_and_repairs_it(
     cli = await asyncio.to_thread(boxoffice, *args, env=server_env(csettings))
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "repaired" in cli.stdout
-    listing = await asyncio.to_thread(boxoffice, "dead-letters", env=server_env(csettings))
-    assert listing.returncode == 0, listing.stdout + listing.stderr
     assert (await reconcile(csvc, event_id)).consistent
     assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
+
+
+async def test_dead_letters_listed_and_replayed_on_every_primary(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, csettings: Settings
+) -> None:
+    """The command line on the cluster: the listing visits every event, and the replay
+    script runs on the event's own primary."""
+    env = server_env(csettings)
+    letters = {}
+    for event_id in on_every_primary(cluster, "dl").values():
+        await create(cclient, event_id)
+        entry = outbox.cancel_entry(str(uuid.uuid4()), 1)
+        dead = outbox.dead_letter(entry, b"1-1", "refused", 3, 1)
+        letter_id: Any = await csvc.redis.xadd(event_keys(event_id).deadletter, dead)
+        letters[event_id] = (letter_id.decode(), entry)
+    listing = await asyncio.to_thread(boxoffice, "dead-letters", env=env)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    for event_id, (letter_id, _) in letters.items():
+        assert event_id in listing.stdout and letter_id in listing.stdout
+    # One command costs seconds: the replay on the last primary (not the URL's node).
+    event_id, (letter_id, entry) = list(letters.items())[-1]
+    args = ("dead-letters", "replay", "--event", event_id, letter_id)
+    replayed = await asyncio.to_thread(boxoffice, *args, env=env)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert not await csvc.redis.xlen(event_keys(event_id).deadletter)
+    back: Any = await csvc.redis.xrange(event_keys(event_id).outbox)
+    assert [fields for _, fields in back] == [entry]
 
 
 async def call_fails_within_one_budget(
