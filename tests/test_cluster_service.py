@@ -366,6 +366,10 @@ async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
     r = await cclient.get("/ready")
     assert r.status_code == 200, r.text
     victim = cluster.primaries()[-1]
+    # Each primary's own eviction policy is looked at.
+    cluster.call(victim, "CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    warnings = (await cclient.get("/ready")).json()["warnings"]
+    assert any(f"allkeys-lru on 127.0.0.1:{victim.port}" in w for w in warnings), warnings
     replica = cluster.replica_of(victim)
     cluster.kill(victim)
     try:
