@@ -19,13 +19,22 @@ from redis.exceptions import ConnectionError
 from service import outbox
 from service.catalog import live_event_ids
 from service.context import Services
+from service.expiry import Sweeper
 from service.keys import OUTBOX_GROUP, event_keys
 from service.reconcile import reconcile
 from service.scripts import Scripts
 from service.settings import Settings
 from service.writebehind import WriteBehind
 from tests.apiserver import ApiServer, Worker
-from tests.conftest import ADMIN, availability, event_body, eventually, server_env, worker_env
+from tests.conftest import (
+    ADMIN,
+    availability,
+    event_body,
+    eventually,
+    expire_hold,
+    server_env,
+    worker_env,
+)
 from tests.servers import LocalCluster, RedisServer, free_port
 from tests.test_cli import boxoffice
 from tests.test_expiry_background import hold_status
@@ -225,6 +234,34 @@ async def test_the_listener_expires_holds_on_every_primary_within_2s(
         assert await hold_status(csvc, event_id, h["hold_id"]) == "expired"
         assert await availability(cclient, event_id) == {"GA": 50, "VIP": 12}
     assert cworker.running
+
+
+async def test_the_sweeper_releases_overdue_holds_on_every_primary(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
+) -> None:
+    """No listener: the sweeper alone (its lock on some node, the events on others)."""
+    fast = Services.open(replace(csvc.settings, sweep_interval_seconds=0.5))
+    await fast.start()
+    stop = asyncio.Event()
+    sweeper = Sweeper(fast)
+    task = asyncio.create_task(sweeper.run(stop))
+    try:
+        holds = {}
+        for event_id in on_every_primary(cluster, "sweep").values():
+            await create(cclient, event_id)
+            holds[event_id] = (await hold(cclient, event_id))["hold_id"]
+            await expire_hold(csvc, event_id, holds[event_id], fire_ttl=False)
+
+        async def all_expired() -> bool:
+            states = [await hold_status(csvc, e, h) for e, h in holds.items()]
+            return states == ["expired"] * len(holds)
+
+        await eventually(all_expired, within=3)
+        assert await sweeper.lock.owned()
+    finally:
+        stop.set()
+        await task
+        await fast.close()
 
 
 async def test_write_behind_writes_each_confirmation_once_with_a_worker_killed(
