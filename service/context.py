@@ -88,10 +88,17 @@ def _single_node(settings: Settings) -> Redis:
         settings.redis_url,
         max_connections=64,
         timeout=5,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+        retry=_retry(),
         retry_on_error=[ConnectionError, TimeoutError],
     )
     return Redis(connection_pool=pool)
+
+
+def _retry() -> Retry:
+    """redis-py's retries, the same for a single node and a cluster. The hot path's script
+    calls do not go through them (service/scriptpipe.py: on a cluster its budget, on a
+    single node Scripts.call's few attempts); nothing retries on top of another."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3)
 
 
 def _startup_nodes(settings: Settings) -> list[tuple[str, int]]:
@@ -138,6 +145,6 @@ def _cluster(settings: Settings) -> RedisCluster:
     return RedisCluster(
         startup_nodes=nodes,
         max_connections=64,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+        retry=_retry(),
         **_client_options(settings),
     )

@@ -11,14 +11,13 @@ from typing import Annotated, Any
 
 import msgspec
 
-from service import errors
+from service import errors, outbox
 from service.context import Services
 from service.keys import event_keys
 from service.live import ensure_loaded, live_event_ids
 from service.scripts import LUA_DIR
 from service.settings import Settings
 from service.timefmt import from_ms
-from service.writebehind import DEAD_LETTER_META, entry_booking_id
 
 # A stream entry id; anything else names no dead letter (and never reaches Redis).
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -51,12 +50,12 @@ def _int(value: bytes | None) -> int | None:
 
 
 def _view(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
-    op = fields.get(b"op")
+    op = outbox.op(fields)
     first = _int(fields.get(b"first_failed_at"))
     return DeadLetter(
         id=entry_id.decode(),
         op=None if op is None else op.decode(errors="replace"),
-        booking_id=entry_booking_id(fields),
+        booking_id=outbox.booking_id(fields),
         attempts=_int(fields.get(b"attempts")),
         error=fields.get(b"error", b"").decode(errors="replace"),
         first_failed_at=None if first is None else from_ms(first),
@@ -80,7 +79,7 @@ async def replay(svc: Services, event_id: str, dead_letter_id: str) -> None:
     keys = event_keys(event_id)
     if _ENTRY_ID.fullmatch(dead_letter_id):
         script = svc.redis.register_script((LUA_DIR / "replay_dead_letter.lua").read_text())
-        args: list[str | bytes] = [dead_letter_id, *DEAD_LETTER_META]
+        args: list[str | bytes] = [dead_letter_id, *outbox.DEAD_LETTER_META]
         if await script(keys=[keys.deadletter, keys.outbox, keys.bookings], args=args):
             return
     raise await _not_found(svc, event_id, dead_letter_id)

@@ -9,6 +9,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import sqlalchemy as sa
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode
 
 from service import errors, schemas
 from service.context import RedisClient, Services, execute_timed
@@ -258,19 +260,31 @@ async def _ping_primaries(redis: RedisCluster) -> list[tuple[str, str]]:
     ]
 
 
+async def _eviction_policy(redis: RedisClient, node: ClusterNode | None) -> str | None:
+    extra: dict[str, Any] = {} if node is None else {"target_nodes": node}
+    try:
+        policy = (await redis.info("memory", **extra)).get("maxmemory_policy")
+    except Exception:  # not a reason to be unready; the rest of /ready says if it is away
+        return None
+    return None if policy is None else str(policy)
+
+
 async def _eviction_warnings(svc: Services) -> list[str]:
     """An evicting maxmemory-policy would drop stock, holds and confirmations not yet in
     PostgreSQL without a word. INFO, not CONFIG GET: managed Redis often disables CONFIG."""
-    try:
-        policy = (await svc.redis.info("memory")).get("maxmemory_policy")
-    except Exception:  # not a reason to be unready; the rest of /ready says if Redis is away
-        return []
-    if policy in (None, "noeviction"):
-        return []
-    return [
-        f"Redis maxmemory-policy is {policy}: it may evict live stock, holds and"
-        " confirmations; set it to noeviction"
-    ]
+    redis = svc.redis
+    # On a cluster each primary has its own setting.
+    nodes = redis.get_primaries() if isinstance(redis, RedisCluster) else [None]
+    warnings = []
+    for node in nodes:
+        policy = await _eviction_policy(redis, node)
+        if policy not in (None, "noeviction"):
+            where = "" if node is None else f" on {node.name}"
+            warnings.append(
+                f"Redis maxmemory-policy is {policy}{where}: it may evict live stock, holds"
+                " and confirmations; set it to noeviction"
+            )
+    return warnings
 
 
 async def readiness(svc: Services) -> schemas.Readiness:

@@ -19,7 +19,7 @@ import msgspec
 import redis.exceptions
 import sqlalchemy as sa
 
-from service import errors, ledger, live
+from service import errors, ledger, live, outbox
 from service.context import Services
 from service.db import categories, events
 from service.keys import OUTBOX_GROUP, event_keys
@@ -29,15 +29,11 @@ from service.writebehind import (
     Entry,
     Poison,
     WriteBehind,
-    entry_booking_id,
-    original_fields,
     outbox_state,
     stream_id,
     text,
     write,
 )
-
-_encode = msgspec.json.encode
 
 log = logging.getLogger("boxoffice.reconcile")
 
@@ -149,12 +145,12 @@ class _Changes:
         self.cancels: set[str] = set()
 
     def add(self, fields: dict[bytes, bytes]) -> None:
-        booking_id = entry_booking_id(fields)
+        booking_id = outbox.booking_id(fields)
         if booking_id is None:  # too broken to name its booking: the worker dead-letters it
             return
-        if fields.get(b"op") == b"confirm":
+        if outbox.op(fields) == outbox.CONFIRM:
             self.confirms.add(booking_id)
-        elif fields.get(b"op") == b"cancel":
+        elif outbox.op(fields) == outbox.CANCEL:
             self.cancels.add(booking_id)
 
 
@@ -218,7 +214,7 @@ def _describe(entry_id: bytes, fields: dict[bytes, bytes]) -> str:
     tried = _many(int(attempts), "attempt") if attempts.isdigit() else "attempts unknown"
     return (
         f"dead letter {entry_id.decode()}: {field(b'op')} of booking"
-        f" {entry_booking_id(fields) or '?'}, {tried}: {field(b'error')}"
+        f" {outbox.booking_id(fields) or '?'}, {tried}: {field(b'error')}"
     )
 
 
@@ -475,7 +471,10 @@ async def _redrive(svc: Services, event_id: str) -> list[str]:
     redriven = 0
     async for chunk in _stream(svc, keys.deadletter):
         for entry_id, fields in chunk:
-            if await _try_write(svc, [(event_id, entry_id, original_fields(fields))]) is None:
+            if (
+                await _try_write(svc, [(event_id, entry_id, outbox.original_fields(fields))])
+                is None
+            ):
                 await svc.redis.xdel(keys.deadletter, entry_id)
                 redriven += 1
     if redriven:
@@ -519,11 +518,10 @@ async def _write_lost(svc: Services, event_id: str) -> list[str]:
             r = decode_booking(raw)
             if r.id not in stored:
                 confirmed = msgspec.structs.replace(r, s="confirmed")
-                lost.append((event_id, b"0-0", {b"op": b"confirm", b"booking": _encode(confirmed)}))
+                lost.append((event_id, b"0-0", outbox.confirm_entry(confirmed)))
             if r.s == "cancelled" and stored.get(r.id) != "cancelled":
                 at = _cancelled_at(raw) or now
-                cancel = {b"op": b"cancel", b"booking": r.id.encode(), b"at": str(at).encode()}
-                lost.append((event_id, b"0-0", cancel))
+                lost.append((event_id, b"0-0", outbox.cancel_entry(r.id, at)))
     if not lost or await _try_write(svc, lost) is None:
         return [f"wrote {len(lost)} booking change(s) the outbox had lost"] if lost else []
     # One of them is refused: the rest go in one by one, and the refused ones are said.
@@ -534,7 +532,7 @@ async def _write_lost(svc: Services, event_id: str) -> list[str]:
         else:
             refused.append(
                 f"PostgreSQL refuses {entry[2][b'op'].decode()} of booking"
-                f" {entry_booking_id(entry[2])}: {why}"
+                f" {outbox.booking_id(entry[2])}: {why}"
             )
     return ([f"wrote {done} booking change(s) the outbox had lost"] if done else []) + refused
 
@@ -561,10 +559,10 @@ async def _resolve_dead_letters(svc: Services, event_id: str) -> int:
     done = []
     async for chunk in _stream(svc, keys.deadletter):
         for entry_id, fields in chunk:
-            booking_id = entry_booking_id(fields)
+            booking_id = outbox.booking_id(fields)
             status = stored.get(booking_id or "")
-            op = fields.get(b"op")
-            if (op == b"confirm" and status) or (op == b"cancel" and status == "cancelled"):
+            op = outbox.op(fields)
+            if (op == outbox.CONFIRM and status) or (op == outbox.CANCEL and status == "cancelled"):
                 done.append(entry_id)
     if done:
         await svc.redis.xdel(keys.deadletter, *done)

@@ -146,7 +146,8 @@ class Scripts:
                 sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
             except ConnectionError:
-                if attempt == 2:
+                # On a cluster the pipe has already retried within its budget: once only.
+                if attempt == 2 or self._pipe.cluster:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))  # every script is safe to repeat
         raise ConnectionError("Redis kept refusing the script")

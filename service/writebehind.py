@@ -25,11 +25,10 @@ import redis.exceptions
 from redis.asyncio import RedisCluster
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors
+from service import errors, outbox
 from service.context import Services
 from service.keys import OUTBOX_GROUP, event_keys, worker_alive
 from service.live import live_event_ids
-from service.records import decode_booking
 from service.scripts import LUA_DIR
 from service.timefmt import now_ms
 
@@ -97,28 +96,26 @@ class Rows(msgspec.Struct):
 
 
 def _convert(fields: dict[bytes, bytes], event_id: str) -> Rows:
-    op = fields[b"op"]
-    if op == b"confirm":
-        b = decode_booking(fields[b"booking"])
-        booking_id = uuid.UUID(b.id)
-        booking = (
-            booking_id,
-            event_id,
-            b.h,
-            b.c,
-            b.t,
-            b.cu,
-            b.pr,
-            _encode(b.st).decode(),
-            _ts(b.ca),
-        )
-        asked = dict(b.it)
-        order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
-        items = [(booking_id, c, i, asked.get(c, 0), b.q[c]) for i, c in enumerate(order)]
-        return Rows(booking=booking, items=items)
-    if op == b"cancel":
-        return Rows(cancel=(uuid.UUID(fields[b"booking"].decode()), _ts(fields[b"at"])))
-    raise ValueError(f"unknown outbox op {op!r}")
+    change = outbox.decode(fields)
+    if isinstance(change, outbox.Cancel):
+        return Rows(cancel=(uuid.UUID(change.booking_id), _ts(change.at_ms)))
+    b = change.booking
+    booking_id = uuid.UUID(b.id)
+    booking = (
+        booking_id,
+        event_id,
+        b.h,
+        b.c,
+        b.t,
+        b.cu,
+        b.pr,
+        _encode(b.st).decode(),
+        _ts(b.ca),
+    )
+    asked = dict(b.it)
+    order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
+    items = [(booking_id, c, i, asked.get(c, 0), b.q[c]) for i, c in enumerate(order)]
+    return Rows(booking=booking, items=items)
 
 
 def convert(entry: Entry) -> Rows:
@@ -204,23 +201,10 @@ def stream_id(value: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# Fields a dead letter adds to the outbox entry it keeps.
-DEAD_LETTER_META = (b"source_id", b"error", b"attempts", b"first_failed_at")
-
-
-def original_fields(dead_letter: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """The outbox entry a dead letter keeps, without what the dead letter added."""
-    return {k: v for k, v in dead_letter.items() if k not in DEAD_LETTER_META}
-
-
-def entry_booking_id(fields: dict[bytes, bytes]) -> str | None:
-    """The booking an outbox entry is about, or None when the entry is too broken to say."""
-    try:
-        if fields.get(b"op") == b"confirm":
-            return decode_booking(fields[b"booking"]).id
-        return fields[b"booking"].decode()
-    except (KeyError, UnicodeDecodeError, msgspec.DecodeError):
-        return None
+# Kept here too: older callers (and tests) import them from the write-behind.
+DEAD_LETTER_META = outbox.DEAD_LETTER_META
+original_fields = outbox.original_fields
+entry_booking_id = outbox.booking_id
 
 
 class _Failures(msgspec.Struct):
@@ -420,13 +404,7 @@ class WriteBehind:
             failures.attempts,
             reason,
         )
-        record: dict[Any, Any] = {
-            **fields,
-            b"source_id": entry_id,
-            b"error": reason.encode(),
-            b"attempts": failures.attempts,
-            b"first_failed_at": failures.first_ms,
-        }
+        record = outbox.dead_letter(fields, entry_id, reason, failures.attempts, failures.first_ms)
         pipe = self.svc.redis.pipeline(transaction=True)
         pipe.xadd(keys.deadletter, record)
         pipe.xack(keys.outbox, OUTBOX_GROUP, entry_id)

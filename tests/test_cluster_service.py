@@ -5,22 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
+from msgspec.structs import replace
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ConnectionError
 
+from service import outbox
 from service.context import Services
-from service.keys import event_keys
+from service.expiry import Sweeper
+from service.keys import OUTBOX_GROUP, event_keys
 from service.live import live_event_ids
 from service.reconcile import reconcile
+from service.scripts import Scripts
 from service.settings import Settings
 from service.writebehind import WriteBehind
 from tests.apiserver import ApiServer, Worker
-from tests.conftest import ADMIN, availability, event_body, eventually, server_env, worker_env
+from tests.conftest import (
+    ADMIN,
+    availability,
+    event_body,
+    eventually,
+    expire_hold,
+    server_env,
+    worker_env,
+)
 from tests.servers import LocalCluster, RedisServer, free_port
 from tests.test_cli import boxoffice
 from tests.test_expiry_background import hold_status
@@ -159,7 +173,8 @@ async def hold(client: httpx.AsyncClient, event_id: str, quantity: int = 2) -> d
 async def test_hold_confirm_release_on_every_primary(
     cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
 ) -> None:
-    for node, event_id in on_every_primary(cluster, "contract").items():
+    events = on_every_primary(cluster, "contract")
+    for node, event_id in events.items():
         await create(cclient, event_id)
         # The event's state lives on the primary of its slot, and the registry knows it.
         assert cluster.call(node, "EXISTS", event_keys(event_id).meta) == 1
@@ -177,6 +192,12 @@ async def test_hold_confirm_release_on_every_primary(
         r = await cclient.delete(f"/events/{event_id}/holds/{kept['hold_id']}")
         assert r.status_code == 409 and r.json()["code"] == "hold_confirmed"
         assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
+    # /metrics reads every event's figures on its own primary.
+    text = (await cclient.get("/metrics")).text
+    assert "boxoffice_live_figures_up 1.0" in text
+    for event_id in events.values():
+        line = f'boxoffice_tickets_available{{category="GA",event="{event_id}"}} 48.0'
+        assert line in text
 
 
 def subscribed_primaries(cluster: LocalCluster) -> set[int]:
@@ -215,6 +236,34 @@ async def test_the_listener_expires_holds_on_every_primary_within_2s(
     assert cworker.running
 
 
+async def test_the_sweeper_releases_overdue_holds_on_every_primary(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
+) -> None:
+    """No listener: the sweeper alone (its lock on some node, the events on others)."""
+    fast = Services.open(replace(csvc.settings, sweep_interval_seconds=0.5))
+    await fast.start()
+    stop = asyncio.Event()
+    sweeper = Sweeper(fast)
+    task = asyncio.create_task(sweeper.run(stop))
+    try:
+        holds = {}
+        for event_id in on_every_primary(cluster, "sweep").values():
+            await create(cclient, event_id)
+            holds[event_id] = (await hold(cclient, event_id))["hold_id"]
+            await expire_hold(csvc, event_id, holds[event_id], fire_ttl=False)
+
+        async def all_expired() -> bool:
+            states = [await hold_status(csvc, e, h) for e, h in holds.items()]
+            return states == ["expired"] * len(holds)
+
+        await eventually(all_expired, within=3)
+        assert await sweeper.lock.owned()
+    finally:
+        stop.set()
+        await task
+        await fast.close()
+
+
 async def test_write_behind_writes_each_confirmation_once_with_a_worker_killed(
     cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, csettings: Settings
 ) -> None:
@@ -246,6 +295,15 @@ async def test_write_behind_writes_each_confirmation_once_with_a_worker_killed(
             for event_id in events:
                 await assert_each_written_once(csvc, event_id, ids[event_id])
                 assert not await pending_ids(csvc, event_id)
+
+            async def dead_consumers_forgotten() -> bool:  # drop_consumer.lua, on each node
+                for event_id in events:
+                    stream = event_keys(event_id).outbox
+                    if len(await csvc.redis.xinfo_consumers(stream, OUTBOX_GROUP)) != 1:
+                        return False
+                return True
+
+            await eventually(dead_consumers_forgotten, within=20)
         finally:
             second.stop()
     finally:
@@ -277,22 +335,93 @@ async def test_reconcile_finds_drift_on_one_node_and_repairs_it(
     assert await availability(cclient, event_id) == {"GA": 48, "VIP": 12}
 
 
-async def test_ready_names_a_killed_primary_then_recovers_after_failover(
-    cluster: LocalCluster, cclient: httpx.AsyncClient
+async def test_dead_letters_listed_and_replayed_on_every_primary(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, csettings: Settings
 ) -> None:
+    """The command line on the cluster: the listing visits every event, and the replay
+    script runs on the event's own primary."""
+    env = server_env(csettings)
+    letters = {}
+    for event_id in on_every_primary(cluster, "dl").values():
+        await create(cclient, event_id)
+        entry = outbox.cancel_entry(str(uuid.uuid4()), 1)
+        dead = outbox.dead_letter(entry, b"1-1", "refused", 3, 1)
+        letter_id: Any = await csvc.redis.xadd(event_keys(event_id).deadletter, dead)
+        letters[event_id] = (letter_id.decode(), entry)
+    listing = await asyncio.to_thread(boxoffice, "dead-letters", env=env)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    for event_id, (letter_id, _) in letters.items():
+        assert event_id in listing.stdout and letter_id in listing.stdout
+    # One command costs seconds: the replay on the last primary (not the URL's node).
+    event_id, (letter_id, entry) = list(letters.items())[-1]
+    args = ("dead-letters", "replay", "--event", event_id, letter_id)
+    replayed = await asyncio.to_thread(boxoffice, *args, env=env)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert not await csvc.redis.xlen(event_keys(event_id).deadletter)
+    back: Any = await csvc.redis.xrange(event_keys(event_id).outbox)
+    assert [fields for _, fields in back] == [entry]
+
+
+async def call_fails_within_one_budget(
+    cluster: LocalCluster, csvc: Services, csettings: Settings, victim: RedisServer
+) -> None:
+    """One retry policy: a script call on a dead primary gives up once its budget is
+    spent, not once per layer that used to retry it (Scripts.call tried three budgets)."""
+    budget = 1.0
+    scripts = Scripts(csvc.redis, replace(csettings, redis_cluster_retry_seconds=budget))  # type: ignore[arg-type]
+    ids = cluster.event_ids(1, "budget")
+    started = time.monotonic()
+    try:
+        alive = next(port for port in ids if port != victim.port)
+        await scripts.call("view", ids[alive][0])  # the cluster found: not timed
+        event_id = ids[victim.port][0]
+        started = time.monotonic()
+        with pytest.raises(ConnectionError):
+            await scripts.call("view", event_id)
+    finally:
+        scripts.close()
+    took = time.monotonic() - started
+    # Within one budget (the last back-off that would overrun it is not slept), where three
+    # stacked attempts took three.
+    assert took < 1.5 * budget, f"gave up after {took:.2f} s"
+
+
+async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
+    cluster: LocalCluster,
+    cclient: httpx.AsyncClient,
+    csvc: Services,
+    csettings: Settings,
+    cworker: Worker,
+) -> None:
+    """/ready names the primary that is gone; once its replica has taken over, /ready is
+    ready again and the worker's listener is subscribed on the new primary."""
+
+    async def listening() -> bool:
+        return subscribed_primaries(cluster) == {n.port for n in cluster.primaries()}
+
+    await eventually(listening)
     r = await cclient.get("/ready")
     assert r.status_code == 200, r.text
     victim = cluster.primaries()[-1]
+    # Each primary's own eviction policy is looked at.
+    cluster.call(victim, "CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    warnings = (await cclient.get("/ready")).json()["warnings"]
+    assert any(f"allkeys-lru on 127.0.0.1:{victim.port}" in w for w in warnings), warnings
+    replica = cluster.replica_of(victim)
     cluster.kill(victim)
     try:
         r = await cclient.get("/ready")
         assert r.status_code == 503, r.text
         assert "redis" in r.json()["missing"]
         assert any(f"127.0.0.1:{victim.port}" in w for w in r.json()["warnings"]), r.text
+        await call_fails_within_one_budget(cluster, csvc, csettings, victim)
 
         async def ready() -> bool:
             return (await cclient.get("/ready")).status_code == 200
 
-        await eventually(ready, within=30)  # its replica took over
+        await eventually(ready, within=30)
+        assert replica in cluster.primaries()
+        await eventually(listening, within=15)
+        assert cworker.running
     finally:
         cluster.heal()
