@@ -49,6 +49,7 @@ class EventKeys:
         "deadletter",
         "event_id",
         "idempotency_count",
+        "idempotency_refusals",
         "seat_order",
         "tag",
         *EVENT_KEY_NAMES,
@@ -68,9 +69,11 @@ class EventKeys:
         # list: seat labels in seat order (static), so that a page of the seat map is a
         # range, not a walk over the whole map. Only load.lua and seats.lua take it.
         self.seat_order = f"{self.tag}:order"
-        # string: Idempotency-Key records the event's scripts made in the current window
-        # (lua/lib.lua, finish), to bound them.
+        # strings: Idempotency-Key records the event's scripts made in the current window,
+        # of answers that changed state (lua/lib.lua, finish) and of answers that changed
+        # nothing (unchanged), each bounded on its own.
         self.idempotency_count = f"{self.tag}:idemcount"
+        self.idempotency_refusals = f"{self.tag}:idemrefusals"
 
     meta: str
     cats: str

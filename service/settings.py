@@ -47,6 +47,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Idempotency-Keys an event's hold, confirm, release and cancel remember at once (at
     # most twice this many within a TTL), so that no client can grow Redis without end.
     idempotency_max_keys_per_event: Count = 200_000
+    # Of answers that changed nothing (refusals, no-ops), how many an event remembers per
+    # TTL window; past it they are answered without being remembered, never refused.
+    idempotency_max_refusals_per_event: Count = 100_000
     # How long a process remembers that an event id is unknown to PostgreSQL, so that
     # requests for unknown events do not each cost a query (0: not at all).
     unknown_event_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
