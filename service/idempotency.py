@@ -40,7 +40,7 @@ def canonical(body: bytes) -> bytes:
         return body
     try:
         return msgspec.json.encode(msgspec.json.decode(body), order="sorted")
-    except (msgspec.DecodeError, msgspec.EncodeError):
+    except (msgspec.DecodeError, msgspec.EncodeError, UnicodeDecodeError):
         return body
 
 

@@ -117,6 +117,8 @@ class StrictJSON(AbstractDTO[Any]):
         except msgspec.DecodeError as e:
             ends = ": it ends too early" if "truncated" in str(e) else ""
             raise errors.ValidationError(f"the body is not valid JSON{ends}") from e
+        except UnicodeDecodeError as e:  # msgspec's own, for a string's bytes
+            raise errors.ValidationError("the body is not valid UTF-8") from e
         check_body(value, decoded)
         return decoded
 
