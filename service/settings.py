@@ -137,6 +137,22 @@ def asyncpg_url(url: str) -> str:
         raise ValueError(f"unsupported database driver {parsed.drivername!r} ({hint})")
     if not parsed.database:
         raise ValueError(f"no database name ({hint})")
-    if parsed.drivername == "postgresql+asyncpg":
+    query = dict(parsed.query)
+    if "sslmode" in query:  # libpq's name; asyncpg takes the same modes as `ssl`
+        mode = query.pop("sslmode")
+        if query.setdefault("ssl", mode) != mode:
+            raise ValueError("sslmode and ssl disagree")
+    unknown = sorted(set(query) - {"ssl"})
+    if unknown:
+        raise ValueError(f"unsupported query parameter {unknown[0]!r} (only sslmode is supported)")
+    if "ssl" in query and query["ssl"] not in SSL_MODES:
+        raise ValueError(f"sslmode must be one of {', '.join(SSL_MODES)}")
+    if parsed.drivername == "postgresql+asyncpg" and query == parsed.query:
         return url
-    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    return parsed.set(drivername="postgresql+asyncpg", query=query).render_as_string(
+        hide_password=False
+    )
+
+
+# libpq's sslmode values, which asyncpg's `ssl` argument takes as they are.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
