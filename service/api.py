@@ -318,7 +318,9 @@ async def get_event(request: Request[Any, Any, Any], event_id: EventIdParam) -> 
 async def list_seats(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
-    category: str | None = None,
+    category: Annotated[
+        str | None, Parameter(min_length=1, description="Only this category")
+    ] = None,
     status: schemas.SeatStatus | None = None,
     limit: Annotated[
         int, Parameter(ge=1, le=sales.MAX_SEAT_LIMIT, description="Seats examined for this page")
