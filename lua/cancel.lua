@@ -1,19 +1,23 @@
 -- cancel.lua: cancel (refund) a booking; its tickets go back on sale at once, and the
 -- cancellation reaches PostgreSQL through the outbox, after the confirmation it cancels.
--- KEYS: the event keys (lib.lua), [17] Idempotency-Key record (optional, last)
+-- KEYS: the event keys (lib.lua), then the Idempotency-Key counts and record (optional, lib.lua)
 -- ARGV: common [1..4] (lib.lua), [5] booking id,
---       [6] the booking record JSON from PostgreSQL, for a booking Redis no longer has ("" = none)
+--       [6] the booking record JSON from PostgreSQL, for a booking Redis no longer has ("" = none),
+--       then the Idempotency-Key allowances (optional, lib.lua)
 -- Returns JSON {status = "cancelled"}, or {err = code}. Cancelling twice changes nothing.
 local cached = replay()
 if cached then return cached end
 if not loaded() then return NOT_LOADED end
 local raw = redis.call('HGET', K.bookings, ARGV[5])
 if not raw then
-  if ARGV[6] == '' then return finish(fail('booking_not_found')) end
+  -- Not remembered: booking ids are the server's own, so a repeat gets this 404 anyway.
+  if ARGV[6] == '' then return fail('booking_not_found') end
   raw = ARGV[6]
 end
 local b = cjson.decode(raw)
-if b.s == 'cancelled' then return finish('{"status":"cancelled"}') end
+if b.s == 'cancelled' then return unchanged('{"status":"cancelled"}') end
+local full = idem_full()
+if full then return full end
 
 local now = now_ms()
 for cat, n in pairs(b.q) do

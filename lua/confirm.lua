@@ -1,21 +1,25 @@
 -- confirm.lua: turn a live hold into a booking and queue it for PostgreSQL.
--- KEYS: the event keys (lib.lua), [17] Idempotency-Key record (optional, last)
--- ARGV: common [1..4] (lib.lua), [5] hold id, [6] new booking id, [7] payment ref ("" = none)
+-- KEYS: the event keys (lib.lua), then the Idempotency-Key counts and record (optional, lib.lua)
+-- ARGV: common [1..4] (lib.lua), [5] hold id, [6] new booking id, [7] payment ref ("" = none),
+--       then the Idempotency-Key allowances (optional, lib.lua)
 -- Returns JSON: the booking record (the same one again for a confirmed hold), or
 -- {err = code} (hold_released adds ended_at ms, hold_expired expires_at ms). The outbox
 -- entry is written in this same step: no booking exists that the write-behind worker
 -- will not see.
 local h, early = named_hold(ARGV[5])
 if early then return early end
-if h.s == 'confirmed' then return finish(redis.call('HGET', K.bookings, h.b)) end
-if h.s == 'released' then return finish(fail('hold_released', {ended_at = h.e})) end
-if h.s == 'expired' then return finish(fail('hold_expired', {expires_at = h.ex})) end
+if h.s == 'confirmed' then return unchanged(redis.call('HGET', K.bookings, h.b)) end
+if h.s == 'released' then return unchanged(fail('hold_released', {ended_at = h.e})) end
+if h.s == 'expired' then return unchanged(fail('hold_expired', {expires_at = h.ex})) end
 local now = now_ms()
 if now >= h.ex then
   -- Overdue but not reclaimed yet: reclaim it now rather than sell it late.
+  -- (what the sweeper would do anyway: no change of this request's own)
   end_hold(h, 'expired', now)
-  return finish(fail('hold_expired', {expires_at = h.ex}))
+  return unchanged(fail('hold_expired', {expires_at = h.ex}))
 end
+local full = idem_full()
+if full then return full end
 
 for cat, n in pairs(h.q) do
   redis.call('HINCRBY', K.held, cat, -n)

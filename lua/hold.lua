@@ -1,6 +1,6 @@
 -- hold.lua: reserve tickets, all or nothing.
 -- KEYS: the event keys (lib.lua), [17] this hold's TTL key (its expiry is what the
---       keyspace listener hears), [18] Idempotency-Key record (optional, last)
+--       keyspace listener hears), then the Idempotency-Key counts and record (optional, last)
 -- ARGV: common [1..4] (lib.lua), [5] hold id, [6] customer id,
 --       [7] items JSON [[category, quantity], ...], [8] seat labels JSON [label, ...]
 -- Returns JSON: the hold record; or {err = code, ...} (not_on_sale adds the event's
@@ -30,34 +30,34 @@ local function category(name)
   return cats[name]
 end
 for _, it in ipairs(items) do
-  if not category(it[1]) then return finish(fail('unknown_category', {category = it[1]})) end
+  if not category(it[1]) then return unchanged(fail('unknown_category', {category = it[1]})) end
   q[it[1]] = (q[it[1]] or 0) + it[2]
   n = n + it[2]
 end
 local taken = {}
 for _, label in ipairs(seats) do
   local pos = redis.call('HGET', K.seatmap, label)
-  if not pos then return finish(fail('unknown_seat', {seat = label})) end
+  if not pos then return unchanged(fail('unknown_seat', {seat = label})) end
   local cat = string.match(pos, '^%d+:(.*)$')
   category(cat)
   q[cat] = (q[cat] or 0) + 1
   n = n + 1
   if redis.call('HEXISTS', K.seatstate, label) == 1 then taken[#taken + 1] = label end
 end
-if n > tonumber(m[4]) then return finish(fail('too_many', {max_per_order = tonumber(m[4])})) end
+if n > tonumber(m[4]) then return unchanged(fail('too_many', {max_per_order = tonumber(m[4])})) end
 if m[1] ~= 'on_sale' or (m[2] ~= '' and now < tonumber(m[2])) then
-  return finish(fail('not_on_sale', {status = m[1], on_sale_at = tonumber(m[2])}))
+  return unchanged(fail('not_on_sale', {status = m[1], on_sale_at = tonumber(m[2])}))
 end
 if m[5] ~= '' then
   local has = tonumber(redis.call('HGET', K.cust, customer) or '0')
   if has + n > tonumber(m[5]) then
     if more then return RETRY end -- some of what counts against the customer may be overdue
-    return finish(fail('customer_limit', {remaining = math.max(0, tonumber(m[5]) - has)}))
+    return unchanged(fail('customer_limit', {remaining = math.max(0, tonumber(m[5]) - has)}))
   end
 end
 if #taken > 0 then
   if more then return RETRY end
-  return finish(fail('seats_unavailable', {seats = taken}))
+  return unchanged(fail('seats_unavailable', {seats = taken}))
 end
 local short, total = {}, 0
 for cat, k in pairs(q) do
@@ -67,8 +67,11 @@ for cat, k in pairs(q) do
 end
 if next(short) ~= nil then
   if more then return RETRY end
-  return finish(fail('sold_out', {available = short}))
+  return unchanged(fail('sold_out', {available = short}))
 end
+
+local full = idem_full()
+if full then return full end
 
 -- Reserve: named seats first, then the best available of each seated category.
 for cat, k in pairs(q) do

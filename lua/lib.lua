@@ -24,8 +24,9 @@ local NKEYS = 16
 
 -- Every event script gets the same leading ARGV (service/scripts.py):
 --   [1] Idempotency-Key fingerprint ("" = no key; with one, KEYS ends with the event's
---       count of remembered keys and the key's record, and ARGV with the most records
---       the event may make per TTL)
+--       two counts of remembered keys (answers that changed state, answers that changed
+--       nothing) and the key's record, and ARGV with the most records of each kind the
+--       event may make per TTL)
 --   [2] idempotency record TTL, seconds  [3] reclaim batch  [4] ended-hold retention, ms
 -- Op-specific ARGV start at [5].
 local RECLAIM_BATCH = tonumber(ARGV[3])
@@ -102,34 +103,51 @@ local function idem_key()
   return nil
 end
 
--- A new record is refused (rate_limited, nothing done) once the event made as many as it
--- may in the current window, which opens with its first record and lasts a TTL: no
--- client can make an event remember more than twice that many at once.
-local function idem_full()
-  local count = KEYS[#KEYS - 1]
-  if tonumber(redis.call('GET', count) or '0') < tonumber(ARGV[#ARGV]) then return nil end
-  return fail('rate_limited', {retry_after = math.max(1, redis.call('TTL', count))})
-end
-
 -- The key holds "<fingerprint>\n<first reply>". A replay gets the first reply; the same
 -- key with another request gets idempotency_key_reused.
 local function replay()
   local key = idem_key()
   if not key then return nil end
   local v = redis.call('GET', key)
-  if not v then return idem_full() end
+  if not v then return nil end
   local sep = string.find(v, '\n', 1, true)
   if string.sub(v, 1, sep - 1) ~= ARGV[1] then return fail('idempotency_key_reused') end
   return string.sub(v, sep + 1)
 end
 
--- Return a reply, remembering it first when the request carries an Idempotency-Key.
+-- Records are counted per window, which opens with the count's first record and lasts a
+-- TTL: no client can make an event remember more than twice a count's allowance at once.
+local function under(count, allowance)
+  return tonumber(redis.call('GET', count) or '0') < tonumber(allowance)
+end
+
+local function remember(reply, count)
+  redis.call('SET', KEYS[#KEYS], ARGV[1] .. '\n' .. reply, 'EX', ARGV[2])
+  if redis.call('INCR', count) == 1 then redis.call('EXPIRE', count, ARGV[2]) end
+end
+
+-- Called before the first write of a request that changes state: with a new key, it is
+-- refused (rate_limited, nothing done) once the event made as many records of changes as
+-- it may in the window. Only changes count, so no one's refusals can lock others out.
+local function idem_full()
+  if not idem_key() then return nil end
+  local count = KEYS[#KEYS - 2]
+  if under(count, ARGV[#ARGV - 1]) then return nil end
+  return fail('rate_limited', {retry_after = math.max(1, redis.call('TTL', count))})
+end
+
+-- Return an answer that changed state, remembering it when the request carries a key.
 local function finish(reply)
-  local key = idem_key()
-  if key then
-    redis.call('SET', key, ARGV[1] .. '\n' .. reply, 'EX', ARGV[2])
-    if redis.call('INCR', KEYS[#KEYS - 1]) == 1 then redis.call('EXPIRE', KEYS[#KEYS - 1], ARGV[2]) end
-  end
+  if idem_key() then remember(reply, KEYS[#KEYS - 2]) end
+  return reply
+end
+
+-- Return an answer that changed nothing (a refusal, or a no-op): remembered only while the
+-- event's allowance for these lasts, and otherwise just returned. Never refused for want
+-- of room: a repeat that is not remembered runs again, which is harmless since the first
+-- changed nothing.
+local function unchanged(reply)
+  if idem_key() and under(KEYS[#KEYS - 1], ARGV[#ARGV]) then remember(reply, KEYS[#KEYS - 1]) end
   return reply
 end
 
@@ -147,7 +165,8 @@ local function named_hold(hold_id)
   if raw then return cjson.decode(raw), nil end
   -- Only a miss asks whether the event is loaded at all: one call fewer on the hot path.
   if not loaded() then return nil, NOT_LOADED end
-  return nil, finish(fail('hold_not_found'))
+  -- Not remembered: hold ids are the server's own, 128-bit, so a repeat gets this 404 anyway.
+  return nil, fail('hold_not_found')
 end
 
 -- A hash as a Lua table (field -> value).

@@ -318,7 +318,9 @@ async def get_event(request: Request[Any, Any, Any], event_id: EventIdParam) -> 
 async def list_seats(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
-    category: str | None = None,
+    category: Annotated[
+        str | None, Parameter(min_length=1, description="Only this category")
+    ] = None,
     status: schemas.SeatStatus | None = None,
     limit: Annotated[
         int, Parameter(ge=1, le=sales.MAX_SEAT_LIMIT, description="Seats examined for this page")
@@ -651,6 +653,11 @@ _IDEMPOTENCY_KEY = OpenAPIParameter(
 _RETRY_AFTER = OpenAPIHeader(
     schema=Schema(type=OpenAPIType.INTEGER), description="Seconds to wait before trying again"
 )
+_RETRY_AFTER_IN_PROGRESS = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.INTEGER),
+    description="Seconds to wait before trying again; sent with `idempotency_in_progress`"
+    " only, not with the other codes of this status",
+)
 _HEADERS_OF_STATUS = {
     "401": {"WWW-Authenticate": OpenAPIHeader(schema=Schema(const="Bearer"))},
     "409": {"Retry-After": _RETRY_AFTER},
@@ -692,8 +699,11 @@ def document(app: Litestar) -> None:
                 continue
             headers = _HEADERS_OF_STATUS.get(status, {})
             # Of the 409s, only idempotency_in_progress says when to come back.
-            if status != "409" or "idempotency_in_progress" in response.description:
-                response.headers = {**(response.headers or {}), **headers} or None
+            if status == "409" and "idempotency_in_progress" not in response.description:
+                headers = {}
+            elif status == "409" and "` or `" in response.description:
+                headers = {"Retry-After": _RETRY_AFTER_IN_PROGRESS}
+            response.headers = {**(response.headers or {}), **headers} or None
             location = (response.headers or {}).get("Location")
             if isinstance(location, OpenAPIHeader):  # Litestar gives it no schema
                 location.schema = Schema(

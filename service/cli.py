@@ -188,6 +188,44 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.consistent else 1
 
 
+# Commands that use Redis: each checks at start-up that Redis has the URL's database.
+USES_REDIS = frozenset({"serve", "worker", "reconcile", "dead-letters"})
+# Redis's replies to SELECT of a database it does not have (a standalone server past its
+# `databases`, any but 0 on a cluster node): every connection would fail alike.
+_NO_SUCH_DATABASE = ("DB index is out of range", "SELECT is not allowed in cluster mode")
+
+
+def refused_database(exc: BaseException) -> str | None:
+    """Redis's refusal of the URL's database number, when that is what `exc` is."""
+    import redis.exceptions
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, redis.exceptions.ResponseError) and any(
+            reply in str(seen) for reply in _NO_SUCH_DATABASE
+        ):
+            return f"Redis refuses the URL's database number: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def check_redis_database(settings: Settings) -> None:
+    """Ask Redis once whether it has the URL's database, so that a wrong number is one
+    line and exit 2, not a traceback in every request or a loop. A Redis that is away is
+    left to the command: serving and the worker wait for it."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as e:
+        problem = refused_database(e)
+        if problem:
+            raise SettingError("redis_url", problem) from None
+    finally:
+        client.close()
+
+
 def unreachable(settings: Settings, exc: BaseException) -> str:
     """Which server an "unavailable" error is about, where it was looked for, and why."""
     from redis.connection import parse_url
@@ -297,11 +335,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     try:
+        if args.command in USES_REDIS:
+            check_redis_database(settings)
         status: int = args.run(settings, args)
     except SettingError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        problem = refused_database(e)  # Redis lost databases after start-up (a new config)
+        if problem:
+            print(f"{name}: {SettingError('redis_url', problem)}", file=sys.stderr)
+            return 2
         if not errors.unavailable(e):
             raise
         print(f"{name}: {unreachable(settings, e)}", file=sys.stderr)

@@ -115,7 +115,24 @@ _NOT_NOW_REPLIES: tuple[type[BaseException], ...] = (
 # exceptions, insufficient resources (too many connections), operator intervention
 # (shutting down, starting up, session killed), and a server that will not let us in or
 # has no such database (28, 3D000): set-up to fix, never a reason to refuse a booking.
-_UNAVAILABLE_SQLSTATES = ("08", "53", "57P", "28", "3D000")
+# Also what refuses every statement alike, whatever its rows: a read-only database or hot
+# standby (25006), missing grants (42501), a schema the migrations have not reached yet
+# (42P01 no such table, 42703 no such column: our statements are fixed, so no entry can
+# cause them); and the transient conflicts PostgreSQL itself says to retry (40001
+# serialization failure, 40P01 deadlock). Not all of class 40: 40002 is about the rows.
+_UNAVAILABLE_SQLSTATES = (
+    "08",
+    "53",
+    "57P",
+    "28",
+    "3D000",
+    "25006",
+    "42501",
+    "42P01",
+    "42703",
+    "40001",
+    "40P01",
+)
 
 
 def unavailable(exc: BaseException) -> bool:

@@ -39,8 +39,16 @@ def canonical(body: bytes) -> bytes:
     if not body:
         return body
     try:
-        return msgspec.json.encode(msgspec.json.decode(body), order="sorted")
-    except (msgspec.DecodeError, msgspec.EncodeError):
+        value = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return body
+    # `{}` is the same request as no body at all (the confirm body is optional): as empty,
+    # so that the fingerprints of requests without a body stay what they were.
+    if value == {}:
+        return b""
+    try:
+        return msgspec.json.encode(value, order="sorted")
+    except msgspec.EncodeError:
         return body
 
 
@@ -59,7 +67,7 @@ async def once(
 ) -> Response[T]:
     """Run `work` once per Idempotency-Key; a repeat gets the first response."""
     if idem is None:
-        return Response(await work(), status_code=status)
+        return _response(await work(), status)
     key = global_idempotency(idem.key_digest)
     claim = msgspec.json.encode(_Stored(idem.fingerprint))
     if not await svc.redis.set(key, claim, nx=True, ex=CLAIM_SECONDS):
@@ -78,6 +86,13 @@ async def once(
         await svc.redis.delete(key)  # nothing was done: let a retry do it
         raise
     await _store(svc, key, idem, status, msgspec.json.encode(result), False)
+    return _response(result, status)
+
+
+def _response(result: T, status: int) -> Response[T]:
+    # A route with nothing to say (202 replay) answers an empty body, not `null`.
+    if result is None:
+        return Response(b"", status_code=status)  # type: ignore[arg-type]
     return Response(result, status_code=status)
 
 
@@ -93,6 +108,8 @@ def _replay(stored: _Stored, idem: Idempotency) -> Response[Any]:
         raise errors.IdempotencyKeyReused("this Idempotency-Key was used with another request")
     if stored.status == 0:
         raise errors.IdempotencyInProgress("the first request with this key is still running")
+    if bytes(stored.body) == b"null" and not stored.problem:
+        return Response(b"", status_code=stored.status)
     return Response(
         stored.body,
         status_code=stored.status,

@@ -50,6 +50,7 @@ class EventKeys:
         "event_id",
         "idempotency_count",
         "load_keys",
+        "idempotency_refusals",
         "seat_order",
         "tag",
         *EVENT_KEY_NAMES,
@@ -80,9 +81,11 @@ class EventKeys:
             f"{self.tag}:load:lease",
             *(f"{self.tag}:load:{name}" for name in staged),
         )
-        # string: Idempotency-Key records the event's scripts made in the current window
-        # (lua/lib.lua, finish), to bound them.
+        # strings: Idempotency-Key records the event's scripts made in the current window,
+        # of answers that changed state (lua/lib.lua, finish) and of answers that changed
+        # nothing (unchanged), each bounded on its own.
         self.idempotency_count = f"{self.tag}:idemcount"
+        self.idempotency_refusals = f"{self.tag}:idemrefusals"
 
     meta: str
     cats: str

@@ -443,7 +443,7 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
         await live.restore(svc, event_id)
         return ["loaded the event from PostgreSQL (catalog and bookings)"]
     if added := await ledger.adopt(svc, event_id):
-        done.append(f"adopted {added} booking(s) that only PostgreSQL had")
+        done.append(f"adopted {_many(added, 'booking')} that only PostgreSQL had")
     done += await _redrive(svc, event_id)
     done += await _align_capacity(svc, event_id)
     summary = msgspec.json.decode(await live.call(svc, "repair", event_id))
@@ -452,9 +452,10 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
         if before != after:
             done.append(f"{name}: counters {before} -> {after}")
     if summary["expired"]:
-        done.append(f"released {summary['expired']} hold(s) past their deadline")
+        done.append(f"released {_many(summary['expired'], 'hold')} past their deadline")
     if summary.get("released"):
-        done.append(f"released hold(s) {', '.join(summary['released'])}: their seats are sold")
+        held = "hold" if len(summary["released"]) == 1 else "holds"
+        done.append(f"released {held} {', '.join(summary['released'])}: their seats are sold")
     return done
 
 
@@ -467,7 +468,7 @@ async def _redrive(svc: Services, event_id: str) -> list[str]:
     keys = event_keys(event_id)
     done: list[str] = []
     if drained := await WriteBehind(svc, "reconcile").drain(event_id):
-        done.append(f"wrote {drained} outbox entr(y/ies) to PostgreSQL")
+        done.append(f"wrote {_many(drained, 'outbox entry', 'outbox entries')} to PostgreSQL")
     redriven = 0
     async for chunk in _stream(svc, keys.deadletter):
         for entry_id, fields in chunk:
@@ -478,10 +479,10 @@ async def _redrive(svc: Services, event_id: str) -> list[str]:
                 await svc.redis.xdel(keys.deadletter, entry_id)
                 redriven += 1
     if redriven:
-        done.append(f"re-drove {redriven} dead letter(s) into PostgreSQL")
+        done.append(f"re-drove {_many(redriven, 'dead letter')} into PostgreSQL")
     done += await _write_lost(svc, event_id)
     if resolved := await _resolve_dead_letters(svc, event_id):
-        done.append(f"removed {resolved} dead letter(s) whose change PostgreSQL now has")
+        done.append(f"removed {_many(resolved, 'dead letter')} whose change PostgreSQL now has")
     return done
 
 
@@ -523,7 +524,7 @@ async def _write_lost(svc: Services, event_id: str) -> list[str]:
                 at = _cancelled_at(raw) or now
                 lost.append((event_id, b"0-0", outbox.cancel_entry(r.id, at)))
     if not lost or await _try_write(svc, lost) is None:
-        return [f"wrote {len(lost)} booking change(s) the outbox had lost"] if lost else []
+        return [f"wrote {_many(len(lost), 'booking change')} the outbox had lost"] if lost else []
     # One of them is refused: the rest go in one by one, and the refused ones are said.
     done, refused = 0, []
     for entry in lost:
@@ -534,7 +535,8 @@ async def _write_lost(svc: Services, event_id: str) -> list[str]:
                 f"PostgreSQL refuses {entry[2][b'op'].decode()} of booking"
                 f" {outbox.booking_id(entry[2])}: {why}"
             )
-    return ([f"wrote {done} booking change(s) the outbox had lost"] if done else []) + refused
+    wrote = [f"wrote {_many(done, 'booking change')} the outbox had lost"] if done else []
+    return wrote + refused
 
 
 class _CancelTime(msgspec.Struct):
@@ -666,7 +668,7 @@ def render(report: Report) -> str:
         oldest = "" if o.oldest_seconds is None else f", oldest {o.oldest_seconds:.1f} s"
         lines.append(
             f"  bookings in PostgreSQL: {e.bookings_in_postgres}; outbox: {o.waiting} waiting"
-            f"{oldest}, {o.dead_letters} dead letter(s); leaked holds: {e.leaked_holds}"
+            f"{oldest}, {_many(o.dead_letters, 'dead letter')}; leaked holds: {e.leaked_holds}"
         )
         for kind, n in sorted(e.problem_counts.items()):
             lines.append(f"  ! {kind}: {n}")
@@ -675,7 +677,7 @@ def render(report: Report) -> str:
     total = len(report.events)
     drift = sum(not e.consistent for e in report.events)
     lines.append(
-        f"{total} event(s) checked, {drift} with drift"
+        f"{_many(total, 'event')} checked, {drift} with drift"
         + (" after repair" if report.repaired else "")
     )
     return "\n".join(lines) + "\n"

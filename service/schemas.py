@@ -153,7 +153,7 @@ class CategoryCreate(Request):
 
     def __post_init__(self) -> None:
         if self.currency not in ISO_4217:
-            raise ValueError(f"currency {self.currency!r} is not an ISO 4217 currency code")
+            raise ValueError(f"`currency` {self.currency!r} is not an ISO 4217 currency code")
 
 
 class EventCreate(Request):

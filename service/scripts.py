@@ -84,7 +84,10 @@ class Scripts:
         self._pipe = ScriptPipe(
             settings.redis_url, settings.redis_seed_nodes, settings.redis_cluster_retry_seconds
         )
-        self._idempotency_cap = settings.idempotency_max_keys_per_event
+        self._idempotency_caps = (
+            settings.idempotency_max_keys_per_event,
+            settings.idempotency_max_refusals_per_event,
+        )
         self._replicas = settings.confirm_wait_replicas
         self._wait = (
             command(b"WAIT", b"%d" % self._replicas, b"%d" % settings.confirm_wait_timeout_ms)
@@ -114,9 +117,9 @@ class Scripts:
         fingerprint = ""
         if idempotency is not None:
             key = keys.idempotency(idempotency.key_digest)
-            extra_keys = (*extra_keys, keys.idempotency_count, key)
+            extra_keys = (*extra_keys, keys.idempotency_count, keys.idempotency_refusals, key)
             fingerprint = idempotency.fingerprint
-            args = (*args, self._idempotency_cap)
+            args = (*args, *self._idempotency_caps)
         event_keys_resp, slot = self._pipe.event_keys(event_id)
         numkeys = len(keys.all) + len(extra_keys)
         tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common

@@ -52,6 +52,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Idempotency-Keys an event's hold, confirm, release and cancel remember at once (at
     # most twice this many within a TTL), so that no client can grow Redis without end.
     idempotency_max_keys_per_event: Count = 200_000
+    # Of answers that changed nothing (refusals, no-ops), how many an event remembers per
+    # TTL window; past it they are answered without being remembered, never refused.
+    idempotency_max_refusals_per_event: Count = 100_000
     # How long a process remembers that an event id is unknown to PostgreSQL, so that
     # requests for unknown events do not each cost a query (0: not at all).
     unknown_event_cache_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
@@ -139,6 +142,22 @@ def asyncpg_url(url: str) -> str:
         raise ValueError(f"unsupported database driver {parsed.drivername!r} ({hint})")
     if not parsed.database:
         raise ValueError(f"no database name ({hint})")
-    if parsed.drivername == "postgresql+asyncpg":
+    query = dict(parsed.query)
+    if "sslmode" in query:  # libpq's name; asyncpg takes the same modes as `ssl`
+        mode = query.pop("sslmode")
+        if query.setdefault("ssl", mode) != mode:
+            raise ValueError("sslmode and ssl disagree")
+    unknown = sorted(set(query) - {"ssl"})
+    if unknown:
+        raise ValueError(f"unsupported query parameter {unknown[0]!r} (only sslmode is supported)")
+    if "ssl" in query and query["ssl"] not in SSL_MODES:
+        raise ValueError(f"sslmode must be one of {', '.join(SSL_MODES)}")
+    if parsed.drivername == "postgresql+asyncpg" and query == parsed.query:
         return url
-    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    return parsed.set(drivername="postgresql+asyncpg", query=query).render_as_string(
+        hide_password=False
+    )
+
+
+# libpq's sslmode values, which asyncpg's `ssl` argument takes as they are.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

@@ -117,6 +117,8 @@ class StrictJSON(AbstractDTO[Any]):
         except msgspec.DecodeError as e:
             ends = ": it ends too early" if "truncated" in str(e) else ""
             raise errors.ValidationError(f"the body is not valid JSON{ends}") from e
+        except UnicodeDecodeError as e:  # msgspec's own, for a string's bytes
+            raise errors.ValidationError("the body is not valid UTF-8") from e
         check_body(value, decoded)
         return decoded
 
@@ -127,6 +129,7 @@ class StrictJSON(AbstractDTO[Any]):
 # msgspec's (and Litestar's) validation messages, reworded for a client: which field,
 # and what it must be, in words; never a regex or a type name of the code.
 _AT = re.compile(r"(?P<what>.*?)(?: - at `\$\.?(?P<where>[^`]*)`)?", re.DOTALL)
+_FIELD_FIRST = re.compile(r"`(\w+)` (.*)", re.DOTALL)
 _TYPES = {
     "str": "a string",
     "int": "an integer",
@@ -170,6 +173,9 @@ def plain(message: str, subject: str = "the body") -> str:
     when it is about the whole value)."""
     parts = _AT.fullmatch(message)
     what, where = (parts["what"], parts["where"]) if parts else (message, None)
+    # A struct's own check names its field first (schemas): msgspec points at the struct.
+    if where and (field := _FIELD_FIRST.fullmatch(what)):
+        where, what = f"{where}.{field[1]}", field[2]
     for pattern, reword in _REWORDS:
         if found := pattern.fullmatch(what):
             what = reword(found)

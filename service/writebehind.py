@@ -370,6 +370,12 @@ class WriteBehind:
                 f" {s.database_command_timeout_seconds:g} s, connecting"
                 f" {s.database_connect_timeout_seconds:g} s)"
             ) from e
+        except Exception as e:  # the driver's own errors too: rows are copied through it
+            if errors.unavailable(e):
+                # A session keeps the settings it started with (read-only, for one): once
+                # the set-up is fixed, only new connections see it. Retry on those.
+                await self.svc.engine.dispose()
+            raise
 
     async def _one_by_one(self, entries: list[Entry], rows: list[Rows]) -> None:
         """Isolate an entry PostgreSQL rejects so that the rest of its batch goes on."""

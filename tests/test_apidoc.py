@@ -38,3 +38,23 @@ def test_check_mode(monkeypatch: Any, tmp_path: Any) -> None:
     assert apidoc.main([]) == 0
     assert apidoc.main(["--check"]) == 0
     assert stale.read_text().startswith("# Boxoffice HTTP API")
+
+
+def test_retry_after_is_documented_only_where_it_is_sent() -> None:
+    """Of the 409s only idempotency_in_progress sends Retry-After: a 409 without it does
+    not list the header, and one that shares its status with other codes says so."""
+    doc = apidoc.openapi_document()
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            conflict = op.get("responses", {}).get("409")
+            if conflict is None:
+                continue
+            header = (conflict.get("headers") or {}).get("Retry-After")
+            where = f"{method} {path}"
+            if "idempotency_in_progress" not in conflict["description"]:
+                assert header is None, where
+            elif "` or `" in conflict["description"]:
+                assert header is not None, where
+                assert "idempotency_in_progress` only" in header["description"], where
+    admin = doc["paths"]["/admin/events"]["post"]["responses"]["409"]
+    assert "Retry-After" in admin["headers"]

@@ -194,7 +194,7 @@ async def test_leaked_hold(client: httpx.AsyncClient, svc: Services) -> None:
 
     repaired = await reconcile.reconcile(svc, event_id, repair=True)
     assert repaired.consistent
-    assert "released 1 hold(s) past their deadline" in repaired.events[0].repairs
+    assert "released 1 hold past their deadline" in repaired.events[0].repairs
     assert (await client.get(f"/events/{event_id}/holds/{hold_id}")).json()["status"] == "expired"
     assert await availability(client, event_id) == {"GA": 50, "VIP": 12}
 
