@@ -28,7 +28,7 @@ services-stop:
 	@.ci/services.sh stop
 
 # A local Redis Cluster (3 primaries + 3 replicas, ports 7000-7005, .data/cluster); any node's
-# URL names it: redis://127.0.0.1:7000/0. Only script calls follow a cluster so far (issue 9).
+# URL names it: redis://127.0.0.1:7000/0.
 cluster:
 	@.ci/cluster.sh
 
