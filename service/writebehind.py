@@ -148,11 +148,15 @@ async def write_rows(conn: AsyncConnection, batch: list[Rows]) -> None:
             _append(cancels, entry.cancel)
     raw = (await conn.get_raw_connection()).driver_connection
     assert raw is not None
-    if rows[0]:
-        await raw.execute(_INSERT_BOOKINGS, *rows)
-        await raw.execute(_INSERT_ITEMS, *items)
-    if cancels[0]:
-        await raw.execute(_CANCEL, *cancels)
+    # SQLAlchemy begins its transaction only when it runs a statement itself: the driver's
+    # statements alone would each commit on their own, and a crash between two of them
+    # would leave bookings without their items.
+    async with raw.transaction():
+        if rows[0]:
+            await raw.execute(_INSERT_BOOKINGS, *rows)
+            await raw.execute(_INSERT_ITEMS, *items)
+        if cancels[0]:
+            await raw.execute(_CANCEL, *cancels)
 
 
 async def write(conn: AsyncConnection, entries: list[Entry]) -> None:

@@ -16,6 +16,7 @@ from service.context import Services
 from service.db import bookings
 from service.keys import event_keys
 from service.settings import Settings
+from service.writebehind import WriteBehind, write
 from tests.apiserver import Worker
 from tests.conftest import ADMIN, availability, create_event, eventually, worker_env
 
@@ -147,3 +148,32 @@ async def test_worker_recovers_when_an_outbox_stream_vanishes(
     await eventually(lambda: written(len(first) + len(later)))
     assert sorted(await persisted_ids(svc, event_id)) == sorted(first + later)
     assert worker.running
+
+
+async def test_a_batch_is_one_transaction(client: httpx.AsyncClient, svc: Services) -> None:
+    """A batch that fails half-way (its items refused after its bookings went in) leaves
+    nothing behind: no booking without its items."""
+    event_id = await create_event(client)
+    await sell(client, event_id, 3)
+    name = f"test_refuse_items_{uuid.uuid4().hex[:8]}"
+    async with svc.engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                f"ALTER TABLE booking_items ADD CONSTRAINT {name} CHECK (quantity < 0) NOT VALID"
+            )
+        )
+    try:
+        wb = WriteBehind(svc, f"test-{uuid.uuid4().hex[:6]}")
+        await wb._join(event_id)
+        reply: Any = await svc.redis.xreadgroup(
+            "writers", wb.consumer, {event_keys(event_id).outbox: ">"}, count=10
+        )
+        entries = [(event_id, i, f) for _, messages in reply for i, f in messages]
+        assert len(entries) == 3
+        with pytest.raises(Exception, match=name):
+            async with svc.engine.begin() as conn:
+                await write(conn, entries)
+        assert await persisted_ids(svc, event_id) == []
+    finally:
+        async with svc.engine.begin() as conn:
+            await conn.execute(sa.text(f"ALTER TABLE booking_items DROP CONSTRAINT {name}"))
