@@ -45,6 +45,7 @@ from service import (
     reconcile,
     sales,
     schemas,
+    server,
 )
 from service.context import Services
 from service.scripts import Idempotency
@@ -725,6 +726,7 @@ def create_app(settings: Settings) -> Litestar:
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
+            server.mark_started()
             yield
         finally:
             flusher.cancel()
