@@ -158,6 +158,8 @@ async def drain(receive: Receive) -> None:
             message = await asyncio.wait_for(receive(), _DRAIN_WAIT)
         except TimeoutError:  # nothing more is coming (or the client stalls): answer now
             return
+        except bodies.ClientGone:  # nobody left to answer: the send goes nowhere
+            return
         if message["type"] != "http.request" or not message.get("more_body", False):
             return
         left -= len(message.get("body", b""))
