@@ -188,7 +188,7 @@ async def test_metrics_count_unmatched_routes_statuses_and_refusals(
     for _ in range(30):
         samples = metric_samples((await client.get("/metrics")).text)
         if value(samples, "boxoffice_refusals_total", code="sold_out") >= 1 and value(
-            samples, "boxoffice_requests_total", path="/events", status_code="405"
+            samples, "boxoffice_requests_total", path="/events", method="PUT", status_code="405"
         ):
             break
         await asyncio.sleep(0.2)
