@@ -34,8 +34,10 @@ from litestar.params import Parameter
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Receive, Scope, Send
+from litestar.utils import normalize_path
 
 from service import (
+    bodies,
     bookings,
     catalog,
     deadletters,
@@ -45,6 +47,7 @@ from service import (
     reconcile,
     sales,
     schemas,
+    server,
 )
 from service.context import Services
 from service.scripts import Idempotency
@@ -110,6 +113,7 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     err = cls(detail, **extra)
     if allow:
         err.headers = {"allow": allow}
+        _note_route(request, allow)
     if cls is errors.PayloadTooLarge:
         # Whatever of the body the drain leaves unread (past 1 MiB, or from a client that
         # stalls) stays in the connection: it cannot carry another request.
@@ -154,6 +158,8 @@ async def drain(receive: Receive) -> None:
             message = await asyncio.wait_for(receive(), _DRAIN_WAIT)
         except TimeoutError:  # nothing more is coming (or the client stalls): answer now
             return
+        except bodies.ClientGone:  # nobody left to answer: the send goes nowhere
+            return
         if message["type"] != "http.request" or not message.get("more_body", False):
             return
         left -= len(message.get("body", b""))
@@ -178,6 +184,24 @@ class TooLarge(Response[schemas.Problem]):
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
         return _DrainFirst(super().to_asgi_response(*args, **kwargs))
+
+
+def _note_route(request: Request[Any, Any, Any], allow: str) -> None:
+    """A 405's route exists: the router, asked again with a method it has, names its
+    template for the metrics (it sets the template only for a route it runs)."""
+    method = allow.split(",", 1)[0].strip()
+    route = request.app.asgi_router.handle_routing(normalize_path(request.scope["path"]), method)
+    request.scope["path_template"] = route[4]
+
+
+# Status of a request whose client left before its body ended: nothing is sent (nginx's
+# "client closed request"); /metrics counts it under this status, not as a 500.
+CLIENT_GONE = 499
+
+
+def on_client_gone(request: Request[Any, Any, Any], exc: bodies.ClientGone) -> Response[Any]:
+    log.info("%s %s: the client left before its body ended", request.method, request.url.path)
+    return Response(None, status_code=CLIENT_GONE)
 
 
 def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -619,7 +643,9 @@ async def health() -> schemas.Health:
 )
 async def ready(request: Request[Any, Any, Any]) -> Response[schemas.Readiness]:
     state = await metrics.readiness(_svc(request))
-    return Response(state, status_code=503 if state.missing else 200)
+    if state.missing:
+        return Response(state, status_code=503, headers=dict(errors.Unavailable.always))
+    return Response(state)
 
 
 @get(
@@ -736,6 +762,7 @@ def create_app(settings: Settings) -> Litestar:
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
+            server.mark_started()
             yield
         finally:
             flusher.cancel()
@@ -770,6 +797,7 @@ def create_app(settings: Settings) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
             errors.BoxofficeError: on_domain_error,
+            bodies.ClientGone: on_client_gone,
             HTTPException: on_http_error,
             HTTP_500_INTERNAL_SERVER_ERROR: on_crash,
             Exception: on_crash,
@@ -788,7 +816,9 @@ def create_app(settings: Settings) -> Litestar:
     )
     # Around the whole app, not as route middleware: requests that match no route (404,
     # 405) are answered before any route's middleware runs, and they count too.
-    app.asgi_handler = metrics.middleware(stats)(app.asgi_handler)
+    # The body guard inside it, so that a 408 is counted as one.
+    guarded = bodies.guard(settings.http_body_timeout_seconds)(app.asgi_handler)
+    app.asgi_handler = metrics.middleware(stats)(guarded)
     return app
 
 

@@ -37,19 +37,24 @@ WORKER_KILL_TIMEOUT_SECONDS = 10
 
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
-    from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
+
+    from service.server import STARTED_DIR_ENV, Server
 
     check_port_free(settings.host, settings.port)
     connections = connection_limit(settings.http_max_connections)
     # Each worker process writes its HTTP metrics to files here; /metrics sums them. Set
-    # before any worker imports prometheus_client.
-    metrics_dir = tempfile.mkdtemp(prefix="boxoffice-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # before any worker imports prometheus_client. And notes there that it has started.
+    state = Path(tempfile.mkdtemp(prefix="boxoffice-serve-"))
+    (state / "metrics").mkdir()
+    (state / "started").mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "metrics")
+    os.environ[STARTED_DIR_ENV] = str(state / "started")
     try:
-        Granian(
+        Server(
             "service.api:create_app_from_env",
+            started_dir=state / "started",
             factory=True,
             address=settings.host,
             port=settings.port,
@@ -68,12 +73,13 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
             # Connections per process, idle ones included; beyond it new ones wait unaccepted.
             backpressure=connections,
             # A worker process that dies (killed, out of memory) is replaced; the others
-            # serve meanwhile. One that keeps dying within seconds stops the server.
+            # serve meanwhile. Only one that keeps dying before it has started stops the
+            # server (service/server.py).
             respawn_failed_workers=True,
             workers_kill_timeout=WORKER_KILL_TIMEOUT_SECONDS,
         ).serve()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
     return 0
 
 

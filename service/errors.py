@@ -75,6 +75,9 @@ EventExists = _error(409, "event_exists", "Event exists")
 CapacityBelowCommitted = _error(409, "capacity_below_committed", "Capacity below committed")
 IdempotencyInProgress = _error(409, "idempotency_in_progress", "Request in progress", _RETRY)
 HoldExpired = _error(410, "hold_expired", "Hold expired")
+# The body did not arrive in time (BOXOFFICE_HTTP_BODY_TIMEOUT_SECONDS); the rest of it
+# would be read as the next request: the connection ends with the answer.
+RequestTimeout = _error(408, "request_timeout", "Request timeout", {"connection": "close"})
 PayloadTooLarge = _error(413, "payload_too_large", "Payload too large")
 UnsupportedMediaType = _error(415, "unsupported_media_type", "Unsupported media type")
 IdempotencyKeyReused = _error(422, "idempotency_key_reused", "Idempotency-Key reused")

@@ -45,6 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # before it is closed: together they bound what idle or slow clients can hold.
     http_max_connections: Count = 4096
     http_idle_timeout_seconds: Annotated[float, msgspec.Meta(ge=0.001, le=60)] = 10.0
+    # How long a request body may take to arrive, from the end of its head: a client that
+    # trickles it is answered 408 and changes nothing.
+    http_body_timeout_seconds: Annotated[float, msgspec.Meta(ge=0.001, le=600)] = 20.0
     # Holds reclaimed lazily by each hold script before it decides; bounded so that one
     # request never pays for a backlog of thousands.
     reclaim_batch: Count = 50

@@ -19,7 +19,7 @@ import pytest
 from service.settings import Settings
 from tests.apiserver import BOXOFFICE, ApiServer
 from tests.conftest import server_env
-from tests.servers import free_port
+from tests.servers import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +53,21 @@ def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {within}s: {what}")
         time.sleep(0.05)
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether the process has a socket listening on the port: an API process opens its
+    own (SO_REUSEPORT) once its app has started, and until then takes no connection."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            inodes.add(fields[9])
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(link[8:-1] in inodes for link in links if link.startswith("socket:["))
 
 
 def fresh_get(url: str, timeout: float = 5) -> int:
@@ -191,6 +206,81 @@ def test_a_killed_api_process_is_replaced_and_the_rest_keep_serving(
     status, stderr = run.stop(signal.SIGTERM)
     assert_stopped_cleanly(run, status, stderr, signal.SIGTERM)
     assert not alive(worker) and not alive(serve)
+
+
+def test_an_api_process_killed_twice_in_a_row_does_not_stop_the_server(settings: Settings) -> None:
+    """Granian exits on a "crash loop" when a respawned process dies within 5.5 s: a
+    process killed (OOM killer, a crash) and then its replacement stops every process."""
+    server = ApiServer(server_env(settings), workers=2)
+    server.start()
+    proc = server._proc
+    assert proc is not None
+    try:
+        first = children(proc.pid)
+        assert len(first) == 2
+        # Both started: with the other still starting, no process would take connections.
+        wait_for(lambda: all(listening(p, server.port) for p in first), 30, "both listen")
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(
+            lambda: len([p for p in children(proc.pid) if p not in first]) == 1,
+            30,
+            "a replacement",
+        )
+        replacement = next(p for p in children(proc.pid) if p not in first)
+        wait_for(lambda: fresh_get(f"{server.url}/health") == 200, 10, "serving")
+        os.kill(replacement, signal.SIGKILL)
+        time.sleep(3)
+        assert server.running, server.log()[-600:]
+        assert [fresh_get(f"{server.url}/health") for _ in range(10)] == [200] * 10
+        # Both kills were answered with a new process; the untouched one served throughout.
+        wait_for(lambda: len(children(proc.pid)) == 2, 30, "two API processes again")
+        now = children(proc.pid)
+        assert first[1] in now and first[0] not in now and replacement not in now
+    finally:
+        server.stop()
+
+
+def test_an_api_that_cannot_start_stops_the_server_with_a_message(settings: Settings) -> None:
+    """The other side of the rule above: processes that die before they finish starting
+    (here the Redis user may not load the scripts) are a crash loop, not replaced forever."""
+    user = ["noscripts", "on", ">secret", "~*", "&*", "+@all", "-@scripting"]
+    with RedisServer(args=["--user", *user]) as redis:
+        env = {
+            **os.environ,
+            **server_env(settings),
+            "BOXOFFICE_REDIS_URL": f"redis://noscripts:secret@127.0.0.1:{redis.port}/0",
+            "BOXOFFICE_HOST": "127.0.0.1",
+            "BOXOFFICE_PORT": str(free_port()),
+            "BOXOFFICE_WORKERS": "2",
+        }
+        # granian logs to stdout, the service to stderr: one stream, in order.
+        result = subprocess.run(
+            [BOXOFFICE, "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "NoPermissionError" in result.stdout  # why the app cannot start
+    assert "died before it finished starting, 3 times in a row" in result.stdout
+
+
+def test_the_private_parts_of_granian_the_server_relies_on_are_there() -> None:
+    """service/server.py steers granian's crash-loop rule through private attributes: a
+    granian upgrade that renames or drops them must fail here, not in production."""
+    import inspect
+
+    from granian.server import MPServer
+    from granian.server.common import AbstractServer, AbstractWorker
+
+    loop = inspect.getsource(AbstractServer._serve_loop)
+    assert "self.respawned_wrks.get(idx, 0) <= 5.5" in loop
+    assert "self.interrupt_children" in loop
+    watcher = inspect.getsource(AbstractWorker._watcher)
+    assert "self.inner.join()" in watcher and "interrupt_by_parent" in watcher
+    assert "WorkerProcess(" in inspect.getsource(MPServer._spawn_worker)
 
 
 def test_make_run_stopped_with_ctrl_c_ends_cleanly(make_run: Callable[[int], MakeRun]) -> None:

@@ -1,0 +1,82 @@
+"""The process manager of `boxoffice serve`: granian's, with a crash-loop rule of its own.
+
+granian stops the whole server when a worker process dies within 5.5 s of being respawned,
+whatever the reason: a process killed (out of memory, `kill -9`) and then its replacement
+soon after stop every process, the ones serving included. Here a process that finished
+starting (its app's lifespan start-up ran: it touched a file named for its pid) is always
+replaced, and the others keep serving their connections meanwhile; only a process slot
+whose processes die before they finish starting, START_FAILURES times in a row, stops the
+server, since then the app cannot start at all.
+
+It relies on granian's private parts (pinned by uv.lock; tests/test_server.py checks them):
+the server's `respawned_wrks` (process index -> when it was respawned; granian takes a
+death within 5.5 s of that time for a crash loop) and a worker's `_watcher` (run in a
+thread, it waits for the process to end, then reports it to the server's loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from granian.server import MPServer
+from granian.server.mp import WorkerProcess
+
+log = logging.getLogger("boxoffice.server")
+
+# Where each API process notes that it has started: set by `boxoffice serve`.
+STARTED_DIR_ENV = "BOXOFFICE_SERVE_STARTED_DIR"
+# Processes of one slot in a row that die before they finish starting: the app cannot start.
+START_FAILURES = 3
+
+
+def mark_started() -> None:
+    """Called by an API process once its app has started (nothing when not under serve)."""
+    directory = os.environ.get(STARTED_DIR_ENV)
+    if directory:
+        (Path(directory) / str(os.getpid())).touch()
+
+
+class Server(MPServer):
+    def __init__(self, *args: Any, started_dir: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_dir = started_dir
+        self.start_failures = [0] * self.workers
+
+    def _spawn_worker(self, *args: Any, **kwargs: Any) -> WorkerProcess:
+        worker = super()._spawn_worker(*args, **kwargs)
+        report: Callable[[], None] = worker._watcher
+
+        def watcher() -> None:
+            worker.inner.join()
+            if not worker.interrupt_by_parent:
+                self.judge_exit(worker)
+            report()  # granian's: the process has ended, its join returns at once
+
+        worker._watcher = watcher  # type: ignore[method-assign]
+        return worker
+
+    def judge_exit(self, worker: WorkerProcess) -> None:
+        """Before granian's loop hears of an unexpected exit: tell it whether this is a
+        crash loop, through the time it thinks the slot was respawned at."""
+        marker = self.started_dir / str(worker.inner.pid)
+        if marker.exists():
+            marker.unlink(missing_ok=True)
+            self.start_failures[worker.idx] = 0
+            self.respawned_wrks.pop(worker.idx, None)  # never a crash loop: replace it
+            return
+        self.start_failures[worker.idx] += 1
+        if self.start_failures[worker.idx] < START_FAILURES:
+            self.respawned_wrks.pop(worker.idx, None)
+            return
+        log.error(
+            "worker-%d died before it finished starting, %d times in a row: the app cannot "
+            "start (see the errors above); stopping the server",
+            worker.idx + 1,
+            START_FAILURES,
+        )
+        self.respawned_wrks[worker.idx] = time.monotonic()  # granian's crash loop: it exits
