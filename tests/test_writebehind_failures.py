@@ -328,7 +328,8 @@ async def test_postgresql_unreachable_for_a_while_loses_nothing_and_the_backlog_
 # --- 3. poison entries go to the dead-letter stream ---------------------------------------
 
 
-def _booking_json(**overrides: Any) -> bytes:
+def booking_json(**overrides: Any) -> bytes:
+    """An outbox booking record as lua/confirm.lua writes it, with fields replaced."""
     booking: dict[str, Any] = {
         "id": str(uuid.uuid4()),
         "h": "poison-hold",
@@ -350,9 +351,9 @@ POISONS: dict[str, Fields] = {
     # Not JSON at all: the decoder rejects it before PostgreSQL sees anything.
     "malformed": {b"op": b"confirm", b"booking": b'{"id": "broken'},
     # Well-formed, but PostgreSQL rejects it (currency is varchar(3)).
-    "rejected by postgresql": {b"op": b"confirm", b"booking": _booking_json(cu="EURO")},
+    "rejected by postgresql": {b"op": b"confirm", b"booking": booking_json(cu="EURO")},
     # An operation the writer does not know.
-    "unknown op": {b"op": b"refund", b"booking": _booking_json()},
+    "unknown op": {b"op": b"refund", b"booking": booking_json()},
 }
 
 

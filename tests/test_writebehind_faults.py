@@ -7,7 +7,6 @@ another connection, SIGKILL).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from tests.test_writebehind_failures import (
     StartWorker,
     assert_each_written_once,
     booking_id,
+    booking_json,
     dead_letters,
     pending_ids,
     sell_in_process,
@@ -53,34 +53,16 @@ def workers() -> Iterator[StartWorker]:
         print(f"--- worker {i} log ---\n{w.log()}")
 
 
-def _booking(**overrides: Any) -> bytes:
-    booking = {
-        "id": "0192d3c4-0000-7000-8000-00000000beef",
-        "h": "h",
-        "c": "c",
-        "it": [["GA", 1]],
-        "st": [],
-        "q": {"GA": 1},
-        "n": 1,
-        "t": 1000,
-        "cu": "EUR",
-        "ca": int(time.time() * 1000),
-        "s": "confirmed",
-        **overrides,
-    }
-    return json.dumps(booking).encode()
-
-
 # Entries that fail before PostgreSQL is asked anything, each with the error it raises.
 POISONS: dict[str, tuple[dict[bytes, bytes], str]] = {
     # datetime.fromtimestamp: OSError, which once passed for "server away".
-    "time out of range": ({b"op": b"confirm", b"booking": _booking(ca=10**20)}, "OSError"),
+    "time out of range": ({b"op": b"confirm", b"booking": booking_json(ca=10**20)}, "OSError"),
     "cancel time out of range": (
         {b"op": b"cancel", b"booking": b"0192d3c4-0000-7000-8000-00000000beef", b"at": b"9" * 17},
         "ValueError",
     ),
     "no booking field": ({b"op": b"confirm"}, "KeyError"),
-    "not a uuid": ({b"op": b"confirm", b"booking": _booking(id="nope")}, "ValueError"),
+    "not a uuid": ({b"op": b"confirm", b"booking": booking_json(id="nope")}, "ValueError"),
     "not utf-8": ({b"op": b"cancel", b"booking": b"\xff\xfe", b"at": b"1"}, "UnicodeDecodeError"),
 }
 
