@@ -186,6 +186,9 @@ def test_a_killed_api_process_is_replaced_and_the_rest_keep_serving(
     serve, worker = run.processes()
     wait_for(lambda: len(children(serve)) == 2, 30, "two API processes")
     first = children(serve)
+    # A process opens its socket once its app has started: kill one only when both listen,
+    # or the kill may take the only one that serves yet.
+    wait_for(lambda: all(listening(p, run.port) for p in first), 30, "both listen")
     victim = first[0]
 
     os.kill(victim, signal.SIGKILL)
