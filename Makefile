@@ -38,13 +38,22 @@ cluster-stop:
 migrate: venv services
 	$(BOXOFFICE) migrate
 
+# The waiting room's pass secret (README "Waiting room"): made once into .data/, so that a
+# restart keeps passes valid, and handed to the API processes unless the environment sets one.
+PASS_SECRET_FILE := .data/pass-secret
+
+$(PASS_SECRET_FILE):
+	@mkdir -p $(@D)
+	@umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))' >$@
+
 # Both in the foreground: Ctrl-C, or either one exiting, stops the other. Background jobs of a
 # non-interactive shell ignore SIGINT, hence the trap that forwards a TERM. Stopped by a
 # signal, the recipe exits 0 (a wanted stop, not an error for make to report); it ignores
 # further signals meanwhile (resetting them to the default would kill it with status 143).
 run: export BOXOFFICE_ADMIN_TOKEN := $(BOXOFFICE_ADMIN_TOKEN)
-run: venv services migrate
-	@pids=; stop() { trap '' INT TERM; kill $$pids 2>/dev/null || true; wait; exit 0; }; \
+run: venv services migrate $(PASS_SECRET_FILE)
+	@export BOXOFFICE_PASS_SECRET="$${BOXOFFICE_PASS_SECRET:-$$(<$(PASS_SECRET_FILE))}"; \
+	pids=; stop() { trap '' INT TERM; kill $$pids 2>/dev/null || true; wait; exit 0; }; \
 	trap stop INT TERM; \
 	$(BOXOFFICE) serve & pids="$$pids $$!"; \
 	$(BOXOFFICE) worker & pids="$$pids $$!"; \

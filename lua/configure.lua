@@ -1,7 +1,11 @@
--- configure.lua: admin changes to a live event: status, on-sale time, name, capacities.
--- KEYS: the event keys (lib.lua), [17] Idempotency-Key record (optional, last)
+-- configure.lua: admin changes to a live event: status, on-sale time, name, capacities,
+-- waiting room.
+-- KEYS: the event keys (lib.lua), [17..21] the waiting room's keys (lib.lua, queue_keys),
+--       then the Idempotency-Key record (optional, last)
 -- ARGV: common [1..4] (lib.lua), [5] changes JSON {status?, on_sale_at? (ms, "" = none),
---       name?, caps? = {category = new capacity}}
+--       name?, caps? = {category = new capacity}, qapm?, qttl?, qopens? (the waiting
+--       room, lib.lua; qapm "" = none)}. A room turned on or off starts from an empty
+--       queue: the old one's keys are unlinked (freed off the main thread, however big).
 -- Returns JSON {ok = 1}, or {err = code, ...}. A capacity change moves the difference into
 -- or out of `avail` at once; it may not go below what is held plus sold.
 local cached = replay()
@@ -25,7 +29,14 @@ for cat, cap in pairs(caps) do
   redis.call('HSET', K.cap, cat, cap)
   redis.call('HINCRBY', K.avail, cat, cap - old)
 end
-for _, field in ipairs({'status', 'on_sale_at', 'name'}) do
+if ch.qapm ~= nil then
+  local was = redis.call('HGET', K.meta, 'qapm')
+  if ch.qapm == '' or not was or was == '' then
+    local q = queue_keys()
+    redis.call('UNLINK', q.tickets, q.cust, q.order, q.state, q.passes)
+  end
+end
+for _, field in ipairs({'status', 'on_sale_at', 'name', 'qapm', 'qttl', 'qopens'}) do
   if ch[field] ~= nil then redis.call('HSET', K.meta, field, ch[field]) end
 end
 return finish('{"ok":1}')

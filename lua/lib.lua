@@ -267,3 +267,100 @@ local function rebuild(now)
   out.overcommitted = nonempty(out.overcommitted)
   return out
 end
+
+-- --- the waiting room (queue_*.lua; configure.lua clears it) ------------------------------
+-- Its keys follow the event's keys (service/keys.py, EventKeys.queue).
+local function queue_keys()
+  return {
+    tickets = KEYS[NKEYS + 1], -- hash: ticket -> JSON {c = customer, x = pass expiry ms (set
+                               --   by the first look that finds it admitted), l = 1 once left}
+    cust = KEYS[NKEYS + 2],    -- hash: customer id -> ticket
+    order = KEYS[NKEYS + 3],   -- zset: ticket -> score: the pre-queue's a random number in
+                               --   [0, 1) from the caller, later arrivals 1 + arrival number
+    state = KEYS[NKEYS + 4],   -- hash: o = 1 once open (on sale seen), f = admitted up to this
+                               --   rank (fractional), t = when f was last advanced (ms),
+                               --   n = arrivals since the opening
+    passes = KEYS[NKEYS + 5],  -- zset: customer -> expiry ms of the pass handed out
+  }
+end
+
+-- The event's fields that the room reads, once per call. apm = nil: the event has no room.
+local function room_meta()
+  local m = redis.call('HMGET', K.meta, 'status', 'on_sale_at', 'qapm', 'qttl', 'qopens')
+  return {
+    status = m[1], on_sale_at = tonumber(m[2] or ''),
+    apm = tonumber(m[3] or ''), ttl = tonumber(m[4] or ''), opens = tonumber(m[5] or ''),
+  }
+end
+
+local function in_stock()
+  for _, v in ipairs(redis.call('HVALS', K.avail)) do
+    if tonumber(v) > 0 then return true end
+  end
+  return false
+end
+
+-- Advance the admission frontier to `now` by rate x elapsed time, only while the event
+-- sells and something is left: the room never admits into nothing. The first look at or
+-- after the on-sale moment opens the queue (the pre-queue's random scores then rank it)
+-- and admission counts from that moment. The frontier runs at most one rank past the
+-- queue's end, so an idle room admits the next arrival at once but stores no burst.
+-- Returns {opened, f = admitted up to this rank, frac = the fractional frontier, stock}.
+local function advance(q, rm, now)
+  local selling = rm.status == 'on_sale' and (not rm.on_sale_at or now >= rm.on_sale_at)
+  local st = redis.call('HMGET', q.state, 'o', 'f', 't')
+  local opened, f, t = st[1] == '1', tonumber(st[2] or '0'), tonumber(st[3] or '0')
+  if not opened then
+    if not selling then return {opened = false, f = 0, frac = 0, stock = true} end
+    opened, f, t = true, 0, math.min(now, rm.on_sale_at or now)
+    redis.call('HSET', q.state, 'o', 1)
+  end
+  local stock = in_stock()
+  if not stock then
+    -- An overdue hold not yet reclaimed is no reason to stop admitting.
+    reclaim(now, RECLAIM_BATCH)
+    stock = in_stock()
+  end
+  if selling and stock and now > t then
+    local limit = redis.call('ZCARD', q.order) + 1
+    f = math.max(f, math.min(f + (now - t) * rm.apm / 60000, limit))
+  end
+  redis.call('HSET', q.state, 'f', f, 't', now)
+  return {opened = true, f = math.floor(f), frac = f, stock = stock}
+end
+
+-- A ticket as it reads now: {t = ticket, c = customer, s = status, p = position (1 =
+-- next), e = estimated wait (s), x = pass expiry ms, u = on-sale moment ms (pre-queued),
+-- now}. Its first look past the
+-- frontier while tickets are left admits it: the pass's expiry is fixed then, and
+-- counted among the passes.
+local function ticket_view(q, rm, room, ticket, rec, now)
+  local v = {t = ticket, c = rec.c, now = now}
+  if rm.status == 'closed' then
+    v.s = 'closed'
+    return v
+  end
+  if not room.opened then
+    v.s, v.u = 'waiting', rm.on_sale_at -- pre-queued: no position until the opening
+    return v
+  end
+  local rank = redis.call('ZRANK', q.order, ticket) + 1
+  -- Past the frontier, but first seen while nothing is on sale: not admitted (yet).
+  if rank <= room.f and (rec.x or room.stock) then
+    if not rec.x then
+      rec.x = now + rm.ttl * 1000
+      redis.call('HSET', q.tickets, ticket, cjson.encode(rec))
+      redis.call('ZADD', q.passes, rec.x, rec.c)
+    end
+    v.s, v.x = 'admitted', rec.x
+    return v
+  end
+  v.p = math.max(1, rank - room.f)
+  if not room.stock then
+    v.s = 'sold_out'
+    return v
+  end
+  v.s = 'waiting'
+  v.e = math.ceil((rank - room.frac) * 60 / rm.apm)
+  return v
+end

@@ -48,6 +48,7 @@ from service import (
     sales,
     schemas,
     server,
+    waitingroom,
 )
 from service.context import Services
 from service.scripts import Idempotency
@@ -59,6 +60,15 @@ log = logging.getLogger("boxoffice.api")
 PROBLEM_JSON = "application/problem+json"
 _EVENT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
+PassHeader = Annotated[
+    str | None,
+    Parameter(
+        header="Boxoffice-Pass",
+        description="The admission pass of the event's waiting room (when it has one): "
+        "`pass` of an admitted QueueTicket.",
+    ),
+]
+TicketParam = Annotated[str, Parameter(description="`ticket` of the QueueTicket.")]
 EventIdParam = Annotated[
     str, Parameter(description="Event id, `^[a-z0-9][a-z0-9-]{0,63}$`; any other is 404.")
 ]
@@ -369,17 +379,21 @@ async def list_seats(
         errors.SoldOut,
         errors.SeatsUnavailable,
         errors.CustomerLimit,
+        errors.AdmissionRequired,
         errors.PayloadTooLarge,
         errors.IdempotencyKeyReused,
         errors.RateLimited,
     ),
 )
 async def create_hold(
-    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.HoldCreate
+    request: Request[Any, Any, Any],
+    event_id: EventIdParam,
+    data: schemas.HoldCreate,
+    boxoffice_pass: PassHeader = None,
 ) -> Response[schemas.Hold]:
-    hold = await sales.create_hold(
-        _svc(request), _event(event_id), data, await _idempotency(request)
-    )
+    svc = _svc(request)
+    await waitingroom.require_pass(svc, _event(event_id), data.customer_id, boxoffice_pass)
+    hold = await sales.create_hold(svc, event_id, data, await _idempotency(request))
     location = f"/events/{event_id}/holds/{hold.hold_id}"
     return Response(hold, status_code=201, headers={"location": location})
 
@@ -450,6 +464,68 @@ async def get_booking(
     request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: str
 ) -> schemas.Booking:
     return await bookings.get_booking(_svc(request), _event(event_id), booking_id)
+
+
+# --- the waiting room ------------------------------------------------------------------
+
+
+@post(
+    "/events/{event_id:str}/queue",
+    tags=["waiting room"],
+    status_code=201,
+    response_headers=[_location("/events/{event_id}/queue/{ticket}")],
+    responses=_problems(
+        errors.EventNotFound,
+        errors.NoWaitingRoom,
+        errors.QueueNotOpen,
+        errors.NotOnSale,
+        errors.PayloadTooLarge,
+        errors.IdempotencyKeyReused,
+        errors.RateLimited,
+    ),
+)
+async def join_queue(
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.QueueJoin
+) -> Response[schemas.QueueTicket]:
+    """Join the event's waiting room. The same customer joining again gets the same
+    ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
+    put in a uniformly random order at that moment, ahead of later arrivals."""
+    ticket, _new = await waitingroom.join(
+        _svc(request), _event(event_id), data.customer_id, await _idempotency(request)
+    )
+    location = f"/events/{event_id}/queue/{ticket.ticket}"
+    return Response(ticket, status_code=201, headers={"location": location})
+
+
+@get(
+    "/events/{event_id:str}/queue/{ticket:str}",
+    tags=["waiting room"],
+    responses=_problems(errors.EventNotFound, errors.TicketNotFound),
+)
+async def poll_queue(
+    request: Request[Any, Any, Any], event_id: EventIdParam, ticket: TicketParam
+) -> schemas.QueueTicket:
+    """The ticket now. Once `admitted` it carries the pass that holds need; ask again
+    after `poll_after_seconds` until then."""
+    return await waitingroom.poll(_svc(request), _event(event_id), ticket)
+
+
+@delete(
+    "/events/{event_id:str}/queue/{ticket:str}",
+    tags=["waiting room"],
+    responses=_problems(
+        errors.EventNotFound,
+        errors.TicketNotFound,
+        errors.IdempotencyKeyReused,
+        errors.RateLimited,
+    ),
+)
+async def leave_queue(
+    request: Request[Any, Any, Any], event_id: EventIdParam, ticket: TicketParam
+) -> None:
+    """Leave the waiting room (again: `204`, nothing changes). An admitted ticket's pass
+    stays valid until it expires."""
+    await waitingroom.leave(_svc(request), _event(event_id), ticket, await _idempotency(request))
 
 
 # --- admin routes -----------------------------------------------------------------------
@@ -563,6 +639,20 @@ async def reconcile_event(
     if not report.events:
         raise errors.EventNotFound(f"no event {event_id!r}")
     return report
+
+
+@get(
+    "/admin/events/{event_id:str}/queue",
+    tags=["admin"],
+    guards=[admin_guard],
+    responses=_problems(errors.Unauthorized, errors.EventNotFound),
+)
+async def queue_figures(
+    request: Request[Any, Any, Any], event_id: EventIdParam
+) -> schemas.QueueStats:
+    """The waiting room now: tickets waiting, admitted (the frontier, in ranks), passes
+    not yet expired. All zero, and `admit_per_minute` null, for an event without one."""
+    return await waitingroom.figures(_svc(request), _event(event_id))
 
 
 _DEAD_LETTER_ERRORS = (
@@ -778,11 +868,15 @@ def create_app(settings: Settings) -> Litestar:
             confirm_hold,
             release_hold,
             get_booking,
+            join_queue,
+            poll_queue,
+            leave_queue,
             create_event,
             patch_event,
             list_bookings,
             cancel_booking,
             reconcile_event,
+            queue_figures,
             list_dead_letters,
             replay_dead_letter,
             discard_dead_letter,

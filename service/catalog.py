@@ -11,9 +11,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors, live, schemas
+from service import errors, live, schemas, waitingroom
 from service.context import Services
 from service.db import categories, events
+from service.keys import event_keys
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
@@ -82,8 +83,23 @@ def _plan(body: schemas.EventCreate) -> live.Plan:
         body.max_per_customer,
         body.categories[0].currency,
         names,
+        _room(body.waiting_room),
     )
     return live.Plan(meta, cats, labels, seat_cats, places)
+
+
+def _room(room: schemas.WaitingRoom | None) -> live.Room | None:
+    if room is None:
+        return None
+    return live.Room(room.admit_per_minute, room.pass_ttl_seconds, room.opens_at)
+
+
+def _room_columns(room: schemas.WaitingRoom | None) -> dict[str, Any]:
+    return {
+        "waiting_room_admit_per_minute": room and room.admit_per_minute,
+        "waiting_room_pass_ttl_seconds": room and room.pass_ttl_seconds,
+        "waiting_room_opens_at": room and room.opens_at,
+    }
 
 
 async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Event:
@@ -98,6 +114,9 @@ async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Even
     await _insert(svc, body, plan)
     try:
         await live.register(svc, body.id)
+        # The load replaces the event's keys; a queue left by an event of the same id
+        # (created and undone) goes with them.
+        await svc.redis.delete(*event_keys(body.id).queue)
         await live.load(svc, body.id, plan, "create")
     except BaseException:
         await _undo_create(svc, body.id)
@@ -120,6 +139,7 @@ async def _insert(svc: Services, body: schemas.EventCreate, plan: live.Plan) -> 
                 max_per_order=body.max_per_order,
                 max_per_customer=body.max_per_customer,
                 currency=plan.meta["currency"],
+                **_room_columns(body.waiting_room),
             )
             .on_conflict_do_nothing()
             .returning(events.c.id)
@@ -232,6 +252,18 @@ async def view_event(svc: Services, event_id: str) -> schemas.Event:
         max_per_order=int(m["mpo"]),
         max_per_customer=int(m["mpc"]) if m["mpc"] else None,
         categories=cats,
+        waiting_room=_room_view(m),
+    )
+
+
+def _room_view(m: dict[str, str]) -> schemas.WaitingRoomView | None:
+    # An event loaded by an earlier version has none of the room's fields: no room.
+    if not m.get("qapm"):
+        return None
+    return schemas.WaitingRoomView(
+        admit_per_minute=int(m["qapm"]),
+        pass_ttl_seconds=int(m["qttl"]),
+        opens_at=from_ms(int(m["qopens"])) if m.get("qopens") else None,
     )
 
 
@@ -277,6 +309,10 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
     if body.on_sale_at is not msgspec.UNSET:
         values["on_sale_at"] = body.on_sale_at
         changes["on_sale_at"] = "" if body.on_sale_at is None else to_ms(body.on_sale_at)
+    if body.waiting_room is not msgspec.UNSET:
+        room = body.waiting_room
+        values.update(_room_columns(room))
+        changes.update(live.room_meta(_room(room)))
     caps = {c.name: c.capacity for c in body.categories or []}
     if len(caps) != len(body.categories or []):
         raise errors.ValidationError("a category appears at most once")
@@ -308,15 +344,29 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
                     .values(capacity=cap)
                 )
             # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
-            await live.call(svc, "configure", event_id, msgspec.json.encode(changes))
+            await live.call(
+                svc,
+                "configure",
+                event_id,
+                msgspec.json.encode(changes),
+                extra_keys=event_keys(event_id).queue,
+            )
             configured = _undo_changes(found, changes, old_caps)
     except BaseException:
         if configured is not None:
             # Redis took the change and PostgreSQL did not (the commit failed): put Redis
             # back. If that fails too, reconcile aligns the capacities with PostgreSQL.
             with contextlib.suppress(Exception):
-                await live.call(svc, "configure", event_id, msgspec.json.encode(configured))
+                await live.call(
+                    svc,
+                    "configure",
+                    event_id,
+                    msgspec.json.encode(configured),
+                    extra_keys=event_keys(event_id).queue,
+                )
         raise
+    finally:
+        waitingroom.ROOMS.forget(event_id)
     return await view_event(svc, event_id)
 
 
@@ -331,6 +381,8 @@ def _undo_changes(
         undo["name"] = before.name
     if "on_sale_at" in changes:
         undo["on_sale_at"] = "" if before.on_sale_at is None else to_ms(before.on_sale_at)
+    if "qapm" in changes:
+        undo.update(live.room_meta(live.room_of(before)))
     if caps:
         undo["caps"] = caps
     return undo

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import resource
+import secrets
 import shutil
 import socket
 import sys
@@ -51,6 +52,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     (state / "started").mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "metrics")
     os.environ[STARTED_DIR_ENV] = str(state / "started")
+    share_pass_secret(settings)
     try:
         Server(
             "service.api:create_app_from_env",
@@ -81,6 +83,19 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(state, ignore_errors=True)
     return 0
+
+
+def share_pass_secret(settings: Settings) -> None:
+    """Every API process of this server must sign and check waiting-room passes with the
+    same secret: without BOXOFFICE_PASS_SECRET, one is made here, before they start, and
+    handed to them all through the environment."""
+    if settings.pass_secret:
+        return
+    os.environ["BOXOFFICE_PASS_SECRET"] = secrets.token_urlsafe(32)
+    log.warning(
+        "BOXOFFICE_PASS_SECRET is not set: this server's processes share a secret of their"
+        " own; passes they issue are refused after a restart and by any other server"
+    )
 
 
 def check_port_free(host: str, port: int) -> None:

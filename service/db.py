@@ -33,7 +33,17 @@ events = sa.Table(
     sa.Column(
         "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
+    # The waiting room (all null: none): admissions a minute, how long a pass lasts, and
+    # when joining starts (null: at once).
+    sa.Column("waiting_room_admit_per_minute", sa.Integer, nullable=True),
+    sa.Column("waiting_room_pass_ttl_seconds", sa.Integer, nullable=True),
+    sa.Column("waiting_room_opens_at", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("status IN ('on_sale', 'paused', 'closed')", name="status"),
+    sa.CheckConstraint(
+        "(waiting_room_admit_per_minute IS NULL) = (waiting_room_pass_ttl_seconds IS NULL)"
+        " AND (waiting_room_opens_at IS NULL OR waiting_room_admit_per_minute IS NOT NULL)",
+        name="waiting_room",
+    ),
 )
 
 categories = sa.Table(

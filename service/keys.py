@@ -51,6 +51,7 @@ class EventKeys:
         "idempotency_count",
         "load_keys",
         "idempotency_refusals",
+        "queue",
         "seat_order",
         "tag",
         *EVENT_KEY_NAMES,
@@ -86,6 +87,12 @@ class EventKeys:
         # nothing (unchanged), each bounded on its own.
         self.idempotency_count = f"{self.tag}:idemcount"
         self.idempotency_refusals = f"{self.tag}:idemrefusals"
+        # The waiting room (lua/lib.lua, queue_keys): what the queue scripts take after the
+        # event keys: tickets (hash), customers' tickets (hash), the order (zset), the
+        # admission state (hash) and the passes handed out (zset). Cleared with the room.
+        self.queue: tuple[str, ...] = tuple(
+            f"{self.tag}:q:{name}" for name in ("tickets", "cust", "order", "state", "passes")
+        )
 
     meta: str
     cats: str

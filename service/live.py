@@ -91,9 +91,11 @@ def meta_hash(
     max_per_customer: int | None,
     currency: str,
     category_names: list[str],
+    room: Room | None = None,
 ) -> dict[str, str | int]:
     """The event's `meta` hash (lua/lib.lua)."""
     return {
+        **room_meta(room),
         "name": name,
         "starts_at": to_ms(starts_at),
         "on_sale_at": "" if on_sale_at is None else to_ms(on_sale_at),
@@ -103,6 +105,25 @@ def meta_hash(
         "mpc": "" if max_per_customer is None else max_per_customer,
         "currency": currency,
         "order": msgspec.json.encode(category_names).decode(),
+    }
+
+
+class Room(msgspec.Struct, frozen=True):
+    """An event's waiting room, as PostgreSQL keeps it."""
+
+    admit_per_minute: int
+    pass_ttl_seconds: int
+    opens_at: datetime | None
+
+
+def room_meta(room: Room | None) -> dict[str, str | int]:
+    """The waiting room's fields of the `meta` hash (lua/lib.lua): "" for none."""
+    if room is None:
+        return {"qapm": "", "qttl": "", "qopens": ""}
+    return {
+        "qapm": room.admit_per_minute,
+        "qttl": room.pass_ttl_seconds,
+        "qopens": "" if room.opens_at is None else to_ms(room.opens_at),
     }
 
 
@@ -217,13 +238,24 @@ async def in_postgres(svc: Services, event_id: str) -> bool:
 async def unload(svc: Services, event_id: str) -> None:
     """Delete the event's live state (its keys share one slot: one command)."""
     k = event_keys(event_id)
-    await svc.redis.delete(*k.all, *k.load_keys)
+    await svc.redis.delete(*k.all, *k.load_keys, *k.queue)
 
 
 async def live_event_ids(svc: Services) -> list[str]:
     """Events loaded into Redis, for the background workers and /metrics to visit."""
     members: set[Any] = await svc.redis.smembers(EVENTS)
     return sorted(m.decode() for m in members)
+
+
+def room_of(row: Any) -> Room | None:
+    """The waiting room of an `events` row."""
+    if row.waiting_room_admit_per_minute is None:
+        return None
+    return Room(
+        row.waiting_room_admit_per_minute,
+        row.waiting_room_pass_ttl_seconds,
+        row.waiting_room_opens_at,
+    )
 
 
 # --- restore ------------------------------------------------------------------------
@@ -320,6 +352,7 @@ async def restore(svc: Services, event_id: str) -> None:
         ev.max_per_customer,
         ev.currency,
         [c.name for c in cats],
+        room_of(ev),
     )
     await register(svc, event_id)
     await ledger.adopt(svc, event_id)

@@ -156,6 +156,22 @@ class CategoryCreate(Request):
             raise ValueError(f"`currency` {self.currency!r} is not an ISO 4217 currency code")
 
 
+class WaitingRoom(Request):
+    admit_per_minute: Annotated[
+        int, Meta(ge=1, le=1_000_000, description="Buyers admitted a minute, evenly spread.")
+    ]
+    pass_ttl_seconds: Annotated[
+        int, Meta(ge=10, le=86400, description="How long a pass lasts once admitted.")
+    ] = 600
+    opens_at: Annotated[
+        AwareDatetime | None, Meta(description="When joining starts; null: at once.")
+    ] = None
+
+    def __post_init__(self) -> None:
+        if self.opens_at is not None:
+            self.opens_at = _utc_ms("opens_at", self.opens_at)
+
+
 class EventCreate(Request):
     id: EventId
     name: Annotated[str, Meta(min_length=1, max_length=200)]
@@ -165,6 +181,7 @@ class EventCreate(Request):
     hold_ttl_seconds: Annotated[int, Meta(ge=10, le=86400)] = 300
     max_per_order: Annotated[int, Meta(ge=1, le=100)] = 10
     max_per_customer: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+    waiting_room: WaitingRoom | None = None
 
     def __post_init__(self) -> None:
         self.starts_at = _utc_ms("starts_at", self.starts_at)
@@ -182,6 +199,8 @@ class EventPatch(Request):
     on_sale_at: AwareDatetime | msgspec.UnsetType | None = msgspec.UNSET
     name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
     categories: list[CategoryPatch] | None = None
+    # Absent: unchanged; null: turned off (its queue is forgotten).
+    waiting_room: WaitingRoom | msgspec.UnsetType | None = msgspec.UNSET
 
     def __post_init__(self) -> None:
         if isinstance(self.on_sale_at, datetime):
@@ -197,7 +216,13 @@ class Category(Struct, kw_only=True):
     available: int
 
 
-class Event(Struct, kw_only=True):
+class WaitingRoomView(Struct, kw_only=True):
+    admit_per_minute: int
+    pass_ttl_seconds: int
+    opens_at: Timestamp | None
+
+
+class Event(Struct, kw_only=True, omit_defaults=True):
     id: str
     name: str
     starts_at: Timestamp
@@ -207,6 +232,8 @@ class Event(Struct, kw_only=True):
     max_per_order: int
     max_per_customer: int | None
     categories: list[Category]
+    # Left out when the event has none (then holds need no pass).
+    waiting_room: WaitingRoomView | None = None
 
 
 class EventSummary(Struct, kw_only=True):
@@ -232,6 +259,39 @@ class Seat(Struct, kw_only=True):
 class SeatList(Struct, kw_only=True):
     seats: list[Seat]
     next_cursor: str | None
+
+
+# --- the waiting room --------------------------------------------------------------
+
+QueueStatus = Literal["waiting", "admitted", "sold_out", "closed"]
+
+
+class QueueJoin(Request):
+    customer_id: CustomerId
+
+
+class QueueTicket(Struct, kw_only=True):
+    ticket: Annotated[str, Meta(description="Unguessable: knowing it is what lets one poll.")]
+    status: QueueStatus
+    position: Annotated[
+        int | None,
+        Meta(description="1 = next in line; null before the on-sale moment and once admitted"),
+    ]
+    estimated_wait_seconds: int | None
+    poll_after_seconds: Annotated[int, Meta(description="When to ask again.")]
+    pass_: Annotated[
+        str | None,
+        Meta(description="The admission pass (while `admitted`): send it as `Boxoffice-Pass`."),
+    ] = msgspec.field(name="pass")
+    pass_expires_at: Timestamp | None
+
+
+class QueueStats(Struct, kw_only=True):
+    waiting: int
+    admitted: int
+    active_passes: int
+    admit_per_minute: int | None
+    last_admitted_position: int
 
 
 # --- operations ---------------------------------------------------------------------

@@ -32,6 +32,11 @@ NAMES = (
     "load_bookings",
     "repair",
     "check_seats",
+    "queue_join",
+    "queue_poll",
+    "queue_leave",
+    "queue_view",
+    "queue_tick",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
@@ -58,6 +63,7 @@ class _ErrorReply(msgspec.Struct):
     expires_at: int | None = None
     ended_at: int | None = None
     on_sale_at: int | None = None
+    opens_at: int | None = None
     status: str | None = None
     booking_id: str | None = None
     retry_after: int | None = None
@@ -238,6 +244,8 @@ def _detail(e: _ErrorReply) -> str | None:
     elif e.err == "hold_released":
         at = f" at {from_ms(e.ended_at)}" if e.ended_at is not None else ""
         return f"the hold was released{at}; its tickets are back on sale: hold again"
+    elif e.err == "queue_not_open" and e.opens_at is not None:
+        return f"the waiting room opens at {from_ms(e.opens_at)}"
     elif e.err == "hold_confirmed":
         return f"the hold is already booking {e.booking_id}: cancel the booking instead"
     return _DETAILS.get(e.err)
@@ -247,5 +255,7 @@ _DETAILS = {
     "hold_not_found": "no hold with this id in this event (an ended hold stays readable "
     "for a day, then is forgotten)",
     "booking_not_found": "no booking with this id in this event",
+    "ticket_not_found": "no ticket with this id in this event's waiting room (or it left)",
+    "no_waiting_room": "this event has no waiting room: hold tickets directly",
     "idempotency_key_reused": "this Idempotency-Key was used with another request",
 }

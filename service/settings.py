@@ -81,8 +81,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_connect_timeout_seconds: Seconds = 5.0
     database_command_timeout_seconds: Seconds = 10.0
     database_pool_timeout_seconds: Seconds = 10.0
+    # The waiting room's admission passes are signed with this (HMAC-SHA256): every API
+    # process that may check a pass needs the same one. Empty: `boxoffice serve` makes one
+    # for its processes (`make run` keeps one in .data/pass-secret).
+    pass_secret: str = ""
 
     def __post_init__(self) -> None:
+        if 0 < len(self.pass_secret) < 16:
+            raise ValueError("at least 16 characters, or none")
         # Here rather than in from_env, so that every Settings, however built, holds URLs
         # the drivers accept. A ValueError raised here names no variable: from_env adds it.
         check_redis_url(self.redis_url)

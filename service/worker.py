@@ -1,4 +1,5 @@
-"""`boxoffice worker`: the write-behind, the expiry listener and the sweeper, together."""
+"""`boxoffice worker`: the write-behind, the expiry listener, the sweeper and the waiting
+rooms' background step, together."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from service import errors
 from service.context import Services
 from service.expiry import Listener, Sweeper
 from service.settings import Settings
+from service.waitingroom import Ticker
 from service.writebehind import WriteBehind
 
 log = logging.getLogger("boxoffice.worker")
@@ -41,6 +43,7 @@ async def run(settings: Settings) -> None:
             WriteBehind(svc, consumer).run(stop),
             Listener(svc).run(stop),
             Sweeper(svc).run(stop),
+            Ticker(svc).run(stop),
         )
     finally:
         await svc.close()

@@ -20,6 +20,8 @@ from tests.apiserver import ApiServer
 
 ADMIN_TOKEN = "test-admin-token"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+# The waiting room's pass secret of the test servers: tests forge passes with it.
+PASS_SECRET = "test-pass-secret-0123456789"
 
 
 def _test_settings() -> Settings:
@@ -33,7 +35,12 @@ def _test_settings() -> Settings:
     database_url = db.set(database=f"{db.database or 'boxoffice'}_test").render_as_string(
         hide_password=False
     )
-    return Settings(redis_url=redis_url, database_url=database_url, admin_token=ADMIN_TOKEN)
+    return Settings(
+        redis_url=redis_url,
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        pass_secret=PASS_SECRET,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +56,7 @@ def server_env(settings: Settings) -> dict[str, str]:
         "BOXOFFICE_REDIS_URL": settings.redis_url,
         "BOXOFFICE_DATABASE_URL": settings.database_url,
         "BOXOFFICE_ADMIN_TOKEN": settings.admin_token,
+        "BOXOFFICE_PASS_SECRET": settings.pass_secret,
     }
 
 

@@ -94,6 +94,7 @@ ROUTES: dict[tuple[str, str], Route] = {
         body={"customer_id", "items", "seats"},
         errors={
             400: ["validation_error", "unknown_category", "unknown_seat"],
+            403: ["admission_required"],
             404: ["event_not_found"],
             409: ["not_on_sale", "sold_out", "seats_unavailable", "customer_limit"],
             413: ["payload_too_large"],
@@ -141,6 +142,7 @@ ROUTES: dict[tuple[str, str], Route] = {
             "max_per_order",
             "max_per_customer",
             "categories",
+            "waiting_room",
         },
         errors={
             400: ["validation_error"],
@@ -153,7 +155,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ),
     ("patch", "/admin/events/{event_id}"): Route(
         "200",
-        body={"status", "on_sale_at", "name", "categories"},
+        body={"status", "on_sale_at", "name", "categories", "waiting_room"},
         errors={
             400: ["validation_error"],
             401: ["unauthorized"],
@@ -163,6 +165,33 @@ ROUTES: dict[tuple[str, str], Route] = {
             422: ["idempotency_key_reused"],
             **UNAVAILABLE,
         },
+    ),
+    ("post", "/events/{event_id}/queue"): Route(
+        "201",
+        body={"customer_id"},
+        errors={
+            400: ["validation_error"],
+            404: ["event_not_found"],
+            409: ["no_waiting_room", "queue_not_open", "not_on_sale"],
+            413: ["payload_too_large"],
+            422: ["idempotency_key_reused"],
+            **UNAVAILABLE,
+        },
+    ),
+    ("get", "/events/{event_id}/queue/{ticket}"): Route(
+        "200", errors={404: ["event_not_found", "ticket_not_found"], **UNAVAILABLE}
+    ),
+    ("delete", "/events/{event_id}/queue/{ticket}"): Route(
+        "204",
+        errors={
+            400: ["validation_error"],
+            404: ["event_not_found", "ticket_not_found"],
+            422: ["idempotency_key_reused"],
+            **UNAVAILABLE,
+        },
+    ),
+    ("get", "/admin/events/{event_id}/queue"): Route(
+        "200", errors={401: ["unauthorized"], 404: ["event_not_found"], **UNAVAILABLE}
     ),
     ("get", "/health"): Route("200"),
     ("get", "/ready"): Route("200"),

@@ -1,0 +1,248 @@
+"""The waiting room: join, poll and leave (one script call each), the admin's figures,
+the pass check before a hold, and the background step for quiet periods.
+
+All of its state lives in Redis in the event's slot (lua/lib.lua, queue_keys): the
+ticket order, the admission frontier, the passes handed out. Passes are signed here
+(service/passes.py) and checked here, without a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections import OrderedDict
+
+import msgspec
+
+from service import errors, passes, schemas
+from service.context import Services
+from service.keys import event_keys
+from service.live import call, ensure_loaded, live_event_ids
+from service.scripts import NOT_LOADED, Idempotency
+from service.timefmt import from_ms, now_ms
+
+log = logging.getLogger("boxoffice.waitingroom")
+
+# When a buyer is told to look again: bounds, and the share of the estimated wait.
+POLL_MIN_SECONDS = 1
+POLL_MAX_SECONDS = 30
+POLL_SOLD_OUT_SECONDS = 10
+POLL_WAIT_SHARE = 4  # a quarter of the estimated wait
+# How long a process trusts what it read about an event's room (on or off) for the pass
+# check of a hold without a valid pass; a PATCH in this process forgets it at once.
+ROOM_CACHE_SECONDS = 1.0
+ROOMS_CACHED = 10_000
+# The background step's period: how late a quiet room's frontier may be.
+TICK_SECONDS = 1.0
+# The longest ticket this API hands out is 22 characters; anything much longer is none.
+MAX_TICKET_LENGTH = 64
+
+
+class _Ticket(msgspec.Struct):
+    """A reply of the queue scripts (lua/lib.lua, ticket_view)."""
+
+    t: str
+    c: str
+    s: str
+    now: int
+    p: int | None = None
+    e: int | None = None
+    x: int | None = None
+    u: int | None = None
+    new: int = 0
+
+
+class _Figures(msgspec.Struct):
+    waiting: int
+    admitted: int
+    active: int
+    apm: int | None = None
+
+
+_decode_ticket = msgspec.json.Decoder(_Ticket).decode
+_decode_figures = msgspec.json.Decoder(_Figures).decode
+
+
+def _poll_after(v: _Ticket) -> int:
+    if v.s == "sold_out":
+        return POLL_SOLD_OUT_SECONDS
+    if v.s != "waiting":
+        return POLL_MAX_SECONDS  # admitted or closed: nothing more to wait for
+    if v.e is not None:
+        seconds = v.e // POLL_WAIT_SHARE
+    elif v.u is not None:
+        seconds = math.ceil((v.u - v.now) / 1000)  # pre-queued: until the opening
+    else:
+        seconds = POLL_MAX_SECONDS // 2
+    return max(POLL_MIN_SECONDS, min(POLL_MAX_SECONDS, seconds))
+
+
+def _view(svc: Services, event_id: str, v: _Ticket) -> schemas.QueueTicket:
+    token = None
+    if v.s == "admitted" and v.x is not None:
+        token = passes.issue(passes.secret_of(svc.settings), event_id, v.c, v.x)
+    return schemas.QueueTicket(
+        ticket=v.t,
+        status=v.s,  # type: ignore[arg-type]
+        position=v.p,
+        estimated_wait_seconds=v.e,
+        poll_after_seconds=_poll_after(v),
+        pass_=token,
+        pass_expires_at=None if token is None or v.x is None else from_ms(v.x),
+    )
+
+
+async def join(
+    svc: Services, event_id: str, customer_id: str, idem: Idempotency | None
+) -> tuple[schemas.QueueTicket, bool]:
+    """The customer's ticket, and whether this call made it."""
+    reply = await call(
+        svc,
+        "queue_join",
+        event_id,
+        secrets.token_urlsafe(16),  # 128 random bits: knowing it is what lets one poll
+        customer_id,
+        secrets.randbits(52),  # the pre-queue's place: uniformly random, from the OS
+        extra_keys=event_keys(event_id).queue,
+        idempotency=idem,
+    )
+    v = _decode_ticket(reply)
+    return _view(svc, event_id, v), bool(v.new)
+
+
+def _ticket(ticket: str) -> str:
+    if len(ticket) > MAX_TICKET_LENGTH:
+        raise errors.TicketNotFound("no ticket with this id in this event's waiting room")
+    return ticket
+
+
+async def poll(svc: Services, event_id: str, ticket: str) -> schemas.QueueTicket:
+    reply = await call(
+        svc, "queue_poll", event_id, _ticket(ticket), extra_keys=event_keys(event_id).queue
+    )
+    return _view(svc, event_id, _decode_ticket(reply))
+
+
+async def leave(svc: Services, event_id: str, ticket: str, idem: Idempotency | None) -> None:
+    await call(
+        svc,
+        "queue_leave",
+        event_id,
+        _ticket(ticket),
+        extra_keys=event_keys(event_id).queue,
+        idempotency=idem,
+    )
+
+
+async def figures(svc: Services, event_id: str) -> schemas.QueueStats:
+    reply = await call(svc, "queue_view", event_id, extra_keys=event_keys(event_id).queue)
+    f = _decode_figures(reply)
+    return schemas.QueueStats(
+        waiting=f.waiting,
+        admitted=f.admitted,
+        active_passes=f.active,
+        admit_per_minute=f.apm,
+        last_admitted_position=f.admitted,
+    )
+
+
+# --- the pass check before a hold ----------------------------------------------------
+
+
+class _Rooms:
+    """Whether an event has a waiting room, as this process read it lately."""
+
+    def __init__(self, size: int) -> None:
+        self._seen: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+        self._size = size
+
+    def get(self, event_id: str) -> bool | None:
+        seen = self._seen.get(event_id)
+        if seen is None or seen[0] <= time.monotonic():
+            return None
+        return seen[1]
+
+    def put(self, event_id: str, on: bool) -> None:
+        self._seen[event_id] = (time.monotonic() + ROOM_CACHE_SECONDS, on)
+        self._seen.move_to_end(event_id)
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+
+    def forget(self, event_id: str) -> None:
+        self._seen.pop(event_id, None)
+
+
+ROOMS = _Rooms(ROOMS_CACHED)
+
+
+async def has_room(svc: Services, event_id: str) -> bool:
+    on = ROOMS.get(event_id)
+    if on is not None:
+        return on
+    meta = event_keys(event_id).meta
+    status, apm = await svc.redis.hmget(meta, ["status", "qapm"])
+    if status is None:  # not loaded: load it (or 404), then read again
+        await ensure_loaded(svc, event_id)
+        status, apm = await svc.redis.hmget(meta, ["status", "qapm"])
+    on = bool(apm)
+    ROOMS.put(event_id, on)
+    return on
+
+
+async def require_pass(svc: Services, event_id: str, customer_id: str, token: str | None) -> None:
+    """Raise AdmissionRequired unless the hold may go ahead: the event has no waiting
+    room, or `token` is a pass for this event and customer that has not expired. A valid
+    pass costs no Redis call; a hold without one costs at most one read a second."""
+    secret = passes.secret_of(svc.settings)
+    if token is not None and passes.valid(secret, token, event_id, customer_id, now_ms()):
+        return
+    if not await has_room(svc, event_id):
+        return
+    if token is None:
+        raise errors.AdmissionRequired(
+            f"this event has a waiting room: join it (POST /events/{event_id}/queue) and "
+            "send the pass it gives you as `Boxoffice-Pass`"
+        )
+    raise errors.AdmissionRequired(
+        "the `Boxoffice-Pass` is not a valid pass for this event and customer, or has expired"
+    )
+
+
+# --- the background step -------------------------------------------------------------
+
+
+async def tick(svc: Services) -> int:
+    """Advance every live waiting room's frontier once; how many rooms there are."""
+    rooms = 0
+    for event_id in await live_event_ids(svc):
+        reply = await svc.scripts.call(
+            "queue_tick", event_id, extra_keys=event_keys(event_id).queue
+        )
+        if reply not in (b"0", NOT_LOADED):
+            rooms += 1
+    return rooms
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Ticker:
+    """Runs in every worker: several at once only advance the same frontier to the same
+    time (the scripts read Redis's clock)."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await tick(self.svc)
+            except Exception as e:
+                errors.log_failure(log, "waiting room step", e)
+            await _wait(stop, TICK_SECONDS)
