@@ -29,6 +29,9 @@ for cat, cap in pairs(caps) do
   redis.call('HSET', K.cap, cat, cap)
   redis.call('HINCRBY', K.avail, cat, cap - old)
 end
+-- The room's frontier first moves up to now under the settings it ran with until now.
+local rm = room_meta()
+if rm.apm then advance(queue_keys(), rm, now_ms()) end
 if ch.qapm ~= nil then
   local was = redis.call('HGET', K.meta, 'qapm')
   if ch.qapm == '' or not was or was == '' then

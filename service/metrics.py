@@ -211,7 +211,39 @@ async def _live(svc: Services) -> list[Metric]:
         oldest = outbox.oldest_ms
         lag.add_metric([event_id], 0 if oldest is None else max(0, now_ms - oldest) / 1000)
         dead.add_metric([event_id], outbox.dead_letters)
-    return [*gauges.values(), holds, backlog, lag, dead]
+    return [*gauges.values(), holds, backlog, lag, dead, *await _rooms(svc, event_ids, now_ms)]
+
+
+async def _rooms(svc: Services, event_ids: list[str], now_ms: int) -> list[Metric]:
+    """The waiting rooms: tickets waiting, admitted (ranks the frontier passed), passes
+    not expired; read as they are (the frontier as its last look left it)."""
+    names = (
+        ("waiting", "Tickets waiting in the event's waiting room"),
+        ("admitted", "Tickets the waiting room has admitted"),
+        ("active_passes", "Admission passes handed out and not expired"),
+    )
+    gauges = {
+        name: GaugeMetricFamily(f"boxoffice_queue_{name}", help_, labels=["event"])
+        for name, help_ in names
+    }
+    pipe = svc.redis.pipeline(transaction=False)
+    for event_id in event_ids:
+        k = event_keys(event_id)
+        _, _, order, state, passes = k.queue
+        pipe.hget(k.meta, "qapm")
+        pipe.hmget(state, ["o", "f"])
+        pipe.zcard(order)
+        pipe.zcount(passes, f"({now_ms}", "+inf")
+    replies = await pipe.execute() if event_ids else []
+    for i, event_id in enumerate(event_ids):
+        apm, (opened, frontier), card, active = replies[i * 4 : i * 4 + 4]
+        if not apm:
+            continue  # no waiting room
+        admitted = min(int(float(frontier or 0)), card) if opened else 0
+        gauges["waiting"].add_metric([event_id], card - admitted)
+        gauges["admitted"].add_metric([event_id], admitted)
+        gauges["active_passes"].add_metric([event_id], active)
+    return list(gauges.values())
 
 
 async def render(svc: Services) -> bytes:
