@@ -15,6 +15,10 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
            from a pool created just before (loadtest/wrk/confirm.lua walks it)
 - release  DELETE /events/{id}/holds/{hold_id}, the same way
 - event    GET /events/{id}
+- join     POST /events/{id}/queue: each request a new customer joining a waiting room
+           (admitting 1 a minute: a queue that only grows, as at a drop's opening)
+- poll     GET /events/{id}/queue/{ticket}: the same room, tickets of a pool joined
+           just before (loadtest/wrk/poll.lua cycles through them)
 - script   the hold script alone, `redis-benchmark` EVALSHA with 64 connections and a
            pipeline of 16, each call a new hold (__rand_int__ in the hold id)
 - pg       the PostgreSQL baseline (loadtest/pg_baseline.py): a guarded UPDATE and an
@@ -110,6 +114,8 @@ TARGETS: dict[str, Target] = {
     "confirm": Target("service `POST …/holds/{id}/confirm`", "POST confirm", "service"),
     "release": Target("service `DELETE …/holds/{id}`", "DELETE hold", "service"),
     "event": Target("service `GET /events/{id}`", "GET event", "service"),
+    "join": Target("service `POST /events/{id}/queue`", "POST queue (join)", "service"),
+    "poll": Target("service `GET …/queue/{ticket}`", "GET queue ticket (poll)", "service"),
     "script": Target(
         f"hold script alone: `redis-benchmark` EVALSHA, pipeline {PIPELINE}",
         f"Redis: hold script (-P {PIPELINE})",
@@ -121,7 +127,10 @@ TARGETS: dict[str, Target] = {
         "postgres",
     ),
 }
-SERVICE_TARGETS = ("health", "hold", "event", "confirm", "release")
+SERVICE_TARGETS = ("health", "hold", "event", "confirm", "release", "join", "poll")
+# The waiting room of the join and poll rows: a queue that only grows during the runs.
+ROOM = {"admit_per_minute": 1, "pass_ttl_seconds": 600}
+POLL_POOL = 2000  # tickets the poll row cycles through
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +163,12 @@ GOALS = (
         ("hold", "rps"),
         ">=",
         1,
+    ),
+    Goal(
+        "join_vs_twin_rps", "join ÷ twin, requests/s", ("join", "rps"), ("twin", "rps"), ">=", 0.8
+    ),
+    Goal(
+        "poll_vs_twin_rps", "poll ÷ twin, requests/s", ("poll", "rps"), ("twin", "rps"), ">=", 0.8
     ),
     Goal(
         "release_vs_hold_rps",
@@ -574,6 +589,7 @@ class Bench:
         self.r = redis.Redis.from_url(self.redis_url)
         self.event_ids: list[tuple[redis.Redis, str]] = []  # to delete at the end
         self.script_event: str | None = None
+        self.room_event = ""
         self.tmp = Path(tempfile.mkdtemp(prefix="boxoffice-bench-pools-"))
 
     def wanted(self, *names: str) -> bool:
@@ -716,7 +732,7 @@ class Bench:
             "BOXOFFICE_DATABASE_URL": self.settings.database_url,
         }
 
-    def create_event(self, client: httpx.Client, prefix: str) -> str:
+    def create_event(self, client: httpx.Client, prefix: str, **extra: Any) -> str:
         event_id = f"{prefix}-{secrets.token_hex(4)}"
         body = {
             "id": event_id,
@@ -725,6 +741,7 @@ class Bench:
             "hold_ttl_seconds": HOLD_TTL_SECONDS,
             "max_per_order": 10,
             "categories": [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": CAPACITY}],
+            **extra,
         }
         response = client.post("/admin/events", json=body)
         if response.status_code != 201:
@@ -758,6 +775,8 @@ class Bench:
                 hot = self.create_event(admin, "bench-hot")
                 if self.wanted("script"):
                     self.script_event = self.create_event(admin, "bench-script")
+                if self.wanted("join", "poll"):
+                    self.room_event = self.create_event(admin, "bench-room", waiting_room=ROOM)
             holds = f"/events/{hot}/holds"
             if self.wanted("health"):
                 self.simple("health", server, "get.lua", "/health")
@@ -769,6 +788,8 @@ class Bench:
                 self.pooled("confirm", server, hot)
             if self.wanted("release"):
                 self.pooled("release", server, hot)
+            if self.wanted("join", "poll"):
+                self.waiting_room(server)
             errors = [
                 line
                 for line in server.log_tail(100_000).splitlines()
@@ -779,6 +800,53 @@ class Bench:
                 say(f"  service log: {len(errors)} error lines, e.g. {errors[0][:200]}")
         finally:
             server.stop()
+
+    # -- the waiting room: join and poll
+
+    def waiting_room(self, server: Server) -> None:
+        event_id = self.room_event
+        queue = f"/events/{event_id}/queue"
+        order = event_keys(event_id).queue[2]
+        if self.wanted("join"):
+
+            def join(first: bool) -> Result:
+                before = int(self.r.zcard(order))
+                result = self.measure(
+                    "join",
+                    server,
+                    "join.lua",
+                    queue,
+                    args=[f"m{secrets.token_hex(4)}"],
+                    warm_args=[f"w{secrets.token_hex(4)}"],
+                    warmup=first,
+                )
+                # Every answer a new ticket (warm-up included when it ran): none was a
+                # customer reading the ticket it had.
+                made = int(self.r.zcard(order)) - before
+                result.extra["tickets_made"] = made
+                if made < result.requests:
+                    result.valid = False
+                    result.notes.append(f"{result.requests:,} joins made only {made:,} tickets")
+                return result
+
+            self.best_of("join", join)
+        if self.wanted("poll"):
+            path = self.tmp / "tickets.txt"
+            tickets = []
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                for i in range(POLL_POOL):
+                    response = client.post(queue, json={"customer_id": f"poll-{i}"})
+                    if response.status_code != 201:
+                        raise BenchError(f"joining for the poll pool: {response.text[:300]}")
+                    tickets.append(response.json()["ticket"])
+            path.write_text("\n".join(tickets) + "\n")
+            threads = str(self.cfg.threads)
+            self.best_of(
+                "poll",
+                lambda first: self.measure(
+                    "poll", server, "poll.lua", queue, args=[str(path), threads], warmup=first
+                ),
+            )
 
     # -- pools of live holds for confirm and release
 
@@ -996,7 +1064,7 @@ class Bench:
         for r, event_id in self.event_ids:
             keys = event_keys(event_id)
             pipe = r.pipeline(transaction=False)
-            pipe.unlink(*key_names(event_id), keys.deadletter)
+            pipe.unlink(*key_names(event_id), keys.deadletter, *keys.queue)
             pipe.srem(EVENTS, event_id)
             pipe.execute()
             batch: list[bytes] = []

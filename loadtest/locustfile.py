@@ -27,6 +27,16 @@ environment variable as its default:
     --expire-wait (DROP_EXPIRE_WAIT)        at the end, also wait until no hold is live
     --drain-timeout (DROP_DRAIN_TIMEOUT)    how long to wait for the write-behind
     --event-id (DROP_EVENT_ID)              the id of the event it creates (default: new)
+    --waiting-room-apm (DROP_WAITING_ROOM_APM)  the event gets a waiting room admitting
+                                            this many a minute (0: none); run the
+                                            QueuedBuyer class then (name it last)
+    --queue-patience (DROP_QUEUE_PATIENCE)  seconds a queued buyer waits before leaving
+
+The waiting-room run: buyers join the queue, poll when told to (`poll_after_seconds`),
+and hold with the pass once admitted (a sold-out queue is waited out, within patience):
+
+    .venv/bin/locust -f loadtest/locustfile.py --headless -u 500 -r 100 -t 120s \\
+        --host http://127.0.0.1:8000 --waiting-room-apm 600 QueuedBuyer
 
 The admin token comes from BOXOFFICE_ADMIN_TOKEN, read by the master only (custom
 arguments travel to the workers, and the web UI shows them: a token has no place there).
@@ -182,6 +192,21 @@ def _arguments(parser: LocustArgumentParser) -> None:
         env_var="DROP_DRAIN_TIMEOUT",
         help="at test stop, how long to wait for the write-behind to catch up, seconds",
     )
+    parser.add_argument(
+        "--waiting-room-apm",
+        type=int,
+        default=0,
+        env_var="DROP_WAITING_ROOM_APM",
+        help="give the event a waiting room admitting this many a minute (0: none);"
+        " run the QueuedBuyer class",
+    )
+    parser.add_argument(
+        "--queue-patience",
+        type=float,
+        default=120.0,
+        env_var="DROP_QUEUE_PATIENCE",
+        help="seconds a queued buyer waits for admission before it leaves the queue",
+    )
 
 
 @dataclass(frozen=True)
@@ -201,6 +226,8 @@ class Scenario:
     release_share: float
     expire_wait: bool
     drain_timeout: float
+    waiting_room_apm: int = 0
+    queue_patience: float = 120.0
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> Scenario:
@@ -218,6 +245,8 @@ class Scenario:
             release_share=float(options.release_share),
             expire_wait=bool(options.expire_wait),
             drain_timeout=float(options.drain_timeout),
+            waiting_room_apm=int(getattr(options, "waiting_room_apm", 0)),
+            queue_patience=float(getattr(options, "queue_patience", 120.0)),
         )
 
     def problems(self) -> list[str]:
@@ -240,6 +269,8 @@ class Scenario:
             self.confirm_share + self.release_share > 1
         ):
             found.append("--confirm-share and --release-share: >= 0 and at most 1 together")
+        if not 0 <= self.waiting_room_apm <= 1_000_000:
+            found.append("--waiting-room-apm must be 0-1000000")
         return found
 
     @property
@@ -282,6 +313,11 @@ class Scenario:
             "max_per_order": self.max_per_order,
             "max_per_customer": self.max_per_customer or None,
             "categories": categories,
+            **(
+                {"waiting_room": {"admit_per_minute": self.waiting_room_apm}}
+                if self.waiting_room_apm
+                else {}
+            ),
         }
 
 
@@ -431,7 +467,13 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         return
     options.event_id = RunState.requested_id or new_event_id()
     scenario = Scenario.from_options(options)
-    if problems := scenario.problems():
+    if scenario.waiting_room_apm and any(
+        cls is not QueuedBuyer for cls in environment.user_classes
+    ):
+        problems = ["--waiting-room-apm: run the QueuedBuyer class alone (name it last)"]
+    else:
+        problems = scenario.problems()
+    if problems:
         options.event_id = ""  # the buyers have nothing to do
         _abort(environment, "; ".join(problems))
         return
@@ -583,10 +625,14 @@ class Buyer(FastHttpUser):
             return s.ga_stock > 0 and s.seat_rows > 0 and s.max_per_order >= 2
         return s.seat_rows > 0
 
-    def hold(self, event_path: str) -> dict[str, Any] | None:
+    def hold(self, event_path: str, headers: dict[str, str] | None = None) -> dict[str, Any] | None:
         kind, body = self.order()
         with self.client.post(
-            f"{event_path}/holds", json=body, name=f"hold {kind}", catch_response=True
+            f"{event_path}/holds",
+            json=body,
+            headers=headers,
+            name=f"hold {kind}",
+            catch_response=True,
         ) as response:
             if response.status_code == 201:
                 hold = _json(response)
@@ -633,6 +679,66 @@ class Buyer(FastHttpUser):
                 COUNTERS.releases += 1
             else:
                 _unexpected(response)
+
+
+class QueuedBuyer(Buyer):
+    """A buyer of an event with a waiting room (--waiting-room-apm): joins the queue,
+    polls when the ticket says (`poll_after_seconds`), holds with the pass once admitted,
+    then confirms, releases or walks away like any buyer. A sold-out queue is waited out
+    (tickets may come back), up to --queue-patience; then the buyer leaves the queue.
+    Without a room it is a plain Buyer."""
+
+    @task
+    def drop(self) -> None:
+        if self.idle:
+            raise StopUser()
+        if not self.scenario.waiting_room_apm:
+            super().drop()
+            return
+        event_path = f"/events/{self.scenario.event_id}"
+        token = self.admission(event_path)
+        if token is None:
+            return
+        hold = self.hold(event_path, headers={"Boxoffice-Pass": token})
+        if hold is None:
+            return
+        time.sleep(self.scenario.think())
+        choice = random.random()
+        if choice < self.scenario.confirm_share:
+            self.confirm(event_path, hold)
+        elif choice < self.scenario.confirm_share + self.scenario.release_share:
+            self.release(event_path, hold)
+        else:
+            COUNTERS.walkaways += 1
+
+    def queue_call(
+        self, method: str, path: str, name: str, ok: int, body: Any = None
+    ) -> dict[str, Any] | None:
+        with self.client.request(
+            method, path, json=body, name=name, catch_response=True
+        ) as response:
+            if response.status_code != ok:
+                _unexpected(response)
+                return None
+            return _json(response) if ok != 204 else {}
+
+    def admission(self, event_path: str) -> str | None:
+        """Join and wait for admission; the pass, or None (no patience left, or closed)."""
+        queue = f"{event_path}/queue"
+        ticket = self.queue_call(
+            "POST", queue, "queue join", 201, {"customer_id": self.customer_id}
+        )
+        deadline = time.monotonic() + self.scenario.queue_patience
+        while ticket is not None and ticket.get("status") in ("waiting", "sold_out"):
+            if time.monotonic() > deadline:
+                self.queue_call("DELETE", f"{queue}/{ticket['ticket']}", "queue leave", 204)
+                return None
+            time.sleep(float(ticket["poll_after_seconds"]))
+            ticket = self.queue_call("GET", f"{queue}/{ticket['ticket']}", "queue poll", 200)
+        if ticket is None or ticket.get("status") != "admitted":
+            return None
+        token: str = ticket["pass"]
+        return token
 
 
 # --- distributed counters -----------------------------------------------------------------
@@ -703,6 +809,19 @@ def _on_test_stop(environment: Environment, **_: Any) -> None:
         environment.process_exit_code = 1
     else:
         print(f"\nVERDICT for {event_id}: OK — consistent, nothing oversold\n", flush=True)
+
+
+def _on_queue_stop(environment: Environment, **_: Any) -> None:
+    """The waiting room's own figures, for a run that had one."""
+    scenario = RunState.scenario
+    if not _is_controller(environment) or scenario is None or not scenario.waiting_room_apm:
+        return
+    try:
+        figures = _api(environment).get(f"/admin/events/{scenario.event_id}/queue")
+    except ServiceError as e:
+        log.warning("waiting room figures: %s", e)
+        return
+    log.info("waiting room of %s: %s", scenario.event_id, json.dumps(figures))
 
 
 def _print_counters(event_id: str, c: Counters, source: str) -> None:
@@ -875,3 +994,4 @@ _hooks.init_command_line_parser.add_listener(_arguments)
 _hooks.init.add_listener(_on_init)
 _hooks.test_start.add_listener(_on_test_start)
 _hooks.test_stop.add_listener(_on_test_stop)
+_hooks.test_stop.add_listener(_on_queue_stop)

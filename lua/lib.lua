@@ -3,7 +3,8 @@
 --
 -- Every event script receives the event's keys first, in this order (service/keys.py):
 local K = {
-  meta = KEYS[1],       -- hash: name, starts_at, on_sale_at (ms, "" = none), status, ttl, mpo, mpc, currency, order
+  meta = KEYS[1],       -- hash: name, starts_at, on_sale_at (ms, "" = none), status, ttl, mpo, mpc, currency, order,
+                        --   the waiting room's qapm (admit per minute, "" or absent = no room), qttl (pass s), qopens (ms, "" = at once)
   cats = KEYS[2],       -- hash: category -> JSON {p = price, s = seated 0/1, lo, hi = seat positions}
   cap = KEYS[3],        -- hash: category -> capacity
   avail = KEYS[4],      -- hash: category -> tickets on sale

@@ -22,7 +22,7 @@ from service import errors, passes, schemas
 from service.context import Services
 from service.keys import event_keys
 from service.live import call, ensure_loaded, live_event_ids
-from service.scripts import NOT_LOADED, Idempotency
+from service.scripts import Idempotency
 from service.timefmt import from_ms, now_ms
 
 log = logging.getLogger("boxoffice.waitingroom")
@@ -36,8 +36,10 @@ POLL_WAIT_SHARE = 4  # a quarter of the estimated wait
 # check of a hold without a valid pass; a PATCH in this process forgets it at once.
 ROOM_CACHE_SECONDS = 1.0
 ROOMS_CACHED = 10_000
-# The background step's period: how late a quiet room's frontier may be.
+# The background step's period: how late a quiet room's frontier may be; and how long it
+# leaves an event without a room alone (joins and polls advance a new room meanwhile).
 TICK_SECONDS = 1.0
+NO_ROOM_RECHECK_SECONDS = 10.0
 # The longest ticket this API hands out is 22 characters; anything much longer is none.
 MAX_TICKET_LENGTH = 64
 
@@ -120,19 +122,33 @@ def _ticket(ticket: str) -> str:
     return ticket
 
 
-async def poll(svc: Services, event_id: str, ticket: str) -> schemas.QueueTicket:
+async def poll(
+    svc: Services, event_id: str, ticket: str, customer_id: str | None = None
+) -> schemas.QueueTicket:
+    """`customer_id`: only this customer's ticket is found (None: anyone's who knows it)."""
     reply = await call(
         svc, "queue_poll", event_id, _ticket(ticket), extra_keys=event_keys(event_id).queue
     )
-    return _view(svc, event_id, _decode_ticket(reply))
+    v = _decode_ticket(reply)
+    if customer_id is not None and v.c != customer_id:
+        raise errors.TicketNotFound("no ticket with this id in this event's waiting room")
+    return _view(svc, event_id, v)
 
 
-async def leave(svc: Services, event_id: str, ticket: str, idem: Idempotency | None) -> None:
+async def leave(
+    svc: Services,
+    event_id: str,
+    ticket: str,
+    idem: Idempotency | None,
+    customer_id: str | None = None,
+) -> None:
+    """`customer_id`: only this customer's ticket is found (None: anyone's who knows it)."""
     await call(
         svc,
         "queue_leave",
         event_id,
         _ticket(ticket),
+        customer_id or "",
         extra_keys=event_keys(event_id).queue,
         idempotency=idem,
     )
@@ -215,15 +231,24 @@ async def require_pass(svc: Services, event_id: str, customer_id: str, token: st
 # --- the background step -------------------------------------------------------------
 
 
-async def tick(svc: Services) -> int:
-    """Advance every live waiting room's frontier once; how many rooms there are."""
+async def tick(svc: Services, skip: dict[str, float] | None = None) -> int:
+    """Advance every live waiting room's frontier once; how many rooms there are.
+    `skip`: event id -> until when (monotonic) an event found without a room is left alone,
+    so that a worker does not call a script a second for every event of a large catalog."""
     rooms = 0
+    now = time.monotonic()
     for event_id in await live_event_ids(svc):
+        if skip is not None and skip.get(event_id, 0.0) > now:
+            continue
         reply = await svc.scripts.call(
             "queue_tick", event_id, extra_keys=event_keys(event_id).queue
         )
-        if reply not in (b"0", NOT_LOADED):
+        if reply == b"1":
             rooms += 1
+        elif skip is not None:
+            skip[event_id] = now + NO_ROOM_RECHECK_SECONDS
+    if skip is not None and len(skip) > ROOMS_CACHED:
+        skip.clear()
     return rooms
 
 
@@ -238,11 +263,12 @@ class Ticker:
 
     def __init__(self, svc: Services) -> None:
         self.svc = svc
+        self.skip: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await tick(self.svc)
+                await tick(self.svc, self.skip)
             except Exception as e:
                 errors.log_failure(log, "waiting room step", e)
             await _wait(stop, TICK_SECONDS)

@@ -7,13 +7,15 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
-from service import passes
+from service import errors, passes, waitingroom
 from service.context import Services
 from service.db import events
 from service.keys import event_keys
 from service.live import unload
+from service.settings import SettingError, Settings
 from tests.conftest import ADMIN, PASS_SECRET, create_event, eventually
 
 ROOM = {"admit_per_minute": 60_000, "pass_ttl_seconds": 600}
@@ -225,6 +227,28 @@ async def test_join_with_idempotency_key(client: httpx.AsyncClient) -> None:
     assert first.json() == again.json()
     other = await client.post(url, json={"customer_id": "c2"}, headers=key)
     assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+
+
+async def test_a_ticket_is_its_customers(client: httpx.AsyncClient, svc: Services) -> None:
+    """With customer tokens, a customer finds only their own ticket: the calls take the
+    customer who asks."""
+    event_id = await create_event(client, **ga(waiting_room={"admit_per_minute": 1}))
+    ticket = (await join(client, event_id, "alice")).json()["ticket"]
+    assert (await waitingroom.poll(svc, event_id, ticket, "alice")).ticket == ticket
+    for call in (
+        waitingroom.poll(svc, event_id, ticket, "bob"),
+        waitingroom.leave(svc, event_id, ticket, None, "bob"),
+    ):
+        with pytest.raises(errors.TicketNotFound):
+            await call
+    await waitingroom.leave(svc, event_id, ticket, None, "alice")
+    assert (await client.get(f"/events/{event_id}/queue/{ticket}")).status_code == 404
+
+
+def test_pass_secret_setting() -> None:
+    assert Settings.from_env({"BOXOFFICE_PASS_SECRET": "s" * 16}).pass_secret == "s" * 16
+    with pytest.raises(SettingError, match="BOXOFFICE_PASS_SECRET"):
+        Settings.from_env({"BOXOFFICE_PASS_SECRET": "short"})
 
 
 # --- the pass -----------------------------------------------------------------------

@@ -8,7 +8,8 @@
   minute at that rate, scaled down 10 times so that the test takes seconds.
 - Stock: sold out, every waiting ticket reads `sold_out` and nobody is admitted; tickets
   back on sale, admission resumes.
-- Races: 2,000 customers join at once (each twice): one ticket each, positions 1..2,000.
+- Races: 2,000 customers join at once: one ticket each, positions 1..2,000; a tenth of
+  them joining twice more at once get the ticket they have.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import httpx
 from service import waitingroom
 from service.context import Services
 from service.keys import event_keys
+from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, create_event
 from tests.test_waiting_room import LATER, admitted, ga, hold, join, poll
 
@@ -114,31 +116,36 @@ async def test_pre_queue_is_shuffled_at_the_opening_then_fcfs(
 
 
 async def test_admission_rate_is_even(client: httpx.AsyncClient) -> None:
-    """1,200 a minute = 20 a second, over 6 s: 120 ± 10%, and each second 20 ± 4."""
+    """1,200 a minute = 20 a second, over 6 s: 120 ± 10%, every 2 s about 40, never ahead.
+    Each sample's time is the middle of its request (the script ran within it)."""
     rate = 1200 / 60
     event_id = await create_event(
         client, **ga(on_sale_at=LATER, waiting_room={"admit_per_minute": 1200})
     )
     await asyncio.gather(*(join(client, event_id, f"c{i}") for i in range(400)))
     await patch(client, event_id, {"on_sale_at": None})
+    start = time.monotonic()  # at the latest, the opening is the first figures' call
     assert (await figures(client, event_id))["admitted"] == 0  # the opening: none yet
-    start = time.monotonic()
     samples: list[tuple[float, int]] = []
-    while (elapsed := time.monotonic() - start) < 6.0:
+    while time.monotonic() - start < 6.0:
+        before = time.monotonic()
         f = await figures(client, event_id)
-        samples.append((time.monotonic() - start, f["admitted"]))
-        assert f["admitted"] <= rate * elapsed + 2, samples  # never ahead: no burst
+        after = time.monotonic()
+        samples.append(((before + after) / 2 - start, f["admitted"]))
+        assert f["admitted"] <= rate * (after - start) + 2, samples  # never ahead: no burst
         await asyncio.sleep(0.25)
+    seconds, total = samples[-1]
+    assert abs(total - rate * seconds) <= 0.1 * rate * seconds + 1, (total, seconds, samples)
+    # Evenly: every 2 s window (from sample to sample) admits its share, ±25%.
+    for t0, n0 in samples:
+        later = [(t, n) for t, n in samples if t >= t0 + 2.0]
+        if later:
+            t1, n1 = later[0]
+            expected = rate * (t1 - t0)
+            assert abs(n1 - n0 - expected) <= 0.25 * expected + 2, (t0, t1, samples)
     f = await figures(client, event_id)
-    total, seconds = f["admitted"], time.monotonic() - start
-    assert abs(total - rate * seconds) <= 0.1 * rate * seconds, (total, seconds)
-    assert f["waiting"] == 400 - total and f["last_admitted_position"] == total
-    # Evenly: each whole second admits about its share.
-    for k in range(5):
-        at = [n for t, n in samples if k <= t < k + 1]
-        nxt = [n for t, n in samples if k + 1 <= t < k + 2]
-        if at and nxt:
-            assert abs(nxt[0] - at[0] - rate) <= 4 + rate * 0.25, samples
+    assert f["waiting"] == 400 - f["admitted"]
+    assert f["last_admitted_position"] == f["admitted"]
     print(f"\nrate: {total} admitted in {seconds:.2f} s, expected {rate * seconds:.0f}")
 
 
@@ -178,24 +185,26 @@ async def test_sold_out_stops_admission_and_a_release_resumes_it(
     assert sum(t["status"] == "admitted" for t in seen) >= 10, seen
 
 
-async def test_2000_concurrent_joins(client: httpx.AsyncClient) -> None:
+async def test_2000_concurrent_joins(api: ApiServer) -> None:
     n = 2000
-    event_id = await create_event(client, **ga(waiting_room={"admit_per_minute": 1}))
-    customers = [f"racer-{i}" for i in range(n)] * 2
-    replies = await asyncio.gather(*(join(client, event_id, c) for c in customers))
-    assert {r.status_code for r in replies} == {201}
-    by_customer: dict[str, set[str]] = {}
-    position_of: dict[str, int] = {}
-    for c, r in zip(customers, replies, strict=True):
-        t = r.json()
-        by_customer.setdefault(c, set()).add(t["ticket"])
-        position_of.setdefault(t["ticket"], t["position"])
-        assert position_of[t["ticket"]] == t["position"]
-    assert all(len(tickets) == 1 for tickets in by_customer.values())
-    assert len(position_of) == n
-    assert sorted(position_of.values()) == list(range(1, n + 1))
-    f = await figures(client, event_id)
-    assert (f["waiting"], f["admitted"]) == (n, 0)
+    # Its own client: no pool timeout, on a machine that may be slow.
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    timeout = httpx.Timeout(60, pool=None)
+    async with httpx.AsyncClient(base_url=api.url, timeout=timeout, limits=limits) as client:
+        event_id = await create_event(client, **ga(waiting_room={"admit_per_minute": 1}))
+        customers = [f"racer-{i}" for i in range(n)]
+        replies = await asyncio.gather(*(join(client, event_id, c) for c in customers))
+        assert {r.status_code for r in replies} == {201}
+        tickets = [r.json()["ticket"] for r in replies]
+        positions = [r.json()["position"] for r in replies]
+        assert len(set(tickets)) == n
+        assert sorted(positions) == list(range(1, n + 1))
+        # Again at once, a tenth of them twice: the same ticket each, no new one.
+        again = customers[:200] * 2
+        replies = await asyncio.gather(*(join(client, event_id, c) for c in again))
+        assert [r.json()["ticket"] for r in replies] == tickets[:200] * 2
+        f = await figures(client, event_id)
+        assert (f["waiting"], f["admitted"]) == (n, 0)
 
 
 async def test_background_step_advances_a_quiet_room(
@@ -212,8 +221,10 @@ async def test_background_step_advances_a_quiet_room(
     assert later > frontier  # nobody asked: the step moved it
     # An event without a room is left alone.
     plain = await create_event(client, **ga())
-    await waitingroom.tick(svc)
+    skip: dict[str, float] = {}
+    await waitingroom.tick(svc, skip)
     assert await svc.redis.exists(event_keys(plain).queue[3]) == 0
+    assert plain in skip and event_id not in skip  # not asked again for a while
 
 
 async def test_metrics_show_the_room(client: httpx.AsyncClient) -> None:
