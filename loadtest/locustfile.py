@@ -741,6 +741,10 @@ class QueuedBuyer(Buyer):
         return token
 
 
+# Locust adds the tasks of base classes to a subclass's: Buyer's drop would run too.
+QueuedBuyer.tasks = [QueuedBuyer.drop]
+
+
 # --- distributed counters -----------------------------------------------------------------
 
 
