@@ -14,6 +14,7 @@ import httpx
 import pytest
 from msgspec.structs import replace
 from redis.asyncio import Redis, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError
 
 from service import outbox
@@ -37,8 +38,10 @@ from tests.conftest import (
 )
 from tests.servers import LocalCluster, RedisServer, free_port
 from tests.test_cli import boxoffice
+from tests.test_cluster_pipe import errorstat
 from tests.test_expiry_background import hold_status
-from tests.test_writebehind import big_event
+from tests.test_races import assert_conserved, stock
+from tests.test_writebehind import big_event, persisted_ids
 from tests.test_writebehind_failures import (
     assert_each_written_once,
     pending_ids,
@@ -360,6 +363,167 @@ async def test_dead_letters_listed_and_replayed_on_every_primary(
     assert not await csvc.redis.xlen(event_keys(event_id).deadletter)
     back: Any = await csvc.redis.xrange(event_keys(event_id).outbox)
     assert [fields for _, fields in back] == [entry]
+
+
+# --- resharding: a hot event's slot moved to another primary while it sells ---------------
+
+
+class Shopper:
+    """A client that holds, then confirms (two in three, under an Idempotency-Key) or reads
+    and releases, one after the other, until told to stop; or, in the last phase, holds and
+    confirms until the event is sold out. Every answer that is not one the contract allows (a 5xx, a
+    connection error, an unexpected code) is kept, to be shown at the end."""
+
+    def __init__(self, client: httpx.AsyncClient, event_id: str, name: str) -> None:
+        self.client, self.event_id, self.name = client, event_id, name
+        self.confirmed: dict[str, int] = {}  # booking id -> tickets
+        self.released = 0
+        self.refused = 0  # sold out, for now
+        self.failures: list[str] = []
+        self.window: tuple[float, float] | None = None  # a slot move, while it lasted
+        # Holds confirmed that were under way while a slot moved: their scripts are refused
+        # (TRYAGAIN: some of their keys have moved, or are new) until the move is over.
+        self.during = 0
+        self.slowest = 0.0  # seconds, from asking for a hold to its confirmation
+        self.selling_out = False
+        self._quantity = 5  # in the last phase: no more than was left at the last refusal
+        self._n = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not await self.one():
+                return
+
+    async def one(self) -> bool:
+        """One hold and its end; False once sold out in the last phase."""
+        self._n += 1
+        n, base = f"{self.name}-{self._n}", f"/events/{self.event_id}/holds"
+        quantity = self._quantity if self.selling_out else 1
+        started = time.monotonic()
+        r = await self._send("POST", base, {"customer_id": n, **ga(quantity)}, {201, 409})
+        if r is None or r.status_code == 409:
+            if r is not None and r.json().get("code") != "sold_out":
+                self.failures.append(f"hold: {r.status_code} {r.text}")
+            self.refused += 1
+            if self.selling_out and r is not None:
+                left = r.json().get("available", {}).get("GA", 0)
+                if not left:
+                    return False
+                self._quantity = min(5, left)
+            await asyncio.sleep(0.01)
+            return True
+        hold_id = r.json()["hold_id"]
+        if self.selling_out or self._n % 3:
+            key = {"idempotency-key": f"{self.event_id}-{n}"}
+            r = await self._send("POST", f"{base}/{hold_id}/confirm", {}, {200}, key)
+            if r is not None:
+                self.confirmed[r.json()["booking_id"]] = quantity
+                done, window = time.monotonic(), self.window
+                self.during += window is not None and started < window[1] and done > window[0]
+                self.slowest = max(self.slowest, done - started)
+        else:  # read (redis-py's cluster pipeline, not a script), then release
+            r = await self._send("GET", f"{base}/{hold_id}", None, {200})
+            if r is not None and r.json()["status"] != "held":
+                self.failures.append(f"GET {base}/{hold_id}: {r.text}")
+            if await self._send("DELETE", f"{base}/{hold_id}", None, {204}) is not None:
+                self.released += 1
+        return True
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        expected: set[int],
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response | None:
+        try:
+            r = await self.client.request(method, path, json=body, headers=headers)
+        except httpx.TransportError as e:
+            self.failures.append(f"{method} {path}: {e!r}")
+            return None
+        if r.status_code not in expected:
+            self.failures.append(f"{method} {path}: {r.status_code} {r.text}")
+            return None
+        return r
+
+
+def ga(quantity: int) -> dict[str, Any]:
+    return {"items": [{"category": "GA", "quantity": quantity}]}
+
+
+async def test_a_hot_event_sells_on_while_its_slot_moves_away_and_back(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, cworker: Worker
+) -> None:
+    """While 48 clients hold, confirm and release on one event through the API, its slot is
+    moved key by key to another primary (CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE in
+    batches, SETSLOT NODE everywhere: tests/servers.py LocalCluster.move_slot), then back.
+    No request fails, nothing is oversold, the counters add up, the slot is served where it
+    was moved, and the write-behind (its stream moved too) writes every booking once."""
+    capacity = 6000
+    event_id = next(iter(on_every_primary(cluster, "hot").values()))
+    await create(cclient, event_id, **{**big_event(capacity), "max_per_order": 5})
+    k = event_keys(event_id)
+    slot = key_slot(k.meta.encode())
+    source = cluster.owner(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    shoppers = [Shopper(cclient, event_id, f"s{i}") for i in range(48)]
+    tried, redirected = errorstat(cluster, "TRYAGAIN"), errorstat(cluster, "MOVED")
+    stop = asyncio.Event()
+    tasks = [asyncio.ensure_future(shopper.run(stop)) for shopper in shoppers]
+    moves = []
+    try:
+        # Away at the pace of `redis-cli --cluster reshard` (10 keys a MIGRATE), then back
+        # in smaller batches with a pause between them: a slower move, as under a busier
+        # cluster, that the scripts must wait out too.
+        for to, batch, pause in ((target, 10, 0.0), (source, 4, 0.02)):
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            for shopper in shoppers:
+                shopper.window = (started, float("inf"))
+            moved = await asyncio.to_thread(cluster.move_slot, slot, to, batch=batch, pause=pause)
+            for shopper in shoppers:
+                shopper.window = (started, time.monotonic())
+            moves.append((moved, time.monotonic() - started))
+            assert cluster.owner(slot) is to
+            assert cluster.call(to, "EXISTS", k.meta) == 1
+        await asyncio.sleep(0.5)
+        for shopper in shoppers:
+            shopper.selling_out = True
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)  # until sold out
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [f for s in shoppers for f in s.failures]
+    assert failures == [], f"{len(failures)} requests failed, first: {failures[:5]}"
+    confirmed = {b: n for s in shoppers for b, n in s.confirmed.items()}
+    during = sum(s.during for s in shoppers)
+    assert during >= len(shoppers) // 2, "too few sales under way during the moves to test them"
+    assert errorstat(cluster, "TRYAGAIN") > tried and errorstat(cluster, "MOVED") > redirected
+    # Sold out, and exactly: every ticket sold once, to a confirmation that was answered.
+    counts = await stock(csvc, event_id)
+    assert_conserved(counts)
+    assert counts["sold"] == {"GA": capacity} and counts["held"] == {"GA": 0}
+    assert sum(confirmed.values()) == capacity
+    assert await availability(cclient, event_id) == {"GA": 0}
+    assert cluster.owner(slot) is source
+    assert cluster.call(target, "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+    async def all_written() -> bool:
+        return len(await persisted_ids(csvc, event_id)) >= len(confirmed)
+
+    await eventually(all_written, within=60)
+    persisted = await persisted_ids(csvc, event_id)
+    assert len(persisted) == len(set(persisted)) and set(persisted) == set(confirmed)
+    assert cworker.running
+    print(
+        "slot moved away and back: "
+        + ", ".join(f"{keys} keys in {seconds:.2f} s" for keys, seconds in moves)
+        + f"; {len(confirmed)} bookings, {during} under way during the moves, the slowest"
+        f" hold and confirmation {max(x.slowest for x in shoppers):.2f} s,"
+        f" {sum(x.released for x in shoppers)} holds released,"
+        f" {sum(x.refused for x in shoppers)} refused sold out, none failed"
+    )
 
 
 async def call_fails_within_one_budget(
