@@ -4,6 +4,7 @@ LocalCluster, 3 primaries with a replica each), with events on every primary."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -40,7 +41,7 @@ from tests.servers import LocalCluster, RedisServer, free_port
 from tests.test_cli import boxoffice
 from tests.test_cluster_pipe import errorstat
 from tests.test_expiry_background import hold_status
-from tests.test_races import assert_conserved, stock
+from tests.test_races import assert_conserved, ga_event, race, seat_states, seated_event, stock
 from tests.test_writebehind import big_event, persisted_ids
 from tests.test_writebehind_failures import (
     assert_each_written_once,
@@ -201,6 +202,110 @@ async def test_hold_confirm_release_on_every_primary(
     for event_id in events.values():
         line = f'boxoffice_tickets_available{{category="GA",event="{event_id}"}} 48.0'
         assert line in text
+
+
+# --- races on every primary --------------------------------------------------------------
+
+
+async def test_races_on_every_primary_sell_exactly_what_there_is(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
+) -> None:
+    """At once, on each primary: 100 buyers for an event's 20 GA tickets, and 100 for its 10
+    seats (best available, or a named seat): exactly 20 and 10 win, each seat once, and
+    each event's counters, on its own primary, add up."""
+    ga_events = on_every_primary(cluster, "race-ga")
+    seated_events = on_every_primary(cluster, "race-seat")
+    labels = [f"{row}-{n}" for row in "AB" for n in range(1, 6)]
+    for event_id in ga_events.values():
+        await create(cclient, event_id, **ga_event(20))
+    for event_id in seated_events.values():
+        await create(cclient, event_id, **seated_event(["A", "B"], 5))
+    rng = random.Random(9)
+    ga_bodies = [{"customer_id": f"c{i}", **ga(1)} for i in range(100)]
+    seat_bodies = [
+        {"customer_id": f"c{i}", "seats": [rng.choice(labels)]}
+        if i % 2
+        else {"customer_id": f"c{i}", "items": [{"category": "VIP", "quantity": 1}]}
+        for i in range(100)
+    ]
+    answers = await asyncio.gather(
+        *(race(cclient, e, ga_bodies) for e in ga_events.values()),
+        *(race(cclient, e, seat_bodies) for e in seated_events.values()),
+    )
+    for (node, event_id), got in zip(ga_events.items(), answers[:3], strict=True):
+        assert sum(r.status_code == 201 for r in got) == 20, event_id
+        assert all(r.status_code == 201 or r.json()["code"] == "sold_out" for r in got)
+        counts = await stock(csvc, event_id)
+        assert_conserved(counts)
+        assert counts["held"] == {"GA": 20}
+        assert cluster.call(node, "HGET", event_keys(event_id).held, "GA") == b"20"
+    for (node, event_id), got in zip(seated_events.items(), answers[3:], strict=True):
+        won = [r.json() for r in got if r.status_code == 201]
+        assigned = [label for body in won for label in body["seats"]]
+        assert sorted(assigned) == sorted(labels), event_id  # every seat, each once
+        for r in got:
+            if r.status_code != 201:
+                assert r.json()["code"] in {"sold_out", "seats_unavailable"}, r.text
+        assert await seat_states(cclient, event_id) == dict.fromkeys(labels, "held")
+        assert_conserved(await stock(csvc, event_id))
+        assert cluster.call(node, "HGET", event_keys(event_id).held, "VIP") == b"10"
+
+
+async def test_seats_confirmed_cancelled_and_raced_on_every_primary(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
+) -> None:
+    """The rest of the contract, on each primary: named seats held, confirmed into a
+    booking and given back by its cancellation; a released hold cannot be confirmed; and
+    confirmations racing releases of the same holds, one outcome each."""
+    for event_id in on_every_primary(cluster, "seats").values():
+        await create(cclient, event_id)
+        base = f"/events/{event_id}/holds"
+        r = await cclient.post(base, json={"customer_id": "s", "seats": ["A-1", "BOX-2"]})
+        assert r.status_code == 201, r.text
+        seated = r.json()
+        assert (await seat_states(cclient, event_id))["A-1"] == "held"
+        r = await cclient.post(f"{base}/{seated['hold_id']}/confirm", json={"payment_ref": "p"})
+        assert r.status_code == 200, r.text
+        booking = r.json()
+        assert sorted(booking["seats"]) == ["A-1", "BOX-2"]
+        r = await cclient.get(f"/events/{event_id}/bookings/{booking['booking_id']}")
+        assert r.status_code == 200 and r.json()["payment_ref"] == "p", r.text
+        assert (await seat_states(cclient, event_id))["BOX-2"] == "sold"
+        path = f"/admin/events/{event_id}/bookings/{booking['booking_id']}"
+        assert (await cclient.delete(path, headers=ADMIN)).status_code == 204
+        assert (await seat_states(cclient, event_id))["BOX-2"] == "available"
+        released = await hold(cclient, event_id)
+        assert (await cclient.delete(f"{base}/{released['hold_id']}")).status_code == 204
+        r = await cclient.post(f"{base}/{released['hold_id']}/confirm", json={})
+        assert r.status_code == 409 and r.json()["code"] == "hold_released", r.text
+        r = await cclient.get(f"{base}/no-such-hold")
+        assert r.status_code == 404 and r.json()["code"] == "hold_not_found", r.text
+
+        holds = [(await hold(cclient, event_id, 1))["hold_id"] for _ in range(10)]
+        calls = [(h, op) for h in holds for op in ("confirm", "release") * 4]
+        random.Random(3).shuffle(calls)
+        answers = await asyncio.gather(
+            *(
+                cclient.post(f"{base}/{h}/confirm", json={})
+                if op == "confirm"
+                else cclient.delete(f"{base}/{h}")
+                for h, op in calls
+            )
+        )
+        sold = 0
+        for h in holds:
+            got = {(op, r.status_code) for (c, op), r in zip(calls, answers, strict=True) if c == h}
+            # Confirmed first: every confirm 200, every release hold_confirmed; or the
+            # other way round: every release 204, every confirm hold_released.
+            assert got in (
+                {("confirm", 200), ("release", 409)},
+                {("release", 204), ("confirm", 409)},
+            )
+            sold += ("confirm", 200) in got
+        counts = await stock(csvc, event_id)
+        assert_conserved(counts)
+        assert counts["held"] == {"GA": 0, "VIP": 0}
+        assert counts["sold"] == {"GA": sold, "VIP": 0}
 
 
 def subscribed_primaries(cluster: LocalCluster) -> set[int]:
