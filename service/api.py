@@ -757,6 +757,7 @@ def create_app(settings: Settings) -> Litestar:
                 if not errors.unavailable(e):
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
+            svc.sold_out.start(svc.scripts)
             # Everything built so far lives as long as the process. Left to the collector,
             # it is traversed again by every full collection, a 50 ms pause about once a
             # second under load (the p99 of a hold); frozen, it is never traversed again.

@@ -117,6 +117,23 @@ def event_keys(event_id: str) -> EventKeys:
     return EventKeys(event_id)
 
 
+# The shard channel on which an event's scripts say that tickets may be on sale again
+# (lua/lib.lua, restocked, builds the same name from the event's `meta` key).
+RESTOCK_SUFFIX = ":restock"
+
+
+def restock_channel(event_id: str) -> str:
+    return f"{event_keys(event_id).tag}{RESTOCK_SUFFIX}"
+
+
+def parse_restock_channel(channel: str) -> str | None:
+    """The event id of a restock channel name, or None for any other name."""
+    head = f"{PREFIX}{{ev:"
+    if not (channel.startswith(head) and channel.endswith("}" + RESTOCK_SUFFIX)):
+        return None
+    return channel[len(head) : -len(RESTOCK_SUFFIX) - 1]
+
+
 def global_idempotency(key_digest: str) -> str:
     """Idempotency records of requests that belong to no live event (creating one)."""
     return f"{PREFIX}idem:{key_digest}"

@@ -81,18 +81,29 @@ async def create_hold(
         await _invalid(svc, event_id, "a category appears at most once in `items`")
     if len(set(body.seats)) != len(body.seats):
         await _invalid(svc, event_id, "a seat appears at most once in `seats`")
+    if idem is None and not body.seats:
+        # Categories this process knows are sold out: the script's answer, without Redis.
+        known = svc.sold_out.refusal(event_id, (i.category for i in body.items), count)
+        if known is not None:
+            raise known
+    since = svc.sold_out.step
     hold_id = secrets.token_urlsafe(16)  # 128 random bits: knowing it is the authority
-    reply = await call(
-        svc,
-        "hold",
-        event_id,
-        hold_id,
-        body.customer_id,
-        _encode([(i.category, i.quantity) for i in body.items]),
-        _encode(body.seats),
-        extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
-        idempotency=idem,
-    )
+    try:
+        reply = await call(
+            svc,
+            "hold",
+            event_id,
+            hold_id,
+            body.customer_id,
+            _encode([(i.category, i.quantity) for i in body.items]),
+            _encode(body.seats),
+            extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
+            idempotency=idem,
+        )
+    except errors.SoldOut as e:
+        if idem is None:  # a replayed key's answer may be old news
+            svc.sold_out.learn(event_id, e.extra["available"], count, since)
+        raise
     # A replayed Idempotency-Key returns the first reply: the hold as it was created.
     return hold_view(event_id, decode_hold(reply), "held")
 

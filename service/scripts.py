@@ -165,6 +165,11 @@ class Scripts:
             )
         return reply
 
+    def node_options(self, event_id: str) -> dict[str, Any] | None:
+        """Connection options of the Redis server that runs the event's scripts now; None
+        until the first call has found out whether Redis is a cluster."""
+        return self._pipe.options_for(self._pipe.event_keys(event_id)[1])
+
     def close(self) -> None:
         self._pipe.close()
 
@@ -195,9 +200,8 @@ def raise_for_error(reply: bytes) -> None:
     extra: dict[str, Any] = {}
     detail = None
     if e.err == "sold_out":
-        extra["available"] = e.available or {}
-        detail = "not enough tickets left in " + ", ".join(sorted(extra["available"]))
-    elif e.err == "seats_unavailable":
+        raise sold_out(e.available or {})
+    if e.err == "seats_unavailable":
         extra["seats"] = e.seats or []
         detail = "seats already taken: " + ", ".join(extra["seats"])
     elif e.err == "customer_limit":
@@ -221,6 +225,13 @@ def raise_for_error(reply: bytes) -> None:
     if e.retry_after is not None:
         err.headers = {"retry-after": str(e.retry_after)}
     raise err
+
+
+def sold_out(available: dict[str, int]) -> errors.BoxofficeError:
+    """The `sold_out` refusal, from the script's reply or from service/soldout.py's flags
+    (the same body either way)."""
+    detail = "not enough tickets left in " + ", ".join(sorted(available))
+    return errors.SoldOut(detail, available=available)
 
 
 def _detail(e: _ErrorReply) -> str | None:

@@ -4,6 +4,7 @@ LocalCluster, 3 primaries with a replica each), with events on every primary."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 import uuid
@@ -18,10 +19,10 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError
 
-from service import outbox
+from service import errors, outbox, sales, schemas
 from service.context import Services
 from service.expiry import Sweeper
-from service.keys import OUTBOX_GROUP, event_keys
+from service.keys import OUTBOX_GROUP, event_keys, restock_channel
 from service.live import live_event_ids
 from service.reconcile import reconcile
 from service.scripts import Scripts
@@ -653,6 +654,47 @@ async def call_fails_within_one_budget(
     # Within one budget (the last back-off that would overrun it is not slept), where three
     # stacked attempts took three.
     assert took < 1.5 * budget, f"gave up after {took:.2f} s"
+
+
+async def test_a_release_clears_sold_out_flags_by_sharded_pub_sub(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csettings: Settings
+) -> None:
+    """An event on each primary: this process takes it for sold out, subscribed on that
+    primary only; a release through the API server (another process) clears the flag."""
+    svc = Services.open(csettings)
+    await svc.start()
+    svc.sold_out.start(svc.scripts)
+    one = schemas.HoldCreate(customer_id="c", items=[schemas.HoldItem(category="GA", quantity=1)])
+
+    async def refused(event_id: str) -> None:
+        with pytest.raises(errors.SoldOut):
+            await sales.create_hold(svc, event_id, one, None)
+
+    async def subscribed(event_id: str) -> bool:
+        return svc.sold_out.subscribed(event_id)
+
+    try:
+        for node, event_id in on_every_primary(cluster, "soldout").items():
+            ga = [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": 2}]
+            await create(cclient, event_id, categories=ga)
+            kept = await hold(cclient, event_id, 2)
+            await refused(event_id)  # subscribes
+            await eventually(functools.partial(subscribed, event_id), within=2)
+            await refused(event_id)  # from a reply asked once subscribed: flagged
+            assert svc.sold_out.flagged(event_id) == {"GA"}
+            channel = restock_channel(event_id)
+            for other in cluster.primaries():
+                counts = cluster.call(other, "PUBSUB", "SHARDNUMSUB", channel)
+                assert counts[1] == (1 if other is node else 0), (other.port, node.port)
+            r = await cclient.delete(f"/events/{event_id}/holds/{kept['hold_id']}")
+            assert r.status_code == 204, r.text
+            since = time.monotonic()
+            while svc.sold_out.flagged(event_id):
+                assert time.monotonic() - since < 0.25, "the flag outlived the release"
+                await asyncio.sleep(0.005)
+            await sales.create_hold(svc, event_id, one, None)  # on sale again
+    finally:
+        await svc.close()
 
 
 async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
