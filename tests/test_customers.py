@@ -22,7 +22,7 @@ from service.settings import SettingError, Settings
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, availability, create_event, server_env, snapshot
 
-SECRET = "test-customer-secret-" + "x" * 24
+SECRET = "test-customer-secret-" + "x" * 48  # 69 bytes: enough for HS512 too (refused)
 GA1 = {"items": [{"category": "GA", "quantity": 1}]}
 
 
@@ -369,3 +369,22 @@ def test_the_verifier_names_the_customer_and_refuses_the_rest() -> None:
     ]:
         with pytest.raises(errors.Unauthorized):
             verify.customer(bad)
+
+
+def test_a_remembered_token_still_expires() -> None:
+    verify = customers.Verifier(SECRET)
+    exp = int(time.time()) + 1
+    header = f"Bearer {jwt.encode({'sub': 'alice', 'exp': exp}, SECRET, 'HS256')}".encode()
+    assert verify.customer(header) == "alice"
+    assert verify.customer(header) == "alice"  # remembered
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    with pytest.raises(errors.Unauthorized):
+        verify.customer(header)
+
+
+def test_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(customers, "_CACHE_SIZE", 3)
+    verify = customers.Verifier(SECRET)
+    for n in range(10):
+        assert verify.customer(f"Bearer {token(f'c{n}')}".encode()) == f"c{n}"
+    assert len(verify._verified) == 3
