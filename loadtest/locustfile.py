@@ -64,7 +64,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import gevent
-import jwt
 from locust import FastHttpUser, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.contrib.fasthttp import ResponseContextManager
@@ -652,6 +651,10 @@ def customer_authorization(customer_id: str) -> str | None:
     secret = os.environ.get("BOXOFFICE_CUSTOMER_TOKEN_SECRET")
     if not secret:
         return None
+    # Here, not at the top: PyJWT imports ssl, which must come after locust's monkey-patching
+    # however this file is imported.
+    import jwt
+
     claims = {"sub": customer_id, "exp": int(time.time()) + TOKEN_SECONDS}
     return "Bearer " + jwt.encode(claims, secret, algorithm="HS256")
 

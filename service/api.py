@@ -824,6 +824,12 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
                 location.schema = Schema(
                     type=OpenAPIType.STRING, format=OpenAPIFormat.URI_REFERENCE
                 )
+    # "" is how CustomerHoldCreate says "left out", not a value to send.
+    hold_body = (schema.components.schemas or {}).get("CustomerHoldCreate")
+    if hold_body is not None and hold_body.properties:
+        customer_id = hold_body.properties["customer_id"]
+        if isinstance(customer_id, Schema):
+            customer_id.default = None
     # Litestar documents every `data` as required; the confirm body may be left out.
     confirm = schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
     if confirm.post is not None and isinstance(confirm.post.request_body, RequestBody):

@@ -101,7 +101,15 @@ class CustomerHoldCreate(HoldCreate):
     """The hold request when customer tokens are on: `customer_id` may be left out (then
     it is the token's customer); when given, it must be the token's customer."""
 
-    customer_id: CustomerId = ""
+    # "" (never a valid id) stands for "left out"; the document shows no default.
+    customer_id: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=128,
+            description="Left out: the token's customer; given: must be the token's `sub`.",
+        ),
+    ] = ""
 
 
 class HoldConfirm(Request):

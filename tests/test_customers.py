@@ -315,6 +315,7 @@ async def test_the_document_requires_the_customer_scheme(tc: httpx.AsyncClient) 
     assert "security" not in paths["/events/{event_id}"]["get"]
     body = doc["components"]["schemas"]["CustomerHoldCreate"]
     assert "customer_id" not in body.get("required", [])
+    assert "default" not in body["properties"]["customer_id"]  # "" is no value to send
 
 
 # --- without the secret -------------------------------------------------------------------
