@@ -14,6 +14,10 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 - sold_out the same request for an event sold out before the run: every answer is
            `409 sold_out`, given by the API process itself (service/soldout.py); the
            script calls Redis served meanwhile are counted
+- hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
+           request carries a customer's HS256 token (1,000 customers taking turns) and
+           names its customer (loadtest/wrk/hold_token.lua); a server of its own, started
+           after the plain one has stopped
 - confirm  POST /events/{id}/holds/{hold_id}/confirm, each request a different live hold
            from a pool created just before (loadtest/wrk/confirm.lua walks it)
 - release  DELETE /events/{id}/holds/{hold_id}, the same way
@@ -71,6 +75,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import jwt
 import redis
 from sqlalchemy.engine import make_url
 
@@ -91,6 +96,7 @@ CAPACITY = 10_000_000
 HOLD_TTL_SECONDS = 3600  # no hold expires during a run: no reclaim work in the figures
 HOLD_BODY = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'
 PIPELINE = 16  # redis-benchmark -P
+CUSTOMERS_WITH_TOKENS = 1000  # hold_token: the customers whose tokens take turns
 QUIET_PCT = 10.0  # the machine counts as quiet at most this busy (% of all cores)
 OTHER_PCT = 30.0  # CPU beyond server, Redis and client that marks a run (% of one core)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -114,6 +120,9 @@ TARGETS: dict[str, Target] = {
         "service `POST /events/{id}/holds` refused sold_out (sold out before)",
         "POST holds: sold out",
         "service",
+    ),
+    "hold_token": Target(
+        "service `POST /events/{id}/holds`, customer tokens on", "POST holds, token", "service"
     ),
     "confirm": Target("service `POST …/holds/{id}/confirm`", "POST confirm", "service"),
     "release": Target("service `DELETE …/holds/{id}`", "DELETE hold", "service"),
@@ -163,6 +172,14 @@ GOALS = (
         0.9,
     ),
     Goal("hold_vs_twin_p99", "hold ÷ twin, p99", ("hold", "p99_ms"), ("twin", "p99_ms"), "<=", 1.5),
+    Goal(
+        "hold_token_vs_hold_rps",
+        "hold with customer token ÷ hold, requests/s",
+        ("hold_token", "rps"),
+        ("hold", "rps"),
+        ">=",
+        0.9,
+    ),
     Goal(
         "confirm_vs_hold_rps",
         "confirm ÷ hold, requests/s",
@@ -777,15 +794,18 @@ class Bench:
     def held(self, r: redis.Redis, event_id: str) -> int:
         return int(r.hget(event_keys(event_id).held, "GA") or 0)
 
-    def service(self) -> None:
-        token = secrets.token_urlsafe(24)
-        env = {
+    def serve_env(self, admin_token: str) -> dict[str, str]:
+        return {
             **self.service_env(),
             "BOXOFFICE_HOST": "127.0.0.1",
             "BOXOFFICE_PORT": "{port}",
             "BOXOFFICE_WORKERS": str(self.cfg.workers),
-            "BOXOFFICE_ADMIN_TOKEN": token,
+            "BOXOFFICE_ADMIN_TOKEN": admin_token,
         }
+
+    def service(self) -> None:
+        token = secrets.token_urlsafe(24)
+        env = self.serve_env(token)
         say(
             f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {self.db_name};"
             " no worker)"
@@ -840,6 +860,45 @@ class Bench:
             self.info["service_log_errors"] = len(errors)
             if errors:
                 say(f"  service log: {len(errors)} error lines, e.g. {errors[0][:200]}")
+        finally:
+            server.stop()
+
+    def service_with_tokens(self) -> None:
+        """The hold again, on a service with customer tokens on (a server of its own, with
+        the same options): what verifying a token costs the hold."""
+        token = secrets.token_urlsafe(24)
+        secret = secrets.token_hex(32)
+        env = {**self.serve_env(token), "BOXOFFICE_CUSTOMER_TOKEN_SECRET": secret}
+        say("service with customer tokens on (BOXOFFICE_CUSTOMER_TOKEN_SECRET set)")
+        server = Server("service-tokens", [BOXOFFICE, "serve"], env, self.logs)
+        try:
+            server.start(lambda c: c.get("/health").status_code == 200)
+            admin = httpx.Client(
+                base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+            )
+            with admin:
+                hot = self.create_event(admin, "bench-token")
+            path = self.tmp / "customer-tokens.txt"
+            exp = int(time.time()) + 6 * 3600  # valid all run long
+            path.write_text(
+                "".join(
+                    f"bench-{i} {jwt.encode({'sub': f'bench-{i}', 'exp': exp}, secret, 'HS256')}\n"
+                    for i in range(CUSTOMERS_WITH_TOKENS)
+                )
+            )
+            args = [str(path), str(self.cfg.threads)]
+            self.best_of(
+                "hold_token",
+                lambda first: self.measure(
+                    "hold_token",
+                    server,
+                    "hold_token.lua",
+                    f"/events/{hot}/holds",
+                    args=args,
+                    warmup=first,
+                    stat=(hot, "created"),
+                ),
+            )
         finally:
             server.stop()
 
@@ -1387,10 +1446,12 @@ def run(cfg: Config) -> int:
     try:
         if bench.wanted("twin"):
             bench.twin()
-        if bench.wanted(*SERVICE_TARGETS, "script", "pg"):
+        if bench.wanted(*SERVICE_TARGETS, "hold_token", "script", "pg"):
             bench.migrate()
         if bench.wanted(*SERVICE_TARGETS, "script"):
             bench.service()
+        if bench.wanted("hold_token"):
+            bench.service_with_tokens()
         if bench.wanted("script"):
             bench.script()
         if bench.wanted("pg"):

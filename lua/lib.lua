@@ -176,11 +176,17 @@ local function loaded() return redis.call('EXISTS', K.meta) == 1 end
 
 -- The hold a confirm or release names; or, instead, the reply to give at once (a replayed
 -- Idempotency-Key, an event not loaded, no such hold).
-local function named_hold(hold_id)
+-- `customer`: the caller's customer token's ("" = tokens off, anyone's hold): another
+-- customer's hold is not found, as if it did not exist.
+local function named_hold(hold_id, customer)
   local cached = replay()
   if cached then return nil, cached end
   local raw = redis.call('HGET', K.holds, hold_id)
-  if raw then return cjson.decode(raw), nil end
+  if raw then
+    local h = cjson.decode(raw)
+    if customer ~= '' and h.c ~= customer then return nil, fail('hold_not_found') end
+    return h, nil
+  end
   -- Only a miss asks whether the event is loaded at all: one call fewer on the hot path.
   if not loaded() then return nil, NOT_LOADED end
   -- Not remembered: hold ids are the server's own, 128-bit, so a repeat gets this 404 anyway.

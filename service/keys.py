@@ -6,6 +6,7 @@ slot and the service runs unchanged on Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 
 PREFIX = "bo:"
@@ -108,8 +109,15 @@ class EventKeys:
         """The key whose expiry tells the keyspace listener that a hold ran out."""
         return f"{self.tag}:ttl:{hold_id}"
 
-    def idempotency(self, key_digest: str) -> str:
-        return f"{self.tag}:idem:{key_digest}"
+    def idempotency(self, key_digest: str, customer: str | None = None) -> str:
+        """An Idempotency-Key's record. With customer tokens on, `customer` (the token's)
+        scopes it: the same key sent by two customers names two records, so that no
+        customer is ever answered from another's. Without, the key alone, as it always was."""
+        if customer is None:
+            return f"{self.tag}:idem:{key_digest}"
+        # Hashed: a customer id is any text, and `:` in it must not forge another's name.
+        scope = hashlib.sha256(customer.encode()).hexdigest()[:32]
+        return f"{self.tag}:idem:c:{scope}:{key_digest}"
 
 
 @lru_cache(maxsize=4096)

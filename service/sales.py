@@ -114,7 +114,9 @@ async def confirm_hold(
     hold_id: str,
     body: schemas.HoldConfirm,
     idem: Idempotency | None,
+    customer: str | None = None,
 ) -> schemas.Booking:
+    """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
     reply = await call(
         svc,
         "confirm",
@@ -122,6 +124,7 @@ async def confirm_hold(
         hold_id,
         uuid7(),
         body.payment_ref or "",
+        customer or "",
         idempotency=idem,
         durable=True,
     )
@@ -129,9 +132,14 @@ async def confirm_hold(
 
 
 async def release_hold(
-    svc: Services, event_id: str, hold_id: str, idem: Idempotency | None
+    svc: Services,
+    event_id: str,
+    hold_id: str,
+    idem: Idempotency | None,
+    customer: str | None = None,
 ) -> None:
-    await call(svc, "release", event_id, hold_id, idempotency=idem)
+    """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
+    await call(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
 
 
 async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[bytes | None, int]:
@@ -148,11 +156,14 @@ async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[byt
     raise errors.Unavailable("the event could not be loaded")
 
 
-async def get_hold(svc: Services, event_id: str, hold_id: str) -> schemas.Hold:
+async def get_hold(
+    svc: Services, event_id: str, hold_id: str, customer: str | None = None
+) -> schemas.Hold:
+    """`customer`: the customer token's (tokens on): another's hold is not found."""
     raw, now = await _read(svc, event_id, event_keys(event_id).holds, hold_id)
-    if raw is None:
+    h = None if raw is None else decode_hold(raw)
+    if h is None or (customer is not None and h.c != customer):
         raise errors.HoldNotFound(f"no hold {hold_id!r} in this event")
-    h = decode_hold(raw)
     # Overdue is expired, whether or not anything has reclaimed it yet.
     return hold_view(event_id, h, "expired" if h.s == "held" and now >= h.ex else None)
 

@@ -43,6 +43,8 @@ NO_ORDER = b'{"err":"no_order"}'
 class Idempotency(NamedTuple):
     key_digest: str
     fingerprint: str
+    # With customer tokens on, the token's customer: the key is theirs alone (keys.py).
+    customer: str | None = None
 
 
 class _ErrorReply(msgspec.Struct):
@@ -116,7 +118,7 @@ class Scripts:
         keys = event_keys(event_id)
         fingerprint = ""
         if idempotency is not None:
-            key = keys.idempotency(idempotency.key_digest)
+            key = keys.idempotency(idempotency.key_digest, idempotency.customer)
             extra_keys = (*extra_keys, keys.idempotency_count, keys.idempotency_refusals, key)
             fingerprint = idempotency.fingerprint
             args = (*args, *self._idempotency_caps)

@@ -37,6 +37,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     confirm_wait_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=4000)] = 1000
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
+    # Customer tokens (service/customers.py): set, every customer call needs a JWT signed
+    # HS256 with it; empty, the service trusts the body's `customer_id` (a trusted backend).
+    customer_token_secret: str = ""
     host: str = "127.0.0.1"
     port: Port = 8000
     workers: Count = 1
@@ -91,6 +94,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
             parse_seed_nodes(self.redis_seed_nodes)
         msgspec.structs.force_setattr(self, "database_url", asyncpg_url(self.database_url))
+        check_token_secret(self.customer_token_secret)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +123,20 @@ def _reason(error: msgspec.ValidationError, raw: str) -> str:
         text = text.replace(f"Expected {type_}, got `str`", f"is not {words}")
         text = text.replace(f"Expected {type_}", f"must be {words}")
     return f"{raw!r} {text}"
+
+
+# RFC 7518 3.2: an HS256 key has at least as many bits as the hash (256), or it can be
+# guessed offline from any one token.
+MIN_SECRET_CHARS = 32
+
+
+def check_token_secret(secret: str) -> None:
+    # The message never repeats the value: it is a secret.
+    if secret and len(secret.encode()) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"too short: at least {MIN_SECRET_CHARS} bytes (HS256 wants 256 bits),"
+            " e.g. from `openssl rand -hex 32`"
+        )
 
 
 def check_redis_url(url: str) -> None:
