@@ -377,11 +377,13 @@ async def list_seats(
 async def create_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.HoldCreate
 ) -> Response[schemas.Hold]:
-    hold = await sales.create_hold(
+    hold, quota = await sales.create_hold_counted(
         _svc(request), _event(event_id), data, await _idempotency(request)
     )
-    location = f"/events/{event_id}/holds/{hold.hold_id}"
-    return Response(hold, status_code=201, headers={"location": location})
+    headers = {"location": f"/events/{event_id}/holds/{hold.hold_id}"}
+    if quota is not None:
+        headers.update(quota.headers())
+    return Response(hold, status_code=201, headers=headers)
 
 
 @get(
@@ -684,10 +686,22 @@ _RETRY_AFTER_IN_PROGRESS = OpenAPIHeader(
     description="Seconds to wait before trying again; sent with `idempotency_in_progress`"
     " only, not with the other codes of this status",
 )
+_RATELIMIT_POLICY = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='The rate limits that apply (IETF draft "RateLimit header fields for HTTP"),'
+    ' e.g. `"customer";q=20;w=60`: q attempts per w seconds; sent by a rate limit, not with'
+    " the Idempotency-Key budget's 429",
+)
+_RATELIMIT = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='What is left of each, e.g. `"customer";r=0;t=12`: r attempts left, t seconds'
+    " until the quota is whole again (on a 429: until the next attempt, as Retry-After)",
+)
+_RATE_HEADERS = {"RateLimit-Policy": _RATELIMIT_POLICY, "RateLimit": _RATELIMIT}
 _HEADERS_OF_STATUS = {
     "401": {"WWW-Authenticate": OpenAPIHeader(schema=Schema(const="Bearer"))},
     "409": {"Retry-After": _RETRY_AFTER},
-    "429": {"Retry-After": _RETRY_AFTER},
+    "429": {"Retry-After": _RETRY_AFTER, **_RATE_HEADERS},
     "503": {"Retry-After": _RETRY_AFTER},
 }
 
@@ -729,6 +743,8 @@ def document(app: Litestar) -> None:
                 headers = {}
             elif status == "409" and "` or `" in response.description:
                 headers = {"Retry-After": _RETRY_AFTER_IN_PROGRESS}
+            if status == "201" and path.endswith("/holds"):
+                headers = _RATE_HEADERS  # the customer's hold-attempt limit, when on
             response.headers = {**(response.headers or {}), **headers} or None
             location = (response.headers or {}).get("Location")
             if isinstance(location, OpenAPIHeader):  # Litestar gives it no schema

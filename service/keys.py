@@ -108,6 +108,11 @@ class EventKeys:
         """The key whose expiry tells the keyspace listener that a hold ran out."""
         return f"{self.tag}:ttl:{hold_id}"
 
+    def customer_rate(self, customer_id: str) -> str:
+        """string: the customer's hold-attempt rate limit in this event (lua/lib.lua,
+        rate_take), with a TTL: gone once the customer's quota is whole again."""
+        return f"{self.tag}:rl:{customer_id}"
+
     def idempotency(self, key_digest: str) -> str:
         return f"{self.tag}:idem:{key_digest}"
 

@@ -64,6 +64,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How long ended holds stay readable (the contract promises at least 24 hours).
     hold_retention_seconds: Count = 86400
     max_body_bytes: Count = 64 * 1024
+    # Hold attempts one customer_id may make per event per window (0: no limit), counted
+    # inside the event's hold script (GCRA: a burst of this many, then one every
+    # window/limit). A human makes a few a minute; a bot thousands.
+    rate_limit_customer_holds: Annotated[int, msgspec.Meta(ge=0)] = 20
+    rate_limit_customer_window_seconds: Count = 60
     # The worker: how often the sweeper runs, and the write-behind's batches.
     sweep_interval_seconds: Seconds = 2.0
     outbox_batch: Count = 1000
