@@ -35,6 +35,7 @@ from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Receive, Scope, Send
 from litestar.utils import normalize_path
+from redis.asyncio import RedisCluster
 
 from service import (
     bodies,
@@ -44,6 +45,7 @@ from service import (
     errors,
     idempotency,
     metrics,
+    ratelimit,
     reconcile,
     sales,
     schemas,
@@ -214,8 +216,10 @@ def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return problem(request, errors.BoxofficeError("unexpected error; nothing was changed"))
 
 
-# What any route may answer: no such route or method, a body too large or not JSON, a bug.
+# What any route may answer: no such route or method, a body too large or not JSON, a
+# per-address rate limit, a bug.
 _ANY_ROUTE = (
+    errors.RateLimited,
     errors.NotFound,
     errors.MethodNotAllowed,
     errors.PayloadTooLarge,
@@ -285,7 +289,11 @@ async def door(request: Request[Any, Any, Any]) -> None:
     """The contract's rules for any request, whatever the route does with it: no NUL or
     unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
     its limit only to a body that is read), declared as anything but JSON is 415. A body
-    without a Content-Type is taken for JSON."""
+    without a Content-Type is taken for JSON. First of all, the per-address rate limits
+    (when set): a refused request costs one Redis call and nothing else."""
+    limits: ratelimit.AddressLimits | None = getattr(request.app.state, "limits", None)
+    if limits is not None and limits.enabled:
+        await limits.check(request.scope)
     await check_params(request)
     declared = b"0"
     chunked = False
@@ -778,10 +786,17 @@ def create_app(settings: Settings) -> Litestar:
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
+            # After start(): by then the client says whether Redis is a cluster.
+            app.state.limits = ratelimit.AddressLimits(
+                settings, cluster=isinstance(svc.redis, RedisCluster)
+            )
             server.mark_started()
             yield
         finally:
             flusher.cancel()
+            limits = getattr(app.state, "limits", None)
+            if limits is not None:
+                await limits.close()
             await svc.close()
 
     app = Litestar(

@@ -213,7 +213,9 @@ async def test_the_quota_comes_back_after_the_window(short: Services) -> None:
 async def test_a_hold_called_again_after_a_reclaim_counts_once(settings: Settings) -> None:
     """The script asks to be called again when overdue holds beyond its reclaim batch may
     be in the way; the attempt is counted by the call that decides, not by both."""
-    svc = Services.open(msgspec.structs.replace(settings, reclaim_batch=1))
+    svc = Services.open(
+        msgspec.structs.replace(settings, reclaim_batch=1, rate_limit_customer_holds=LIMIT)
+    )
     await svc.scripts.load()
     try:
         event_id = await _event_in_process(svc, capacity=2)
@@ -223,7 +225,7 @@ async def test_a_hold_called_again_after_a_reclaim_counts_once(settings: Setting
             await expire_hold(svc, event_id, h.hold_id, fire_ttl=False)
         hold, quota = await sales.create_hold_counted(svc, event_id, _ga("c", 2), None)
         assert hold.status == "held"
-        assert quota is not None and quota.remaining == settings.rate_limit_customer_holds - 1
+        assert quota is not None and quota.remaining == LIMIT - 1
     finally:
         await svc.close()
 
@@ -233,9 +235,146 @@ async def test_no_limit_when_off(settings: Settings) -> None:
     await svc.scripts.load()
     try:
         event_id = await _event_in_process(svc)
-        for _ in range(settings.rate_limit_customer_holds + 5):
+        for _ in range(Settings().rate_limit_customer_holds + 5):
             _, quota = await sales.create_hold_counted(svc, event_id, _ga("unlimited"), None)
             assert quota is None
         assert await svc.redis.get(event_keys(event_id).customer_rate("unlimited")) is None
     finally:
         await svc.close()
+
+
+# --- per client address, and admin routes apart -------------------------------------------
+
+PER_ADDRESS, PER_ADMIN = 5, 3
+ADDRESS_POLICY = f'"address";q={PER_ADDRESS};w={WINDOW}'
+
+
+async def _forget_address_counts(settings: Settings) -> None:
+    """Earlier runs' counts of 127.0.0.1 would still be in the window."""
+    svc = Services.open(settings)
+    try:
+        async for key in svc.redis.scan_iter(match="*bo:rl*"):
+            await svc.redis.delete(key)
+    finally:
+        await svc.close()
+
+
+def _address_server(settings: Settings, trusted: str) -> ApiServer:
+    env = {
+        **server_env(settings),
+        "BOXOFFICE_RATE_LIMIT_ADDRESS": str(PER_ADDRESS),
+        "BOXOFFICE_RATE_LIMIT_ADDRESS_WINDOW_SECONDS": str(WINDOW),
+        "BOXOFFICE_RATE_LIMIT_ADMIN": str(PER_ADMIN),
+        "BOXOFFICE_RATE_LIMIT_ADMIN_WINDOW_SECONDS": str(WINDOW),
+        "BOXOFFICE_TRUSTED_PROXIES": trusted,
+    }
+    return ApiServer(env, workers=2)
+
+
+@pytest.fixture
+async def behind_proxy(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A service that believes X-Forwarded-For from 127.0.0.1, where the tests run."""
+    await _forget_address_counts(settings)
+    server = _address_server(settings, "10.9.0.0/16, 127.0.0.1")
+    server.start()
+    await _forget_address_counts(settings)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            yield c
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def direct(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A service that trusts no proxy: the peer is the client."""
+    await _forget_address_counts(settings)
+    server = _address_server(settings, "")
+    server.start()
+    await _forget_address_counts(settings)  # the start's own readiness polls among them
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            yield c
+    finally:
+        server.stop()
+
+
+def _assert_address_429(r: httpx.Response, policy: str = ADDRESS_POLICY) -> None:
+    assert r.status_code == 429, r.text
+    assert r.json()["code"] == "rate_limited", r.text
+    retry_after = int(r.headers["retry-after"])
+    assert 1 <= retry_after <= WINDOW, r.headers
+    assert r.headers["ratelimit-policy"] == policy
+    name = policy.split(";")[0]
+    assert r.headers["ratelimit"] == f"{name};r=0;t={retry_after}", r.headers
+
+
+def _from(address: str) -> dict[str, str]:
+    return {"x-forwarded-for": address}
+
+
+async def test_per_address_limit_is_exact_under_concurrency(
+    behind_proxy: httpx.AsyncClient,
+) -> None:
+    replies = await asyncio.gather(
+        *(behind_proxy.get("/health", headers=_from("203.0.113.7")) for _ in range(30))
+    )
+    statuses = Counter(r.status_code for r in replies)
+    assert statuses == {200: PER_ADDRESS, 429: 30 - PER_ADDRESS}, statuses
+    for r in replies:
+        if r.status_code == 429:
+            _assert_address_429(r)
+    # Every route: a refused hold changes nothing, and another address is counted apart.
+    event_id = await _event(behind_proxy)
+    before = await _available(behind_proxy, event_id)
+    r = await behind_proxy.post(
+        f"/events/{event_id}/holds", json=_hold("limited"), headers=_from("203.0.113.7")
+    )
+    _assert_address_429(r)
+    assert await _available(behind_proxy, event_id) == before
+    r = await behind_proxy.get("/health", headers=_from("203.0.113.8"))
+    assert r.status_code == 200, r.text
+
+
+async def test_only_the_last_hop_a_trusted_proxy_added_is_believed(
+    behind_proxy: httpx.AsyncClient,
+) -> None:
+    # What a client writes into X-Forwarded-For itself stands left of what the proxy adds.
+    for n in range(PER_ADDRESS):
+        r = await behind_proxy.get("/health", headers=_from(f"198.51.100.{n}, 192.0.2.1"))
+        assert r.status_code == 200, r.text
+    _assert_address_429(
+        await behind_proxy.get("/health", headers=_from("198.51.100.99, 192.0.2.1"))
+    )
+    # A chain of trusted proxies: the first address that is not one of them.
+    _assert_address_429(
+        await behind_proxy.get("/health", headers=_from("198.51.100.1, 192.0.2.1, 10.9.3.4"))
+    )
+    # Not an address: nothing of the header is believed; the peer (the proxy) is counted.
+    r = await behind_proxy.get("/health", headers=_from("192.0.2.1, garbage"))
+    assert r.status_code == 200, r.text
+
+
+async def test_without_trusted_proxies_the_header_is_ignored(direct: httpx.AsyncClient) -> None:
+    for n in range(PER_ADDRESS):
+        r = await direct.get("/health", headers=_from(f"198.51.100.{n}"))
+        assert r.status_code == 200, r.text
+    _assert_address_429(await direct.get("/health", headers=_from("198.51.100.200")))
+    _assert_address_429(await direct.get("/health"))
+
+
+async def test_admin_routes_have_their_own_limit(behind_proxy: httpx.AsyncClient) -> None:
+    me = _from("203.0.113.50")
+    for _ in range(PER_ADDRESS):
+        assert (await behind_proxy.get("/health", headers=me)).status_code == 200
+    _assert_address_429(await behind_proxy.get("/events", headers=me))
+    # The public limit used up does not stop the admin routes, which count apart.
+    for _ in range(PER_ADMIN):
+        r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=ADMIN | me)
+        assert r.status_code == 404, r.text
+    r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=ADMIN | me)
+    _assert_address_429(r, f'"admin";q={PER_ADMIN};w={WINDOW}')
+    # And another address has both of its own.
+    other = _from("203.0.113.51")
+    r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=ADMIN | other)
+    assert r.status_code == 404, r.text
