@@ -119,6 +119,11 @@ class EventKeys:
         scope = hashlib.sha256(customer.encode()).hexdigest()[:32]
         return f"{self.tag}:idem:c:{scope}:{key_digest}"
 
+    def customer_rate(self, customer_id: str) -> str:
+        """string: the customer's hold-attempt rate limit in this event (lua/lib.lua,
+        rate_take), with a TTL: gone once the customer's quota is whole again."""
+        return f"{self.tag}:rl:{customer_id}"
+
 
 @lru_cache(maxsize=4096)
 def event_keys(event_id: str) -> EventKeys:
