@@ -115,8 +115,9 @@ async def wait_out(call: Callable[[], Awaitable[T]], error: Exception, budget: f
 
 def single_node() -> Retry:
     """redis-py's retries on a single node: a dead pooled connection is replaced and the
-    command sent again, within RECONNECT_SECONDS."""
-    return Retry(ExponentialBackoff(cap=CAP, base=FIRST), retries=_tries(RECONNECT_SECONDS))
+    command sent again, as often as its pauses fit in RECONNECT_SECONDS."""
+    backoff = ExponentialBackoff(cap=CAP, base=FIRST)
+    return Retry(backoff, retries=_tries(backoff, RECONNECT_SECONDS))
 
 
 def cluster(budget: float) -> Retry:
@@ -128,11 +129,10 @@ def cluster(budget: float) -> Retry:
     )
 
 
-def _tries(budget: float) -> int:
-    """How many pauses of the backoff fit in the budget."""
-    tries, delay, spent = 0, FIRST, 0.0
-    while spent + delay <= budget:
-        spent += delay
-        delay = min(delay * 2, CAP)
+def _tries(backoff: ExponentialBackoff, budget: float) -> int:
+    """How many of redis-py's pauses (after the 1st failure, the 2nd, ...) fit in the budget."""
+    tries, spent = 0, 0.0
+    while spent + backoff.compute(tries + 1) <= budget:
         tries += 1
+        spent += backoff.compute(tries)
     return tries
