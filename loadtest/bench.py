@@ -80,6 +80,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 from service.keys import EVENTS, event_keys
+from service.sales import hold_call
 from service.scripts import LUA_DIR
 from service.settings import Settings
 
@@ -907,7 +908,6 @@ class Bench:
     def hold_call(self, event_id: str, hold_id: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of one hold of 1 GA ticket by customer "bench", as the service
         passes them (service/scripts.py Scripts.call, service/sales.py create_hold)."""
-        keys = event_keys(event_id)
         s = self.settings
         common = [
             "",  # no Idempotency-Key
@@ -915,13 +915,9 @@ class Bench:
             str(s.reclaim_batch),
             str(s.hold_retention_seconds * 1000),
         ]
-        return [*key_names(event_id), keys.hold_ttl(hold_id)], [
-            *common,
-            hold_id,
-            "bench",
-            '[["GA",1]]',
-            "[]",
-        ]
+        hold = hold_call(event_id, hold_id, "bench", b'[["GA",1]]')
+        args = [a.decode() if isinstance(a, bytes) else str(a) for a in hold.args]
+        return [*key_names(event_id), *hold.extra_keys], [*common, *args]
 
     def hold_sha(self, r: redis.Redis) -> str:
         source = (LUA_DIR / "lib.lua").read_text() + "\n" + (LUA_DIR / "hold.lua").read_text()

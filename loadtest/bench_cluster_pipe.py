@@ -32,6 +32,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from service import catalog, schemas
 from service.keys import event_keys
+from service.sales import hold_call
 from service.scripts import Scripts
 from service.settings import Settings
 from tests.servers import LocalCluster, RedisServer
@@ -84,10 +85,8 @@ async def cpu_per_call(
 
 def via_scripts(scripts: Scripts) -> Callable[[str, str], Awaitable[bytes]]:
     async def call(event_id: str, hold_id: str) -> bytes:
-        ttl_key = event_keys(event_id).hold_ttl(hold_id)
-        return await scripts.call(
-            "hold", event_id, hold_id, "bench", ITEMS, b"[]", extra_keys=(ttl_key,)
-        )
+        hold = hold_call(event_id, hold_id, "bench", ITEMS)
+        return await scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
 
     return call
 
