@@ -11,6 +11,9 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 - health   the service's GET /health
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
+- spread   the same over 6 hot events in turn (loadtest/wrk/holds_spread.lua), one node
+- cluster  the same 6 events' holds on a local Redis Cluster of 3 primaries (2 events on
+           each), the service pointed at one node: the cost of routing by slot
 - confirm  POST /events/{id}/holds/{hold_id}/confirm, each request a different live hold
            from a pool created just before (loadtest/wrk/confirm.lua walks it)
 - release  DELETE /events/{id}/holds/{hold_id}, the same way
@@ -22,7 +25,9 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 
 The service runs as `boxoffice serve` on Redis database 10 and PostgreSQL database
 <name>_bench (migrated by `boxoffice migrate`); the script on a redis-server of its own
-(free port, no persistence, gone at the end); the baseline's tables in <name>_bench.
+(free port, no persistence, gone at the end); the baseline's tables in <name>_bench. The
+cluster row's cluster is the run's own too (tests/servers.py LocalCluster: free ports,
+no replicas, no persistence, gone at the end), with the service on <name>_bench as well.
 `boxoffice worker` does not run (it would compete for the cores). Never the data of
 `make run` (database 0, <name>) nor of the tests (15, <name>_test): only the keys of its
 own events are touched, and deleted at the end (unless --keep).
@@ -91,6 +96,8 @@ PIPELINE = 16  # redis-benchmark -P
 QUIET_PCT = 10.0  # the machine counts as quiet at most this busy (% of all cores)
 OTHER_PCT = 30.0  # CPU beyond server, Redis and client that marks a run (% of one core)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+CLUSTER_PRIMARIES = 3
+SPREAD_EVENTS = 2 * CLUSTER_PRIMARIES  # two hot events on each primary
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -107,6 +114,17 @@ TARGETS: dict[str, Target] = {
     ),
     "health": Target("service `GET /health`", "GET /health", "ceiling"),
     "hold": Target("service `POST /events/{id}/holds`", "POST holds", "service"),
+    "spread": Target(
+        f"service `POST …/holds`, {SPREAD_EVENTS} events in turn, one Redis node",
+        f"POST holds, {SPREAD_EVENTS} events",
+        "service",
+    ),
+    "cluster": Target(
+        f"service `POST …/holds`, {SPREAD_EVENTS} events, Redis Cluster of"
+        f" {CLUSTER_PRIMARIES} primaries",
+        f"POST holds, {SPREAD_EVENTS} events, cluster",
+        "cluster",
+    ),
     "confirm": Target("service `POST …/holds/{id}/confirm`", "POST confirm", "service"),
     "release": Target("service `DELETE …/holds/{id}`", "DELETE hold", "service"),
     "event": Target("service `GET /events/{id}`", "GET event", "service"),
@@ -121,7 +139,7 @@ TARGETS: dict[str, Target] = {
         "postgres",
     ),
 }
-SERVICE_TARGETS = ("health", "hold", "event", "confirm", "release")
+SERVICE_TARGETS = ("health", "hold", "spread", "event", "confirm", "release")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +180,14 @@ GOALS = (
         ("hold", "rps"),
         ">=",
         1,
+    ),
+    Goal(
+        "cluster_vs_single_rps",
+        "cluster hold ÷ single-node hold, requests/s",
+        ("cluster", "rps"),
+        ("spread", "rps"),
+        ">=",
+        0.9,
     ),
 )
 
@@ -205,6 +231,19 @@ class Result:
 
 class BenchError(Exception):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """The field of its events' stats hashes that each request of a row must raise by one
+    (created, confirmed, released), read through `r` (a node, or a cluster client)."""
+
+    r: Any  # redis.Redis | redis.RedisCluster: both route HGET
+    event_ids: tuple[str, ...]
+    field: str
+
+    def read(self) -> int:
+        return sum(int(self.r.hget(event_keys(e).stats, self.field) or 0) for e in self.event_ids)
 
 
 def say(message: str) -> None:
@@ -340,9 +379,13 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def redis_cpu(r: redis.Redis) -> float:
-    info: dict[str, Any] = r.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+def redis_cpu(nodes: Sequence[redis.Redis]) -> float:
+    """CPU seconds of these Redis servers (every node of a cluster, replicas too)."""
+    total = 0.0
+    for r in nodes:
+        info: dict[str, Any] = r.info("cpu")
+        total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    return total
 
 
 class Meter:
@@ -350,8 +393,8 @@ class Meter:
     load generator (a finished child of this process), and the machine as a whole (of all
     cores) -- "other" is what the machine did beyond those three."""
 
-    def __init__(self, r: redis.Redis, server_pid: int | None) -> None:
-        self._r = r
+    def __init__(self, r: redis.Redis | Sequence[redis.Redis], server_pid: int | None) -> None:
+        self._r = [r] if isinstance(r, redis.Redis) else list(r)
         self._pid = server_pid
 
     def __enter__(self) -> Meter:
@@ -628,10 +671,11 @@ class Bench:
         args: Sequence[str] = (),
         warm_args: Sequence[str] | None = None,
         warmup: bool = True,
-        stat: tuple[str, str] | None = None,
+        stat: Stat | None = None,
+        nodes: Sequence[redis.Redis] = (),
     ) -> Result:
-        """Warm-up, then the measured run. `stat` = (event id, field of its stats hash
-        that each request must raise by one: created, confirmed, released), checked."""
+        """Warm-up, then the measured run; `stat` checked. `nodes`: the Redis servers whose
+        CPU is the row's (default: the service's)."""
         cfg = self.cfg
         url = server.url + path
         if warmup and cfg.warmup:
@@ -643,21 +687,21 @@ class Bench:
                 say(f"  {name}: warning: {warm['errors_status']:.0f} non-2xx responses in warm-up")
         before = self.quiet()
         say(f"  {name}: measuring {cfg.seconds} s (machine {before}% busy before)")
-        count = self.stat(stat)
-        with Meter(self.r, server.pid) as meter:
+        count = stat.read() if stat else 0
+        with Meter(nodes or self.r, server.pid) as meter:
             try:
                 data = run_wrk(cfg, self.wrk, script, url, cfg.seconds, args)
             finally:
                 server.check_alive()
         # Read as wrk ends: every response it counted was sent after the script ran.
-        count = self.stat(stat) - count
+        count = stat.read() - count if stat else 0
         result = wrk_result(name, data, meter.cpu)
         if stat is not None:
-            result.extra[f"holds_{stat[1]}"] = count
+            result.extra[f"holds_{stat.field}"] = count
             if count < result.requests:
                 result.valid = False
                 result.notes.append(
-                    f"{result.requests:,} requests but only {count:,} holds {stat[1]}"
+                    f"{result.requests:,} requests but only {count:,} holds {stat.field}"
                 )
         self.note_interference(result, before)
         say(
@@ -666,17 +710,22 @@ class Bench:
         )
         return result
 
-    def stat(self, stat: tuple[str, str] | None) -> int:
-        if stat is None:
-            return 0
-        return int(self.r.hget(event_keys(stat[0]).stats, stat[1]) or 0)
-
     def simple(
-        self, name: str, server: Server, script: str, path: str, stat: tuple[str, str] | None = None
+        self,
+        name: str,
+        server: Server,
+        script: str,
+        path: str,
+        stat: Stat | None = None,
+        args: Sequence[str] = (),
+        nodes: Sequence[redis.Redis] = (),
     ) -> Result:
         """A target whose requests can repeat: one measure() per try, warm-up first."""
         return self.best_of(
-            name, lambda first: self.measure(name, server, script, path, warmup=first, stat=stat)
+            name,
+            lambda first: self.measure(
+                name, server, script, path, args=args, warmup=first, stat=stat, nodes=nodes
+            ),
         )
 
     # -- twin
@@ -716,8 +765,16 @@ class Bench:
             "BOXOFFICE_DATABASE_URL": self.settings.database_url,
         }
 
-    def create_event(self, client: httpx.Client, prefix: str) -> str:
-        event_id = f"{prefix}-{secrets.token_hex(4)}"
+    def create_event(
+        self,
+        client: httpx.Client,
+        prefix: str,
+        event_id: str | None = None,
+        r: redis.Redis | None = None,
+    ) -> str:
+        """An event through the admin API; its keys deleted at the end when `r` (default:
+        the service's Redis) is given (a cluster of the run's own goes as a whole)."""
+        event_id = event_id or f"{prefix}-{secrets.token_hex(4)}"
         body = {
             "id": event_id,
             "name": "make bench",
@@ -729,56 +786,115 @@ class Bench:
         response = client.post("/admin/events", json=body)
         if response.status_code != 201:
             raise BenchError(f"creating event {event_id}: {response.status_code} {response.text}")
-        self.event_ids.append((self.r, event_id))
+        if r is not None:
+            self.event_ids.append((r, event_id))
         return event_id
 
     def held(self, r: redis.Redis, event_id: str) -> int:
         return int(r.hget(event_keys(event_id).held, "GA") or 0)
 
-    def service(self) -> None:
+    def start_service(self, name: str, redis_url: str) -> tuple[Server, httpx.Client]:
+        """`boxoffice serve` on `redis_url` and the bench's PostgreSQL database, started,
+        with an admin client for it (closed by the caller)."""
         token = secrets.token_urlsafe(24)
         env = {
             **self.service_env(),
+            "BOXOFFICE_REDIS_URL": redis_url,
             "BOXOFFICE_HOST": "127.0.0.1",
             "BOXOFFICE_PORT": "{port}",
             "BOXOFFICE_WORKERS": str(self.cfg.workers),
             "BOXOFFICE_ADMIN_TOKEN": token,
         }
+        server = Server(name, [BOXOFFICE, "serve"], env, self.logs)
+        server.start(lambda c: c.get("/health").status_code == 200)
+        admin = httpx.Client(
+            base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+        )
+        return server, admin
+
+    def log_errors(self, server: Server) -> None:
+        errors = [
+            line
+            for line in server.log_tail(100_000).splitlines()
+            if "ERROR" in line or "Traceback" in line
+        ]
+        self.info[f"{server.name}_log_errors"] = len(errors)
+        if errors:
+            say(f"  {server.name} log: {len(errors)} error lines, e.g. {errors[0][:200]}")
+
+    def service(self) -> None:
         say(
             f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {self.db_name};"
             " no worker)"
         )
-        server = Server("service", [BOXOFFICE, "serve"], env, self.logs)
+        server, admin = self.start_service("service", self.settings.redis_url)
         try:
-            server.start(lambda c: c.get("/health").status_code == 200)
-            admin = httpx.Client(
-                base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
-            )
             with admin:
-                hot = self.create_event(admin, "bench-hot")
+                hot = self.create_event(admin, "bench-hot", r=self.r)
                 if self.wanted("script"):
-                    self.script_event = self.create_event(admin, "bench-script")
+                    self.script_event = self.create_event(admin, "bench-script", r=self.r)
+                spread = [
+                    self.create_event(admin, "bench-spread", r=self.r)
+                    for _ in range(SPREAD_EVENTS if self.wanted("spread") else 0)
+                ]
             holds = f"/events/{hot}/holds"
             if self.wanted("health"):
                 self.simple("health", server, "get.lua", "/health")
             if self.wanted("hold"):
-                self.simple("hold", server, "hold.lua", holds, stat=(hot, "created"))
+                self.simple("hold", server, "hold.lua", holds, stat=Stat(self.r, (hot,), "created"))
             if self.wanted("event"):
                 self.simple("event", server, "get.lua", f"/events/{hot}")
             if self.wanted("confirm"):
                 self.pooled("confirm", server, hot)
             if self.wanted("release"):
                 self.pooled("release", server, hot)
-            errors = [
-                line
-                for line in server.log_tail(100_000).splitlines()
-                if "ERROR" in line or "Traceback" in line
-            ]
-            self.info["service_log_errors"] = len(errors)
-            if errors:
-                say(f"  service log: {len(errors)} error lines, e.g. {errors[0][:200]}")
+            # Last, so that the cluster row, which compares with it, comes right after.
+            if spread:
+                self.spread("spread", server, spread, self.r, [self.r])
+            self.log_errors(server)
         finally:
             server.stop()
+
+    def spread(
+        self,
+        name: str,
+        server: Server,
+        event_ids: list[str],
+        r: Any,
+        nodes: Sequence[redis.Redis],
+    ) -> None:
+        """Holds over several events in turn (loadtest/wrk/holds_spread.lua)."""
+        stat = Stat(r, tuple(event_ids), "created")
+        self.simple(name, server, "holds_spread.lua", "/", stat=stat, args=event_ids, nodes=nodes)
+
+    # -- the service on a Redis Cluster of the run's own
+
+    def cluster(self) -> None:
+        from tests.servers import LocalCluster
+
+        with LocalCluster(CLUSTER_PRIMARIES, replicas=0) as cluster:
+            say(
+                f"service on a Redis Cluster ({CLUSTER_PRIMARIES} primaries on ports"
+                f" {', '.join(str(n.port) for n in cluster.nodes)}, no replicas;"
+                f" BOXOFFICE_REDIS_URL {cluster.url})"
+            )
+            nodes = [redis.Redis(port=n.port) for n in cluster.nodes]
+            routed = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+            by_primary = cluster.event_ids(SPREAD_EVENTS // CLUSTER_PRIMARIES, "bench-cluster")
+            # Interleaved, so that consecutive requests go to different primaries.
+            event_ids = [e for group in zip(*by_primary.values(), strict=True) for e in group]
+            server, admin = self.start_service("cluster", cluster.url)
+            try:
+                with admin:
+                    for event_id in event_ids:
+                        self.create_event(admin, "", event_id)
+                self.spread("cluster", server, event_ids, routed, nodes)
+                self.log_errors(server)
+            finally:
+                server.stop()
+                routed.close()
+                for node in nodes:
+                    node.close()
 
     # -- pools of live holds for confirm and release
 
@@ -857,7 +973,11 @@ class Bench:
                     args=[str(path), threads],
                     warm_args=[str(warm_path), threads],
                     warmup=first and attempt == 0,
-                    stat=(event_id, {"confirm": "confirmed", "release": "released"}[name]),
+                    stat=Stat(
+                        self.r,
+                        (event_id,),
+                        {"confirm": "confirmed", "release": "released"}[name],
+                    ),
                 )
                 path.unlink()
                 result.extra["pool"] = n
@@ -1108,6 +1228,13 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
         "tickets, 1 ticket per hold; confirm and release each hit a different live hold. "
         "`boxoffice worker` was not running."
     )
+    if "cluster" in cfg.only:
+        text += (
+            f" The spread and cluster rows make holds on {SPREAD_EVENTS} hot events in turn: on"
+            f" the service's Redis, and on a Redis Cluster of {CLUSTER_PRIMARIES} primaries"
+            f" started for the run ({SPREAD_EVENTS // CLUSTER_PRIMARIES} events on each, no"
+            " replicas, the service given one node's URL); Redis CPU is then every node's."
+        )
     if pg := info.get("postgres"):
         text += (
             f" PostgreSQL {pg['server_version'].split()[0]} (fsync {pg['fsync']}, "
@@ -1320,10 +1447,12 @@ def run(cfg: Config) -> int:
     try:
         if bench.wanted("twin"):
             bench.twin()
-        if bench.wanted(*SERVICE_TARGETS, "script", "pg"):
+        if bench.wanted(*SERVICE_TARGETS, "cluster", "script", "pg"):
             bench.migrate()
         if bench.wanted(*SERVICE_TARGETS, "script"):
             bench.service()
+        if bench.wanted("cluster"):
+            bench.cluster()
         if bench.wanted("script"):
             bench.script()
         if bench.wanted("pg"):
