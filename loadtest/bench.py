@@ -11,7 +11,14 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 - health   the service's GET /health
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
-- spread   the same over 6 hot events in turn (loadtest/wrk/holds_spread.lua), one node
+- sold_out the same request for an event sold out before the run: every answer is
+           `409 sold_out`, given by the API process itself (service/soldout.py); the
+           script calls Redis served meanwhile are counted
+- hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
+           request carries a customer's HS256 token (1,000 customers taking turns) and
+           names its customer (loadtest/wrk/hold_token.lua); a server of its own, started
+           after the plain one has stopped
+- spread   the hold over 6 hot events in turn (loadtest/wrk/holds_spread.lua), one node
 - cluster  the same on a local Redis Cluster of 3 primaries (6 events, 2 on each), the
            service pointed at one node; measured in alternation with spread
 - cluster_one  the same with the 6 events all on one primary: routing alone, without a
@@ -75,6 +82,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import jwt
 import redis
 from sqlalchemy.engine import make_url
 
@@ -95,6 +103,7 @@ CAPACITY = 10_000_000
 HOLD_TTL_SECONDS = 3600  # no hold expires during a run: no reclaim work in the figures
 HOLD_BODY = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'
 PIPELINE = 16  # redis-benchmark -P
+CUSTOMERS_WITH_TOKENS = 1000  # hold_token: the customers whose tokens take turns
 QUIET_PCT = 10.0  # the machine counts as quiet at most this busy (% of all cores)
 OTHER_PCT = 30.0  # CPU beyond server, Redis and client that marks a run (% of one core)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -116,6 +125,14 @@ TARGETS: dict[str, Target] = {
     ),
     "health": Target("service `GET /health`", "GET /health", "ceiling"),
     "hold": Target("service `POST /events/{id}/holds`", "POST holds", "service"),
+    "sold_out": Target(
+        "service `POST /events/{id}/holds` refused sold_out (sold out before)",
+        "POST holds: sold out",
+        "service",
+    ),
+    "hold_token": Target(
+        "service `POST /events/{id}/holds`, customer tokens on", "POST holds, token", "service"
+    ),
     "spread": Target(
         f"service `POST …/holds`, {SPREAD_EVENTS} events in turn, one Redis node",
         f"POST holds, {SPREAD_EVENTS} events",
@@ -146,7 +163,8 @@ TARGETS: dict[str, Target] = {
         "postgres",
     ),
 }
-SERVICE_TARGETS = ("health", "hold", "spread", "event", "confirm", "release")
+SERVICE_TARGETS = ("health", "hold", "sold_out", "spread", "event", "confirm", "release")
+CLUSTER_TARGETS = ("cluster", "cluster_one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +189,23 @@ GOALS = (
         ">=",
         10,
     ),
+    Goal(
+        "sold_out_vs_twin_rps",
+        "sold_out ÷ twin, requests/s",
+        ("sold_out", "rps"),
+        ("twin", "rps"),
+        ">=",
+        0.9,
+    ),
     Goal("hold_vs_twin_p99", "hold ÷ twin, p99", ("hold", "p99_ms"), ("twin", "p99_ms"), "<=", 1.5),
+    Goal(
+        "hold_token_vs_hold_rps",
+        "hold with customer token ÷ hold, requests/s",
+        ("hold_token", "rps"),
+        ("hold", "rps"),
+        ">=",
+        0.9,
+    ),
     Goal(
         "confirm_vs_hold_rps",
         "confirm ÷ hold, requests/s",
@@ -687,10 +721,13 @@ class Bench:
         warm_args: Sequence[str] | None = None,
         warmup: bool = True,
         stat: Stat | None = None,
+        refused: str | None = None,
         nodes: Sequence[redis.Redis] = (),
     ) -> Result:
-        """Warm-up, then the measured run; `stat` checked. `nodes`: the Redis servers whose
-        CPU is the row's (default: the service's)."""
+        """Warm-up, then the measured run; `stat` checked. `refused`: an event every
+        request is refused for (sold_out): no hold may be created, and the script calls
+        Redis served during the run are counted. `nodes`: the Redis servers whose CPU is
+        the row's (default: the service's)."""
         cfg = self.cfg
         url = server.url + path
         if warmup and cfg.warmup:
@@ -703,6 +740,7 @@ class Bench:
         before = self.quiet()
         say(f"  {name}: measuring {cfg.seconds} s (machine {before}% busy before)")
         count = stat.read() if stat else 0
+        created, calls = self.refusal_counts(refused)
         with Meter(nodes or self.r, server.pid) as meter:
             try:
                 data = run_wrk(cfg, self.wrk, script, url, cfg.seconds, args)
@@ -710,12 +748,25 @@ class Bench:
                 server.check_alive()
         # Read as wrk ends: every response it counted was sent after the script ran.
         count = stat.read() - count if stat else 0
+        if refused is not None:
+            # Every answer non-2xx by design: checked here instead of counted as errors.
+            statuses = data.pop("errors_status", 0)
+            created, calls = (
+                a - b for a, b in zip(self.refusal_counts(refused), (created, calls), strict=True)
+            )
         result = wrk_result(name, data, meter.cpu)
         # CPU per request: steadier than requests/s on a shared machine.
         result.extra["cpu_us_per_request"] = {
             k: round(meter.cpu[k] / 100 / result.rps * 1e6, 1) if result.rps else 0.0
             for k in ("server", "redis")
         }
+        if refused is not None:
+            result.extra["script_calls"] = calls
+            if statuses < result.requests or created:
+                result.valid = False
+                result.notes.append(
+                    f"{result.requests - statuses:,} answers not refused, {created} holds made"
+                )
         if stat is not None:
             result.extra[f"holds_{stat.field}"] = count
             if count < result.requests:
@@ -733,13 +784,17 @@ class Bench:
         )
         return result
 
+    def refusal_counts(self, event_id: str | None) -> tuple[int, int]:
+        """Holds the event created, and script calls Redis served (every client's: on a
+        shared Redis, others' too)."""
+        if event_id is None:
+            return 0, 0
+        info: dict[str, Any] = self.r.info("commandstats")
+        calls = sum(int(info.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+        return Stat(self.r, (event_id,), "created").read(), calls
+
     def simple(
-        self,
-        name: str,
-        server: Server,
-        script: str,
-        path: str,
-        stat: Stat | None = None,
+        self, name: str, server: Server, script: str, path: str, stat: Stat | None = None
     ) -> Result:
         """A target whose requests can repeat: one measure() per try, warm-up first."""
         return self.best_of(
@@ -787,11 +842,12 @@ class Bench:
         self,
         client: httpx.Client,
         prefix: str,
+        capacity: int = CAPACITY,
         event_id: str | None = None,
-        r: redis.Redis | None = None,
+        track: bool = True,
     ) -> str:
-        """An event through the admin API; its keys deleted at the end when `r` (default:
-        the service's Redis) is given (a cluster of the run's own goes as a whole)."""
+        """An event through the admin API; with `track`, its keys in the service's Redis
+        are deleted at the end (a cluster of the run's own goes as a whole)."""
         event_id = event_id or f"{prefix}-{secrets.token_hex(4)}"
         body = {
             "id": event_id,
@@ -799,36 +855,92 @@ class Bench:
             "starts_at": "2030-01-01T00:00:00Z",
             "hold_ttl_seconds": HOLD_TTL_SECONDS,
             "max_per_order": 10,
-            "categories": [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": CAPACITY}],
+            "categories": [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": capacity}],
         }
         response = client.post("/admin/events", json=body)
         if response.status_code != 201:
             raise BenchError(f"creating event {event_id}: {response.status_code} {response.text}")
-        if r is not None:
-            self.event_ids.append((r, event_id))
+        if track:
+            self.event_ids.append((self.r, event_id))
         return event_id
 
     def held(self, r: redis.Redis, event_id: str) -> int:
         return int(r.hget(event_keys(event_id).held, "GA") or 0)
 
-    def start_service(self, name: str, redis_url: str) -> tuple[Server, httpx.Client]:
-        """`boxoffice serve` on `redis_url` and the bench's PostgreSQL database, started,
-        with an admin client for it (closed by the caller)."""
-        token = secrets.token_urlsafe(24)
-        env = {
+    def serve_env(self, admin_token: str) -> dict[str, str]:
+        return {
             **self.service_env(),
-            "BOXOFFICE_REDIS_URL": redis_url,
             "BOXOFFICE_HOST": "127.0.0.1",
             "BOXOFFICE_PORT": "{port}",
             "BOXOFFICE_WORKERS": str(self.cfg.workers),
-            "BOXOFFICE_ADMIN_TOKEN": token,
+            "BOXOFFICE_ADMIN_TOKEN": admin_token,
         }
-        server = Server(name, [BOXOFFICE, "serve"], env, self.logs)
-        server.start(lambda c: c.get("/health").status_code == 200)
-        admin = httpx.Client(
-            base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+
+    def service(self) -> None:
+        token = secrets.token_urlsafe(24)
+        env = self.serve_env(token)
+        say(
+            f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {self.db_name};"
+            " no worker)"
         )
-        return server, admin
+        server = Server("service", [BOXOFFICE, "serve"], env, self.logs)
+        try:
+            server.start(lambda c: c.get("/health").status_code == 200)
+            admin = httpx.Client(
+                base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+            )
+            with admin:
+                hot = self.create_event(admin, "bench-hot")
+                if self.wanted("script"):
+                    self.script_event = self.create_event(admin, "bench-script")
+                spread = [
+                    self.create_event(admin, "bench-spread")
+                    for _ in range(SPREAD_EVENTS if self.wanted("spread") else 0)
+                ]
+                if self.wanted("sold_out"):
+                    gone = self.create_event(admin, "bench-gone", capacity=1)
+                    sale = admin.post(
+                        f"/events/{gone}/holds",
+                        content=HOLD_BODY,
+                        headers={"content-type": "application/json"},
+                    )
+                    if sale.status_code != 201:
+                        raise BenchError(f"selling out {gone}: {sale.status_code} {sale.text}")
+            holds = f"/events/{hot}/holds"
+            if self.wanted("health"):
+                self.simple("health", server, "get.lua", "/health")
+            if self.wanted("hold"):
+                self.simple("hold", server, "hold.lua", holds, stat=Stat(self.r, (hot,), "created"))
+            if self.wanted("sold_out"):
+                self.best_of(
+                    "sold_out",
+                    lambda first: self.measure(
+                        "sold_out",
+                        server,
+                        "hold.lua",
+                        f"/events/{gone}/holds",
+                        warmup=first,
+                        refused=gone,
+                    ),
+                )
+            if self.wanted("event"):
+                self.simple("event", server, "get.lua", f"/events/{hot}")
+            if self.wanted("confirm"):
+                self.pooled("confirm", server, hot)
+            if self.wanted("release"):
+                self.pooled("release", server, hot)
+            # Last, beside the cluster rows that are compared with it.
+            rows: dict[str, Callable[[bool], Result]] = {}
+            if spread:
+                rows["spread"] = self.spread_once("spread", server, spread, self.r, [self.r])
+            if self.wanted(*CLUSTER_TARGETS):
+                with self.on_cluster() as on_cluster:
+                    self.paired({**rows, **on_cluster})
+            elif rows:
+                self.paired(rows)
+            self.log_errors(server)
+        finally:
+            server.stop()
 
     def log_errors(self, server: Server) -> None:
         errors = [
@@ -839,45 +951,6 @@ class Bench:
         self.info[f"{server.name}_log_errors"] = len(errors)
         if errors:
             say(f"  {server.name} log: {len(errors)} error lines, e.g. {errors[0][:200]}")
-
-    def service(self) -> None:
-        say(
-            f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {self.db_name};"
-            " no worker)"
-        )
-        server, admin = self.start_service("service", self.settings.redis_url)
-        try:
-            with admin:
-                hot = self.create_event(admin, "bench-hot", r=self.r)
-                if self.wanted("script"):
-                    self.script_event = self.create_event(admin, "bench-script", r=self.r)
-                spread = [
-                    self.create_event(admin, "bench-spread", r=self.r)
-                    for _ in range(SPREAD_EVENTS if self.wanted("spread") else 0)
-                ]
-            holds = f"/events/{hot}/holds"
-            if self.wanted("health"):
-                self.simple("health", server, "get.lua", "/health")
-            if self.wanted("hold"):
-                self.simple("hold", server, "hold.lua", holds, stat=Stat(self.r, (hot,), "created"))
-            if self.wanted("event"):
-                self.simple("event", server, "get.lua", f"/events/{hot}")
-            if self.wanted("confirm"):
-                self.pooled("confirm", server, hot)
-            if self.wanted("release"):
-                self.pooled("release", server, hot)
-            # Last, beside the cluster row that is compared with it.
-            rows: dict[str, Callable[[bool], Result]] = {}
-            if spread:
-                rows["spread"] = self.spread_once("spread", server, spread, self.r, [self.r])
-            if self.wanted("cluster", "cluster_one"):
-                with self.on_cluster() as on_cluster:
-                    self.paired({**rows, **on_cluster})
-            elif rows:
-                self.paired(rows)
-            self.log_errors(server)
-        finally:
-            server.stop()
 
     def spread_once(
         self,
@@ -906,7 +979,7 @@ class Bench:
             rounds = len(tries[next(iter(rows))])
             if not any(t[-1].disturbed for t in tries.values()) or rounds > self.cfg.retries:
                 break
-            say(f"  {' and '.join(rows)}: other work on the machine: measuring both again")
+            say(f"  {' and '.join(rows)}: other work on the machine: measuring them again")
         for name, runs in tries.items():
             best = min(runs, key=lambda r: (not r.valid, r.disturbed, r.cpu["other"]))
             if len(runs) > 1:
@@ -937,14 +1010,20 @@ class Bench:
             # Interleaved, so that consecutive requests go to different primaries.
             event_ids = [e for group in zip(*by_primary.values(), strict=True) for e in group]
             one_primary = next(iter(cluster.event_ids(SPREAD_EVENTS, "bench-one").values()))
-            server, admin = self.start_service("cluster", cluster.url)
+            token = secrets.token_urlsafe(24)
+            env = {**self.serve_env(token), "BOXOFFICE_REDIS_URL": cluster.url}
+            server = Server("cluster", [BOXOFFICE, "serve"], env, self.logs)
             try:
+                server.start(lambda c: c.get("/health").status_code == 200)
+                admin = httpx.Client(
+                    base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+                )
                 rows = {}
                 with admin:
                     for name, ids in (("cluster", event_ids), ("cluster_one", one_primary)):
                         if self.wanted(name):
                             for event_id in ids:
-                                self.create_event(admin, "", event_id)
+                                self.create_event(admin, "", event_id=event_id, track=False)
                             rows[name] = self.spread_once(name, server, ids, routed, nodes)
                 yield rows
                 self.log_errors(server)
@@ -953,6 +1032,45 @@ class Bench:
                 routed.close()
                 for node in nodes:
                     node.close()
+
+    def service_with_tokens(self) -> None:
+        """The hold again, on a service with customer tokens on (a server of its own, with
+        the same options): what verifying a token costs the hold."""
+        token = secrets.token_urlsafe(24)
+        secret = secrets.token_hex(32)
+        env = {**self.serve_env(token), "BOXOFFICE_CUSTOMER_TOKEN_SECRET": secret}
+        say("service with customer tokens on (BOXOFFICE_CUSTOMER_TOKEN_SECRET set)")
+        server = Server("service-tokens", [BOXOFFICE, "serve"], env, self.logs)
+        try:
+            server.start(lambda c: c.get("/health").status_code == 200)
+            admin = httpx.Client(
+                base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+            )
+            with admin:
+                hot = self.create_event(admin, "bench-token")
+            path = self.tmp / "customer-tokens.txt"
+            exp = int(time.time()) + 6 * 3600  # valid all run long
+            path.write_text(
+                "".join(
+                    f"bench-{i} {jwt.encode({'sub': f'bench-{i}', 'exp': exp}, secret, 'HS256')}\n"
+                    for i in range(CUSTOMERS_WITH_TOKENS)
+                )
+            )
+            args = [str(path), str(self.cfg.threads)]
+            self.best_of(
+                "hold_token",
+                lambda first: self.measure(
+                    "hold_token",
+                    server,
+                    "hold_token.lua",
+                    f"/events/{hot}/holds",
+                    args=args,
+                    warmup=first,
+                    stat=Stat(self.r, (hot,), "created"),
+                ),
+            )
+        finally:
+            server.stop()
 
     # -- pools of live holds for confirm and release
 
@@ -1002,7 +1120,11 @@ class Bench:
         exhausts its pool is redone with a pool twice as large."""
         cfg = self.cfg
         estimate = max(
-            [r.rps for k, r in self.results.items() if k in SERVICE_TARGETS and k != "health"]
+            [
+                r.rps
+                for k, r in self.results.items()
+                if k in SERVICE_TARGETS and k not in ("health", "sold_out")
+            ]
             + [2000.0]
         )
         threads = str(cfg.threads)
@@ -1521,10 +1643,12 @@ def run(cfg: Config) -> int:
     try:
         if bench.wanted("twin"):
             bench.twin()
-        if bench.wanted(*SERVICE_TARGETS, "cluster", "cluster_one", "script", "pg"):
+        if bench.wanted(*SERVICE_TARGETS, *CLUSTER_TARGETS, "hold_token", "script", "pg"):
             bench.migrate()
-        if bench.wanted(*SERVICE_TARGETS, "cluster", "cluster_one", "script"):
+        if bench.wanted(*SERVICE_TARGETS, *CLUSTER_TARGETS, "script"):
             bench.service()
+        if bench.wanted("hold_token"):
+            bench.service_with_tokens()
         if bench.wanted("script"):
             bench.script()
         if bench.wanted("pg"):
