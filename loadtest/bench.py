@@ -693,6 +693,8 @@ class Bench:
                     f"{result.requests:,} requests but only {count:,} holds {stat[1]}"
                 )
         self.note_interference(result, before)
+        if refused is not None:
+            say(f"  {name}: Redis served {calls:,} script calls during the run (all clients')")
         say(
             f"  {name}: {result.rps:,.0f} requests/s, p50 {result.p50_ms} ms, "
             f"p99 {result.p99_ms} ms{'  (' + '; '.join(result.notes) + ')' if result.notes else ''}"

@@ -73,8 +73,8 @@ class _Link(_Connection):
         if self.table is None:  # forgotten: closing
             return
         self.reader.feed(data)
-        while (reply := self.reader.gets()) is not False:
-            self.table.on_push(self, reply)
+        while self.table is not None and (reply := self.reader.gets()) is not False:
+            self.table.on_push(self, reply)  # which may forget this link: checked again
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
