@@ -777,6 +777,8 @@ class Bench:
                 )
         self.note_interference(result, before)
         per = result.extra["cpu_us_per_request"]
+        if refused is not None:
+            say(f"  {name}: Redis served {calls:,} script calls during the run (all clients')")
         say(
             f"  {name}: {result.rps:,.0f} requests/s, p50 {result.p50_ms} ms, "
             f"p99 {result.p99_ms} ms; CPU per request: server {per['server']} µs,"

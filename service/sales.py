@@ -118,7 +118,7 @@ async def create_hold_counted(
         await _invalid(svc, event_id, "a seat appears at most once in `seats`")
     if idem is None and not body.seats:
         # Categories this process knows are sold out: the script's answer, without Redis.
-        known = svc.sold_out.refusal(event_id, (i.category for i in body.items), count)
+        known = svc.sold_out.refusal(event_id, body.items, count)
         if known is not None:
             raise known
     since = svc.sold_out.step
