@@ -177,7 +177,6 @@ async def test_a_429_changes_nothing(short: Services) -> None:
             await r.hgetall(keys.stats),
             await r.get(keys.idempotency_count),
             await r.get(keys.idempotency_refusals),
-            await r.get(keys.customer_rate("eager")),
             sorted([k async for k in r.scan_iter(match=f"{keys.tag}:idem:*")]),
         )
 
@@ -190,10 +189,32 @@ async def test_a_429_changes_nothing(short: Services) -> None:
     assert await state() == before
     # The same request with the same key, once the limit allows it, is a new hold: the
     # 429 was not remembered as the key's answer.
-    await asyncio.sleep(SHORT_WINDOW / SHORT_LIMIT + 0.1)
+    await asyncio.sleep(int(refused.value.headers["retry-after"]) + 0.1)
     hold = await sales.create_hold(short, event_id, _ga("eager"), key)
     assert hold.status == "held"
     assert await sales.create_hold(short, event_id, _ga("eager"), key) == hold  # a replay
+
+
+async def test_a_loop_that_does_not_wait_stays_limited(short: Services) -> None:
+    """Refused attempts count too: a client that tries again before its Retry-After
+    gets nothing; once it waits as told, it gets an attempt."""
+    event_id = await _event_in_process(short)
+    for _ in range(SHORT_LIMIT):
+        await sales.create_hold(short, event_id, _ga("looper"), None)
+    interval = SHORT_WINDOW / SHORT_LIMIT
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * interval  # long enough for two attempts to come back
+    refusals = 0
+    while loop.time() < deadline:
+        with pytest.raises(errors.RateLimited) as refused:
+            await sales.create_hold(short, event_id, _ga("looper"), None)
+        refusals += 1
+        await asyncio.sleep(0.01)
+    assert refusals > 20
+    assert refused.value.headers is not None
+    await asyncio.sleep(int(refused.value.headers["retry-after"]) + 0.05)
+    hold = await sales.create_hold(short, event_id, _ga("looper"), None)
+    assert hold.status == "held"
 
 
 async def test_the_quota_comes_back_after_the_window(short: Services) -> None:
@@ -267,6 +288,7 @@ def _address_server(settings: Settings, trusted: str) -> ApiServer:
         "BOXOFFICE_RATE_LIMIT_ADMIN": str(PER_ADMIN),
         "BOXOFFICE_RATE_LIMIT_ADMIN_WINDOW_SECONDS": str(WINDOW),
         "BOXOFFICE_TRUSTED_PROXIES": trusted,
+        "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(LIMIT),
     }
     return ApiServer(env, workers=2)
 
@@ -321,9 +343,16 @@ async def test_per_address_limit_is_exact_under_concurrency(
     )
     statuses = Counter(r.status_code for r in replies)
     assert statuses == {200: PER_ADDRESS, 429: 30 - PER_ADDRESS}, statuses
+    left = []
     for r in replies:
         if r.status_code == 429:
             _assert_address_429(r)
+        else:  # a success says what is left
+            assert r.headers["ratelimit-policy"] == ADDRESS_POLICY
+            state = re.fullmatch(r'"address";r=(\d+);t=(\d+)', r.headers["ratelimit"])
+            assert state, r.headers
+            left.append(int(state.group(1)))
+    assert sorted(left) == list(range(PER_ADDRESS)), left
     # Every route: a refused hold changes nothing, and another address is counted apart.
     event_id = await _event(behind_proxy)
     before = await _available(behind_proxy, event_id)
@@ -334,6 +363,15 @@ async def test_per_address_limit_is_exact_under_concurrency(
     assert await _available(behind_proxy, event_id) == before
     r = await behind_proxy.get("/health", headers=_from("203.0.113.8"))
     assert r.status_code == 200, r.text
+    # A hold answers both limits' headers, one item per policy.
+    r = await behind_proxy.post(
+        f"/events/{event_id}/holds", json=_hold("counted-twice"), headers=_from("203.0.113.9")
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["ratelimit-policy"] == f"{ADDRESS_POLICY}, " + (f'"customer";q={LIMIT};w=60')
+    assert re.fullmatch(r'"address";r=\d+;t=\d+, "customer";r=\d+;t=\d+', r.headers["ratelimit"]), (
+        r.headers
+    )
 
 
 async def test_only_the_last_hop_a_trusted_proxy_added_is_believed(
