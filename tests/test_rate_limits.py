@@ -19,7 +19,8 @@ from service.keys import event_keys
 from service.scripts import Idempotency
 from service.settings import Settings
 from tests.apiserver import ApiServer
-from tests.conftest import ADMIN, event_body, expire_hold, new_event_id, server_env
+from tests.conftest import ADMIN, ADMIN_TOKEN, event_body, expire_hold, new_event_id, server_env
+from tests.servers import LocalCluster
 
 # Over HTTP: a window long enough that nothing comes back during a test (GCRA gives one
 # attempt back every WINDOW / LIMIT = 12 s).
@@ -94,6 +95,12 @@ async def _available(client: httpx.AsyncClient, event_id: str) -> int:
     return int(next(c["available"] for c in r.json()["categories"] if c["name"] == "GA"))
 
 
+def _item(field: str, policy: str) -> str:
+    """The item of one policy in a RateLimit or RateLimit-Policy list (another limit may
+    have its own item beside it)."""
+    return next((i for i in field.split(", ") if i.startswith(f'"{policy}";')), "")
+
+
 def _assert_429(r: httpx.Response) -> int:
     """A customer-limit 429 with its headers right; returns Retry-After."""
     assert r.status_code == 429, r.text
@@ -102,9 +109,9 @@ def _assert_429(r: httpx.Response) -> int:
     assert r.headers["content-type"].startswith("application/problem+json")
     retry_after = int(r.headers["retry-after"])
     assert 1 <= retry_after <= WINDOW // LIMIT, r.headers
-    policy = POLICY.match(r.headers["ratelimit-policy"])
+    policy = POLICY.match(_item(r.headers["ratelimit-policy"], "customer"))
     assert policy and policy.groups() == (str(LIMIT), str(WINDOW)), r.headers
-    state = STATE.match(r.headers["ratelimit"])
+    state = STATE.match(_item(r.headers["ratelimit"], "customer"))
     # No attempt left; the reset is the same moment as Retry-After (the draft's SHOULD).
     assert state and state.groups() == ("0", str(retry_after)), r.headers
     return retry_after
@@ -416,3 +423,47 @@ async def test_admin_routes_have_their_own_limit(behind_proxy: httpx.AsyncClient
     other = _from("203.0.113.51")
     r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=ADMIN | other)
     assert r.status_code == 404, r.text
+
+
+# --- on a Redis Cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as c:
+        yield c
+
+
+async def test_both_limits_on_a_cluster(cluster: LocalCluster, settings: Settings) -> None:
+    """Customer limits in events on every primary; address limits, whose keys fall on
+    whichever primary serves their slot."""
+    csettings = Settings(
+        redis_url=cluster.url, database_url=settings.database_url, admin_token=ADMIN_TOKEN
+    )
+    env = {
+        **server_env(csettings),
+        "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(LIMIT),
+        "BOXOFFICE_RATE_LIMIT_ADDRESS": str(PER_ADDRESS),
+        "BOXOFFICE_TRUSTED_PROXIES": "127.0.0.1",
+    }
+    server = ApiServer(env, workers=1)
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            for n, ids in enumerate(cluster.event_ids(1, "rl").values()):
+                event_id = ids[0]
+                me = _from(f"192.0.2.{n}")  # its own address: PER_ADDRESS requests each
+                r = await c.post("/admin/events", json=event_body(event_id), headers=ADMIN)
+                assert r.status_code == 201, r.text
+                codes = []
+                for i in range(LIMIT + 1):
+                    who = _from(f"198.51.100.{10 * n + i}")
+                    r = await c.post(f"/events/{event_id}/holds", json=_hold("one"), headers=who)
+                    codes.append(r.status_code)
+                assert codes == [201] * LIMIT + [429], codes
+                _assert_429(r)
+                for _ in range(PER_ADDRESS):
+                    assert (await c.get("/health", headers=me)).status_code == 200
+                _assert_address_429(await c.get("/health", headers=me))
+    finally:
+        server.stop()
