@@ -47,6 +47,9 @@ buyers, or when any answer was a 5xx.
 
 The admin token comes from BOXOFFICE_ADMIN_TOKEN, read by the master only (custom
 arguments travel to the workers, and the web UI shows them: a token has no place there).
+When the service runs with customer tokens on, give every locust process the same
+BOXOFFICE_CUSTOMER_TOKEN_SECRET: each buyer then mints a token for its customer id, as the
+shop's login would, and sends it with every request (customer_authorization()).
 
 Expected outcomes are counted under their own names and are not failures:
 `hold [sold_out]`, `hold [seats_unavailable]`, `hold [customer_limit]`,
@@ -633,6 +636,8 @@ class Buyer(FastHttpUser):
         if not self.idle:
             self.scenario = Scenario.from_options(options)
             self.customer_id = f"buyer-{secrets.token_hex(8)}"
+            # FastHttpSession sends its auth_header with every request (None: none).
+            self.client.auth_header = customer_authorization(self.customer_id)
             COUNTERS.humans += 1
             if self.scenario.forwarded_for:
                 self.headers = _own_address(f"10.{random.randrange(256)}")
@@ -809,6 +814,8 @@ class Bot(FastHttpUser):
             raise StopUser()
         s = self.scenario
         customer = f"{BOT_PREFIX}{self.tag}-{random.randrange(s.bot_customers)}"
+        # With customer tokens on, a bot has one per customer id (accounts it opened).
+        self.client.auth_header = customer_authorization(customer)
         category = GA if s.ga_stock else SEATED
         body = {
             "customer_id": customer,
@@ -854,6 +861,25 @@ class Bot(FastHttpUser):
             _unexpected(response)
             return
         _expected(response, f"{what} [{code}]")
+
+
+# --- customer tokens ----------------------------------------------------------------------
+
+TOKEN_SECONDS = 6 * 3600  # outlasts any run
+
+
+def customer_authorization(customer_id: str) -> str | None:
+    """The `Authorization` value of a customer when BOXOFFICE_CUSTOMER_TOKEN_SECRET is set
+    (the service's customer tokens are on), else None."""
+    secret = os.environ.get("BOXOFFICE_CUSTOMER_TOKEN_SECRET")
+    if not secret:
+        return None
+    # Here, not at the top: PyJWT imports ssl, which must come after locust's monkey-patching
+    # however this file is imported.
+    import jwt
+
+    claims = {"sub": customer_id, "exp": int(time.time()) + TOKEN_SECONDS}
+    return "Bearer " + jwt.encode(claims, secret, algorithm="HS256")
 
 
 # --- distributed counters -----------------------------------------------------------------

@@ -61,13 +61,6 @@ if n > tonumber(m[4]) then return unchanged(fail('too_many', {max_per_order = to
 if m[1] ~= 'on_sale' or (m[2] ~= '' and now < tonumber(m[2])) then
   return unchanged(fail('not_on_sale', {status = m[1], on_sale_at = tonumber(m[2])}))
 end
-if m[5] ~= '' then
-  local has = tonumber(redis.call('HGET', K.cust, customer) or '0')
-  if has + n > tonumber(m[5]) then
-    if more then return retry() end -- some of what counts against the customer may be overdue
-    return unchanged(fail('customer_limit', {remaining = math.max(0, tonumber(m[5]) - has)}))
-  end
-end
 if #taken > 0 then
   if more then return retry() end
   return unchanged(fail('seats_unavailable', {seats = taken}))
@@ -81,6 +74,15 @@ end
 if next(short) ~= nil then
   if more then return retry() end
   return unchanged(fail('sold_out', {available = short}))
+end
+-- After sold_out: an API process that knows the categories sold out answers sold_out
+-- itself, without knowing the customer (service/soldout.py), and so must the script.
+if m[5] ~= '' then
+  local has = tonumber(redis.call('HGET', K.cust, customer) or '0')
+  if has + n > tonumber(m[5]) then
+    if more then return retry() end -- some of what counts against the customer may be overdue
+    return unchanged(fail('customer_limit', {remaining = math.max(0, tonumber(m[5]) - has)}))
+  end
 end
 
 local full = idem_full()

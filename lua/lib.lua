@@ -54,11 +54,29 @@ local function seat_position(label)
   return tonumber(string.match(redis.call('HGET', K.seatmap, label), '^(%d+):'))
 end
 
+-- Tickets may be on sale again: tell every API process, which then forgets that the
+-- event was sold out (service/soldout.py). At most once per call, on the event's shard
+-- channel: SPUBLISH stays in the event's slot on a cluster, and works on a single node
+-- too. Its name is the event's tag and ':restock' (service/keys.py restock_channel).
+local restock_told = false
+local function restocked()
+  if restock_told then return end
+  restock_told = true
+  redis.call('SPUBLISH', string.sub(K.meta, 1, -5) .. 'restock', '1')
+end
+
+-- Add n tickets to a category's stock; told only when it was empty: an API process only
+-- ever marks a category sold out after seeing it at 0, and from 0 any increase crosses.
+local function add_stock(cat, n)
+  local a = redis.call('HINCRBY', K.avail, cat, n)
+  if a > 0 and a - n <= 0 then restocked() end
+end
+
 -- Put a live hold's tickets back on sale and record how it ended.
 local function end_hold(h, status, now)
   for cat, n in pairs(h.q) do
     redis.call('HINCRBY', K.held, cat, -n)
-    redis.call('HINCRBY', K.avail, cat, n)
+    add_stock(cat, n)
   end
   for _, label in ipairs(h.st or {}) do
     redis.call('HDEL', K.seatstate, label)
@@ -158,11 +176,17 @@ local function loaded() return redis.call('EXISTS', K.meta) == 1 end
 
 -- The hold a confirm or release names; or, instead, the reply to give at once (a replayed
 -- Idempotency-Key, an event not loaded, no such hold).
-local function named_hold(hold_id)
+-- `customer`: the caller's customer token's ("" = tokens off, anyone's hold): another
+-- customer's hold is not found, as if it did not exist.
+local function named_hold(hold_id, customer)
   local cached = replay()
   if cached then return nil, cached end
   local raw = redis.call('HGET', K.holds, hold_id)
-  if raw then return cjson.decode(raw), nil end
+  if raw then
+    local h = cjson.decode(raw)
+    if customer ~= '' and h.c ~= customer then return nil, fail('hold_not_found') end
+    return h, nil
+  end
   -- Only a miss asks whether the event is loaded at all: one call fewer on the hot path.
   if not loaded() then return nil, NOT_LOADED end
   -- Not remembered: hold ids are the server's own, 128-bit, so a repeat gets this 404 anyway.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from litestar import Litestar, Request, Response, Router, delete, get, patch, po
 from litestar.connection import ASGIConnection
 from litestar.datastructures import MutableScopeHeaders, ResponseHeader
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.handlers import BaseRouteHandler
+from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
@@ -40,6 +41,7 @@ from service import (
     bodies,
     bookings,
     catalog,
+    customers,
     deadletters,
     errors,
     idempotency,
@@ -272,7 +274,9 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    return idempotency.fingerprint(key, request.method, request.url.path, await request.body())
+    return idempotency.fingerprint(
+        key, request.method, request.url.path, await request.body(), customers.of(request)
+    )
 
 
 # Handlers that read their body; for the others the body is read only to apply the limit.
@@ -334,6 +338,21 @@ async def door(request: Request[Any, Any, Any]) -> None:
         await request.body()  # raises 413 past the limit
 
 
+def customer_door(
+    verifier: customers.Verifier,
+) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """The door of an app with customer tokens on: a customer route's token is verified
+    first (401 before anything about the request itself), once, its customer kept for the
+    handler. Routes not marked `opt=customers.ROUTE` pay nothing more."""
+
+    async def checked(request: Request[Any, Any, Any]) -> None:
+        if customers.is_customer_route(request.route_handler.opt):
+            verifier.check(request.scope)
+        await door(request)
+
+    return checked
+
+
 def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     token: str = connection.app.state.svc.settings.admin_token
     scheme, _sep, given = connection.headers.get("authorization", "").partition(" ")
@@ -381,14 +400,18 @@ async def list_seats(
     return await sales.list_seats(_svc(request), _event(event_id), category, status, limit, cursor)
 
 
-@post(
-    "/events/{event_id:str}/holds",
-    tags=["holds"],
-    status_code=201,
-    response_headers=[_location("/events/{event_id}/holds/{hold_id}")],
-    responses=_problems(
+# The hold route, as each of its two handlers below declares it.
+_HOLD_ROUTE: dict[str, Any] = {
+    "path": "/events/{event_id:str}/holds",
+    "tags": ["holds"],
+    "status_code": 201,
+    "opt": customers.ROUTE,
+    "response_headers": [_location("/events/{event_id}/holds/{hold_id}")],
+    "responses": _problems(
         errors.UnknownCategory,
         errors.UnknownSeat,
+        errors.Unauthorized,
+        errors.CustomerMismatch,
         errors.EventNotFound,
         errors.NotOnSale,
         errors.SoldOut,
@@ -398,10 +421,15 @@ async def list_seats(
         errors.IdempotencyKeyReused,
         errors.RateLimited,
     ),
-)
-async def create_hold(
-    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.HoldCreate
+}
+
+
+async def _hold(
+    request: Request[Any, Any, Any], event_id: str, data: schemas.HoldCreate
 ) -> Response[schemas.Hold]:
+    customer = customers.body_customer(request, data.customer_id)
+    if customer is not None:
+        data.customer_id = customer
     hold, quota = await sales.create_hold_counted(
         _svc(request), _event(event_id), data, await _idempotency(request)
     )
@@ -411,22 +439,40 @@ async def create_hold(
     return Response(hold, status_code=201, headers=headers)
 
 
+@post(**_HOLD_ROUTE)
+async def create_hold(
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.HoldCreate
+) -> Response[schemas.Hold]:
+    return await _hold(request, event_id, data)
+
+
+# The same route when customer tokens are on: the body may leave `customer_id` out.
+@post(**_HOLD_ROUTE)
+async def create_customer_hold(
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.CustomerHoldCreate
+) -> Response[schemas.Hold]:
+    return await _hold(request, event_id, data)
+
+
 @get(
     "/events/{event_id:str}/holds/{hold_id:str}",
     tags=["holds"],
-    responses=_problems(errors.EventNotFound, errors.HoldNotFound),
+    opt=customers.ROUTE,
+    responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.HoldNotFound),
 )
 async def get_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
 ) -> schemas.Hold:
-    return await sales.get_hold(_svc(request), _event(event_id), hold_id)
+    return await sales.get_hold(_svc(request), _event(event_id), hold_id, customers.of(request))
 
 
 @post(
     "/events/{event_id:str}/holds/{hold_id:str}/confirm",
     tags=["holds"],
     status_code=200,
+    opt=customers.ROUTE,
     responses=_problems(
+        errors.Unauthorized,
         errors.EventNotFound,
         errors.HoldNotFound,
         errors.HoldReleased,
@@ -448,13 +494,16 @@ async def confirm_hold(
         hold_id,
         data or schemas.HoldConfirm(),
         await _idempotency(request),
+        customers.of(request),
     )
 
 
 @delete(
     "/events/{event_id:str}/holds/{hold_id:str}",
     tags=["holds"],
+    opt=customers.ROUTE,
     responses=_problems(
+        errors.Unauthorized,
         errors.EventNotFound,
         errors.HoldNotFound,
         errors.HoldConfirmed,
@@ -465,18 +514,27 @@ async def confirm_hold(
 async def release_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
 ) -> None:
-    await sales.release_hold(_svc(request), _event(event_id), hold_id, await _idempotency(request))
+    await sales.release_hold(
+        _svc(request),
+        _event(event_id),
+        hold_id,
+        await _idempotency(request),
+        customers.of(request),
+    )
 
 
 @get(
     "/events/{event_id:str}/bookings/{booking_id:str}",
     tags=["bookings"],
-    responses=_problems(errors.EventNotFound, errors.BookingNotFound),
+    opt=customers.ROUTE,
+    responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.BookingNotFound),
 )
 async def get_booking(
     request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: str
 ) -> schemas.Booking:
-    return await bookings.get_booking(_svc(request), _event(event_id), booking_id)
+    return await bookings.get_booking(
+        _svc(request), _event(event_id), booking_id, customers.of(request)
+    )
 
 
 # --- admin routes -----------------------------------------------------------------------
@@ -741,10 +799,34 @@ def _operations(app: Litestar) -> list[tuple[str, str, Operation]]:
     return found
 
 
-def document(app: Litestar) -> None:
-    """What Litestar cannot be told per route: the admin's bearer scheme, the
-    Idempotency-Key header of every state-changing operation, the headers of answers.
-    Run at start-up (and by service.apidoc); a second run changes nothing."""
+_CUSTOMER_SCHEME = SecurityScheme(
+    type="http",
+    scheme="bearer",
+    bearer_format="JWT",
+    description="A customer token: a JWT signed HS256 with `BOXOFFICE_CUSTOMER_TOKEN_SECRET` "
+    "(issued by the shop's login), `sub` the customer id, `exp` in the future. Needed only "
+    "when that secret is set; then a body's `customer_id` may be left out and must otherwise "
+    "be `sub` (403 `customer_mismatch`), and another customer's holds and bookings answer "
+    "404. Without the secret the service trusts the body's `customer_id` (a trusted backend).",
+)
+
+
+def _customer_operations(app: Litestar) -> set[tuple[str, str]]:
+    """(path, method) of the routes marked `opt=customers.ROUTE`."""
+    found = set()
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if isinstance(handler, HTTPRouteHandler) and customers.is_customer_route(handler.opt):
+                found |= {(route.path_format, m.lower()) for m in handler.http_methods}
+    return found
+
+
+def document(app: Litestar, customer_tokens: bool = False) -> None:
+    """What Litestar cannot be told per route: the admin's and the customers' bearer
+    schemes, the Idempotency-Key header of every state-changing operation, the headers of
+    answers. Run at start-up (and by service.apidoc); a second run changes nothing.
+    `customer_tokens`: BOXOFFICE_CUSTOMER_TOKEN_SECRET is set, so the customer scheme is
+    required on its operations rather than optional."""
     schema = app.openapi_schema
     if schema.components and schema.components.security_schemes:
         return
@@ -752,11 +834,18 @@ def document(app: Litestar) -> None:
     schema.components.security_schemes = {
         "bearer": SecurityScheme(
             type="http", scheme="bearer", description="The admin token, `BOXOFFICE_ADMIN_TOKEN`"
-        )
+        ),
+        "customer": _CUSTOMER_SCHEME,
     }
+    customer_ops = _customer_operations(app)
+    customer_security: list[dict[str, list[str]]] = [{"customer": []}]
+    if not customer_tokens:  # `{}`: no token is also accepted
+        customer_security = [{}, *customer_security]
     for path, method, op in _operations(app):
         if path.startswith("/admin/"):
             op.security = [{"bearer": []}]
+        elif (path, method) in customer_ops:
+            op.security = customer_security
         if method != "get":
             op.parameters = [*(op.parameters or []), _IDEMPOTENCY_KEY]
         for status, response in (op.responses or {}).items():
@@ -776,6 +865,12 @@ def document(app: Litestar) -> None:
                 location.schema = Schema(
                     type=OpenAPIType.STRING, format=OpenAPIFormat.URI_REFERENCE
                 )
+    # "" is how CustomerHoldCreate says "left out", not a value to send.
+    hold_body = (schema.components.schemas or {}).get("CustomerHoldCreate")
+    if hold_body is not None and hold_body.properties:
+        customer_id = hold_body.properties["customer_id"]
+        if isinstance(customer_id, Schema):
+            customer_id.default = None
     # Litestar documents every `data` as required; the confirm body may be left out.
     confirm = schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
     if confirm.post is not None and isinstance(confirm.post.request_body, RequestBody):
@@ -784,6 +879,8 @@ def document(app: Litestar) -> None:
 
 def create_app(settings: Settings) -> Litestar:
     stats = metrics.HttpStats()
+    tokens = bool(settings.customer_token_secret)
+    verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -798,6 +895,7 @@ def create_app(settings: Settings) -> Litestar:
                 if not errors.unavailable(e):
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
+            svc.sold_out.start(svc.scripts)
             # Everything built so far lives as long as the process. Left to the collector,
             # it is traversed again by every full collection, a 50 ms pause about once a
             # second under load (the p99 of a hold); frozen, it is never traversed again.
@@ -816,7 +914,7 @@ def create_app(settings: Settings) -> Litestar:
             list_events,
             get_event,
             list_seats,
-            create_hold,
+            create_customer_hold if tokens else create_hold,
             get_hold,
             confirm_hold,
             release_hold,
@@ -834,8 +932,8 @@ def create_app(settings: Settings) -> Litestar:
             metrics_route,
         ],
         lifespan=[lifespan],
-        on_startup=[document],
-        before_request=door,
+        on_startup=[functools.partial(document, customer_tokens=tokens)],
+        before_request=door if verifier is None else customer_door(verifier),
         before_send=[add_rate_headers],
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,

@@ -12,6 +12,8 @@ import msgspec
 from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 
+from service import retries
+
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -29,8 +31,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Redis Cluster: more start-up nodes (comma-separated host:port) for when the URL's is down.
     redis_seed_nodes: str = ""
-    # How long a script call on a cluster waits out a failover or a slot migration.
-    redis_cluster_retry_seconds: Seconds = 10.0
+    # How long a call on a cluster waits out a failover or a slot migration (retries.py).
+    redis_cluster_retry_seconds: Seconds = retries.BUDGET_SECONDS
     # Replicas of an event's primary that must have a confirmation, refund or cancellation
     # before it is acknowledged (WAIT), and how long to wait for them: fewer in time is a
     # 503, and the retry with the same Idempotency-Key gets the booking. 0: no WAIT.
@@ -38,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     confirm_wait_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=4000)] = 1000
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
+    # Customer tokens (service/customers.py): set, every customer call needs a JWT signed
+    # HS256 with it; empty, the service trusts the body's `customer_id` (a trusted backend).
+    customer_token_secret: str = ""
     host: str = "127.0.0.1"
     port: Port = 8000
     workers: Count = 1
@@ -107,6 +112,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
             parse_seed_nodes(self.redis_seed_nodes)
         msgspec.structs.force_setattr(self, "database_url", asyncpg_url(self.database_url))
+        check_token_secret(self.customer_token_secret)
         for part in self.trusted_proxies.split(","):
             if part.strip():
                 try:
@@ -141,6 +147,20 @@ def _reason(error: msgspec.ValidationError, raw: str) -> str:
         text = text.replace(f"Expected {type_}, got `str`", f"is not {words}")
         text = text.replace(f"Expected {type_}", f"must be {words}")
     return f"{raw!r} {text}"
+
+
+# RFC 7518 3.2: an HS256 key has at least as many bits as the hash (256), or it can be
+# guessed offline from any one token.
+MIN_SECRET_CHARS = 32
+
+
+def check_token_secret(secret: str) -> None:
+    # The message never repeats the value: it is a secret.
+    if secret and len(secret.encode()) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"too short: at least {MIN_SECRET_CHARS} bytes (HS256 wants 256 bits),"
+            " e.g. from `openssl rand -hex 32`"
+        )
 
 
 def check_redis_url(url: str) -> None:
