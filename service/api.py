@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
-from litestar.datastructures import ResponseHeader
+from litestar.datastructures import MutableScopeHeaders, ResponseHeader
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -34,9 +34,8 @@ from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from litestar.types import Receive, Scope, Send
+from litestar.types import Message, Receive, Scope, Send
 from litestar.utils import normalize_path
-from redis.asyncio import RedisCluster
 
 from service import (
     bodies,
@@ -289,6 +288,22 @@ def _json_media_type(content_type: bytes) -> bool:
     return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
 
 
+# Where door() leaves the per-address limit's headers for add_rate_headers() to send.
+_RATE_HEADERS_OF_SCOPE = "boxoffice.ratelimit"
+
+
+async def add_rate_headers(message: Message, scope: Scope) -> None:
+    """The per-address limit's RateLimit headers on whatever the route answers; beside
+    the customer limit's on a hold (each field a list, one item per policy)."""
+    found: dict[str, str] | None = scope.get(_RATE_HEADERS_OF_SCOPE)  # type: ignore[assignment]
+    if found is None or message["type"] != "http.response.start":
+        return
+    headers = MutableScopeHeaders(message)
+    for name, value in found.items():
+        given = headers.get(name)
+        headers[name] = f"{value}, {given}" if given else value
+
+
 async def door(request: Request[Any, Any, Any]) -> None:
     """The contract's rules for any request, whatever the route does with it: no NUL or
     unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
@@ -297,7 +312,9 @@ async def door(request: Request[Any, Any, Any]) -> None:
     (when set): a refused request costs one Redis call and nothing else."""
     limits: ratelimit.AddressLimits | None = getattr(request.app.state, "limits", None)
     if limits is not None and limits.enabled:
-        await limits.check(request.scope)
+        quota = await limits.check(request.scope)
+        if quota is not None:
+            request.scope[_RATE_HEADERS_OF_SCOPE] = quota.headers()  # type: ignore[literal-required]
     await check_params(request)
     declared = b"0"
     chunked = False
@@ -884,17 +901,12 @@ def create_app(settings: Settings) -> Litestar:
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
-            # After start(): by then the client says whether Redis is a cluster.
-            app.state.limits = ratelimit.AddressLimits(
-                settings, cluster=isinstance(svc.redis, RedisCluster)
-            )
+            # After start(): on a cluster, svc.scripts is the cluster's.
+            app.state.limits = ratelimit.AddressLimits(settings, svc.scripts)
             server.mark_started()
             yield
         finally:
             flusher.cancel()
-            limits = getattr(app.state, "limits", None)
-            if limits is not None:
-                await limits.close()
             await svc.close()
 
     app = Litestar(
@@ -922,6 +934,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         on_startup=[functools.partial(document, customer_tokens=tokens)],
         before_request=door if verifier is None else customer_door(verifier),
+        before_send=[add_rate_headers],
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={
