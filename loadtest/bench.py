@@ -12,9 +12,10 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
 - hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
-           request carries a customer's HS256 token (1,000 customers taking turns) and
-           names its customer (loadtest/wrk/hold_token.lua); a server of its own, started
-           after the plain one has stopped
+           request carries a customer's HS256 token (1,000 customers taking turns: each
+           API process decodes a token once, then remembers it, as it would a buyer's)
+           and names its customer (loadtest/wrk/hold_token.lua); a server of its own,
+           started after the plain one has stopped
 - confirm  POST /events/{id}/holds/{hold_id}/confirm, each request a different live hold
            from a pool created just before (loadtest/wrk/confirm.lua walks it)
 - release  DELETE /events/{id}/holds/{hold_id}, the same way
