@@ -11,6 +11,9 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 - health   the service's GET /health
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
+- sold_out the same request for an event sold out before the run: every answer is
+           `409 sold_out`, given by the API process itself (service/soldout.py); the
+           script calls Redis served meanwhile are counted
 - hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
            request carries a customer's HS256 token (1,000 customers taking turns: each
            API process decodes a token once, then remembers it, as it would a buyer's)
@@ -114,6 +117,11 @@ TARGETS: dict[str, Target] = {
     ),
     "health": Target("service `GET /health`", "GET /health", "ceiling"),
     "hold": Target("service `POST /events/{id}/holds`", "POST holds", "service"),
+    "sold_out": Target(
+        "service `POST /events/{id}/holds` refused sold_out (sold out before)",
+        "POST holds: sold out",
+        "service",
+    ),
     "hold_token": Target(
         "service `POST /events/{id}/holds`, customer tokens on", "POST holds, token", "service"
     ),
@@ -131,7 +139,7 @@ TARGETS: dict[str, Target] = {
         "postgres",
     ),
 }
-SERVICE_TARGETS = ("health", "hold", "event", "confirm", "release")
+SERVICE_TARGETS = ("health", "hold", "sold_out", "event", "confirm", "release")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +163,14 @@ GOALS = (
         ("pg", "rps"),
         ">=",
         10,
+    ),
+    Goal(
+        "sold_out_vs_twin_rps",
+        "sold_out ÷ twin, requests/s",
+        ("sold_out", "rps"),
+        ("twin", "rps"),
+        ">=",
+        0.9,
     ),
     Goal("hold_vs_twin_p99", "hold ÷ twin, p99", ("hold", "p99_ms"), ("twin", "p99_ms"), "<=", 1.5),
     Goal(
@@ -647,9 +663,12 @@ class Bench:
         warm_args: Sequence[str] | None = None,
         warmup: bool = True,
         stat: tuple[str, str] | None = None,
+        refused: str | None = None,
     ) -> Result:
         """Warm-up, then the measured run. `stat` = (event id, field of its stats hash
-        that each request must raise by one: created, confirmed, released), checked."""
+        that each request must raise by one: created, confirmed, released), checked.
+        `refused`: an event every request is refused for (sold_out): no hold may be
+        created, and the script calls Redis served during the run are counted."""
         cfg = self.cfg
         url = server.url + path
         if warmup and cfg.warmup:
@@ -662,6 +681,7 @@ class Bench:
         before = self.quiet()
         say(f"  {name}: measuring {cfg.seconds} s (machine {before}% busy before)")
         count = self.stat(stat)
+        created, calls = self.refusal_counts(refused)
         with Meter(self.r, server.pid) as meter:
             try:
                 data = run_wrk(cfg, self.wrk, script, url, cfg.seconds, args)
@@ -669,7 +689,20 @@ class Bench:
                 server.check_alive()
         # Read as wrk ends: every response it counted was sent after the script ran.
         count = self.stat(stat) - count
+        if refused is not None:
+            # Every answer non-2xx by design: checked here instead of counted as errors.
+            statuses = data.pop("errors_status", 0)
+            created, calls = (
+                a - b for a, b in zip(self.refusal_counts(refused), (created, calls), strict=True)
+            )
         result = wrk_result(name, data, meter.cpu)
+        if refused is not None:
+            result.extra["script_calls"] = calls
+            if statuses < result.requests or created:
+                result.valid = False
+                result.notes.append(
+                    f"{result.requests - statuses:,} answers not refused, {created} holds made"
+                )
         if stat is not None:
             result.extra[f"holds_{stat[1]}"] = count
             if count < result.requests:
@@ -683,6 +716,15 @@ class Bench:
             f"p99 {result.p99_ms} ms{'  (' + '; '.join(result.notes) + ')' if result.notes else ''}"
         )
         return result
+
+    def refusal_counts(self, event_id: str | None) -> tuple[int, int]:
+        """Holds the event created, and script calls Redis served (every client's: on a
+        shared Redis, others' too)."""
+        if event_id is None:
+            return 0, 0
+        info: dict[str, Any] = self.r.info("commandstats")
+        calls = sum(int(info.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+        return self.stat((event_id, "created")), calls
 
     def stat(self, stat: tuple[str, str] | None) -> int:
         if stat is None:
@@ -734,7 +776,7 @@ class Bench:
             "BOXOFFICE_DATABASE_URL": self.settings.database_url,
         }
 
-    def create_event(self, client: httpx.Client, prefix: str) -> str:
+    def create_event(self, client: httpx.Client, prefix: str, capacity: int = CAPACITY) -> str:
         event_id = f"{prefix}-{secrets.token_hex(4)}"
         body = {
             "id": event_id,
@@ -742,7 +784,7 @@ class Bench:
             "starts_at": "2030-01-01T00:00:00Z",
             "hold_ttl_seconds": HOLD_TTL_SECONDS,
             "max_per_order": 10,
-            "categories": [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": CAPACITY}],
+            "categories": [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": capacity}],
         }
         response = client.post("/admin/events", json=body)
         if response.status_code != 201:
@@ -779,11 +821,32 @@ class Bench:
                 hot = self.create_event(admin, "bench-hot")
                 if self.wanted("script"):
                     self.script_event = self.create_event(admin, "bench-script")
+                if self.wanted("sold_out"):
+                    gone = self.create_event(admin, "bench-gone", capacity=1)
+                    sale = admin.post(
+                        f"/events/{gone}/holds",
+                        content=HOLD_BODY,
+                        headers={"content-type": "application/json"},
+                    )
+                    if sale.status_code != 201:
+                        raise BenchError(f"selling out {gone}: {sale.status_code} {sale.text}")
             holds = f"/events/{hot}/holds"
             if self.wanted("health"):
                 self.simple("health", server, "get.lua", "/health")
             if self.wanted("hold"):
                 self.simple("hold", server, "hold.lua", holds, stat=(hot, "created"))
+            if self.wanted("sold_out"):
+                self.best_of(
+                    "sold_out",
+                    lambda first: self.measure(
+                        "sold_out",
+                        server,
+                        "hold.lua",
+                        f"/events/{gone}/holds",
+                        warmup=first,
+                        refused=gone,
+                    ),
+                )
             if self.wanted("event"):
                 self.simple("event", server, "get.lua", f"/events/{hot}")
             if self.wanted("confirm"):
@@ -888,7 +951,11 @@ class Bench:
         exhausts its pool is redone with a pool twice as large."""
         cfg = self.cfg
         estimate = max(
-            [r.rps for k, r in self.results.items() if k in SERVICE_TARGETS and k != "health"]
+            [
+                r.rps
+                for k, r in self.results.items()
+                if k in SERVICE_TARGETS and k not in ("health", "sold_out")
+            ]
             + [2000.0]
         )
         threads = str(cfg.threads)

@@ -36,6 +36,7 @@ from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Receive, Scope, Send
 from litestar.utils import normalize_path
+from redis.asyncio import RedisCluster
 
 from service import (
     bodies,
@@ -46,6 +47,7 @@ from service import (
     errors,
     idempotency,
     metrics,
+    ratelimit,
     reconcile,
     sales,
     schemas,
@@ -216,8 +218,10 @@ def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return problem(request, errors.BoxofficeError("unexpected error; nothing was changed"))
 
 
-# What any route may answer: no such route or method, a body too large or not JSON, a bug.
+# What any route may answer: no such route or method, a body too large or not JSON, a
+# per-address rate limit, a bug.
 _ANY_ROUTE = (
+    errors.RateLimited,
     errors.NotFound,
     errors.MethodNotAllowed,
     errors.PayloadTooLarge,
@@ -289,7 +293,11 @@ async def door(request: Request[Any, Any, Any]) -> None:
     """The contract's rules for any request, whatever the route does with it: no NUL or
     unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
     its limit only to a body that is read), declared as anything but JSON is 415. A body
-    without a Content-Type is taken for JSON."""
+    without a Content-Type is taken for JSON. First of all, the per-address rate limits
+    (when set): a refused request costs one Redis call and nothing else."""
+    limits: ratelimit.AddressLimits | None = getattr(request.app.state, "limits", None)
+    if limits is not None and limits.enabled:
+        await limits.check(request.scope)
     await check_params(request)
     declared = b"0"
     chunked = False
@@ -405,11 +413,13 @@ async def _hold(
     customer = customers.body_customer(request, data.customer_id)
     if customer is not None:
         data.customer_id = customer
-    hold = await sales.create_hold(
+    hold, quota = await sales.create_hold_counted(
         _svc(request), _event(event_id), data, await _idempotency(request)
     )
-    location = f"/events/{event_id}/holds/{hold.hold_id}"
-    return Response(hold, status_code=201, headers={"location": location})
+    headers = {"location": f"/events/{event_id}/holds/{hold.hold_id}"}
+    if quota is not None:
+        headers.update(quota.headers())
+    return Response(hold, status_code=201, headers=headers)
 
 
 @post(**_HOLD_ROUTE)
@@ -742,10 +752,22 @@ _RETRY_AFTER_IN_PROGRESS = OpenAPIHeader(
     description="Seconds to wait before trying again; sent with `idempotency_in_progress`"
     " only, not with the other codes of this status",
 )
+_RATELIMIT_POLICY = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='The rate limits that apply (IETF draft "RateLimit header fields for HTTP"),'
+    ' e.g. `"customer";q=20;w=60`: q attempts per w seconds; sent by a rate limit, not with'
+    " the Idempotency-Key budget's 429",
+)
+_RATELIMIT = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='What is left of each, e.g. `"customer";r=0;t=12`: r attempts left, t seconds'
+    " until the quota is whole again (on a 429: until the next attempt, as Retry-After)",
+)
+_RATE_HEADERS = {"RateLimit-Policy": _RATELIMIT_POLICY, "RateLimit": _RATELIMIT}
 _HEADERS_OF_STATUS = {
     "401": {"WWW-Authenticate": OpenAPIHeader(schema=Schema(const="Bearer"))},
     "409": {"Retry-After": _RETRY_AFTER},
-    "429": {"Retry-After": _RETRY_AFTER},
+    "429": {"Retry-After": _RETRY_AFTER, **_RATE_HEADERS},
     "503": {"Retry-After": _RETRY_AFTER},
 }
 
@@ -818,6 +840,8 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
                 headers = {}
             elif status == "409" and "` or `" in response.description:
                 headers = {"Retry-After": _RETRY_AFTER_IN_PROGRESS}
+            if status == "201" and path.endswith("/holds"):
+                headers = _RATE_HEADERS  # the customer's hold-attempt limit, when on
             response.headers = {**(response.headers or {}), **headers} or None
             location = (response.headers or {}).get("Location")
             if isinstance(location, OpenAPIHeader):  # Litestar gives it no schema
@@ -854,15 +878,23 @@ def create_app(settings: Settings) -> Litestar:
                 if not errors.unavailable(e):
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
+            svc.sold_out.start(svc.scripts)
             # Everything built so far lives as long as the process. Left to the collector,
             # it is traversed again by every full collection, a 50 ms pause about once a
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
+            # After start(): by then the client says whether Redis is a cluster.
+            app.state.limits = ratelimit.AddressLimits(
+                settings, cluster=isinstance(svc.redis, RedisCluster)
+            )
             server.mark_started()
             yield
         finally:
             flusher.cancel()
+            limits = getattr(app.state, "limits", None)
+            if limits is not None:
+                await limits.close()
             await svc.close()
 
     app = Litestar(

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import msgspec
 
-from service import errors, schemas
+from service import errors, ratelimit, schemas
 from service.context import Services, execute_timed
 from service.keys import event_keys
 from service.live import call, ensure_loaded, restore
@@ -74,6 +74,15 @@ async def _invalid(svc: Services, event_id: str, detail: str) -> NoReturn:
 async def create_hold(
     svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
 ) -> schemas.Hold:
+    hold, _ = await create_hold_counted(svc, event_id, body, idem)
+    return hold
+
+
+async def create_hold_counted(
+    svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
+) -> tuple[schemas.Hold, ratelimit.Quota | None]:
+    """The hold, and the customer's hold-attempt limit as it stands after it (None when
+    the limit is off, or for a replayed Idempotency-Key)."""
     count = sum(i.quantity for i in body.items) + len(body.seats)
     if count == 0:
         await _invalid(svc, event_id, "ask for at least one ticket in `items` or `seats`")
@@ -81,20 +90,41 @@ async def create_hold(
         await _invalid(svc, event_id, "a category appears at most once in `items`")
     if len(set(body.seats)) != len(body.seats):
         await _invalid(svc, event_id, "a seat appears at most once in `seats`")
+    if idem is None and not body.seats:
+        # Categories this process knows are sold out: the script's answer, without Redis.
+        known = svc.sold_out.refusal(event_id, (i.category for i in body.items), count)
+        if known is not None:
+            raise known
+    since = svc.sold_out.step
     hold_id = secrets.token_urlsafe(16)  # 128 random bits: knowing it is the authority
-    reply = await call(
-        svc,
-        "hold",
-        event_id,
-        hold_id,
-        body.customer_id,
-        _encode([(i.category, i.quantity) for i in body.items]),
-        _encode(body.seats),
-        extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
-        idempotency=idem,
-    )
+    keys = event_keys(event_id)
+    limit = svc.settings.rate_limit_customer_holds
+    window = svc.settings.rate_limit_customer_window_seconds
+    try:
+        reply = await call(
+            svc,
+            "hold",
+            event_id,
+            hold_id,
+            body.customer_id,
+            _encode([(i.category, i.quantity) for i in body.items]),
+            _encode(body.seats),
+            limit,
+            window * 1000,
+            extra_keys=(keys.hold_ttl(hold_id), keys.customer_rate(body.customer_id)),
+            idempotency=idem,
+        )
+    except errors.SoldOut as e:
+        if idem is None:  # a replayed key's answer may be old news
+            svc.sold_out.learn(event_id, e.extra["available"], count, since)
+        raise
+    record, _, rate = reply.partition(b"\n")
+    quota = None
+    if rate:
+        remaining, reset = rate.split()
+        quota = ratelimit.Quota("customer", limit, window, int(remaining), int(reset))
     # A replayed Idempotency-Key returns the first reply: the hold as it was created.
-    return hold_view(event_id, decode_hold(reply), "held")
+    return hold_view(event_id, decode_hold(record), "held"), quota
 
 
 async def confirm_hold(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from ipaddress import ip_network
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -67,6 +68,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How long ended holds stay readable (the contract promises at least 24 hours).
     hold_retention_seconds: Count = 86400
     max_body_bytes: Count = 64 * 1024
+    # Hold attempts one customer_id may make per event per window (0: no limit), counted
+    # inside the event's hold script (GCRA: a burst of this many, then one every
+    # window/limit). A human makes a few a minute; a bot thousands.
+    rate_limit_customer_holds: Annotated[int, msgspec.Meta(ge=0)] = 20
+    rate_limit_customer_window_seconds: Count = 60
+    # Requests per client address per window on the public routes, and apart from them on
+    # the admin routes (0: no limit, the default of both: a trusted backend in front may
+    # send every buyer's request from one address).
+    rate_limit_address: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rate_limit_address_window_seconds: Count = 60
+    rate_limit_admin: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rate_limit_admin_window_seconds: Count = 60
+    # Proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed:
+    # a request from one of them is counted against the last address it forwarded for.
+    trusted_proxies: str = ""
     # The worker: how often the sweeper runs, and the write-behind's batches.
     sweep_interval_seconds: Seconds = 2.0
     outbox_batch: Count = 1000
@@ -95,6 +111,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             parse_seed_nodes(self.redis_seed_nodes)
         msgspec.structs.force_setattr(self, "database_url", asyncpg_url(self.database_url))
         check_token_secret(self.customer_token_secret)
+        for part in self.trusted_proxies.split(","):
+            if part.strip():
+                try:
+                    ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not an address or network") from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
