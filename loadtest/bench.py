@@ -15,9 +15,10 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
            `409 sold_out`, given by the API process itself (service/soldout.py); the
            script calls Redis served meanwhile are counted
 - hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
-           request carries a customer's HS256 token (1,000 customers taking turns) and
-           names its customer (loadtest/wrk/hold_token.lua); a server of its own, started
-           after the plain one has stopped
+           request carries a customer's HS256 token (1,000 customers taking turns: each
+           API process decodes a token once, then remembers it, as it would a buyer's)
+           and names its customer (loadtest/wrk/hold_token.lua); a server of its own,
+           started after the plain one has stopped
 - spread   the hold over 6 hot events in turn (loadtest/wrk/holds_spread.lua), one node
 - cluster  the same on a local Redis Cluster of 3 primaries (6 events, 2 on each), the
            service pointed at one node; measured in alternation with spread
@@ -877,8 +878,8 @@ class Bench:
             "BOXOFFICE_PORT": "{port}",
             "BOXOFFICE_WORKERS": str(self.cfg.workers),
             "BOXOFFICE_ADMIN_TOKEN": admin_token,
-            # Every request of a row is the same customer's (or one of 1,000 in turn): the
-            # bench measures the hold path, not the per-customer limit's refusals.
+            # The hold rows measure the hold path, not the limit of a human's attempts: one
+            # customer ("bench", or 1,000 with tokens) makes thousands of holds a second.
             "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": "0",
         }
 
