@@ -32,6 +32,8 @@ NAMES = (
     "load_bookings",
     "repair",
     "check_seats",
+    "live",
+    "tally",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
