@@ -137,8 +137,11 @@ class Browser:
         """The value of `expression` once it is truthy."""
         deadline = time.monotonic() + within
         while True:
-            value = self.evaluate(expression)
-            if value:
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as e:  # the page is still loading (no body yet)
+                value = e
+            if value and not isinstance(value, RuntimeError):
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"not within {within}s: {expression} (last: {value!r})")

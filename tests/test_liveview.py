@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -381,3 +383,40 @@ async def test_feed_in_process(svc: Services, client: httpx.AsyncClient) -> None
         await livefeed.first_reading(feed, new_event_id())
     assert getattr(raised.value, "code", None) == "event_not_found"
     assert feed.readers == {}
+
+
+# --- the Grafana dashboard -----------------------------------------------------------------
+
+GRAFANA = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "boxoffice.json"
+
+
+async def test_the_grafana_dashboard_asks_for_metrics_that_exist(
+    client: httpx.AsyncClient,
+) -> None:
+    """Every series a panel queries is one /metrics has (once an event has sold, held
+    and refused), and every panel reads the dashboard's Prometheus data source."""
+    dashboard = json.loads(GRAFANA.read_text())
+    event_id = await create_event(client, categories=CATEGORIES)
+    sold = await hold(client, event_id, "c1", items=[("GA", 1)])
+    assert (await client.post(f"/events/{event_id}/holds/{sold['hold_id']}/confirm")).is_success
+    await hold(client, event_id, "c2", items=[("GA", 1)])
+    r = await client.post(
+        f"/events/{event_id}/holds",
+        json={"customer_id": "c3", "items": [{"category": "GA", "quantity": 9}]},
+    )
+    assert_problem(r, 409, "sold_out")
+    await asyncio.sleep(1.5)  # the refusal's tally reaches Redis
+    exposed = {
+        s.name
+        for family in text_string_to_metric_families((await client.get("/metrics")).text)
+        for s in family.samples
+    }
+    queried = set()
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"boxoffice_[a-z_]+", target["expr"]))
+    assert queried, dashboard
+    assert queried <= exposed, queried - exposed
