@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -37,6 +39,7 @@ from tests.conftest import (
 )
 from tests.servers import RedisServer
 from tests.test_errors import assert_problem, hold
+from tests.test_process import children
 
 CATEGORIES = [
     {"name": "GA", "price": 2500, "currency": "EUR", "capacity": 5},
@@ -360,6 +363,44 @@ async def test_a_client_that_vanishes_frees_its_reader(
             await anext(staying)
             await anext(staying)
         await eventually(lambda: _gauges_are(client, readers=0, watchers=0), within=10)
+
+
+async def test_a_killed_process_leaves_no_watchers_behind(
+    settings: Settings, own_redis: RedisServer
+) -> None:
+    """An API process killed mid-stream (out of memory, kill -9) is replaced; the gauges
+    it kept in the metrics files leave the sums with it."""
+    server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": own_redis.url}, workers=1)
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            event_id = await create_event(client, categories=CATEGORIES)
+            pid = server_pid(server)
+            (worker,) = children(pid)
+            with contextlib.suppress(httpx.HTTPError):
+                async with watching(client, event_id) as docs:
+                    await anext(docs)
+                    assert await _gauges_are(client, readers=1, watchers=1)
+                    os.kill(worker, signal.SIGKILL)
+                    async for _ in docs:
+                        pass
+            await eventually(lambda: _answers(client), within=30)
+            await eventually(lambda: _gauges_are(client, readers=0, watchers=0), within=10)
+    finally:
+        server.stop()
+
+
+async def _answers(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/health")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def server_pid(server: ApiServer) -> int:
+    proc = server._proc
+    assert proc is not None
+    return proc.pid
 
 
 async def test_feed_in_process(svc: Services, client: httpx.AsyncClient) -> None:
