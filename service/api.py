@@ -644,19 +644,24 @@ async def discard_dead_letter(
         200: ResponseSpec(
             livefeed.LiveFigures,
             description="Server-Sent Events, one a second: each `data` is a LiveFigures"
-            " document; while Redis is away, `event: problem` with a problem document instead",
+            " document; while Redis is away, `event: problem` with a problem document instead."
+            " Asked with `Accept: application/json` (and not `text/event-stream`): one"
+            " LiveFigures document, now, as `application/json`",
             media_type="text/event-stream",
             generate_examples=False,
         ),
     },
 )
-async def live_view(request: Request[Any, Any, Any], event_id: EventIdParam) -> ServerSentEvent:
+async def live_view(request: Request[Any, Any, Any], event_id: EventIdParam) -> Response[Any]:
     """The event's figures once a second: per category capacity, available, held, sold;
     holds, confirmations, releases, expiries, cancellations and refusals (by code) per
     second; the waiting room; the write-behind backlog and lag. However many watch, each
     API process reads an event once a second."""
     feed: livefeed.Feed = request.app.state.feed
     queue, first = await livefeed.first_reading(feed, _event(event_id))
+    if livefeed.wants_snapshot(request.headers.get("accept", "")):
+        feed.leave(event_id, queue)
+        return Response(first, media_type="application/json")
     return ServerSentEvent(livefeed.stream(feed, event_id, queue, first))
 
 

@@ -343,6 +343,13 @@ async def first_reading(feed: Feed, event_id: str) -> tuple[asyncio.Queue[Readin
 _encode = msgspec.json.Encoder().encode
 
 
+def wants_snapshot(accept: str) -> bool:
+    """One document rather than a stream: asked for JSON, and not for event streams (a
+    browser's EventSource asks for text/event-stream, curl for anything)."""
+    types = {part.partition(";")[0].strip().lower() for part in accept.split(",")}
+    return "application/json" in types and "text/event-stream" not in types
+
+
 async def stream(
     feed: Feed, event_id: str, queue: asyncio.Queue[Reading], first: LiveFigures
 ) -> AsyncIterator[ServerSentEventMessage]:

@@ -208,6 +208,25 @@ async def test_figures_after_holds_confirms_refusals_and_an_expiry(
             worker.stop()
 
 
+async def test_asked_for_json_it_answers_one_document(client: httpx.AsyncClient) -> None:
+    event_id = await create_event(client, categories=CATEGORIES)
+    await hold(client, event_id, "c1", items=[("GA", 2)])
+    json_only = {**ADMIN, "accept": "application/json"}
+    r = await client.get(f"/admin/events/{event_id}/live", headers=json_only)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    doc = r.json()
+    assert doc["event_id"] == event_id and doc["rates"] is None
+    assert category(doc, "GA")["held"] == 2
+    assert doc["totals"]["holds"] == 1
+    r = await client.get(f"/admin/events/{event_id}/live", headers={"accept": "application/json"})
+    assert_problem(r, 401, "unauthorized")
+    # Asked for both, or for anything: the stream.
+    both = {**ADMIN, "accept": "application/json, text/event-stream"}
+    async with client.stream("GET", f"/admin/events/{event_id}/live", headers=both) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+
+
 async def test_refusals_of_events_redis_lacks_make_no_keys(
     client: httpx.AsyncClient, svc: Services
 ) -> None:
