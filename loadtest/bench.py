@@ -11,6 +11,13 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 - health   the service's GET /health
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
+- sold_out the same request for an event sold out before the run: every answer is
+           `409 sold_out`, given by the API process itself (service/soldout.py); the
+           script calls Redis served meanwhile are counted
+- hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
+           request carries a customer's HS256 token (1,000 customers taking turns) and
+           names its customer (loadtest/wrk/hold_token.lua); a server of its own, started
+           after the plain one has stopped
 - confirm  POST /events/{id}/holds/{hold_id}/confirm, each request a different live hold
            from a pool created just before (loadtest/wrk/confirm.lua walks it)
 - release  DELETE /events/{id}/holds/{hold_id}, the same way
@@ -68,6 +75,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import jwt
 import redis
 from sqlalchemy.engine import make_url
 
@@ -88,6 +96,7 @@ CAPACITY = 10_000_000
 HOLD_TTL_SECONDS = 3600  # no hold expires during a run: no reclaim work in the figures
 HOLD_BODY = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'
 PIPELINE = 16  # redis-benchmark -P
+CUSTOMERS_WITH_TOKENS = 1000  # hold_token: the customers whose tokens take turns
 QUIET_PCT = 10.0  # the machine counts as quiet at most this busy (% of all cores)
 OTHER_PCT = 30.0  # CPU beyond server, Redis and client that marks a run (% of one core)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -107,6 +116,14 @@ TARGETS: dict[str, Target] = {
     ),
     "health": Target("service `GET /health`", "GET /health", "ceiling"),
     "hold": Target("service `POST /events/{id}/holds`", "POST holds", "service"),
+    "sold_out": Target(
+        "service `POST /events/{id}/holds` refused sold_out (sold out before)",
+        "POST holds: sold out",
+        "service",
+    ),
+    "hold_token": Target(
+        "service `POST /events/{id}/holds`, customer tokens on", "POST holds, token", "service"
+    ),
     "confirm": Target("service `POST …/holds/{id}/confirm`", "POST confirm", "service"),
     "release": Target("service `DELETE …/holds/{id}`", "DELETE hold", "service"),
     "event": Target("service `GET /events/{id}`", "GET event", "service"),
@@ -121,7 +138,7 @@ TARGETS: dict[str, Target] = {
         "postgres",
     ),
 }
-SERVICE_TARGETS = ("health", "hold", "event", "confirm", "release")
+SERVICE_TARGETS = ("health", "hold", "sold_out", "event", "confirm", "release")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +163,23 @@ GOALS = (
         ">=",
         10,
     ),
+    Goal(
+        "sold_out_vs_twin_rps",
+        "sold_out ÷ twin, requests/s",
+        ("sold_out", "rps"),
+        ("twin", "rps"),
+        ">=",
+        0.9,
+    ),
     Goal("hold_vs_twin_p99", "hold ÷ twin, p99", ("hold", "p99_ms"), ("twin", "p99_ms"), "<=", 1.5),
+    Goal(
+        "hold_token_vs_hold_rps",
+        "hold with customer token ÷ hold, requests/s",
+        ("hold_token", "rps"),
+        ("hold", "rps"),
+        ">=",
+        0.9,
+    ),
     Goal(
         "confirm_vs_hold_rps",
         "confirm ÷ hold, requests/s",
@@ -629,9 +662,12 @@ class Bench:
         warm_args: Sequence[str] | None = None,
         warmup: bool = True,
         stat: tuple[str, str] | None = None,
+        refused: str | None = None,
     ) -> Result:
         """Warm-up, then the measured run. `stat` = (event id, field of its stats hash
-        that each request must raise by one: created, confirmed, released), checked."""
+        that each request must raise by one: created, confirmed, released), checked.
+        `refused`: an event every request is refused for (sold_out): no hold may be
+        created, and the script calls Redis served during the run are counted."""
         cfg = self.cfg
         url = server.url + path
         if warmup and cfg.warmup:
@@ -644,6 +680,7 @@ class Bench:
         before = self.quiet()
         say(f"  {name}: measuring {cfg.seconds} s (machine {before}% busy before)")
         count = self.stat(stat)
+        created, calls = self.refusal_counts(refused)
         with Meter(self.r, server.pid) as meter:
             try:
                 data = run_wrk(cfg, self.wrk, script, url, cfg.seconds, args)
@@ -651,7 +688,20 @@ class Bench:
                 server.check_alive()
         # Read as wrk ends: every response it counted was sent after the script ran.
         count = self.stat(stat) - count
+        if refused is not None:
+            # Every answer non-2xx by design: checked here instead of counted as errors.
+            statuses = data.pop("errors_status", 0)
+            created, calls = (
+                a - b for a, b in zip(self.refusal_counts(refused), (created, calls), strict=True)
+            )
         result = wrk_result(name, data, meter.cpu)
+        if refused is not None:
+            result.extra["script_calls"] = calls
+            if statuses < result.requests or created:
+                result.valid = False
+                result.notes.append(
+                    f"{result.requests - statuses:,} answers not refused, {created} holds made"
+                )
         if stat is not None:
             result.extra[f"holds_{stat[1]}"] = count
             if count < result.requests:
@@ -665,6 +715,15 @@ class Bench:
             f"p99 {result.p99_ms} ms{'  (' + '; '.join(result.notes) + ')' if result.notes else ''}"
         )
         return result
+
+    def refusal_counts(self, event_id: str | None) -> tuple[int, int]:
+        """Holds the event created, and script calls Redis served (every client's: on a
+        shared Redis, others' too)."""
+        if event_id is None:
+            return 0, 0
+        info: dict[str, Any] = self.r.info("commandstats")
+        calls = sum(int(info.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+        return self.stat((event_id, "created")), calls
 
     def stat(self, stat: tuple[str, str] | None) -> int:
         if stat is None:
@@ -716,7 +775,7 @@ class Bench:
             "BOXOFFICE_DATABASE_URL": self.settings.database_url,
         }
 
-    def create_event(self, client: httpx.Client, prefix: str) -> str:
+    def create_event(self, client: httpx.Client, prefix: str, capacity: int = CAPACITY) -> str:
         event_id = f"{prefix}-{secrets.token_hex(4)}"
         body = {
             "id": event_id,
@@ -724,7 +783,7 @@ class Bench:
             "starts_at": "2030-01-01T00:00:00Z",
             "hold_ttl_seconds": HOLD_TTL_SECONDS,
             "max_per_order": 10,
-            "categories": [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": CAPACITY}],
+            "categories": [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": capacity}],
         }
         response = client.post("/admin/events", json=body)
         if response.status_code != 201:
@@ -735,15 +794,18 @@ class Bench:
     def held(self, r: redis.Redis, event_id: str) -> int:
         return int(r.hget(event_keys(event_id).held, "GA") or 0)
 
-    def service(self) -> None:
-        token = secrets.token_urlsafe(24)
-        env = {
+    def serve_env(self, admin_token: str) -> dict[str, str]:
+        return {
             **self.service_env(),
             "BOXOFFICE_HOST": "127.0.0.1",
             "BOXOFFICE_PORT": "{port}",
             "BOXOFFICE_WORKERS": str(self.cfg.workers),
-            "BOXOFFICE_ADMIN_TOKEN": token,
+            "BOXOFFICE_ADMIN_TOKEN": admin_token,
         }
+
+    def service(self) -> None:
+        token = secrets.token_urlsafe(24)
+        env = self.serve_env(token)
         say(
             f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {self.db_name};"
             " no worker)"
@@ -758,11 +820,32 @@ class Bench:
                 hot = self.create_event(admin, "bench-hot")
                 if self.wanted("script"):
                     self.script_event = self.create_event(admin, "bench-script")
+                if self.wanted("sold_out"):
+                    gone = self.create_event(admin, "bench-gone", capacity=1)
+                    sale = admin.post(
+                        f"/events/{gone}/holds",
+                        content=HOLD_BODY,
+                        headers={"content-type": "application/json"},
+                    )
+                    if sale.status_code != 201:
+                        raise BenchError(f"selling out {gone}: {sale.status_code} {sale.text}")
             holds = f"/events/{hot}/holds"
             if self.wanted("health"):
                 self.simple("health", server, "get.lua", "/health")
             if self.wanted("hold"):
                 self.simple("hold", server, "hold.lua", holds, stat=(hot, "created"))
+            if self.wanted("sold_out"):
+                self.best_of(
+                    "sold_out",
+                    lambda first: self.measure(
+                        "sold_out",
+                        server,
+                        "hold.lua",
+                        f"/events/{gone}/holds",
+                        warmup=first,
+                        refused=gone,
+                    ),
+                )
             if self.wanted("event"):
                 self.simple("event", server, "get.lua", f"/events/{hot}")
             if self.wanted("confirm"):
@@ -777,6 +860,45 @@ class Bench:
             self.info["service_log_errors"] = len(errors)
             if errors:
                 say(f"  service log: {len(errors)} error lines, e.g. {errors[0][:200]}")
+        finally:
+            server.stop()
+
+    def service_with_tokens(self) -> None:
+        """The hold again, on a service with customer tokens on (a server of its own, with
+        the same options): what verifying a token costs the hold."""
+        token = secrets.token_urlsafe(24)
+        secret = secrets.token_hex(32)
+        env = {**self.serve_env(token), "BOXOFFICE_CUSTOMER_TOKEN_SECRET": secret}
+        say("service with customer tokens on (BOXOFFICE_CUSTOMER_TOKEN_SECRET set)")
+        server = Server("service-tokens", [BOXOFFICE, "serve"], env, self.logs)
+        try:
+            server.start(lambda c: c.get("/health").status_code == 200)
+            admin = httpx.Client(
+                base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+            )
+            with admin:
+                hot = self.create_event(admin, "bench-token")
+            path = self.tmp / "customer-tokens.txt"
+            exp = int(time.time()) + 6 * 3600  # valid all run long
+            path.write_text(
+                "".join(
+                    f"bench-{i} {jwt.encode({'sub': f'bench-{i}', 'exp': exp}, secret, 'HS256')}\n"
+                    for i in range(CUSTOMERS_WITH_TOKENS)
+                )
+            )
+            args = [str(path), str(self.cfg.threads)]
+            self.best_of(
+                "hold_token",
+                lambda first: self.measure(
+                    "hold_token",
+                    server,
+                    "hold_token.lua",
+                    f"/events/{hot}/holds",
+                    args=args,
+                    warmup=first,
+                    stat=(hot, "created"),
+                ),
+            )
         finally:
             server.stop()
 
@@ -828,7 +950,11 @@ class Bench:
         exhausts its pool is redone with a pool twice as large."""
         cfg = self.cfg
         estimate = max(
-            [r.rps for k, r in self.results.items() if k in SERVICE_TARGETS and k != "health"]
+            [
+                r.rps
+                for k, r in self.results.items()
+                if k in SERVICE_TARGETS and k not in ("health", "sold_out")
+            ]
             + [2000.0]
         )
         threads = str(cfg.threads)
@@ -1320,10 +1446,12 @@ def run(cfg: Config) -> int:
     try:
         if bench.wanted("twin"):
             bench.twin()
-        if bench.wanted(*SERVICE_TARGETS, "script", "pg"):
+        if bench.wanted(*SERVICE_TARGETS, "hold_token", "script", "pg"):
             bench.migrate()
         if bench.wanted(*SERVICE_TARGETS, "script"):
             bench.service()
+        if bench.wanted("hold_token"):
+            bench.service_with_tokens()
         if bench.wanted("script"):
             bench.script()
         if bench.wanted("pg"):

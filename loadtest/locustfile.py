@@ -30,6 +30,9 @@ environment variable as its default:
 
 The admin token comes from BOXOFFICE_ADMIN_TOKEN, read by the master only (custom
 arguments travel to the workers, and the web UI shows them: a token has no place there).
+When the service runs with customer tokens on, give every locust process the same
+BOXOFFICE_CUSTOMER_TOKEN_SECRET: each buyer then mints a token for its customer id, as the
+shop's login would, and sends it with every request (customer_authorization()).
 
 Expected outcomes are counted under their own names and are not failures:
 `hold [sold_out]`, `hold [seats_unavailable]`, `hold [customer_limit]` and
@@ -521,6 +524,8 @@ class Buyer(FastHttpUser):
         if not self.idle:
             self.scenario = Scenario.from_options(options)
             self.customer_id = f"buyer-{secrets.token_hex(8)}"
+            # FastHttpSession sends its auth_header with every request (None: none).
+            self.client.auth_header = customer_authorization(self.customer_id)
 
     @task
     def drop(self) -> None:
@@ -633,6 +638,25 @@ class Buyer(FastHttpUser):
                 COUNTERS.releases += 1
             else:
                 _unexpected(response)
+
+
+# --- customer tokens ----------------------------------------------------------------------
+
+TOKEN_SECONDS = 6 * 3600  # outlasts any run
+
+
+def customer_authorization(customer_id: str) -> str | None:
+    """The `Authorization` value of a customer when BOXOFFICE_CUSTOMER_TOKEN_SECRET is set
+    (the service's customer tokens are on), else None."""
+    secret = os.environ.get("BOXOFFICE_CUSTOMER_TOKEN_SECRET")
+    if not secret:
+        return None
+    # Here, not at the top: PyJWT imports ssl, which must come after locust's monkey-patching
+    # however this file is imported.
+    import jwt
+
+    claims = {"sub": customer_id, "exp": int(time.time()) + TOKEN_SECONDS}
+    return "Bearer " + jwt.encode(claims, secret, algorithm="HS256")
 
 
 # --- distributed counters -----------------------------------------------------------------

@@ -80,6 +80,20 @@ def serve(target: str, port: int, workers: int) -> None:
     setattr(granian, "Granian", same_server)  # noqa: B010  (cli imports it when serving)
     if hasattr(cli, "Granian"):  # in case cli.py ever imports it at module level
         setattr(cli, "Granian", same_server)  # noqa: B010
+    # cli serves with service.server.Server (granian's MPServer, imported when serving).
+    from service import server
+
+    real_mp = server.Server
+
+    def same_mp_server(*args: Any, **kwargs: Any) -> Any:
+        if args:
+            args = (target, *args[1:])
+        else:
+            kwargs["target"] = target
+        kwargs["factory"] = False
+        return real_mp(*args, **kwargs)
+
+    setattr(server, "Server", same_mp_server)  # noqa: B010
     settings = msgspec.structs.replace(
         Settings.from_env(), host="127.0.0.1", port=port, workers=workers
     )

@@ -3,7 +3,8 @@
 -- ARGV: common [1..4] (lib.lua), [5] changes JSON {status?, on_sale_at? (ms, "" = none),
 --       name?, caps? = {category = new capacity}}
 -- Returns JSON {ok = 1}, or {err = code, ...}. A capacity change moves the difference into
--- or out of `avail` at once; it may not go below what is held plus sold.
+-- or out of `avail` at once; it may not go below what is held plus sold. Publishes the
+-- change (lib.lua, restocked).
 local cached = replay()
 if cached then return cached end
 if not loaded() then return NOT_LOADED end
@@ -28,4 +29,8 @@ end
 for _, field in ipairs({'status', 'on_sale_at', 'name'}) do
   if ch[field] ~= nil then redis.call('HSET', K.meta, field, ch[field]) end
 end
+-- Every change is published (rare, admin): a capacity raise puts tickets on sale, and a
+-- status change must reach the processes that answer `sold_out` on their own, so that
+-- they ask again and get what the event says now (not_on_sale comes before sold_out).
+restocked()
 return finish('{"ok":1}')

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from litestar import Litestar, Request, Response, Router, delete, get, patch, po
 from litestar.connection import ASGIConnection
 from litestar.datastructures import ResponseHeader
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.handlers import BaseRouteHandler
+from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
@@ -36,17 +37,20 @@ from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Receive, Scope, Send
 from litestar.utils import normalize_path
+from redis.asyncio import RedisCluster
 
 from service import (
     bodies,
     bookings,
     catalog,
+    customers,
     dashboard,
     deadletters,
     errors,
     idempotency,
     livefeed,
     metrics,
+    ratelimit,
     reconcile,
     sales,
     schemas,
@@ -217,8 +221,10 @@ def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return problem(request, errors.BoxofficeError("unexpected error; nothing was changed"))
 
 
-# What any route may answer: no such route or method, a body too large or not JSON, a bug.
+# What any route may answer: no such route or method, a body too large or not JSON, a
+# per-address rate limit, a bug.
 _ANY_ROUTE = (
+    errors.RateLimited,
     errors.NotFound,
     errors.MethodNotAllowed,
     errors.PayloadTooLarge,
@@ -272,7 +278,9 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    return idempotency.fingerprint(key, request.method, request.url.path, await request.body())
+    return idempotency.fingerprint(
+        key, request.method, request.url.path, await request.body(), customers.of(request)
+    )
 
 
 # Handlers that read their body; for the others the body is read only to apply the limit.
@@ -288,7 +296,11 @@ async def door(request: Request[Any, Any, Any]) -> None:
     """The contract's rules for any request, whatever the route does with it: no NUL or
     unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
     its limit only to a body that is read), declared as anything but JSON is 415. A body
-    without a Content-Type is taken for JSON."""
+    without a Content-Type is taken for JSON. First of all, the per-address rate limits
+    (when set): a refused request costs one Redis call and nothing else."""
+    limits: ratelimit.AddressLimits | None = getattr(request.app.state, "limits", None)
+    if limits is not None and limits.enabled:
+        await limits.check(request.scope)
     await check_params(request)
     declared = b"0"
     chunked = False
@@ -310,6 +322,21 @@ async def door(request: Request[Any, Any, Any]) -> None:
         )
     if request.method not in _BODY_METHODS:
         await request.body()  # raises 413 past the limit
+
+
+def customer_door(
+    verifier: customers.Verifier,
+) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """The door of an app with customer tokens on: a customer route's token is verified
+    first (401 before anything about the request itself), once, its customer kept for the
+    handler. Routes not marked `opt=customers.ROUTE` pay nothing more."""
+
+    async def checked(request: Request[Any, Any, Any]) -> None:
+        if customers.is_customer_route(request.route_handler.opt):
+            verifier.check(request.scope)
+        await door(request)
+
+    return checked
 
 
 def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -359,14 +386,18 @@ async def list_seats(
     return await sales.list_seats(_svc(request), _event(event_id), category, status, limit, cursor)
 
 
-@post(
-    "/events/{event_id:str}/holds",
-    tags=["holds"],
-    status_code=201,
-    response_headers=[_location("/events/{event_id}/holds/{hold_id}")],
-    responses=_problems(
+# The hold route, as each of its two handlers below declares it.
+_HOLD_ROUTE: dict[str, Any] = {
+    "path": "/events/{event_id:str}/holds",
+    "tags": ["holds"],
+    "status_code": 201,
+    "opt": customers.ROUTE,
+    "response_headers": [_location("/events/{event_id}/holds/{hold_id}")],
+    "responses": _problems(
         errors.UnknownCategory,
         errors.UnknownSeat,
+        errors.Unauthorized,
+        errors.CustomerMismatch,
         errors.EventNotFound,
         errors.NotOnSale,
         errors.SoldOut,
@@ -376,33 +407,58 @@ async def list_seats(
         errors.IdempotencyKeyReused,
         errors.RateLimited,
     ),
-)
+}
+
+
+async def _hold(
+    request: Request[Any, Any, Any], event_id: str, data: schemas.HoldCreate
+) -> Response[schemas.Hold]:
+    customer = customers.body_customer(request, data.customer_id)
+    if customer is not None:
+        data.customer_id = customer
+    hold, quota = await sales.create_hold_counted(
+        _svc(request), _event(event_id), data, await _idempotency(request)
+    )
+    headers = {"location": f"/events/{event_id}/holds/{hold.hold_id}"}
+    if quota is not None:
+        headers.update(quota.headers())
+    return Response(hold, status_code=201, headers=headers)
+
+
+@post(**_HOLD_ROUTE)
 async def create_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.HoldCreate
 ) -> Response[schemas.Hold]:
-    hold = await sales.create_hold(
-        _svc(request), _event(event_id), data, await _idempotency(request)
-    )
-    location = f"/events/{event_id}/holds/{hold.hold_id}"
-    return Response(hold, status_code=201, headers={"location": location})
+    return await _hold(request, event_id, data)
+
+
+# The same route when customer tokens are on: the body may leave `customer_id` out.
+@post(**_HOLD_ROUTE)
+async def create_customer_hold(
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.CustomerHoldCreate
+) -> Response[schemas.Hold]:
+    return await _hold(request, event_id, data)
 
 
 @get(
     "/events/{event_id:str}/holds/{hold_id:str}",
     tags=["holds"],
-    responses=_problems(errors.EventNotFound, errors.HoldNotFound),
+    opt=customers.ROUTE,
+    responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.HoldNotFound),
 )
 async def get_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
 ) -> schemas.Hold:
-    return await sales.get_hold(_svc(request), _event(event_id), hold_id)
+    return await sales.get_hold(_svc(request), _event(event_id), hold_id, customers.of(request))
 
 
 @post(
     "/events/{event_id:str}/holds/{hold_id:str}/confirm",
     tags=["holds"],
     status_code=200,
+    opt=customers.ROUTE,
     responses=_problems(
+        errors.Unauthorized,
         errors.EventNotFound,
         errors.HoldNotFound,
         errors.HoldReleased,
@@ -424,13 +480,16 @@ async def confirm_hold(
         hold_id,
         data or schemas.HoldConfirm(),
         await _idempotency(request),
+        customers.of(request),
     )
 
 
 @delete(
     "/events/{event_id:str}/holds/{hold_id:str}",
     tags=["holds"],
+    opt=customers.ROUTE,
     responses=_problems(
+        errors.Unauthorized,
         errors.EventNotFound,
         errors.HoldNotFound,
         errors.HoldConfirmed,
@@ -441,18 +500,27 @@ async def confirm_hold(
 async def release_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
 ) -> None:
-    await sales.release_hold(_svc(request), _event(event_id), hold_id, await _idempotency(request))
+    await sales.release_hold(
+        _svc(request),
+        _event(event_id),
+        hold_id,
+        await _idempotency(request),
+        customers.of(request),
+    )
 
 
 @get(
     "/events/{event_id:str}/bookings/{booking_id:str}",
     tags=["bookings"],
-    responses=_problems(errors.EventNotFound, errors.BookingNotFound),
+    opt=customers.ROUTE,
+    responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.BookingNotFound),
 )
 async def get_booking(
     request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: str
 ) -> schemas.Booking:
-    return await bookings.get_booking(_svc(request), _event(event_id), booking_id)
+    return await bookings.get_booking(
+        _svc(request), _event(event_id), booking_id, customers.of(request)
+    )
 
 
 # --- admin routes -----------------------------------------------------------------------
@@ -736,10 +804,22 @@ _RETRY_AFTER_IN_PROGRESS = OpenAPIHeader(
     description="Seconds to wait before trying again; sent with `idempotency_in_progress`"
     " only, not with the other codes of this status",
 )
+_RATELIMIT_POLICY = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='The rate limits that apply (IETF draft "RateLimit header fields for HTTP"),'
+    ' e.g. `"customer";q=20;w=60`: q attempts per w seconds; sent by a rate limit, not with'
+    " the Idempotency-Key budget's 429",
+)
+_RATELIMIT = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='What is left of each, e.g. `"customer";r=0;t=12`: r attempts left, t seconds'
+    " until the quota is whole again (on a 429: until the next attempt, as Retry-After)",
+)
+_RATE_HEADERS = {"RateLimit-Policy": _RATELIMIT_POLICY, "RateLimit": _RATELIMIT}
 _HEADERS_OF_STATUS = {
     "401": {"WWW-Authenticate": OpenAPIHeader(schema=Schema(const="Bearer"))},
     "409": {"Retry-After": _RETRY_AFTER},
-    "429": {"Retry-After": _RETRY_AFTER},
+    "429": {"Retry-After": _RETRY_AFTER, **_RATE_HEADERS},
     "503": {"Retry-After": _RETRY_AFTER},
 }
 
@@ -754,10 +834,34 @@ def _operations(app: Litestar) -> list[tuple[str, str, Operation]]:
     return found
 
 
-def document(app: Litestar) -> None:
-    """What Litestar cannot be told per route: the admin's bearer scheme, the
-    Idempotency-Key header of every state-changing operation, the headers of answers.
-    Run at start-up (and by service.apidoc); a second run changes nothing."""
+_CUSTOMER_SCHEME = SecurityScheme(
+    type="http",
+    scheme="bearer",
+    bearer_format="JWT",
+    description="A customer token: a JWT signed HS256 with `BOXOFFICE_CUSTOMER_TOKEN_SECRET` "
+    "(issued by the shop's login), `sub` the customer id, `exp` in the future. Needed only "
+    "when that secret is set; then a body's `customer_id` may be left out and must otherwise "
+    "be `sub` (403 `customer_mismatch`), and another customer's holds and bookings answer "
+    "404. Without the secret the service trusts the body's `customer_id` (a trusted backend).",
+)
+
+
+def _customer_operations(app: Litestar) -> set[tuple[str, str]]:
+    """(path, method) of the routes marked `opt=customers.ROUTE`."""
+    found = set()
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if isinstance(handler, HTTPRouteHandler) and customers.is_customer_route(handler.opt):
+                found |= {(route.path_format, m.lower()) for m in handler.http_methods}
+    return found
+
+
+def document(app: Litestar, customer_tokens: bool = False) -> None:
+    """What Litestar cannot be told per route: the admin's and the customers' bearer
+    schemes, the Idempotency-Key header of every state-changing operation, the headers of
+    answers. Run at start-up (and by service.apidoc); a second run changes nothing.
+    `customer_tokens`: BOXOFFICE_CUSTOMER_TOKEN_SECRET is set, so the customer scheme is
+    required on its operations rather than optional."""
     schema = app.openapi_schema
     if schema.components and schema.components.security_schemes:
         return
@@ -765,12 +869,19 @@ def document(app: Litestar) -> None:
     schema.components.security_schemes = {
         "bearer": SecurityScheme(
             type="http", scheme="bearer", description="The admin token, `BOXOFFICE_ADMIN_TOKEN`"
-        )
+        ),
+        "customer": _CUSTOMER_SCHEME,
     }
+    customer_ops = _customer_operations(app)
+    customer_security: list[dict[str, list[str]]] = [{"customer": []}]
+    if not customer_tokens:  # `{}`: no token is also accepted
+        customer_security = [{}, *customer_security]
     for path, method, op in _operations(app):
         # The dashboard page is static and holds no figures: its data calls need the token.
         if path.startswith("/admin/") and path != "/admin/dashboard":
             op.security = [{"bearer": []}]
+        elif (path, method) in customer_ops:
+            op.security = customer_security
         if method != "get":
             op.parameters = [*(op.parameters or []), _IDEMPOTENCY_KEY]
         for status, response in (op.responses or {}).items():
@@ -782,12 +893,20 @@ def document(app: Litestar) -> None:
                 headers = {}
             elif status == "409" and "` or `" in response.description:
                 headers = {"Retry-After": _RETRY_AFTER_IN_PROGRESS}
+            if status == "201" and path.endswith("/holds"):
+                headers = _RATE_HEADERS  # the customer's hold-attempt limit, when on
             response.headers = {**(response.headers or {}), **headers} or None
             location = (response.headers or {}).get("Location")
             if isinstance(location, OpenAPIHeader):  # Litestar gives it no schema
                 location.schema = Schema(
                     type=OpenAPIType.STRING, format=OpenAPIFormat.URI_REFERENCE
                 )
+    # "" is how CustomerHoldCreate says "left out", not a value to send.
+    hold_body = (schema.components.schemas or {}).get("CustomerHoldCreate")
+    if hold_body is not None and hold_body.properties:
+        customer_id = hold_body.properties["customer_id"]
+        if isinstance(customer_id, Schema):
+            customer_id.default = None
     # Litestar documents every `data` as required; the confirm body may be left out.
     confirm = schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
     if confirm.post is not None and isinstance(confirm.post.request_body, RequestBody):
@@ -796,6 +915,8 @@ def document(app: Litestar) -> None:
 
 def create_app(settings: Settings) -> Litestar:
     stats = metrics.HttpStats()
+    tokens = bool(settings.customer_token_secret)
+    verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -812,17 +933,25 @@ def create_app(settings: Settings) -> Litestar:
                 if not errors.unavailable(e):
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
+            svc.sold_out.start(svc.scripts)
             # Everything built so far lives as long as the process. Left to the collector,
             # it is traversed again by every full collection, a 50 ms pause about once a
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
+            # After start(): by then the client says whether Redis is a cluster.
+            app.state.limits = ratelimit.AddressLimits(
+                settings, cluster=isinstance(svc.redis, RedisCluster)
+            )
             server.mark_started()
             yield
         finally:
             flusher.cancel()
             tallier.cancel()
             await app.state.feed.close()
+            limits = getattr(app.state, "limits", None)
+            if limits is not None:
+                await limits.close()
             await svc.close()
 
     app = Litestar(
@@ -830,7 +959,7 @@ def create_app(settings: Settings) -> Litestar:
             list_events,
             get_event,
             list_seats,
-            create_hold,
+            create_customer_hold if tokens else create_hold,
             get_hold,
             confirm_hold,
             release_hold,
@@ -850,8 +979,8 @@ def create_app(settings: Settings) -> Litestar:
             dashboard_route,
         ],
         lifespan=[lifespan],
-        on_startup=[document],
-        before_request=door,
+        on_startup=[functools.partial(document, customer_tokens=tokens)],
+        before_request=door if verifier is None else customer_door(verifier),
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -19,6 +19,7 @@ from service.db import create_engine
 from service.scriptpipe import parse_seed_nodes
 from service.scripts import Scripts
 from service.settings import Settings
+from service.soldout import SoldOut
 from service.timefmt import redis_ms
 
 # One client type for both: the commands are the same, only the routing differs.
@@ -34,6 +35,8 @@ class Services:
     redis: RedisClient
     scripts: Scripts
     engine: AsyncEngine
+    # The sold-out shortcut's flags: used by the API processes (started in their lifespan).
+    sold_out: SoldOut = field(default_factory=SoldOut)
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
@@ -60,6 +63,7 @@ class Services:
         self.scripts = Scripts(cluster, self.settings)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        await self.sold_out.close()
         self.scripts.close()
         await self.redis.aclose()
         await self.engine.dispose()

@@ -136,11 +136,14 @@ class _Connection(asyncio.Protocol):
         return bool(self.waiting) and now - self.waiting[0][1] > REPLY_TIMEOUT
 
 
-async def _dial(options: dict[str, Any], *, select: bool) -> _Connection:
-    """A connection to the server the options name, authenticated (and on its database)."""
+async def dial(
+    options: dict[str, Any], *, select: bool, protocol: type[_Connection] = _Connection
+) -> _Connection:
+    """A connection to the server the options name, authenticated (and on its database).
+    `protocol`: a _Connection of another kind (service/soldout.py's subscriber)."""
     loop = asyncio.get_running_loop()
     o = options
-    connection = _Connection()
+    connection = protocol()
     if "path" in o:
         await loop.create_unix_connection(lambda: connection, o["path"])
     else:
@@ -168,7 +171,7 @@ async def _dial(options: dict[str, Any], *, select: bool) -> _Connection:
 
 async def _ask(options: dict[str, Any], *parts: bytes, wait: float) -> Any:
     """One command on a connection of its own, closed after the reply."""
-    connection = await _dial(options, select=False)
+    connection = await dial(options, select=False)
     try:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -231,6 +234,10 @@ class _NodePipe:
         self._futures += (asking, future)
         return _pair(self, future, then) if then else future
 
+    @property
+    def options(self) -> dict[str, Any]:
+        return self._options
+
     def _for_waits(self) -> _NodePipe:
         if self._wait_pipe is None:
             self._wait_pipe = _NodePipe(self._options, select=self._select, waits=True)
@@ -276,7 +283,7 @@ class _NodePipe:
         return await asyncio.shield(pending)
 
     async def _open(self, slot: int) -> _Connection:
-        connection = await _dial(self._options, select=self._select)
+        connection = await dial(self._options, select=self._select)
         self._connections[slot] = connection
         self._arm_watchdog()
         return connection
@@ -496,6 +503,15 @@ class ScriptPipe:
             except (ResponseError, ConnectionError) as e:
                 return await cluster.recover(payload, slot, e, then)
         return await node.submit(payload, then)
+
+    def options_for(self, slot: int) -> dict[str, Any] | None:
+        """Where the calls of this slot go now (connection options), None until the first
+        call has found out whether Redis is a cluster."""
+        if self._node is not None:
+            return self._options
+        if self._cluster is not None and self._cluster.table:
+            return self._cluster.table[slot].options
+        return None
 
     @property
     def cluster(self) -> bool | None:

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError
 
-from service import errors
+from service import errors, ratelimit
 from service.keys import event_keys
 from service.scriptpipe import ScriptPipe, bulk, command
 from service.settings import Settings
@@ -45,6 +45,8 @@ NO_ORDER = b'{"err":"no_order"}'
 class Idempotency(NamedTuple):
     key_digest: str
     fingerprint: str
+    # With customer tokens on, the token's customer: the key is theirs alone (keys.py).
+    customer: str | None = None
 
 
 class _ErrorReply(msgspec.Struct):
@@ -63,6 +65,10 @@ class _ErrorReply(msgspec.Struct):
     status: str | None = None
     booking_id: str | None = None
     retry_after: int | None = None
+    # rate_limited by a limit of the script (lua/lib.lua, rate_refusal): which, and its quota.
+    policy: str | None = None
+    quota: int | None = None
+    window: int | None = None
 
 
 _decode_error = msgspec.json.Decoder(_ErrorReply).decode
@@ -118,7 +124,7 @@ class Scripts:
         keys = event_keys(event_id)
         fingerprint = ""
         if idempotency is not None:
-            key = keys.idempotency(idempotency.key_digest)
+            key = keys.idempotency(idempotency.key_digest, idempotency.customer)
             extra_keys = (*extra_keys, keys.idempotency_count, keys.idempotency_refusals, key)
             fingerprint = idempotency.fingerprint
             args = (*args, *self._idempotency_caps)
@@ -167,6 +173,11 @@ class Scripts:
             )
         return reply
 
+    def node_options(self, event_id: str) -> dict[str, Any] | None:
+        """Connection options of the Redis server that runs the event's scripts now; None
+        until the first call has found out whether Redis is a cluster."""
+        return self._pipe.options_for(self._pipe.event_keys(event_id)[1])
+
     def close(self) -> None:
         self._pipe.close()
 
@@ -197,9 +208,8 @@ def raise_for_error(reply: bytes) -> None:
     extra: dict[str, Any] = {}
     detail = None
     if e.err == "sold_out":
-        extra["available"] = e.available or {}
-        detail = "not enough tickets left in " + ", ".join(sorted(extra["available"]))
-    elif e.err == "seats_unavailable":
+        raise sold_out(e.available or {})
+    if e.err == "seats_unavailable":
         extra["seats"] = e.seats or []
         detail = "seats already taken: " + ", ".join(extra["seats"])
     elif e.err == "customer_limit":
@@ -212,6 +222,11 @@ def raise_for_error(reply: bytes) -> None:
         detail = f"no seat {e.seat!r} in this event"
     elif e.err == "capacity_below_committed":
         detail = f"category {e.category!r} has {e.committed} tickets held or sold"
+    elif e.err == "rate_limited" and e.policy is not None:
+        detail = (
+            f"at most {e.quota} hold attempts per customer per {e.window} s for this event;"
+            f" try again in {e.retry_after} s"
+        )
     elif e.err == "rate_limited":
         detail = (
             "this event remembers as many Idempotency-Keys as it may;"
@@ -220,9 +235,20 @@ def raise_for_error(reply: bytes) -> None:
     else:
         detail = _detail(e)
     err = cls(detail, **extra)
-    if e.retry_after is not None:
+    if e.policy is not None and e.retry_after is not None:
+        err.headers = ratelimit.refusal_headers(
+            e.policy, e.quota or 0, e.window or 0, e.retry_after
+        )
+    elif e.retry_after is not None:
         err.headers = {"retry-after": str(e.retry_after)}
     raise err
+
+
+def sold_out(available: dict[str, int]) -> errors.BoxofficeError:
+    """The `sold_out` refusal, from the script's reply or from service/soldout.py's flags
+    (the same body either way)."""
+    detail = "not enough tickets left in " + ", ".join(sorted(available))
+    return errors.SoldOut(detail, available=available)
 
 
 def _detail(e: _ErrorReply) -> str | None:

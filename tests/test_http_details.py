@@ -397,9 +397,10 @@ async def test_openapi_bearer_security_on_admin_operations(openapi: dict[str, An
     for path, method, op in admin:
         assert op.get("security") == [{"bearer": []}], (method, path)
         assert "WWW-Authenticate" in op["responses"]["401"].get("headers", {}), (method, path)
+    # No other operation asks for the admin token (customer operations have their own).
     for path, method, op in operations(openapi):
         if not path.startswith("/admin/") or path == "/admin/dashboard":
-            assert not op.get("security"), (method, path)
+            assert {"bearer": []} not in (op.get("security") or []), (method, path)
 
 
 async def test_openapi_documents_404_405_500_and_headers(openapi: dict[str, Any]) -> None:
