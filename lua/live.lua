@@ -1,6 +1,7 @@
 -- live.lua: an event's figures for the live view (GET /admin/events/{id}/live), read in
 -- one call once a second by each API process that has someone watching the event.
--- KEYS: the event keys (lib.lua), [17] the event's dead-letter stream
+-- KEYS: the event keys (lib.lua), then the event's dead-letter stream, last (so that
+--       other keys, such as a waiting room's, can come first, at [17..])
 -- ARGV: common [1..4] (lib.lua), [5] the write-behind's consumer group (service/keys.py)
 -- Returns JSON {now, meta = {status, on_sale_at, order}, cats = {name -> JSON}, cap,
 -- avail, held, sold = {category -> n}, stats = {counter -> n} (holds created, confirmed,
@@ -16,7 +17,7 @@ local now = now_ms()
 reclaim(now, RECLAIM_BATCH)
 
 local group = ARGV[5]
-local outbox = {pending = 0, undelivered = 0, dead = redis.call('XLEN', KEYS[NKEYS + 1])}
+local outbox = {pending = 0, undelivered = 0, dead = redis.call('XLEN', KEYS[#KEYS])}
 local function first_id(from)
   local e = redis.call('XRANGE', K.outbox, from, '+', 'COUNT', 1)[1]
   return e and e[1]

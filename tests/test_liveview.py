@@ -208,9 +208,13 @@ async def test_figures_after_holds_confirms_refusals_and_an_expiry(
             worker.stop()
 
 
-async def test_asked_for_json_it_answers_one_document(client: httpx.AsyncClient) -> None:
+async def test_asked_for_json_it_answers_one_document(
+    client: httpx.AsyncClient, svc: Services
+) -> None:
     event_id = await create_event(client, categories=CATEGORIES)
     await hold(client, event_id, "c1", items=[("GA", 2)])
+    # A dead letter (of this test's making: only its count matters here).
+    await svc.redis.xadd(event_keys(event_id).deadletter, {"op": "confirm"})
     json_only = {**ADMIN, "accept": "application/json"}
     r = await client.get(f"/admin/events/{event_id}/live", headers=json_only)
     assert r.status_code == 200, r.text
@@ -219,6 +223,7 @@ async def test_asked_for_json_it_answers_one_document(client: httpx.AsyncClient)
     assert doc["event_id"] == event_id and doc["rates"] is None
     assert category(doc, "GA")["held"] == 2
     assert doc["totals"]["holds"] == 1
+    assert doc["write_behind"]["dead_letters"] == 1
     r = await client.get(f"/admin/events/{event_id}/live", headers={"accept": "application/json"})
     assert_problem(r, 401, "unauthorized")
     # Asked for both, or for anything: the stream.
