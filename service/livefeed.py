@@ -264,6 +264,7 @@ class _Reader:
     async def _read(self) -> Reading:
         try:
             reply = await read(self.svc, self.event_id)
+            now = figures(self.event_id, reply, self._before)
         except errors.BoxofficeError as e:
             return e
         except Exception as e:
@@ -271,7 +272,6 @@ class _Reader:
                 log.exception("live view of %s", self.event_id)
                 return errors.BoxofficeError("the figures could not be read")
             return errors.Unavailable("Redis is unreachable; the figures follow when it is back")
-        now = figures(self.event_id, reply, self._before)
         self._before = (reply.now, now.totals)
         return now
 

@@ -414,6 +414,33 @@ async def test_a_killed_process_leaves_no_watchers_behind(
         server.stop()
 
 
+async def test_while_redis_is_away_the_stream_says_so_and_goes_on(settings: Settings) -> None:
+    with RedisServer() as own:
+        server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": own.url}, workers=1)
+        server.start()
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                event_id = await create_event(client, categories=CATEGORIES)
+                url = f"/admin/events/{event_id}/live"
+                async with client.stream("GET", url, headers=ADMIN) as r:
+                    docs = documents(r)
+                    kind, doc = await anext(docs)
+                    assert kind == "message" and doc["event_id"] == event_id
+                    own.stop()
+                    async for kind, doc in docs:
+                        if kind == "problem":
+                            assert doc["code"] == "unavailable" and doc["status"] == 503, doc
+                            break
+                    # Back, empty: the event is loaded again from PostgreSQL.
+                    own.start()
+                    async for kind, doc in docs:
+                        if kind == "message":
+                            assert category(doc, "GA")["available"] == 5, doc
+                            break
+        finally:
+            server.stop()
+
+
 async def _answers(client: httpx.AsyncClient) -> bool:
     try:
         return (await client.get("/health")).status_code == 200
