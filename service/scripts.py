@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -11,7 +10,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError, NoScriptError
 
-from service import errors, ratelimit
+from service import errors, ratelimit, retries
 from service.keys import event_keys
 from service.scriptpipe import ScriptPipe, bulk, command
 from service.settings import Settings
@@ -133,7 +132,9 @@ class Scripts:
         tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common
         tail += bulk(*(_bytes(a) for a in args))
         count = 4 + numkeys + 3 + len(args)
-        for attempt in range(3):
+        backoff: retries.Backoff | None = None  # made only once a call has failed
+        loads = 0
+        while True:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
@@ -151,17 +152,23 @@ class Scripts:
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
+                loads += 1
+                if loads > _LOADS:
+                    raise ConnectionError("Redis kept refusing the script") from None
                 # SCRIPT FLUSH, a restart or a promoted replica: load it again on the node
                 # that said so (through the pipe: routed as the call was), then call again.
                 source = cast(str, script.script).encode()  # registered from text, above
                 sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
             except ConnectionError:
-                # On a cluster the pipe has already retried within its budget: once only.
-                if attempt == 2 or self._pipe.cluster:
+                # On a cluster the pipe has already waited out its budget: not once more.
+                # On a single node, a reconnect (service/retries.py); every script is safe
+                # to repeat.
+                if self._pipe.cluster:
                     raise
-                await asyncio.sleep(0.05 * (attempt + 1))  # every script is safe to repeat
-        raise ConnectionError("Redis kept refusing the script")
+                backoff = backoff or retries.Backoff(retries.RECONNECT_SECONDS)
+                if not await backoff.pause():
+                    raise
 
     def _replicated(self, reply: bytes, acknowledged: int) -> bytes:
         # An error reply (or a request to load the event first) is answered as it is: it
@@ -182,6 +189,9 @@ class Scripts:
         self._pipe.close()
 
 
+# NOSCRIPT (the script loaded again each time) more often than this in one call means
+# something keeps flushing the scripts.
+_LOADS = 3
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 

@@ -12,6 +12,8 @@ import msgspec
 from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 
+from service import retries
+
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -29,8 +31,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Redis Cluster: more start-up nodes (comma-separated host:port) for when the URL's is down.
     redis_seed_nodes: str = ""
-    # How long a script call on a cluster waits out a failover or a slot migration.
-    redis_cluster_retry_seconds: Seconds = 10.0
+    # How long a call on a cluster waits out a failover or a slot migration (retries.py).
+    redis_cluster_retry_seconds: Seconds = retries.BUDGET_SECONDS
     # Replicas of an event's primary that must have a confirmation, refund or cancellation
     # before it is acknowledged (WAIT), and how long to wait for them: fewer in time is a
     # 503, and the retry with the same Idempotency-Key gets the booking. 0: no WAIT.

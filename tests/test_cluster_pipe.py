@@ -19,10 +19,10 @@ from service import catalog, live, schemas
 from service.context import Services
 from service.db import create_engine
 from service.keys import event_keys
+from service.retries import BUDGET_SECONDS as RETRY_SECONDS
 from service.scriptpipe import (
     EVENT_KEYS_CACHED,
     REPLY_TIMEOUT,
-    RETRY_SECONDS,
     ScriptPipe,
     bulk,
     command,
