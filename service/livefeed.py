@@ -5,7 +5,9 @@ watch, and hands each reading to every watcher; it stops when the last one leave
 Rates are differences of counters kept in Redis (the event's `stats` hash), so every API
 process shows the same figures: holds created, confirmed, released, expired and cancelled
 are counted by the scripts; refusals are tallied per process from the answers (whatever
-refused them: a script, the door, a limit) and added to Redis once a second (tally.lua).
+refused them: a script, the door, a limit) and added to Redis once a second: plain
+HINCRBYs in one pipeline, no script call (a refusal answered without Redis stays without a
+script call), for the events Redis has (the `bo:events` set) only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from prometheus_client import Gauge
 from service import errors, live
 from service.catalog import event_status
 from service.context import Services
-from service.keys import OUTBOX_GROUP, event_keys
+from service.keys import EVENTS, OUTBOX_GROUP, event_keys
 from service.schemas import EventStatus, Timestamp
 from service.timefmt import from_ms
 
@@ -36,7 +38,7 @@ log = logging.getLogger("boxoffice.livefeed")
 # A reading once a second; and the refusals tallied in a process reach Redis as often.
 INTERVAL_SECONDS = 1.0
 # Events whose refusals one process adds to Redis per flush, at most (a client naming
-# made-up events cannot make a flush long: tally.lua ignores them anyway).
+# made-up events cannot make a flush long: only events Redis has are counted anyway).
 TALLY_EVENTS_MAX = 1000
 # Refusals counted elsewhere or of no event: an unknown event's 404 is its own answer.
 UNTALLIED = frozenset({"event_not_found", "not_found"})
@@ -391,14 +393,24 @@ class RefusalTally:
 
 
 async def flush(svc: Services, tally: RefusalTally) -> None:
-    for event_id, counts in tally.take().items():
-        args = [x for code, n in counts for x in (code, n)]
-        try:
-            await svc.scripts.call("tally", event_id, *args)
-        except Exception as e:
-            # Lost counts make a rate low for a second; they are not worth a retry queue.
-            if not errors.unavailable(e):
-                log.exception("tallying refusals of %s", event_id)
+    by_event = tally.take()
+    if not by_event:
+        return
+    event_ids = list(by_event)
+    try:
+        # Only events Redis has: a refusal naming another must not make keys for it.
+        present = await svc.redis.smismember(EVENTS, event_ids)
+        pipe = svc.redis.pipeline(transaction=False)
+        for event_id, loaded in zip(event_ids, present, strict=True):
+            if loaded:
+                stats = event_keys(event_id).stats
+                for code, n in by_event[event_id]:
+                    pipe.hincrby(stats, REFUSED + code, n)
+        await pipe.execute()
+    except Exception as e:
+        # Lost counts make a rate low for a second; they are not worth a retry queue.
+        if not errors.unavailable(e):
+            log.exception("tallying refusals")
 
 
 async def flush_every(svc: Services, tally: RefusalTally) -> None:

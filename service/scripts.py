@@ -32,7 +32,6 @@ NAMES = (
     "repair",
     "check_seats",
     "live",
-    "tally",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
