@@ -32,6 +32,7 @@ from litestar.openapi.spec import (
 )
 from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import Message, Receive, Scope, Send
@@ -42,9 +43,11 @@ from service import (
     bookings,
     catalog,
     customers,
+    dashboard,
     deadletters,
     errors,
     idempotency,
+    livefeed,
     metrics,
     ratelimit,
     reconcile,
@@ -724,6 +727,55 @@ async def discard_dead_letter(
     )
 
 
+# --- live view ----------------------------------------------------------------------------
+
+
+@get(
+    "/admin/events/{event_id:str}/live",
+    tags=["admin"],
+    guards=[admin_guard],
+    media_type="text/event-stream",
+    responses={
+        **_problems(errors.Unauthorized, errors.EventNotFound),
+        200: ResponseSpec(
+            livefeed.LiveFigures,
+            description="Server-Sent Events, one a second: each `data` is a LiveFigures"
+            " document; while Redis is away, `event: problem` with a problem document instead."
+            " Asked with `Accept: application/json` (and not `text/event-stream`): one"
+            " LiveFigures document, now, as `application/json`",
+            media_type="text/event-stream",
+            generate_examples=False,
+        ),
+    },
+)
+async def live_view(request: Request[Any, Any, Any], event_id: EventIdParam) -> Response[Any]:
+    """The event's figures once a second: per category capacity, available, held, sold;
+    holds, confirmations, releases, expiries, cancellations and refusals (by code) per
+    second; the waiting room; the write-behind backlog and lag. However many watch, each
+    API process reads an event once a second."""
+    feed: livefeed.Feed = request.app.state.feed
+    queue, first = await livefeed.first_reading(feed, _event(event_id))
+    if livefeed.wants_snapshot(request.headers.get("accept", "")):
+        feed.leave(event_id, queue)
+        return Response(first, media_type="application/json")
+    return ServerSentEvent(livefeed.stream(feed, event_id, queue, first))
+
+
+@get(
+    "/admin/dashboard",
+    tags=["admin"],
+    media_type="text/html; charset=utf-8",
+    responses=_problems(backends=False),
+)
+async def dashboard_route() -> Response[bytes]:
+    """The operator's live page (HTML). Served to anyone: it holds no figures, and the
+    admin token never reaches the server in a page request (the page reads it from the
+    URL fragment, `#token=…`, or asks, and keeps it in the browser session). Every figure
+    it shows comes from admin calls made with the token: without a valid one the page
+    shows that it was refused, and nothing else."""
+    return Response(dashboard.page(), headers=dashboard.HEADERS)
+
+
 # --- operations -------------------------------------------------------------------------
 
 
@@ -853,7 +905,8 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
     if not customer_tokens:  # `{}`: no token is also accepted
         customer_security = [{}, *customer_security]
     for path, method, op in _operations(app):
-        if path.startswith("/admin/"):
+        # The dashboard page is static and holds no figures: its data calls need the token.
+        if path.startswith("/admin/") and path != "/admin/dashboard":
             op.security = [{"bearer": []}]
         elif (path, method) in customer_ops:
             op.security = customer_security
@@ -898,6 +951,8 @@ def create_app(settings: Settings) -> Litestar:
         svc = Services.open(settings)
         app.state.svc = svc
         flusher = asyncio.get_running_loop().create_task(stats.flush_every())
+        app.state.feed = livefeed.Feed(svc)
+        tallier = asyncio.get_running_loop().create_task(livefeed.flush_every(svc, stats.tally))
         try:
             try:
                 await svc.start()
@@ -918,6 +973,8 @@ def create_app(settings: Settings) -> Litestar:
             yield
         finally:
             flusher.cancel()
+            tallier.cancel()
+            await app.state.feed.close()
             await svc.close()
 
     app = Litestar(
@@ -941,6 +998,8 @@ def create_app(settings: Settings) -> Litestar:
             health,
             ready,
             metrics_route,
+            live_view,
+            dashboard_route,
         ],
         lifespan=[lifespan],
         on_startup=[functools.partial(document, customer_tokens=tokens)],

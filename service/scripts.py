@@ -33,6 +33,7 @@ NAMES = (
     "repair",
     "check_seats",
     "rate",
+    "live",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
