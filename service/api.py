@@ -888,8 +888,9 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
     """What Litestar cannot be told per route: the admin's and the customers' bearer
     schemes, the Idempotency-Key header of every state-changing operation, the headers of
     answers. Run at start-up (and by service.apidoc); a second run changes nothing.
-    `customer_tokens`: BOXOFFICE_CUSTOMER_TOKEN_SECRET is set, so the customer scheme is
-    required on its operations rather than optional."""
+    `customer_tokens`: BOXOFFICE_CUSTOMER_TOKEN_SECRET is set, so the customer operations
+    require the customer scheme (without it they require nothing, and the scheme is only
+    described, for the deployment with tokens)."""
     schema = app.openapi_schema
     if schema.components and schema.components.security_schemes:
         return
@@ -900,16 +901,14 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
         ),
         "customer": _CUSTOMER_SCHEME,
     }
-    customer_ops = _customer_operations(app)
-    customer_security: list[dict[str, list[str]]] = [{"customer": []}]
-    if not customer_tokens:  # `{}`: no token is also accepted
-        customer_security = [{}, *customer_security]
+    # Without the secret no customer route asks for anything: its document says so.
+    customer_ops = _customer_operations(app) if customer_tokens else set()
     for path, method, op in _operations(app):
         # The dashboard page is static and holds no figures: its data calls need the token.
         if path.startswith("/admin/") and path != "/admin/dashboard":
             op.security = [{"bearer": []}]
         elif (path, method) in customer_ops:
-            op.security = customer_security
+            op.security = [{"customer": []}]
         if method != "get":
             op.parameters = [*(op.parameters or []), _IDEMPOTENCY_KEY]
         for status, response in (op.responses or {}).items():
