@@ -326,6 +326,11 @@ async def door(request: Request[Any, Any, Any]) -> None:
     its limit only to a body that is read), declared as anything but JSON is 415. A body
     without a Content-Type is taken for JSON. First of all, the per-address rate limits."""
     await rate_limit(request)
+    await entry(request)
+
+
+async def entry(request: Request[Any, Any, Any]) -> None:
+    """The door's checks of the request itself (see door)."""
     await check_params(request)
     declared = b"0"
     chunked = False
@@ -352,15 +357,16 @@ async def door(request: Request[Any, Any, Any]) -> None:
 def customer_door(
     verifier: customers.Verifier,
 ) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
-    """The door of an app with customer tokens on: a customer route's token is verified
-    first (401 before anything about the request itself), once, its customer kept for the
-    handler. Routes not marked `opt=customers.ROUTE` pay nothing more."""
+    """The door of an app with customer tokens on: after the per-address limit (a flood of
+    bad tokens meets it like any other), a customer route's token is verified (401 before
+    anything about the request itself), once, its customer kept for the handler. Routes
+    not marked `opt=customers.ROUTE` pay nothing more."""
 
     async def checked(request: Request[Any, Any, Any]) -> None:
         await rate_limit(request)
         if customers.is_customer_route(request.route_handler.opt):
             verifier.check(request.scope)
-        await door(request)
+        await entry(request)
 
     return checked
 

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -389,3 +390,27 @@ def test_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(10):
         assert verify.customer(f"Bearer {token(f'c{n}')}".encode()) == f"c{n}"
     assert len(verify._verified) == 3
+
+
+async def test_bad_tokens_meet_the_per_address_limit_first(settings: Settings) -> None:
+    """A flood of forged tokens costs a verification each: the per-address limit (when
+    set) refuses it before any is verified, like any other request."""
+    env = {
+        **server_env(settings),
+        "BOXOFFICE_CUSTOMER_TOKEN_SECRET": SECRET,
+        "BOXOFFICE_RATE_LIMIT_ADDRESS": "3",
+        "BOXOFFICE_RATE_LIMIT_ADDRESS_WINDOW_SECONDS": "60",
+        # The client is who the test says (its start-up polls count for 127.0.0.1).
+        "BOXOFFICE_TRUSTED_PROXIES": "127.0.0.1",
+    }
+    client = {"x-forwarded-for": f"198.18.{random.randrange(256)}.{random.randrange(256)}"}
+    server = ApiServer(env, workers=1)
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            path = "/events/no-such-event/holds/abc"
+            headers = {**client, **auth(BAD_TOKENS["wrongly signed"])}
+            statuses = [(await c.get(path, headers=headers)).status_code for _ in range(5)]
+    finally:
+        server.stop()
+    assert statuses == [401, 401, 401, 429, 429]
