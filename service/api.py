@@ -291,15 +291,31 @@ def _json_media_type(content_type: bytes) -> bool:
     return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
 
 
-# Where door() leaves the per-address limit's headers for add_rate_headers() to send.
+# Where rate_limit() leaves the per-address limit's headers for add_rate_headers() to
+# send; present (empty at first) once the request has been counted.
 _RATE_HEADERS_OF_SCOPE = "boxoffice.ratelimit"
+
+
+async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """The per-address limits (when set), once per request and before anything else about
+    it: in the admin guard (which Litestar runs before the door), else in the door, so
+    that a wrong admin or customer token is counted too. A refusal costs one Redis call."""
+    scope: dict[str, Any] = connection.scope  # type: ignore[assignment]
+    if _RATE_HEADERS_OF_SCOPE in scope:
+        return
+    scope[_RATE_HEADERS_OF_SCOPE] = {}
+    limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
+    if limits is not None and limits.enabled:
+        quota = await limits.check(connection.scope)
+        if quota is not None:
+            scope[_RATE_HEADERS_OF_SCOPE] = quota.headers()
 
 
 async def add_rate_headers(message: Message, scope: Scope) -> None:
     """The per-address limit's RateLimit headers on whatever the route answers; beside
     the customer limit's on a hold (each field a list, one item per policy)."""
     found: dict[str, str] | None = scope.get(_RATE_HEADERS_OF_SCOPE)  # type: ignore[assignment]
-    if found is None or message["type"] != "http.response.start":
+    if not found or message["type"] != "http.response.start":
         return
     headers = MutableScopeHeaders(message)
     for name, value in found.items():
@@ -311,18 +327,9 @@ async def door(request: Request[Any, Any, Any]) -> None:
     """The contract's rules for any request, whatever the route does with it: no NUL or
     unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
     its limit only to a body that is read), declared as anything but JSON is 415. A body
-    without a Content-Type is taken for JSON. First of all, the per-address rate limits
-    (when set): a refused request costs one Redis call and nothing else."""
-    await limit_address(request)
+    without a Content-Type is taken for JSON. First of all, the per-address rate limits."""
+    await rate_limit(request)
     await entry(request)
-
-
-async def limit_address(request: Request[Any, Any, Any]) -> None:
-    limits: ratelimit.AddressLimits | None = getattr(request.app.state, "limits", None)
-    if limits is not None and limits.enabled:
-        quota = await limits.check(request.scope)
-        if quota is not None:
-            request.scope[_RATE_HEADERS_OF_SCOPE] = quota.headers()  # type: ignore[literal-required]
 
 
 async def entry(request: Request[Any, Any, Any]) -> None:
@@ -359,7 +366,7 @@ def customer_door(
     not marked `opt=customers.ROUTE` pay nothing more."""
 
     async def checked(request: Request[Any, Any, Any]) -> None:
-        await limit_address(request)
+        await rate_limit(request)
         if customers.is_customer_route(request.route_handler.opt):
             verifier.check(request.scope)
         await entry(request)
@@ -367,7 +374,8 @@ def customer_door(
     return checked
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    await rate_limit(connection)  # before the token: guessing one is counted
     token: str = connection.app.state.svc.settings.admin_token
     scheme, _sep, given = connection.headers.get("authorization", "").partition(" ")
     # compare_digest: the time taken does not tell how much of the token was right.

@@ -428,6 +428,13 @@ async def test_admin_routes_have_their_own_limit(behind_proxy: httpx.AsyncClient
     other = _from("203.0.113.51")
     r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=ADMIN | other)
     assert r.status_code == 404, r.text
+    # Guessing the admin token is counted too (the limit comes before the guard's check).
+    guesser = _from("203.0.113.52") | {"authorization": "Bearer guess"}
+    for _ in range(PER_ADMIN):
+        r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=guesser)
+        assert r.status_code == 401, r.text
+    r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=guesser)
+    _assert_address_429(r, f'"admin";q={PER_ADMIN};w={WINDOW}')
 
 
 # --- on a Redis Cluster ------------------------------------------------------------------
