@@ -5,6 +5,7 @@
 --       [6] the booking record JSON from PostgreSQL, for a booking Redis no longer has ("" = none),
 --       then the Idempotency-Key allowances (optional, lib.lua)
 -- Returns JSON {status = "cancelled"}, or {err = code}. Cancelling twice changes nothing.
+-- Tickets coming back to an empty category are published (lib.lua, restocked).
 local cached = replay()
 if cached then return cached end
 if not loaded() then return NOT_LOADED end
@@ -22,7 +23,7 @@ if full then return full end
 local now = now_ms()
 for cat, n in pairs(b.q) do
   redis.call('HINCRBY', K.sold, cat, -n)
-  redis.call('HINCRBY', K.avail, cat, n)
+  add_stock(cat, n)
 end
 local mark = 'b:' .. b.id
 for _, label in ipairs(b.st or {}) do

@@ -7,7 +7,8 @@
 --       room, lib.lua; qapm "" = none)}. A room turned on or off starts from an empty
 --       queue: the old one's keys are unlinked (freed off the main thread, however big).
 -- Returns JSON {ok = 1}, or {err = code, ...}. A capacity change moves the difference into
--- or out of `avail` at once; it may not go below what is held plus sold.
+-- or out of `avail` at once; it may not go below what is held plus sold. Publishes the
+-- change (lib.lua, restocked).
 local cached = replay()
 if cached then return cached end
 if not loaded() then return NOT_LOADED end
@@ -42,4 +43,8 @@ end
 for _, field in ipairs({'status', 'on_sale_at', 'name', 'qapm', 'qttl', 'qopens'}) do
   if ch[field] ~= nil then redis.call('HSET', K.meta, field, ch[field]) end
 end
+-- Every change is published (rare, admin): a capacity raise puts tickets on sale, and a
+-- status change must reach the processes that answer `sold_out` on their own, so that
+-- they ask again and get what the event says now (not_on_sale comes before sold_out).
+restocked()
 return finish('{"ok":1}')

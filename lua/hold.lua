@@ -1,12 +1,16 @@
 -- hold.lua: reserve tickets, all or nothing.
 -- KEYS: the event keys (lib.lua), [17] this hold's TTL key (its expiry is what the
---       keyspace listener hears), then the Idempotency-Key counts and record (optional, last)
+--       keyspace listener hears), [18] the customer's rate-limit key (keys.py), then the
+--       Idempotency-Key counts and record (optional, last)
 -- ARGV: common [1..4] (lib.lua), [5] hold id, [6] customer id,
---       [7] items JSON [[category, quantity], ...], [8] seat labels JSON [label, ...]
--- Returns JSON: the hold record; or {err = code, ...} (not_on_sale adds the event's
--- status and on_sale_at ms, absent when none); or {err = "retry"} when overdue
--- holds beyond the reclaim batch may be what stands in the way (the caller reclaims
--- and calls again, so an expired hold never blocks a sale).
+--       [7] items JSON [[category, quantity], ...], [8] seat labels JSON [label, ...],
+--       [9] hold attempts a customer may make per window (0: no limit), [10] window, ms
+-- Returns JSON: the hold record, followed (when the customer limit is on) by
+-- "\n<remaining> <reset seconds>"; or {err = code, ...} (not_on_sale adds the event's
+-- status and on_sale_at ms, absent when none; rate_limited adds policy "customer" and
+-- retry_after seconds); or {err = "retry"} when overdue holds beyond the reclaim batch
+-- may be what stands in the way (the caller reclaims and calls again, so an expired hold
+-- never blocks a sale).
 local cached = replay()
 if cached then return cached end
 -- Read once, and also the test of whether the event is loaded (a loaded one has a status).
@@ -17,6 +21,15 @@ local existing = redis.call('HGET', K.holds, id)
 if existing then return existing end -- the client library retried this very call
 
 local now = now_ms()
+-- Every attempt that reaches a decision counts, refusals too: a bot looping on sold_out
+-- meets the limit like one looping on holds. A replay (above) does not count.
+local rate = rate_take(KEYS[NKEYS + 2], tonumber(ARGV[9]), tonumber(ARGV[10]), now)
+if not rate.ok then return rate_refusal('customer', rate) end
+-- Called again once the overdue holds are reclaimed: counted then, not now.
+local function retry()
+  rate_give_back(rate)
+  return RETRY
+end
 local more = reclaim(now, RECLAIM_BATCH)
 local items, seats = cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
 
@@ -48,15 +61,8 @@ if n > tonumber(m[4]) then return unchanged(fail('too_many', {max_per_order = to
 if m[1] ~= 'on_sale' or (m[2] ~= '' and now < tonumber(m[2])) then
   return unchanged(fail('not_on_sale', {status = m[1], on_sale_at = tonumber(m[2])}))
 end
-if m[5] ~= '' then
-  local has = tonumber(redis.call('HGET', K.cust, customer) or '0')
-  if has + n > tonumber(m[5]) then
-    if more then return RETRY end -- some of what counts against the customer may be overdue
-    return unchanged(fail('customer_limit', {remaining = math.max(0, tonumber(m[5]) - has)}))
-  end
-end
 if #taken > 0 then
-  if more then return RETRY end
+  if more then return retry() end
   return unchanged(fail('seats_unavailable', {seats = taken}))
 end
 local short, total = {}, 0
@@ -66,12 +72,24 @@ for cat, k in pairs(q) do
   total = total + k * cats[cat].p
 end
 if next(short) ~= nil then
-  if more then return RETRY end
+  if more then return retry() end
   return unchanged(fail('sold_out', {available = short}))
+end
+-- After sold_out: an API process that knows the categories sold out answers sold_out
+-- itself, without knowing the customer (service/soldout.py), and so must the script.
+if m[5] ~= '' then
+  local has = tonumber(redis.call('HGET', K.cust, customer) or '0')
+  if has + n > tonumber(m[5]) then
+    if more then return retry() end -- some of what counts against the customer may be overdue
+    return unchanged(fail('customer_limit', {remaining = math.max(0, tonumber(m[5]) - has)}))
+  end
 end
 
 local full = idem_full()
-if full then return full end
+if full then
+  rate_give_back(rate)
+  return full
+end
 
 -- Reserve: named seats first, then the best available of each seated category.
 for cat, k in pairs(q) do
@@ -106,4 +124,4 @@ redis.call('HSET', K.holds, id, record)
 redis.call('HINCRBY', K.stats, 'created', 1)
 redis.call('ZADD', K.deadlines, now + ttl_ms, id)
 redis.call('SET', KEYS[NKEYS + 1], '1', 'PX', ttl_ms)
-return finish(record)
+return with_rate(finish(record), rate)

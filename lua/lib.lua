@@ -55,11 +55,29 @@ local function seat_position(label)
   return tonumber(string.match(redis.call('HGET', K.seatmap, label), '^(%d+):'))
 end
 
+-- Tickets may be on sale again: tell every API process, which then forgets that the
+-- event was sold out (service/soldout.py). At most once per call, on the event's shard
+-- channel: SPUBLISH stays in the event's slot on a cluster, and works on a single node
+-- too. Its name is the event's tag and ':restock' (service/keys.py restock_channel).
+local restock_told = false
+local function restocked()
+  if restock_told then return end
+  restock_told = true
+  redis.call('SPUBLISH', string.sub(K.meta, 1, -5) .. 'restock', '1')
+end
+
+-- Add n tickets to a category's stock; told only when it was empty: an API process only
+-- ever marks a category sold out after seeing it at 0, and from 0 any increase crosses.
+local function add_stock(cat, n)
+  local a = redis.call('HINCRBY', K.avail, cat, n)
+  if a > 0 and a - n <= 0 then restocked() end
+end
+
 -- Put a live hold's tickets back on sale and record how it ended.
 local function end_hold(h, status, now)
   for cat, n in pairs(h.q) do
     redis.call('HINCRBY', K.held, cat, -n)
-    redis.call('HINCRBY', K.avail, cat, n)
+    add_stock(cat, n)
   end
   for _, label in ipairs(h.st or {}) do
     redis.call('HDEL', K.seatstate, label)
@@ -159,11 +177,17 @@ local function loaded() return redis.call('EXISTS', K.meta) == 1 end
 
 -- The hold a confirm or release names; or, instead, the reply to give at once (a replayed
 -- Idempotency-Key, an event not loaded, no such hold).
-local function named_hold(hold_id)
+-- `customer`: the caller's customer token's ("" = tokens off, anyone's hold): another
+-- customer's hold is not found, as if it did not exist.
+local function named_hold(hold_id, customer)
   local cached = replay()
   if cached then return nil, cached end
   local raw = redis.call('HGET', K.holds, hold_id)
-  if raw then return cjson.decode(raw), nil end
+  if raw then
+    local h = cjson.decode(raw)
+    if customer ~= '' and h.c ~= customer then return nil, fail('hold_not_found') end
+    return h, nil
+  end
   -- Only a miss asks whether the event is loaded at all: one call fewer on the hot path.
   if not loaded() then return nil, NOT_LOADED end
   -- Not remembered: hold ids are the server's own, 128-bit, so a repeat gets this 404 anyway.
@@ -364,4 +388,64 @@ local function ticket_view(q, rm, room, ticket, rec, now)
   v.s = 'waiting'
   v.e = math.ceil((rank - room.frac) * 60 / rm.apm)
   return v
+end
+
+-- Rate limits (GCRA, the generic cell rate algorithm): `limit` attempts per `window_ms`,
+-- as a burst of up to `limit` at once, then one more every window/limit. No window edge
+-- to burst across: the key holds one number, the "theoretical arrival time" (TAT) of the
+-- next attempt, and lives no longer than it matters. A refused attempt counts too (the
+-- time is pushed on, at most one window ahead): a client that tries again before its
+-- Retry-After stays limited, so a loop without pauses gets nothing, while one that waits
+-- as told gets the rate the limit allows. No human meets either.
+-- Returns a table: ok, remaining (attempts left now), reset_ms (until the whole quota is
+-- back; when refused, until the next attempt is allowed), and what give_back needs.
+local function rate_take(key, limit, window_ms, now)
+  if limit <= 0 then return {ok = true} end
+  local interval = window_ms / limit
+  local before = redis.call('GET', key)
+  local tat = math.max(tonumber(before or '0'), now)
+  local next_tat = tat + interval
+  local allowed_at = next_tat - window_ms
+  -- 0.01 ms of slack: window/limit need not be a whole number of ms, and the stored time
+  -- is rounded, so attempts in the same ms would otherwise lose one to rounding.
+  if allowed_at - now > 0.01 then
+    local counted = math.max(tat, math.min(next_tat, now + window_ms))
+    if counted > tat then
+      redis.call('SET', key, string.format('%.3f', counted), 'PX', math.max(1, math.ceil(counted - now)))
+    end
+    local wait = counted + interval - window_ms - now
+    return {ok = false, remaining = 0, reset_ms = wait, limit = limit, window_ms = window_ms}
+  end
+  -- At least 1 ms: an interval far below a ms may vanish in the time's rounding.
+  redis.call('SET', key, string.format('%.3f', next_tat), 'PX', math.max(1, math.ceil(next_tat - now)))
+  local remaining = math.min(limit - 1, math.max(0, math.floor((now - allowed_at) / interval + 1e-6)))
+  return {ok = true, remaining = remaining, reset_ms = next_tat - now, key = key, before = before, now = now}
+end
+
+-- Undo a rate_take whose request turned out to change nothing for another reason (it is
+-- called again, or refused as rate_limited by another limit): the attempt is not counted.
+local function rate_give_back(taken)
+  if not taken.key then return end
+  if taken.before and tonumber(taken.before) > taken.now then
+    redis.call('SET', taken.key, taken.before, 'PX', math.ceil(tonumber(taken.before) - taken.now))
+  else
+    redis.call('DEL', taken.key)
+  end
+end
+
+-- "<reply>\n<remaining> <seconds until the quota is whole>": what the API turns into the
+-- RateLimit header of a success. No reply contains a raw newline (cjson escapes it).
+local function with_rate(reply, taken)
+  if not taken.key then return reply end
+  return reply .. '\n' .. taken.remaining .. ' ' .. math.ceil(taken.reset_ms / 1000)
+end
+
+-- The 429 of a rate limit (with the policy, for the RateLimit-Policy header), never
+-- remembered under an Idempotency-Key: the same request, repeated once the limit allows
+-- it, is answered anew.
+local function rate_refusal(policy, taken)
+  return fail('rate_limited', {
+    policy = policy, quota = taken.limit, window = math.ceil(taken.window_ms / 1000),
+    retry_after = math.max(1, math.ceil(taken.reset_ms / 1000)),
+  })
 end

@@ -69,4 +69,6 @@ for _, c in ipairs(cjson.decode(ARGV[9])) do
   redis.call('HSET', K.held, c.name, 0)
   redis.call('HSET', K.sold, c.name, s)
 end
+-- A process may remember the event sold out from before Redis lost it (lib.lua, restocked).
+restocked()
 return done('ok')

@@ -33,6 +33,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now)) do
   redis.call('ZREM', K.deadlines, id)
 end
 local out = rebuild(now)
+restocked() -- stock may have come back: published (lib.lua)
 out.before = before
 out.expired = expired
 return cjson.encode(out)

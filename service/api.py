@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
-from litestar.datastructures import ResponseHeader
+from litestar.datastructures import MutableScopeHeaders, ResponseHeader
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.handlers import BaseRouteHandler
+from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
@@ -31,19 +32,24 @@ from litestar.openapi.spec import (
 )
 from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from litestar.types import Receive, Scope, Send
+from litestar.types import Message, Receive, Scope, Send
 from litestar.utils import normalize_path
 
 from service import (
     bodies,
     bookings,
     catalog,
+    customers,
+    dashboard,
     deadletters,
     errors,
     idempotency,
+    livefeed,
     metrics,
+    ratelimit,
     reconcile,
     sales,
     schemas,
@@ -224,8 +230,10 @@ def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return problem(request, errors.BoxofficeError("unexpected error; nothing was changed"))
 
 
-# What any route may answer: no such route or method, a body too large or not JSON, a bug.
+# What any route may answer: no such route or method, a body too large or not JSON, a
+# per-address rate limit, a bug.
 _ANY_ROUTE = (
+    errors.RateLimited,
     errors.NotFound,
     errors.MethodNotAllowed,
     errors.PayloadTooLarge,
@@ -279,7 +287,9 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    return idempotency.fingerprint(key, request.method, request.url.path, await request.body())
+    return idempotency.fingerprint(
+        key, request.method, request.url.path, await request.body(), customers.of(request)
+    )
 
 
 # Handlers that read their body; for the others the body is read only to apply the limit.
@@ -291,11 +301,49 @@ def _json_media_type(content_type: bytes) -> bool:
     return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
 
 
+# Where rate_limit() leaves the per-address limit's headers for add_rate_headers() to
+# send; present (empty at first) once the request has been counted.
+_RATE_HEADERS_OF_SCOPE = "boxoffice.ratelimit"
+
+
+async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """The per-address limits (when set), once per request and before anything else about
+    it: in the admin guard (which Litestar runs before the door), else in the door, so
+    that a wrong admin or customer token is counted too. A refusal costs one Redis call."""
+    scope: dict[str, Any] = connection.scope  # type: ignore[assignment]
+    if _RATE_HEADERS_OF_SCOPE in scope:
+        return
+    scope[_RATE_HEADERS_OF_SCOPE] = {}
+    limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
+    if limits is not None and limits.enabled:
+        quota = await limits.check(connection.scope)
+        if quota is not None:
+            scope[_RATE_HEADERS_OF_SCOPE] = quota.headers()
+
+
+async def add_rate_headers(message: Message, scope: Scope) -> None:
+    """The per-address limit's RateLimit headers on whatever the route answers; beside
+    the customer limit's on a hold (each field a list, one item per policy)."""
+    found: dict[str, str] | None = scope.get(_RATE_HEADERS_OF_SCOPE)  # type: ignore[assignment]
+    if not found or message["type"] != "http.response.start":
+        return
+    headers = MutableScopeHeaders(message)
+    for name, value in found.items():
+        given = headers.get(name)
+        headers[name] = f"{value}, {given}" if given else value
+
+
 async def door(request: Request[Any, Any, Any]) -> None:
     """The contract's rules for any request, whatever the route does with it: no NUL or
     unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
     its limit only to a body that is read), declared as anything but JSON is 415. A body
-    without a Content-Type is taken for JSON."""
+    without a Content-Type is taken for JSON. First of all, the per-address rate limits."""
+    await rate_limit(request)
+    await entry(request)
+
+
+async def entry(request: Request[Any, Any, Any]) -> None:
+    """The door's checks of the request itself (see door)."""
     await check_params(request)
     declared = b"0"
     chunked = False
@@ -319,7 +367,25 @@ async def door(request: Request[Any, Any, Any]) -> None:
         await request.body()  # raises 413 past the limit
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def customer_door(
+    verifier: customers.Verifier,
+) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """The door of an app with customer tokens on: after the per-address limit (a flood of
+    bad tokens meets it like any other), a customer route's token is verified (401 before
+    anything about the request itself), once, its customer kept for the handler. Routes
+    not marked `opt=customers.ROUTE` pay nothing more."""
+
+    async def checked(request: Request[Any, Any, Any]) -> None:
+        await rate_limit(request)
+        if customers.is_customer_route(request.route_handler.opt):
+            verifier.check(request.scope)
+        await entry(request)
+
+    return checked
+
+
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    await rate_limit(connection)  # before the token: guessing one is counted
     token: str = connection.app.state.svc.settings.admin_token
     scheme, _sep, given = connection.headers.get("authorization", "").partition(" ")
     # compare_digest: the time taken does not tell how much of the token was right.
@@ -366,14 +432,18 @@ async def list_seats(
     return await sales.list_seats(_svc(request), _event(event_id), category, status, limit, cursor)
 
 
-@post(
-    "/events/{event_id:str}/holds",
-    tags=["holds"],
-    status_code=201,
-    response_headers=[_location("/events/{event_id}/holds/{hold_id}")],
-    responses=_problems(
+# The hold route, as each of its two handlers below declares it.
+_HOLD_ROUTE: dict[str, Any] = {
+    "path": "/events/{event_id:str}/holds",
+    "tags": ["holds"],
+    "status_code": 201,
+    "opt": customers.ROUTE,
+    "response_headers": [_location("/events/{event_id}/holds/{hold_id}")],
+    "responses": _problems(
         errors.UnknownCategory,
         errors.UnknownSeat,
+        errors.Unauthorized,
+        errors.CustomerMismatch,
         errors.EventNotFound,
         errors.NotOnSale,
         errors.SoldOut,
@@ -384,36 +454,67 @@ async def list_seats(
         errors.IdempotencyKeyReused,
         errors.RateLimited,
     ),
-)
+}
+
+
+async def _hold(
+    request: Request[Any, Any, Any],
+    event_id: str,
+    data: schemas.HoldCreate,
+    boxoffice_pass: str | None,
+) -> Response[schemas.Hold]:
+    customer = customers.body_customer(request, data.customer_id)
+    if customer is not None:
+        data.customer_id = customer
+    svc = _svc(request)
+    await waitingroom.require_pass(svc, _event(event_id), data.customer_id, boxoffice_pass)
+    hold, quota = await sales.create_hold_counted(svc, event_id, data, await _idempotency(request))
+    headers = {"location": f"/events/{event_id}/holds/{hold.hold_id}"}
+    if quota is not None:
+        headers.update(quota.headers())
+    return Response(hold, status_code=201, headers=headers)
+
+
+@post(**_HOLD_ROUTE)
 async def create_hold(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
     data: schemas.HoldCreate,
     boxoffice_pass: PassHeader = None,
 ) -> Response[schemas.Hold]:
-    svc = _svc(request)
-    await waitingroom.require_pass(svc, _event(event_id), data.customer_id, boxoffice_pass)
-    hold = await sales.create_hold(svc, event_id, data, await _idempotency(request))
-    location = f"/events/{event_id}/holds/{hold.hold_id}"
-    return Response(hold, status_code=201, headers={"location": location})
+    return await _hold(request, event_id, data, boxoffice_pass)
+
+
+# The same route when customer tokens are on: the body may leave `customer_id` out.
+@post(**_HOLD_ROUTE)
+async def create_customer_hold(
+    request: Request[Any, Any, Any],
+    event_id: EventIdParam,
+    data: schemas.CustomerHoldCreate,
+    boxoffice_pass: PassHeader = None,
+) -> Response[schemas.Hold]:
+    return await _hold(request, event_id, data, boxoffice_pass)
 
 
 @get(
     "/events/{event_id:str}/holds/{hold_id:str}",
     tags=["holds"],
-    responses=_problems(errors.EventNotFound, errors.HoldNotFound),
+    opt=customers.ROUTE,
+    responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.HoldNotFound),
 )
 async def get_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
 ) -> schemas.Hold:
-    return await sales.get_hold(_svc(request), _event(event_id), hold_id)
+    return await sales.get_hold(_svc(request), _event(event_id), hold_id, customers.of(request))
 
 
 @post(
     "/events/{event_id:str}/holds/{hold_id:str}/confirm",
     tags=["holds"],
     status_code=200,
+    opt=customers.ROUTE,
     responses=_problems(
+        errors.Unauthorized,
         errors.EventNotFound,
         errors.HoldNotFound,
         errors.HoldReleased,
@@ -435,13 +536,16 @@ async def confirm_hold(
         hold_id,
         data or schemas.HoldConfirm(),
         await _idempotency(request),
+        customers.of(request),
     )
 
 
 @delete(
     "/events/{event_id:str}/holds/{hold_id:str}",
     tags=["holds"],
+    opt=customers.ROUTE,
     responses=_problems(
+        errors.Unauthorized,
         errors.EventNotFound,
         errors.HoldNotFound,
         errors.HoldConfirmed,
@@ -452,18 +556,27 @@ async def confirm_hold(
 async def release_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
 ) -> None:
-    await sales.release_hold(_svc(request), _event(event_id), hold_id, await _idempotency(request))
+    await sales.release_hold(
+        _svc(request),
+        _event(event_id),
+        hold_id,
+        await _idempotency(request),
+        customers.of(request),
+    )
 
 
 @get(
     "/events/{event_id:str}/bookings/{booking_id:str}",
     tags=["bookings"],
-    responses=_problems(errors.EventNotFound, errors.BookingNotFound),
+    opt=customers.ROUTE,
+    responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.BookingNotFound),
 )
 async def get_booking(
     request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: str
 ) -> schemas.Booking:
-    return await bookings.get_booking(_svc(request), _event(event_id), booking_id)
+    return await bookings.get_booking(
+        _svc(request), _event(event_id), booking_id, customers.of(request)
+    )
 
 
 # --- the waiting room ------------------------------------------------------------------
@@ -473,8 +586,11 @@ async def get_booking(
     "/events/{event_id:str}/queue",
     tags=["waiting room"],
     status_code=201,
+    opt=customers.ROUTE,
     response_headers=[_location("/events/{event_id}/queue/{ticket}")],
     responses=_problems(
+        errors.Unauthorized,
+        errors.CustomerMismatch,
         errors.EventNotFound,
         errors.NoWaitingRoom,
         errors.QueueNotOpen,
@@ -490,8 +606,9 @@ async def join_queue(
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
     put in a uniformly random order at that moment, ahead of later arrivals."""
+    customer = customers.body_customer(request, data.customer_id) or data.customer_id
     ticket, _new = await waitingroom.join(
-        _svc(request), _event(event_id), data.customer_id, await _idempotency(request)
+        _svc(request), _event(event_id), customer, await _idempotency(request)
     )
     location = f"/events/{event_id}/queue/{ticket.ticket}"
     return Response(ticket, status_code=201, headers={"location": location})
@@ -500,20 +617,23 @@ async def join_queue(
 @get(
     "/events/{event_id:str}/queue/{ticket:str}",
     tags=["waiting room"],
-    responses=_problems(errors.EventNotFound, errors.TicketNotFound),
+    opt=customers.ROUTE,
+    responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.TicketNotFound),
 )
 async def poll_queue(
     request: Request[Any, Any, Any], event_id: EventIdParam, ticket: TicketParam
 ) -> schemas.QueueTicket:
     """The ticket now. Once `admitted` it carries the pass that holds need; ask again
     after `poll_after_seconds` until then."""
-    return await waitingroom.poll(_svc(request), _event(event_id), ticket)
+    return await waitingroom.poll(_svc(request), _event(event_id), ticket, customers.of(request))
 
 
 @delete(
     "/events/{event_id:str}/queue/{ticket:str}",
     tags=["waiting room"],
+    opt=customers.ROUTE,
     responses=_problems(
+        errors.Unauthorized,
         errors.EventNotFound,
         errors.TicketNotFound,
         errors.IdempotencyKeyReused,
@@ -525,7 +645,13 @@ async def leave_queue(
 ) -> None:
     """Leave the waiting room (again: `204`, nothing changes). An admitted ticket's pass
     stays valid until it expires."""
-    await waitingroom.leave(_svc(request), _event(event_id), ticket, await _idempotency(request))
+    await waitingroom.leave(
+        _svc(request),
+        _event(event_id),
+        ticket,
+        await _idempotency(request),
+        customers.of(request),
+    )
 
 
 # --- admin routes -----------------------------------------------------------------------
@@ -718,6 +844,55 @@ async def discard_dead_letter(
     )
 
 
+# --- live view ----------------------------------------------------------------------------
+
+
+@get(
+    "/admin/events/{event_id:str}/live",
+    tags=["admin"],
+    guards=[admin_guard],
+    media_type="text/event-stream",
+    responses={
+        **_problems(errors.Unauthorized, errors.EventNotFound),
+        200: ResponseSpec(
+            livefeed.LiveFigures,
+            description="Server-Sent Events, one a second: each `data` is a LiveFigures"
+            " document; while Redis is away, `event: problem` with a problem document instead."
+            " Asked with `Accept: application/json` (and not `text/event-stream`): one"
+            " LiveFigures document, now, as `application/json`",
+            media_type="text/event-stream",
+            generate_examples=False,
+        ),
+    },
+)
+async def live_view(request: Request[Any, Any, Any], event_id: EventIdParam) -> Response[Any]:
+    """The event's figures once a second: per category capacity, available, held, sold;
+    holds, confirmations, releases, expiries, cancellations and refusals (by code) per
+    second; the waiting room; the write-behind backlog and lag. However many watch, each
+    API process reads an event once a second."""
+    feed: livefeed.Feed = request.app.state.feed
+    queue, first = await livefeed.first_reading(feed, _event(event_id))
+    if livefeed.wants_snapshot(request.headers.get("accept", "")):
+        feed.leave(event_id, queue)
+        return Response(first, media_type="application/json")
+    return ServerSentEvent(livefeed.stream(feed, event_id, queue, first))
+
+
+@get(
+    "/admin/dashboard",
+    tags=["admin"],
+    media_type="text/html; charset=utf-8",
+    responses=_problems(backends=False),
+)
+async def dashboard_route() -> Response[bytes]:
+    """The operator's live page (HTML). Served to anyone: it holds no figures, and the
+    admin token never reaches the server in a page request (the page reads it from the
+    URL fragment, `#token=…`, or asks, and keeps it in the browser session). Every figure
+    it shows comes from admin calls made with the token: without a valid one the page
+    shows that it was refused, and nothing else."""
+    return Response(dashboard.page(), headers=dashboard.HEADERS)
+
+
 # --- operations -------------------------------------------------------------------------
 
 
@@ -774,10 +949,22 @@ _RETRY_AFTER_IN_PROGRESS = OpenAPIHeader(
     description="Seconds to wait before trying again; sent with `idempotency_in_progress`"
     " only, not with the other codes of this status",
 )
+_RATELIMIT_POLICY = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='The rate limits that apply (IETF draft "RateLimit header fields for HTTP"),'
+    ' e.g. `"customer";q=20;w=60`: q attempts per w seconds; sent by a rate limit, not with'
+    " the Idempotency-Key budget's 429",
+)
+_RATELIMIT = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.STRING),
+    description='What is left of each, e.g. `"customer";r=0;t=12`: r attempts left, t seconds'
+    " until the quota is whole again (on a 429: until the next attempt, as Retry-After)",
+)
+_RATE_HEADERS = {"RateLimit-Policy": _RATELIMIT_POLICY, "RateLimit": _RATELIMIT}
 _HEADERS_OF_STATUS = {
     "401": {"WWW-Authenticate": OpenAPIHeader(schema=Schema(const="Bearer"))},
     "409": {"Retry-After": _RETRY_AFTER},
-    "429": {"Retry-After": _RETRY_AFTER},
+    "429": {"Retry-After": _RETRY_AFTER, **_RATE_HEADERS},
     "503": {"Retry-After": _RETRY_AFTER},
 }
 
@@ -792,10 +979,35 @@ def _operations(app: Litestar) -> list[tuple[str, str, Operation]]:
     return found
 
 
-def document(app: Litestar) -> None:
-    """What Litestar cannot be told per route: the admin's bearer scheme, the
-    Idempotency-Key header of every state-changing operation, the headers of answers.
-    Run at start-up (and by service.apidoc); a second run changes nothing."""
+_CUSTOMER_SCHEME = SecurityScheme(
+    type="http",
+    scheme="bearer",
+    bearer_format="JWT",
+    description="A customer token: a JWT signed HS256 with `BOXOFFICE_CUSTOMER_TOKEN_SECRET` "
+    "(issued by the shop's login), `sub` the customer id, `exp` in the future. Needed only "
+    "when that secret is set; then a body's `customer_id` may be left out and must otherwise "
+    "be `sub` (403 `customer_mismatch`), and another customer's holds and bookings answer "
+    "404. Without the secret the service trusts the body's `customer_id` (a trusted backend).",
+)
+
+
+def _customer_operations(app: Litestar) -> set[tuple[str, str]]:
+    """(path, method) of the routes marked `opt=customers.ROUTE`."""
+    found = set()
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if isinstance(handler, HTTPRouteHandler) and customers.is_customer_route(handler.opt):
+                found |= {(route.path_format, m.lower()) for m in handler.http_methods}
+    return found
+
+
+def document(app: Litestar, customer_tokens: bool = False) -> None:
+    """What Litestar cannot be told per route: the admin's and the customers' bearer
+    schemes, the Idempotency-Key header of every state-changing operation, the headers of
+    answers. Run at start-up (and by service.apidoc); a second run changes nothing.
+    `customer_tokens`: BOXOFFICE_CUSTOMER_TOKEN_SECRET is set, so the customer operations
+    require the customer scheme (without it they require nothing, and the scheme is only
+    described, for the deployment with tokens)."""
     schema = app.openapi_schema
     if schema.components and schema.components.security_schemes:
         return
@@ -803,11 +1015,17 @@ def document(app: Litestar) -> None:
     schema.components.security_schemes = {
         "bearer": SecurityScheme(
             type="http", scheme="bearer", description="The admin token, `BOXOFFICE_ADMIN_TOKEN`"
-        )
+        ),
+        "customer": _CUSTOMER_SCHEME,
     }
+    # Without the secret no customer route asks for anything: its document says so.
+    customer_ops = _customer_operations(app) if customer_tokens else set()
     for path, method, op in _operations(app):
-        if path.startswith("/admin/"):
+        # The dashboard page is static and holds no figures: its data calls need the token.
+        if path.startswith("/admin/") and path != "/admin/dashboard":
             op.security = [{"bearer": []}]
+        elif (path, method) in customer_ops:
+            op.security = [{"customer": []}]
         if method != "get":
             op.parameters = [*(op.parameters or []), _IDEMPOTENCY_KEY]
         for status, response in (op.responses or {}).items():
@@ -819,12 +1037,20 @@ def document(app: Litestar) -> None:
                 headers = {}
             elif status == "409" and "` or `" in response.description:
                 headers = {"Retry-After": _RETRY_AFTER_IN_PROGRESS}
+            if status == "201" and path.endswith("/holds"):
+                headers = _RATE_HEADERS  # the customer's hold-attempt limit, when on
             response.headers = {**(response.headers or {}), **headers} or None
             location = (response.headers or {}).get("Location")
             if isinstance(location, OpenAPIHeader):  # Litestar gives it no schema
                 location.schema = Schema(
                     type=OpenAPIType.STRING, format=OpenAPIFormat.URI_REFERENCE
                 )
+    # "" is how CustomerHoldCreate says "left out", not a value to send.
+    hold_body = (schema.components.schemas or {}).get("CustomerHoldCreate")
+    if hold_body is not None and hold_body.properties:
+        customer_id = hold_body.properties["customer_id"]
+        if isinstance(customer_id, Schema):
+            customer_id.default = None
     # Litestar documents every `data` as required; the confirm body may be left out.
     confirm = schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
     if confirm.post is not None and isinstance(confirm.post.request_body, RequestBody):
@@ -833,12 +1059,16 @@ def document(app: Litestar) -> None:
 
 def create_app(settings: Settings) -> Litestar:
     stats = metrics.HttpStats()
+    tokens = bool(settings.customer_token_secret)
+    verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         svc = Services.open(settings)
         app.state.svc = svc
         flusher = asyncio.get_running_loop().create_task(stats.flush_every())
+        app.state.feed = livefeed.Feed(svc)
+        tallier = asyncio.get_running_loop().create_task(livefeed.flush_every(svc, stats.tally))
         try:
             try:
                 await svc.start()
@@ -847,15 +1077,20 @@ def create_app(settings: Settings) -> Litestar:
                 if not errors.unavailable(e):
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
+            svc.sold_out.start(svc.scripts)
             # Everything built so far lives as long as the process. Left to the collector,
             # it is traversed again by every full collection, a 50 ms pause about once a
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
+            # After start(): on a cluster, svc.scripts is the cluster's.
+            app.state.limits = ratelimit.AddressLimits(settings, svc.scripts)
             server.mark_started()
             yield
         finally:
             flusher.cancel()
+            tallier.cancel()
+            await app.state.feed.close()
             await svc.close()
 
     app = Litestar(
@@ -863,7 +1098,7 @@ def create_app(settings: Settings) -> Litestar:
             list_events,
             get_event,
             list_seats,
-            create_hold,
+            create_customer_hold if tokens else create_hold,
             get_hold,
             confirm_hold,
             release_hold,
@@ -883,10 +1118,13 @@ def create_app(settings: Settings) -> Litestar:
             health,
             ready,
             metrics_route,
+            live_view,
+            dashboard_route,
         ],
         lifespan=[lifespan],
-        on_startup=[document],
-        before_request=door,
+        on_startup=[functools.partial(document, customer_tokens=tokens)],
+        before_request=door if verifier is None else customer_door(verifier),
+        before_send=[add_rate_headers],
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

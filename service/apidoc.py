@@ -33,6 +33,13 @@ answers, and `409 idempotency_in_progress`, carry `Retry-After` (seconds); `201`
 carry `Location`; `401` carries `WWW-Authenticate: Bearer`.
 
 Admin operations (under `/admin/`) need `Authorization: Bearer <BOXOFFICE_ADMIN_TOKEN>`.
+With `BOXOFFICE_CUSTOMER_TOKEN_SECRET` set, customer operations (every `POST` and `DELETE`
+under `/events/{event_id}/`, and reading a hold or a booking) need `Authorization: Bearer
+<JWT>`, a customer token signed HS256 with that secret whose `sub` is the customer id:
+then a body's `customer_id` may be left out (it is `sub`) and must otherwise be `sub`
+(`403 customer_mismatch`), another customer's holds and bookings answer `404`, and
+Idempotency-Keys are the customer's own. Without the secret the service trusts the
+body's `customer_id`, as behind a trusted backend.
 Every state-changing operation takes an optional `Idempotency-Key` header: a repeat with
 the same body (compared as JSON values) within 24 hours gets the first answer again.
 
@@ -84,8 +91,11 @@ def _operation(method: str, path: str, op: dict[str, Any]) -> list[str]:
     out = [f"### `{method.upper()} {path}`", ""]
     if op.get("description"):
         out += [_oneline(op["description"]), ""]
-    if op.get("security"):
+    schemes = {name for requirement in op.get("security", []) for name in requirement}
+    if "bearer" in schemes:
         out += ["Admin: needs the bearer token.", ""]
+    if "customer" in schemes:
+        out += ["Customer: needs the customer's token.", ""]
     params = op.get("parameters", [])
     if params:
         out += ["| parameter | in | required | type | description |", "|---|---|---|---|---|"]

@@ -32,16 +32,22 @@ async def _from_postgres(svc: Services, event_id: str, booking_id: str) -> Booki
     return await ledger.find(svc, event_id, bid)
 
 
-async def get_booking(svc: Services, event_id: str, booking_id: str) -> schemas.Booking:
+async def get_booking(
+    svc: Services, event_id: str, booking_id: str, customer: str | None = None
+) -> schemas.Booking:
+    """`customer`: the customer token's (tokens on): another's booking is not found."""
+    missing = errors.BookingNotFound(f"no booking {booking_id!r} in this event")
     raw = await svc.redis.hget(event_keys(event_id).bookings, booking_id)
     if raw is None:
         await ensure_loaded(svc, event_id)  # event_not_found comes before booking_not_found
         stored = await _from_postgres(svc, event_id, booking_id)
-        if stored is None:
-            raise errors.BookingNotFound(f"no booking {booking_id!r} in this event")
+        if stored is None or (customer is not None and stored.c != customer):
+            raise missing
         return booking_view(event_id, stored, persisted=True)
-    stored = await _from_postgres(svc, event_id, booking_id)
     live = decode_booking(raw)
+    if customer is not None and live.c != customer:
+        raise missing
+    stored = await _from_postgres(svc, event_id, booking_id)
     # Persisted: PostgreSQL has it, in the state Redis shows (a cancellation counts too).
     return booking_view(event_id, live, persisted=stored is not None and stored.s == live.s)
 

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service import retries
 from service.db import create_engine
 from service.scriptpipe import parse_seed_nodes
 from service.scripts import Scripts
 from service.settings import Settings
+from service.soldout import SoldOut
 from service.timefmt import redis_ms
 
 # One client type for both: the commands are the same, only the routing differs.
@@ -34,6 +36,8 @@ class Services:
     redis: RedisClient
     scripts: Scripts
     engine: AsyncEngine
+    # The sold-out shortcut's flags: used by the API processes (started in their lifespan).
+    sold_out: SoldOut = field(default_factory=SoldOut)
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
@@ -60,6 +64,7 @@ class Services:
         self.scripts = Scripts(cluster, self.settings)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        await self.sold_out.close()
         self.scripts.close()
         await self.redis.aclose()
         await self.engine.dispose()
@@ -73,8 +78,15 @@ async def execute_timed(
     node of the key `near` when given (the clock the event's scripts read)."""
     if isinstance(redis, RedisCluster):
         replies = await pipe.execute()
-        target = {} if near is None else {"target_nodes": redis.get_node_from_key(near)}
-        return redis_ms(await redis.time(**target)), replies
+
+        async def clock() -> int:  # the key's node looked up again at each try
+            target = {} if near is None else {"target_nodes": redis.get_node_from_key(near)}
+            return redis_ms(await redis.time(**target))
+
+        try:
+            return await clock(), replies
+        except retries.PASSING as e:  # a failover: the pipeline waited it out, so does this
+            return await retries.wait_out(clock, e, getattr(redis, "budget", 0.0)), replies
     pipe.time()
     *replies, now = await pipe.execute()
     return redis_ms(now), replies
@@ -82,23 +94,16 @@ async def execute_timed(
 
 def _single_node(settings: Settings) -> Redis:
     # Blocking: a burst beyond the pool waits for a connection instead of failing.
-    # Retries: a pooled connection found dead after a Redis restart is replaced, not
-    # reported. A retried script may run twice; every script is safe to repeat.
+    # Retries (service/retries.py): a pooled connection found dead after a Redis restart is
+    # replaced, not reported. A retried script may run twice; every script is safe to repeat.
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=64,
         timeout=5,
-        retry=_retry(),
+        retry=retries.single_node(),
         retry_on_error=[ConnectionError, TimeoutError],
     )
     return Redis(connection_pool=pool)
-
-
-def _retry() -> Retry:
-    """redis-py's retries, the same for a single node and a cluster. The hot path's script
-    calls do not go through them (service/scriptpipe.py: on a cluster its budget, on a
-    single node Scripts.call's few attempts); nothing retries on top of another."""
-    return Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3)
 
 
 def _startup_nodes(settings: Settings) -> list[tuple[str, int]]:
@@ -138,13 +143,32 @@ async def is_cluster(settings: Settings) -> bool:
     return False
 
 
+class PatientCluster(RedisCluster):
+    """redis-py's cluster client, waiting out a failover or a slot migration within the
+    budget, as the hot path's pipe does (service/retries.py): its own tries follow MOVED
+    and ASK and read the slot table again, but come back at once, well before a replica
+    has taken over. A command sent to nodes the caller chose (INFO of each primary for
+    /ready) is not waited out: a node that is away is the answer."""
+
+    def __init__(self, *, budget: float, **kwargs: Any) -> None:
+        super().__init__(retry=retries.cluster(budget), **kwargs)
+        self.budget = budget
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except retries.PASSING as e:
+            if kwargs.get("target_nodes") is not None:
+                raise
+            retry = super().execute_command
+            return await retries.wait_out(lambda: retry(*args, **kwargs), e, self.budget)
+
+
 def _cluster(settings: Settings) -> RedisCluster:
     nodes = [ClusterNode(host, port) for host, port in _startup_nodes(settings)]
-    # redis-py's own retries on a cluster: a MOVED or a lost node refreshes the slot
-    # table and tries again, a few times, before the error reaches the caller.
-    return RedisCluster(
+    return PatientCluster(
         startup_nodes=nodes,
         max_connections=64,
-        retry=_retry(),
+        budget=settings.redis_cluster_retry_seconds,
         **_client_options(settings),
     )

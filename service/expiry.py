@@ -22,7 +22,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ResponseError
 from redis.keyspace_notifications import KeyeventChannel
 
-from service import errors
+from service import errors, retries
 from service.context import RedisClient, Services, execute_timed
 from service.keys import SWEEPER_LOCK, event_keys, parse_hold_ttl
 from service.live import live_event_ids, reclaim_all
@@ -112,17 +112,17 @@ class Listener:
         self.channel = f"__keyevent@{db}__:expired"
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.1
+        backoff = retries.forever()
         while not stop.is_set():
             try:
                 await self._listen(stop)
-                backoff = 0.1
+                backoff.reset()
             except Exception as e:
-                errors.log_failure(log, f"expiry listener stopped, again in {backoff:.1f}s", e)
+                again = f"again in {backoff.upcoming:.1f}s"
+                errors.log_failure(log, f"expiry listener stopped, {again}", e)
             finally:
                 self.subscribed.clear()
-            await _wait(stop, backoff)
-            backoff = min(backoff * 2, 5.0)
+            await _wait(stop, backoff.next() or retries.LOOP_CAP)
 
     async def _listen(self, stop: asyncio.Event) -> None:
         if isinstance(self.svc.redis, RedisCluster):

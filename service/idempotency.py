@@ -26,11 +26,14 @@ CLAIM_SECONDS = 60
 T = TypeVar("T")
 
 
-def fingerprint(key: str, method: str, path: str, body: bytes) -> Idempotency:
+def fingerprint(
+    key: str, method: str, path: str, body: bytes, customer: str | None = None
+) -> Idempotency:
+    """`customer`: the token's (customer tokens on), whose key this is alone."""
     if not 1 <= len(key) <= 128 or not key.isascii() or not key.isprintable():
         raise errors.ValidationError("Idempotency-Key: 1 to 128 printable ASCII characters")
     request = hashlib.sha256(f"{method} {path}\n".encode() + canonical(body)).hexdigest()
-    return Idempotency(hashlib.sha256(key.encode()).hexdigest(), request)
+    return Idempotency(hashlib.sha256(key.encode()).hexdigest(), request, customer)
 
 
 def canonical(body: bytes) -> bytes:

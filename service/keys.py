@@ -6,6 +6,7 @@ slot and the service runs unchanged on Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 
 PREFIX = "bo:"
@@ -115,13 +116,48 @@ class EventKeys:
         """The key whose expiry tells the keyspace listener that a hold ran out."""
         return f"{self.tag}:ttl:{hold_id}"
 
-    def idempotency(self, key_digest: str) -> str:
-        return f"{self.tag}:idem:{key_digest}"
+    def idempotency(self, key_digest: str, customer: str | None = None) -> str:
+        """An Idempotency-Key's record. With customer tokens on, `customer` (the token's)
+        scopes it: the same key sent by two customers names two records, so that no
+        customer is ever answered from another's. Without, the key alone, as it always was."""
+        if customer is None:
+            return f"{self.tag}:idem:{key_digest}"
+        # Hashed: a customer id is any text, and `:` in it must not forge another's name.
+        scope = hashlib.sha256(customer.encode()).hexdigest()[:32]
+        return f"{self.tag}:idem:c:{scope}:{key_digest}"
+
+    def customer_rate(self, customer_id: str) -> str:
+        """string: the customer's hold-attempt rate limit in this event (lua/lib.lua,
+        rate_take), with a TTL: gone once the customer's quota is whole again."""
+        return f"{self.tag}:rl:{customer_id}"
 
 
 @lru_cache(maxsize=4096)
 def event_keys(event_id: str) -> EventKeys:
     return EventKeys(event_id)
+
+
+# The shard channel on which an event's scripts say that tickets may be on sale again
+# (lua/lib.lua, restocked, builds the same name from the event's `meta` key).
+RESTOCK_SUFFIX = ":restock"
+
+
+def restock_channel(event_id: str) -> str:
+    return f"{event_keys(event_id).tag}{RESTOCK_SUFFIX}"
+
+
+def parse_restock_channel(channel: str) -> str | None:
+    """The event id of a restock channel name, or None for any other name."""
+    head = f"{PREFIX}{{ev:"
+    if not (channel.startswith(head) and channel.endswith("}" + RESTOCK_SUFFIX)):
+        return None
+    return channel[len(head) : -len(RESTOCK_SUFFIX) - 1]
+
+
+def address_rate(policy: str, address: str) -> str:
+    """string: a client address's requests under a per-address limit ("address" or
+    "admin"; lua/rate.lua), with a TTL. Apart from any event: on a slot of its own."""
+    return f"{PREFIX}rl:{policy}:{address}"
 
 
 def global_idempotency(key_digest: str) -> str:

@@ -6,11 +6,11 @@ import bisect
 import os
 import secrets
 import time
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import msgspec
 
-from service import errors, schemas
+from service import errors, ratelimit, schemas
 from service.context import Services, execute_timed
 from service.keys import event_keys
 from service.live import call, ensure_loaded, restore
@@ -65,6 +65,32 @@ def booking_view(
     )
 
 
+class HoldCall(NamedTuple):
+    """What lua/hold.lua takes after the common ARGV: built here only, for the service and
+    for the tests and benches that call the script itself."""
+
+    args: tuple[str | bytes | int, ...]
+    extra_keys: tuple[str, ...]
+
+
+def hold_call(
+    event_id: str,
+    hold_id: str,
+    customer: str,
+    items: bytes,
+    seats: bytes = b"[]",
+    limit: int = 0,
+    window_seconds: int = 60,
+) -> HoldCall:
+    """`items` and `seats` JSON-encoded; `limit` hold attempts per customer and window
+    (0: no limit)."""
+    keys = event_keys(event_id)
+    return HoldCall(
+        (hold_id, customer, items, seats, limit, window_seconds * 1000),
+        (keys.hold_ttl(hold_id), keys.customer_rate(customer)),
+    )
+
+
 async def _invalid(svc: Services, event_id: str, detail: str) -> NoReturn:
     """A body the event could never accept; but event_not_found comes first."""
     await ensure_loaded(svc, event_id)
@@ -74,6 +100,15 @@ async def _invalid(svc: Services, event_id: str, detail: str) -> NoReturn:
 async def create_hold(
     svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
 ) -> schemas.Hold:
+    hold, _ = await create_hold_counted(svc, event_id, body, idem)
+    return hold
+
+
+async def create_hold_counted(
+    svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
+) -> tuple[schemas.Hold, ratelimit.Quota | None]:
+    """The hold, and the customer's hold-attempt limit as it stands after it (None when
+    the limit is off, or for a replayed Idempotency-Key)."""
     count = sum(i.quantity for i in body.items) + len(body.seats)
     if count == 0:
         await _invalid(svc, event_id, "ask for at least one ticket in `items` or `seats`")
@@ -81,20 +116,32 @@ async def create_hold(
         await _invalid(svc, event_id, "a category appears at most once in `items`")
     if len(set(body.seats)) != len(body.seats):
         await _invalid(svc, event_id, "a seat appears at most once in `seats`")
+    if idem is None and not body.seats:
+        # Categories this process knows are sold out: the script's answer, without Redis.
+        known = svc.sold_out.refusal(event_id, body.items, count)
+        if known is not None:
+            raise known
+    since = svc.sold_out.step
     hold_id = secrets.token_urlsafe(16)  # 128 random bits: knowing it is the authority
-    reply = await call(
-        svc,
-        "hold",
-        event_id,
-        hold_id,
-        body.customer_id,
-        _encode([(i.category, i.quantity) for i in body.items]),
-        _encode(body.seats),
-        extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
-        idempotency=idem,
-    )
+    limit = svc.settings.rate_limit_customer_holds
+    window = svc.settings.rate_limit_customer_window_seconds
+    items = _encode([(i.category, i.quantity) for i in body.items])
+    hold = hold_call(event_id, hold_id, body.customer_id, items, _encode(body.seats), limit, window)
+    try:
+        reply = await call(
+            svc, "hold", event_id, *hold.args, extra_keys=hold.extra_keys, idempotency=idem
+        )
+    except errors.SoldOut as e:
+        if idem is None:  # a replayed key's answer may be old news
+            svc.sold_out.learn(event_id, e.extra["available"], count, since)
+        raise
+    record, _, rate = reply.partition(b"\n")
+    quota = None
+    if rate:
+        remaining, reset = rate.split()
+        quota = ratelimit.Quota("customer", limit, window, int(remaining), int(reset))
     # A replayed Idempotency-Key returns the first reply: the hold as it was created.
-    return hold_view(event_id, decode_hold(reply), "held")
+    return hold_view(event_id, decode_hold(record), "held"), quota
 
 
 async def confirm_hold(
@@ -103,7 +150,9 @@ async def confirm_hold(
     hold_id: str,
     body: schemas.HoldConfirm,
     idem: Idempotency | None,
+    customer: str | None = None,
 ) -> schemas.Booking:
+    """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
     reply = await call(
         svc,
         "confirm",
@@ -111,6 +160,7 @@ async def confirm_hold(
         hold_id,
         uuid7(),
         body.payment_ref or "",
+        customer or "",
         idempotency=idem,
         durable=True,
     )
@@ -118,9 +168,14 @@ async def confirm_hold(
 
 
 async def release_hold(
-    svc: Services, event_id: str, hold_id: str, idem: Idempotency | None
+    svc: Services,
+    event_id: str,
+    hold_id: str,
+    idem: Idempotency | None,
+    customer: str | None = None,
 ) -> None:
-    await call(svc, "release", event_id, hold_id, idempotency=idem)
+    """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
+    await call(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
 
 
 async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[bytes | None, int]:
@@ -137,11 +192,14 @@ async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[byt
     raise errors.Unavailable("the event could not be loaded")
 
 
-async def get_hold(svc: Services, event_id: str, hold_id: str) -> schemas.Hold:
+async def get_hold(
+    svc: Services, event_id: str, hold_id: str, customer: str | None = None
+) -> schemas.Hold:
+    """`customer`: the customer token's (tokens on): another's hold is not found."""
     raw, now = await _read(svc, event_id, event_keys(event_id).holds, hold_id)
-    if raw is None:
+    h = None if raw is None else decode_hold(raw)
+    if h is None or (customer is not None and h.c != customer):
         raise errors.HoldNotFound(f"no hold {hold_id!r} in this event")
-    h = decode_hold(raw)
     # Overdue is expired, whether or not anything has reclaimed it yet.
     return hold_view(event_id, h, "expired" if h.s == "held" and now >= h.ex else None)
 

@@ -97,6 +97,21 @@ class HoldCreate(Request):
     seats: list[SeatLabel] = msgspec.field(default_factory=list)
 
 
+class CustomerHoldCreate(HoldCreate):
+    """The hold request when customer tokens are on: `customer_id` may be left out (then
+    it is the token's customer); when given, it must be the token's customer."""
+
+    # "" (never a valid id) stands for "left out"; the document shows no default.
+    customer_id: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=128,
+            description="Left out: the token's customer; given: must be the token's `sub`.",
+        ),
+    ] = ""
+
+
 class HoldConfirm(Request):
     payment_ref: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 

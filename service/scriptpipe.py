@@ -42,6 +42,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from service import retries
 from service.keys import event_keys
 
 # Connections per Redis server: enough to keep Redis busy while one buffer is in flight.
@@ -52,12 +53,7 @@ REPLY_TIMEOUT = 5.0
 # Events whose encoded keys and slot are kept: any event id reaches here (an unknown one
 # too, before the script says so), so the memory must be bounded. ~1 KiB each.
 EVENT_KEYS_CACHED = 8192
-# A failover with cluster-node-timeout 2000 ms took 3.5-4.5 s from SIGKILL to the replica
-# serving (tests/test_cluster_pipe.py); a slot migration a fraction of that. Retries back
-# off from the first delay, doubling up to the cap, until the budget is spent.
-RETRY_SECONDS = 10.0
-BACKOFF_FIRST = 0.01
-BACKOFF_CAP = 0.25
+# How long and how a call waits out a failover or a migration: service/retries.py.
 # Redirects followed at once before backing off: more means nodes disagree for now.
 REDIRECTS_AT_ONCE = 3
 # A node asked for the slot table and silent this long is skipped.
@@ -136,11 +132,14 @@ class _Connection(asyncio.Protocol):
         return bool(self.waiting) and now - self.waiting[0][1] > REPLY_TIMEOUT
 
 
-async def _dial(options: dict[str, Any], *, select: bool) -> _Connection:
-    """A connection to the server the options name, authenticated (and on its database)."""
+async def dial(
+    options: dict[str, Any], *, select: bool, protocol: type[_Connection] = _Connection
+) -> _Connection:
+    """A connection to the server the options name, authenticated (and on its database).
+    `protocol`: a _Connection of another kind (service/soldout.py's subscriber)."""
     loop = asyncio.get_running_loop()
     o = options
-    connection = _Connection()
+    connection = protocol()
     if "path" in o:
         await loop.create_unix_connection(lambda: connection, o["path"])
     else:
@@ -168,7 +167,7 @@ async def _dial(options: dict[str, Any], *, select: bool) -> _Connection:
 
 async def _ask(options: dict[str, Any], *parts: bytes, wait: float) -> Any:
     """One command on a connection of its own, closed after the reply."""
-    connection = await _dial(options, select=False)
+    connection = await dial(options, select=False)
     try:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -231,6 +230,10 @@ class _NodePipe:
         self._futures += (asking, future)
         return _pair(self, future, then) if then else future
 
+    @property
+    def options(self) -> dict[str, Any]:
+        return self._options
+
     def _for_waits(self) -> _NodePipe:
         if self._wait_pipe is None:
             self._wait_pipe = _NodePipe(self._options, select=self._select, waits=True)
@@ -276,7 +279,7 @@ class _NodePipe:
         return await asyncio.shield(pending)
 
     async def _open(self, slot: int) -> _Connection:
-        connection = await _dial(self._options, select=self._select)
+        connection = await dial(self._options, select=self._select)
         self._connections[slot] = connection
         self._arm_watchdog()
         return connection
@@ -355,9 +358,7 @@ class _Cluster:
         self, payload: bytes, slot: int, error: RedisError, then: tuple[bytes, ...] = ()
     ) -> Any:
         """Follow redirections and wait out migrations and failovers, within the budget."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._retry_seconds
-        delay = BACKOFF_FIRST
+        backoff = retries.Backoff(self._retry_seconds)
         redirects = 0
         while True:
             ask: _NodePipe | None = None
@@ -376,11 +377,8 @@ class _Cluster:
                 back_off = redirects > REDIRECTS_AT_ONCE
             elif not isinstance(error, TryAgainError | ClusterDownError):
                 raise error
-            if back_off:
-                if loop.time() + delay > deadline:
-                    raise error
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
+            if back_off and not await backoff.pause():
+                raise error
             try:
                 if ask is not None:
                     return await ask.submit_asking(payload, then)
@@ -457,7 +455,7 @@ class _Cluster:
 
 class ScriptPipe:
     def __init__(
-        self, url: str, seed_nodes: str = "", retry_seconds: float = RETRY_SECONDS
+        self, url: str, seed_nodes: str = "", retry_seconds: float = retries.BUDGET_SECONDS
     ) -> None:
         self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._seed_nodes = parse_seed_nodes(seed_nodes)
@@ -496,6 +494,15 @@ class ScriptPipe:
             except (ResponseError, ConnectionError) as e:
                 return await cluster.recover(payload, slot, e, then)
         return await node.submit(payload, then)
+
+    def options_for(self, slot: int) -> dict[str, Any] | None:
+        """Where the calls of this slot go now (connection options), None until the first
+        call has found out whether Redis is a cluster."""
+        if self._node is not None:
+            return self._options
+        if self._cluster is not None and self._cluster.table:
+            return self._cluster.table[slot].options
+        return None
 
     @property
     def cluster(self) -> bool | None:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError, NoScriptError
 
-from service import errors
+from service import errors, ratelimit, retries
 from service.keys import event_keys
 from service.scriptpipe import ScriptPipe, bulk, command
 from service.settings import Settings
@@ -37,6 +37,8 @@ NAMES = (
     "queue_leave",
     "queue_view",
     "queue_tick",
+    "rate",
+    "live",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
@@ -48,6 +50,8 @@ NO_ORDER = b'{"err":"no_order"}'
 class Idempotency(NamedTuple):
     key_digest: str
     fingerprint: str
+    # With customer tokens on, the token's customer: the key is theirs alone (keys.py).
+    customer: str | None = None
 
 
 class _ErrorReply(msgspec.Struct):
@@ -67,6 +71,10 @@ class _ErrorReply(msgspec.Struct):
     status: str | None = None
     booking_id: str | None = None
     retry_after: int | None = None
+    # rate_limited by a limit of the script (lua/lib.lua, rate_refusal): which, and its quota.
+    policy: str | None = None
+    quota: int | None = None
+    window: int | None = None
 
 
 _decode_error = msgspec.json.Decoder(_ErrorReply).decode
@@ -122,7 +130,7 @@ class Scripts:
         keys = event_keys(event_id)
         fingerprint = ""
         if idempotency is not None:
-            key = keys.idempotency(idempotency.key_digest)
+            key = keys.idempotency(idempotency.key_digest, idempotency.customer)
             extra_keys = (*extra_keys, keys.idempotency_count, keys.idempotency_refusals, key)
             fingerprint = idempotency.fingerprint
             args = (*args, *self._idempotency_caps)
@@ -131,7 +139,9 @@ class Scripts:
         tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common
         tail += bulk(*(_bytes(a) for a in args))
         count = 4 + numkeys + 3 + len(args)
-        for attempt in range(3):
+        backoff: retries.Backoff | None = None  # made only once a call has failed
+        loads = 0
+        while True:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
@@ -149,16 +159,42 @@ class Scripts:
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
+                loads += 1
+                if loads > _LOADS:
+                    raise ConnectionError("Redis kept refusing the script") from None
                 # SCRIPT FLUSH, a restart or a promoted replica: load it again on the node
                 # that said so (through the pipe: routed as the call was), then call again.
                 source = cast(str, script.script).encode()  # registered from text, above
                 sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
             except ConnectionError:
-                # On a cluster the pipe has already retried within its budget: once only.
-                if attempt == 2 or self._pipe.cluster:
+                # On a cluster the pipe has already waited out its budget: not once more.
+                # On a single node, a reconnect (service/retries.py); every script is safe
+                # to repeat.
+                if self._pipe.cluster:
                     raise
-                await asyncio.sleep(0.05 * (attempt + 1))  # every script is safe to repeat
+                backoff = backoff or retries.Backoff(retries.RECONNECT_SECONDS)
+                if not await backoff.pause():
+                    raise
+
+    async def call_keyed(self, name: str, key: str, *args: str | bytes | int) -> bytes:
+        """A script of one key and no event (lua/rate.lua), through the same pipe,
+        routed by its key's slot."""
+        encoded = key.encode()
+        slot = key_slot(encoded)
+        tail = bulk(b"1", encoded, *(_bytes(a) for a in args))
+        head = b"*%d\r\n" % (4 + len(args))
+        for _ in range(2):
+            script = self._scripts[name]
+            try:
+                reply: bytes = await self._pipe.call(
+                    head + bulk(b"EVALSHA", script.sha.encode()) + tail, slot
+                )
+                return reply
+            except NoScriptError:
+                source = cast(str, script.script).encode()
+                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                script.sha = sha.decode()
         raise ConnectionError("Redis kept refusing the script")
 
     def _replicated(self, reply: bytes, acknowledged: int) -> bytes:
@@ -171,10 +207,18 @@ class Scripts:
             )
         return reply
 
+    def node_options(self, event_id: str) -> dict[str, Any] | None:
+        """Connection options of the Redis server that runs the event's scripts now; None
+        until the first call has found out whether Redis is a cluster."""
+        return self._pipe.options_for(self._pipe.event_keys(event_id)[1])
+
     def close(self) -> None:
         self._pipe.close()
 
 
+# NOSCRIPT (the script loaded again each time) more often than this in one call means
+# something keeps flushing the scripts.
+_LOADS = 3
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 
@@ -201,9 +245,8 @@ def raise_for_error(reply: bytes) -> None:
     extra: dict[str, Any] = {}
     detail = None
     if e.err == "sold_out":
-        extra["available"] = e.available or {}
-        detail = "not enough tickets left in " + ", ".join(sorted(extra["available"]))
-    elif e.err == "seats_unavailable":
+        raise sold_out(e.available or {})
+    if e.err == "seats_unavailable":
         extra["seats"] = e.seats or []
         detail = "seats already taken: " + ", ".join(extra["seats"])
     elif e.err == "customer_limit":
@@ -216,6 +259,11 @@ def raise_for_error(reply: bytes) -> None:
         detail = f"no seat {e.seat!r} in this event"
     elif e.err == "capacity_below_committed":
         detail = f"category {e.category!r} has {e.committed} tickets held or sold"
+    elif e.err == "rate_limited" and e.policy is not None:
+        detail = (
+            f"at most {e.quota} hold attempts per customer per {e.window} s for this event;"
+            f" try again in {e.retry_after} s"
+        )
     elif e.err == "rate_limited":
         detail = (
             "this event remembers as many Idempotency-Keys as it may;"
@@ -224,9 +272,20 @@ def raise_for_error(reply: bytes) -> None:
     else:
         detail = _detail(e)
     err = cls(detail, **extra)
-    if e.retry_after is not None:
+    if e.policy is not None and e.retry_after is not None:
+        err.headers = ratelimit.refusal_headers(
+            e.policy, e.quota or 0, e.window or 0, e.retry_after
+        )
+    elif e.retry_after is not None:
         err.headers = {"retry-after": str(e.retry_after)}
     raise err
+
+
+def sold_out(available: dict[str, int]) -> errors.BoxofficeError:
+    """The `sold_out` refusal, from the script's reply or from service/soldout.py's flags
+    (the same body either way)."""
+    detail = "not enough tickets left in " + ", ".join(sorted(available))
+    return errors.SoldOut(detail, available=available)
 
 
 def _detail(e: _ErrorReply) -> str | None:

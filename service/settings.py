@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from ipaddress import ip_network
 from typing import Annotated
 from urllib.parse import urlsplit
 
 import msgspec
 from redis.connection import parse_url
 from sqlalchemy.engine import make_url
+
+from service import retries
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -28,8 +31,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Redis Cluster: more start-up nodes (comma-separated host:port) for when the URL's is down.
     redis_seed_nodes: str = ""
-    # How long a script call on a cluster waits out a failover or a slot migration.
-    redis_cluster_retry_seconds: Seconds = 10.0
+    # How long a call on a cluster waits out a failover or a slot migration (retries.py).
+    redis_cluster_retry_seconds: Seconds = retries.BUDGET_SECONDS
     # Replicas of an event's primary that must have a confirmation, refund or cancellation
     # before it is acknowledged (WAIT), and how long to wait for them: fewer in time is a
     # 503, and the retry with the same Idempotency-Key gets the booking. 0: no WAIT.
@@ -37,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     confirm_wait_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=4000)] = 1000
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
+    # Customer tokens (service/customers.py): set, every customer call needs a JWT signed
+    # HS256 with it; empty, the service trusts the body's `customer_id` (a trusted backend).
+    customer_token_secret: str = ""
     host: str = "127.0.0.1"
     port: Port = 8000
     workers: Count = 1
@@ -64,6 +70,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How long ended holds stay readable (the contract promises at least 24 hours).
     hold_retention_seconds: Count = 86400
     max_body_bytes: Count = 64 * 1024
+    # Hold attempts one customer_id may make per event per window (0: no limit), counted
+    # inside the event's hold script (GCRA: a burst of this many, then one every
+    # window/limit). A human makes a few a minute; a bot thousands.
+    rate_limit_customer_holds: Annotated[int, msgspec.Meta(ge=0)] = 20
+    rate_limit_customer_window_seconds: Count = 60
+    # Requests per client address per window on the public routes, and apart from them on
+    # the admin routes (0: no limit, the default of both: a trusted backend in front may
+    # send every buyer's request from one address).
+    rate_limit_address: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rate_limit_address_window_seconds: Count = 60
+    rate_limit_admin: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rate_limit_admin_window_seconds: Count = 60
+    # Proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed:
+    # a request from one of them is counted against the last address it forwarded for.
+    trusted_proxies: str = ""
     # The worker: how often the sweeper runs, and the write-behind's batches.
     sweep_interval_seconds: Seconds = 2.0
     outbox_batch: Count = 1000
@@ -97,6 +118,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
             parse_seed_nodes(self.redis_seed_nodes)
         msgspec.structs.force_setattr(self, "database_url", asyncpg_url(self.database_url))
+        check_token_secret(self.customer_token_secret)
+        for part in self.trusted_proxies.split(","):
+            if part.strip():
+                try:
+                    ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not an address or network") from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,6 +153,20 @@ def _reason(error: msgspec.ValidationError, raw: str) -> str:
         text = text.replace(f"Expected {type_}, got `str`", f"is not {words}")
         text = text.replace(f"Expected {type_}", f"must be {words}")
     return f"{raw!r} {text}"
+
+
+# RFC 7518 3.2: an HS256 key has at least as many bits as the hash (256), or it can be
+# guessed offline from any one token.
+MIN_SECRET_CHARS = 32
+
+
+def check_token_secret(secret: str) -> None:
+    # The message never repeats the value: it is a secret.
+    if secret and len(secret.encode()) < MIN_SECRET_CHARS:
+        raise ValueError(
+            f"too short: at least {MIN_SECRET_CHARS} bytes (HS256 wants 256 bits),"
+            " e.g. from `openssl rand -hex 32`"
+        )
 
 
 def check_redis_url(url: str) -> None:

@@ -50,6 +50,11 @@ def _unstorable(value: Any, where: str) -> str | None:
     return None
 
 
+def storable(text: str) -> bool:
+    """Whether PostgreSQL's text can hold this string."""
+    return _UNSTORABLE.search(text) is None
+
+
 def check_body(raw: bytes, decoded: Any) -> None:
     # Such a character can only arrive as a `\u` escape (raw ones are malformed JSON or
     # UTF-8): a body without one is not walked at all.

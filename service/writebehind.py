@@ -25,7 +25,7 @@ import redis.exceptions
 from redis.asyncio import RedisCluster
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors, outbox
+from service import errors, outbox, retries
 from service.context import Services
 from service.keys import OUTBOX_GROUP, event_keys, worker_alive
 from service.live import live_event_ids
@@ -255,7 +255,7 @@ class WriteBehind:
     async def _loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         next_discover = next_maintain = 0.0
-        backoff = 0.1
+        backoff = retries.forever()
         while not stop.is_set():
             try:
                 if loop.time() >= next_discover:
@@ -269,7 +269,7 @@ class WriteBehind:
                     # entries pending to us that no read of new ones will return.
                     self._pending_first = True
                 await self.step()
-                backoff = 0.1
+                backoff.reset()
             except Exception as e:
                 if isinstance(e, redis.exceptions.ResponseError) and "NOGROUP" in str(e):
                     # A stream or its group vanished (Redis flushed or restarted empty):
@@ -280,10 +280,10 @@ class WriteBehind:
                     continue
                 # Nothing unwritten was acknowledged, so nothing is lost: read our pending
                 # entries again once Redis or PostgreSQL is back.
-                errors.log_failure(log, f"write-behind paused, retrying in {backoff:.1f}s", e)
+                again = f"retrying in {backoff.upcoming:.1f}s"
+                errors.log_failure(log, f"write-behind paused, {again}", e)
                 self._pending_first = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await backoff.pause()
 
     async def discover(self) -> None:
         """Find the outbox streams of new events and make sure our group exists on each."""

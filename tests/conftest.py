@@ -35,11 +35,14 @@ def _test_settings() -> Settings:
     database_url = db.set(database=f"{db.database or 'boxoffice'}_test").render_as_string(
         hide_password=False
     )
+    # The per-customer hold-attempt limit off: tests race one customer against itself
+    # hundreds of times (max_per_customer); tests/test_rate_limits.py turns it on.
     return Settings(
         redis_url=redis_url,
         database_url=database_url,
         admin_token=ADMIN_TOKEN,
         pass_secret=PASS_SECRET,
+        rate_limit_customer_holds=0,
     )
 
 
@@ -57,6 +60,7 @@ def server_env(settings: Settings) -> dict[str, str]:
         "BOXOFFICE_DATABASE_URL": settings.database_url,
         "BOXOFFICE_ADMIN_TOKEN": settings.admin_token,
         "BOXOFFICE_PASS_SECRET": settings.pass_secret,
+        "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(settings.rate_limit_customer_holds),
     }
 
 

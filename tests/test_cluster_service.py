@@ -4,22 +4,25 @@ LocalCluster, 3 primaries with a replica each), with events on every primary."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import httpx
 import pytest
 from msgspec.structs import replace
 from redis.asyncio import Redis, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError
 
-from service import outbox
+from service import errors, outbox, sales, schemas
 from service.context import Services
 from service.expiry import Sweeper
-from service.keys import OUTBOX_GROUP, event_keys
+from service.keys import OUTBOX_GROUP, event_keys, restock_channel
 from service.live import live_event_ids
 from service.reconcile import reconcile
 from service.scripts import Scripts
@@ -37,8 +40,10 @@ from tests.conftest import (
 )
 from tests.servers import LocalCluster, RedisServer, free_port
 from tests.test_cli import boxoffice
+from tests.test_cluster_pipe import errorstat
 from tests.test_expiry_background import hold_status
-from tests.test_writebehind import big_event
+from tests.test_races import assert_conserved, ga_event, race, seat_states, seated_event, stock
+from tests.test_writebehind import big_event, persisted_ids
 from tests.test_writebehind_failures import (
     assert_each_written_once,
     pending_ids,
@@ -46,6 +51,8 @@ from tests.test_writebehind_failures import (
     until,
     written,
 )
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +205,110 @@ async def test_hold_confirm_release_on_every_primary(
     for event_id in events.values():
         line = f'boxoffice_tickets_available{{category="GA",event="{event_id}"}} 48.0'
         assert line in text
+
+
+# --- races on every primary --------------------------------------------------------------
+
+
+async def test_races_on_every_primary_sell_exactly_what_there_is(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
+) -> None:
+    """At once, on each primary: 100 buyers for an event's 20 GA tickets, and 100 for its 10
+    seats (best available, or a named seat): exactly 20 and 10 win, each seat once, and
+    each event's counters, on its own primary, add up."""
+    ga_events = on_every_primary(cluster, "race-ga")
+    seated_events = on_every_primary(cluster, "race-seat")
+    labels = [f"{row}-{n}" for row in "AB" for n in range(1, 6)]
+    for event_id in ga_events.values():
+        await create(cclient, event_id, **ga_event(20))
+    for event_id in seated_events.values():
+        await create(cclient, event_id, **seated_event(["A", "B"], 5))
+    rng = random.Random(9)
+    ga_bodies = [{"customer_id": f"c{i}", **ga(1)} for i in range(100)]
+    seat_bodies = [
+        {"customer_id": f"c{i}", "seats": [rng.choice(labels)]}
+        if i % 2
+        else {"customer_id": f"c{i}", "items": [{"category": "VIP", "quantity": 1}]}
+        for i in range(100)
+    ]
+    answers = await asyncio.gather(
+        *(race(cclient, e, ga_bodies) for e in ga_events.values()),
+        *(race(cclient, e, seat_bodies) for e in seated_events.values()),
+    )
+    for (node, event_id), got in zip(ga_events.items(), answers[:3], strict=True):
+        assert sum(r.status_code == 201 for r in got) == 20, event_id
+        assert all(r.status_code == 201 or r.json()["code"] == "sold_out" for r in got)
+        counts = await stock(csvc, event_id)
+        assert_conserved(counts)
+        assert counts["held"] == {"GA": 20}
+        assert cluster.call(node, "HGET", event_keys(event_id).held, "GA") == b"20"
+    for (node, event_id), got in zip(seated_events.items(), answers[3:], strict=True):
+        won = [r.json() for r in got if r.status_code == 201]
+        assigned = [label for body in won for label in body["seats"]]
+        assert sorted(assigned) == sorted(labels), event_id  # every seat, each once
+        for r in got:
+            if r.status_code != 201:
+                assert r.json()["code"] in {"sold_out", "seats_unavailable"}, r.text
+        assert await seat_states(cclient, event_id) == dict.fromkeys(labels, "held")
+        assert_conserved(await stock(csvc, event_id))
+        assert cluster.call(node, "HGET", event_keys(event_id).held, "VIP") == b"10"
+
+
+async def test_seats_confirmed_cancelled_and_raced_on_every_primary(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services
+) -> None:
+    """The rest of the contract, on each primary: named seats held, confirmed into a
+    booking and given back by its cancellation; a released hold cannot be confirmed; and
+    confirmations racing releases of the same holds, one outcome each."""
+    for event_id in on_every_primary(cluster, "seats").values():
+        await create(cclient, event_id)
+        base = f"/events/{event_id}/holds"
+        r = await cclient.post(base, json={"customer_id": "s", "seats": ["A-1", "BOX-2"]})
+        assert r.status_code == 201, r.text
+        seated = r.json()
+        assert (await seat_states(cclient, event_id))["A-1"] == "held"
+        r = await cclient.post(f"{base}/{seated['hold_id']}/confirm", json={"payment_ref": "p"})
+        assert r.status_code == 200, r.text
+        booking = r.json()
+        assert sorted(booking["seats"]) == ["A-1", "BOX-2"]
+        r = await cclient.get(f"/events/{event_id}/bookings/{booking['booking_id']}")
+        assert r.status_code == 200 and r.json()["payment_ref"] == "p", r.text
+        assert (await seat_states(cclient, event_id))["BOX-2"] == "sold"
+        path = f"/admin/events/{event_id}/bookings/{booking['booking_id']}"
+        assert (await cclient.delete(path, headers=ADMIN)).status_code == 204
+        assert (await seat_states(cclient, event_id))["BOX-2"] == "available"
+        released = await hold(cclient, event_id)
+        assert (await cclient.delete(f"{base}/{released['hold_id']}")).status_code == 204
+        r = await cclient.post(f"{base}/{released['hold_id']}/confirm", json={})
+        assert r.status_code == 409 and r.json()["code"] == "hold_released", r.text
+        r = await cclient.get(f"{base}/no-such-hold")
+        assert r.status_code == 404 and r.json()["code"] == "hold_not_found", r.text
+
+        holds = [(await hold(cclient, event_id, 1))["hold_id"] for _ in range(10)]
+        calls = [(h, op) for h in holds for op in ("confirm", "release") * 4]
+        random.Random(3).shuffle(calls)
+        answers = await asyncio.gather(
+            *(
+                cclient.post(f"{base}/{h}/confirm", json={})
+                if op == "confirm"
+                else cclient.delete(f"{base}/{h}")
+                for h, op in calls
+            )
+        )
+        sold = 0
+        for h in holds:
+            got = {(op, r.status_code) for (c, op), r in zip(calls, answers, strict=True) if c == h}
+            # Confirmed first: every confirm 200, every release hold_confirmed; or the
+            # other way round: every release 204, every confirm hold_released.
+            assert got in (
+                {("confirm", 200), ("release", 409)},
+                {("release", 204), ("confirm", 409)},
+            )
+            sold += ("confirm", 200) in got
+        counts = await stock(csvc, event_id)
+        assert_conserved(counts)
+        assert counts["held"] == {"GA": 0, "VIP": 0}
+        assert counts["sold"] == {"GA": sold, "VIP": 0}
 
 
 def subscribed_primaries(cluster: LocalCluster) -> set[int]:
@@ -362,6 +473,167 @@ async def test_dead_letters_listed_and_replayed_on_every_primary(
     assert [fields for _, fields in back] == [entry]
 
 
+# --- resharding: a hot event's slot moved to another primary while it sells ---------------
+
+
+class Shopper:
+    """A client that holds, then confirms (two in three, under an Idempotency-Key) or reads
+    and releases, one after the other, until told to stop; or, in the last phase, holds and
+    confirms until the event is sold out. Every answer that is not one the contract allows (a 5xx, a
+    connection error, an unexpected code) is kept, to be shown at the end."""
+
+    def __init__(self, client: httpx.AsyncClient, event_id: str, name: str) -> None:
+        self.client, self.event_id, self.name = client, event_id, name
+        self.confirmed: dict[str, int] = {}  # booking id -> tickets
+        self.released = 0
+        self.refused = 0  # sold out, for now
+        self.failures: list[str] = []
+        self.window: tuple[float, float] | None = None  # a slot move, while it lasted
+        # Holds confirmed that were under way while a slot moved: their scripts are refused
+        # (TRYAGAIN: some of their keys have moved, or are new) until the move is over.
+        self.during = 0
+        self.slowest = 0.0  # seconds, from asking for a hold to its confirmation
+        self.selling_out = False
+        self._quantity = 5  # in the last phase: no more than was left at the last refusal
+        self._n = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not await self.one():
+                return
+
+    async def one(self) -> bool:
+        """One hold and its end; False once sold out in the last phase."""
+        self._n += 1
+        n, base = f"{self.name}-{self._n}", f"/events/{self.event_id}/holds"
+        quantity = self._quantity if self.selling_out else 1
+        started = time.monotonic()
+        r = await self._send("POST", base, {"customer_id": n, **ga(quantity)}, {201, 409})
+        if r is None or r.status_code == 409:
+            if r is not None and r.json().get("code") != "sold_out":
+                self.failures.append(f"hold: {r.status_code} {r.text}")
+            self.refused += 1
+            if self.selling_out and r is not None:
+                left = r.json().get("available", {}).get("GA", 0)
+                if not left:
+                    return False
+                self._quantity = min(5, left)
+            await asyncio.sleep(0.01)
+            return True
+        hold_id = r.json()["hold_id"]
+        if self.selling_out or self._n % 3:
+            key = {"idempotency-key": f"{self.event_id}-{n}"}
+            r = await self._send("POST", f"{base}/{hold_id}/confirm", {}, {200}, key)
+            if r is not None:
+                self.confirmed[r.json()["booking_id"]] = quantity
+                done, window = time.monotonic(), self.window
+                self.during += window is not None and started < window[1] and done > window[0]
+                self.slowest = max(self.slowest, done - started)
+        else:  # read (redis-py's cluster pipeline, not a script), then release
+            r = await self._send("GET", f"{base}/{hold_id}", None, {200})
+            if r is not None and r.json()["status"] != "held":
+                self.failures.append(f"GET {base}/{hold_id}: {r.text}")
+            if await self._send("DELETE", f"{base}/{hold_id}", None, {204}) is not None:
+                self.released += 1
+        return True
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        expected: set[int],
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response | None:
+        try:
+            r = await self.client.request(method, path, json=body, headers=headers)
+        except httpx.TransportError as e:
+            self.failures.append(f"{method} {path}: {e!r}")
+            return None
+        if r.status_code not in expected:
+            self.failures.append(f"{method} {path}: {r.status_code} {r.text}")
+            return None
+        return r
+
+
+def ga(quantity: int) -> dict[str, Any]:
+    return {"items": [{"category": "GA", "quantity": quantity}]}
+
+
+async def test_a_hot_event_sells_on_while_its_slot_moves_away_and_back(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csvc: Services, cworker: Worker
+) -> None:
+    """While 48 clients hold, confirm and release on one event through the API, its slot is
+    moved key by key to another primary (CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE in
+    batches, SETSLOT NODE everywhere: tests/servers.py LocalCluster.move_slot), then back.
+    No request fails, nothing is oversold, the counters add up, the slot is served where it
+    was moved, and the write-behind (its stream moved too) writes every booking once."""
+    capacity = 6000
+    event_id = next(iter(on_every_primary(cluster, "hot").values()))
+    await create(cclient, event_id, **{**big_event(capacity), "max_per_order": 5})
+    k = event_keys(event_id)
+    slot = key_slot(k.meta.encode())
+    source = cluster.owner(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    shoppers = [Shopper(cclient, event_id, f"s{i}") for i in range(48)]
+    tried, redirected = errorstat(cluster, "TRYAGAIN"), errorstat(cluster, "MOVED")
+    stop = asyncio.Event()
+    tasks = [asyncio.ensure_future(shopper.run(stop)) for shopper in shoppers]
+    moves = []
+    try:
+        # Away at the pace of `redis-cli --cluster reshard` (10 keys a MIGRATE), then back
+        # in smaller batches with a pause between them: a slower move, as under a busier
+        # cluster, that the scripts must wait out too.
+        for to, batch, pause in ((target, 10, 0.0), (source, 4, 0.02)):
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            for shopper in shoppers:
+                shopper.window = (started, float("inf"))
+            moved = await asyncio.to_thread(cluster.move_slot, slot, to, batch=batch, pause=pause)
+            for shopper in shoppers:
+                shopper.window = (started, time.monotonic())
+            moves.append((moved, time.monotonic() - started))
+            assert cluster.owner(slot) is to
+            assert cluster.call(to, "EXISTS", k.meta) == 1
+        await asyncio.sleep(0.5)
+        for shopper in shoppers:
+            shopper.selling_out = True
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)  # until sold out
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [f for s in shoppers for f in s.failures]
+    assert failures == [], f"{len(failures)} requests failed, first: {failures[:5]}"
+    confirmed = {b: n for s in shoppers for b, n in s.confirmed.items()}
+    during = sum(s.during for s in shoppers)
+    assert during >= len(shoppers) // 2, "too few sales under way during the moves to test them"
+    assert errorstat(cluster, "TRYAGAIN") > tried and errorstat(cluster, "MOVED") > redirected
+    # Sold out, and exactly: every ticket sold once, to a confirmation that was answered.
+    counts = await stock(csvc, event_id)
+    assert_conserved(counts)
+    assert counts["sold"] == {"GA": capacity} and counts["held"] == {"GA": 0}
+    assert sum(confirmed.values()) == capacity
+    assert await availability(cclient, event_id) == {"GA": 0}
+    assert cluster.owner(slot) is source
+    assert cluster.call(target, "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+    async def all_written() -> bool:
+        return len(await persisted_ids(csvc, event_id)) >= len(confirmed)
+
+    await eventually(all_written, within=60)
+    persisted = await persisted_ids(csvc, event_id)
+    assert len(persisted) == len(set(persisted)) and set(persisted) == set(confirmed)
+    assert cworker.running
+    print(
+        "slot moved away and back: "
+        + ", ".join(f"{keys} keys in {seconds:.2f} s" for keys, seconds in moves)
+        + f"; {len(confirmed)} bookings, {during} under way during the moves, the slowest"
+        f" hold and confirmation {max(x.slowest for x in shoppers):.2f} s,"
+        f" {sum(x.released for x in shoppers)} holds released,"
+        f" {sum(x.refused for x in shoppers)} refused sold out, none failed"
+    )
+
+
 async def call_fails_within_one_budget(
     cluster: LocalCluster, csvc: Services, csettings: Settings, victim: RedisServer
 ) -> None:
@@ -386,6 +658,47 @@ async def call_fails_within_one_budget(
     assert took < 1.5 * budget, f"gave up after {took:.2f} s"
 
 
+async def test_a_release_clears_sold_out_flags_by_sharded_pub_sub(
+    cluster: LocalCluster, cclient: httpx.AsyncClient, csettings: Settings
+) -> None:
+    """An event on each primary: this process takes it for sold out, subscribed on that
+    primary only; a release through the API server (another process) clears the flag."""
+    svc = Services.open(csettings)
+    await svc.start()
+    svc.sold_out.start(svc.scripts)
+    one = schemas.HoldCreate(customer_id="c", items=[schemas.HoldItem(category="GA", quantity=1)])
+
+    async def refused(event_id: str) -> None:
+        with pytest.raises(errors.SoldOut):
+            await sales.create_hold(svc, event_id, one, None)
+
+    async def subscribed(event_id: str) -> bool:
+        return svc.sold_out.subscribed(event_id)
+
+    try:
+        for node, event_id in on_every_primary(cluster, "soldout").items():
+            ga = [{"name": "GA", "price": 2500, "currency": "EUR", "capacity": 2}]
+            await create(cclient, event_id, categories=ga)
+            kept = await hold(cclient, event_id, 2)
+            await refused(event_id)  # subscribes
+            await eventually(functools.partial(subscribed, event_id), within=2)
+            await refused(event_id)  # from a reply asked once subscribed: flagged
+            assert svc.sold_out.flagged(event_id) == {"GA"}
+            channel = restock_channel(event_id)
+            for other in cluster.primaries():
+                counts = cluster.call(other, "PUBSUB", "SHARDNUMSUB", channel)
+                assert counts[1] == (1 if other is node else 0), (other.port, node.port)
+            r = await cclient.delete(f"/events/{event_id}/holds/{kept['hold_id']}")
+            assert r.status_code == 204, r.text
+            since = time.monotonic()
+            while svc.sold_out.flagged(event_id):
+                assert time.monotonic() - since < 0.25, "the flag outlived the release"
+                await asyncio.sleep(0.005)
+            await sales.create_hold(svc, event_id, one, None)  # on sale again
+    finally:
+        await svc.close()
+
+
 async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
     cluster: LocalCluster,
     cclient: httpx.AsyncClient,
@@ -408,8 +721,20 @@ async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
     warnings = (await cclient.get("/ready")).json()["warnings"]
     assert any(f"allkeys-lru on 127.0.0.1:{victim.port}" in w for w in warnings), warnings
     replica = cluster.replica_of(victim)
+    event_id = on_every_primary(cluster, "fo")[victim]
+    await create(cclient, event_id)
+    held = await hold(cclient, event_id)
+    path = f"/events/{event_id}/holds"
     cluster.kill(victim)
+    killed_at = time.monotonic()
     try:
+        # Asked of the dead primary, answered once its replica has taken over, within the
+        # budget (one policy, service/retries.py): a hold (the pipe), a read of one
+        # (redis-py's cluster pipeline and TIME on the key's node), a plain command.
+        holding = _timed(cclient.post(path, json={"customer_id": "f", **ga(1)}), killed_at)
+        reading = _timed(cclient.get(f"{path}/{held['hold_id']}"), killed_at)
+        hget = csvc.redis.hget(event_keys(event_id).holds, held["hold_id"])
+        getting = _timed(cast(Awaitable[bytes | None], hget), killed_at)
         r = await cclient.get("/ready")
         assert r.status_code == 503, r.text
         assert "redis" in r.json()["missing"]
@@ -421,7 +746,26 @@ async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
 
         await eventually(ready, within=30)
         assert replica in cluster.primaries()
+        (created, hold_took), (read, read_took) = await holding, await reading
+        raw, hget_took = await getting
+        assert created.status_code == 201, created.text
+        assert read.status_code == 200 and read.json()["status"] == "held", read.text
+        assert raw is not None
+        print(
+            f"after kill -9 of a primary, answered: a hold {hold_took:.2f} s, a read of one"
+            f" {read_took:.2f} s, a plain HGET {hget_took:.2f} s"
+        )
         await eventually(listening, within=15)
         assert cworker.running
     finally:
         cluster.heal()
+
+
+def _timed(call: Awaitable[T], since: float) -> asyncio.Future[tuple[T, float]]:
+    """The call under way (a task), and its result with the seconds from `since` to it."""
+
+    async def timed() -> tuple[T, float]:
+        result = await call
+        return result, time.monotonic() - since
+
+    return asyncio.ensure_future(timed())
