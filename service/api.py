@@ -582,13 +582,14 @@ async def get_booking(
 # --- the waiting room ------------------------------------------------------------------
 
 
-@post(
-    "/events/{event_id:str}/queue",
-    tags=["waiting room"],
-    status_code=201,
-    opt=customers.ROUTE,
-    response_headers=[_location("/events/{event_id}/queue/{ticket}")],
-    responses=_problems(
+# The join route, as each of its two handlers below declares it.
+_JOIN_ROUTE: dict[str, Any] = {
+    "path": "/events/{event_id:str}/queue",
+    "tags": ["waiting room"],
+    "status_code": 201,
+    "opt": customers.ROUTE,
+    "response_headers": [_location("/events/{event_id}/queue/{ticket}")],
+    "responses": _problems(
         errors.Unauthorized,
         errors.CustomerMismatch,
         errors.EventNotFound,
@@ -599,19 +600,39 @@ async def get_booking(
         errors.IdempotencyKeyReused,
         errors.RateLimited,
     ),
-)
-async def join_queue(
-    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.QueueJoin
+}
+
+
+async def _join(
+    request: Request[Any, Any, Any], event_id: str, data: schemas.QueueJoin
 ) -> Response[schemas.QueueTicket]:
-    """Join the event's waiting room. The same customer joining again gets the same
-    ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
-    put in a uniformly random order at that moment, ahead of later arrivals."""
     customer = customers.body_customer(request, data.customer_id) or data.customer_id
     ticket, _new = await waitingroom.join(
         _svc(request), _event(event_id), customer, await _idempotency(request)
     )
     location = f"/events/{event_id}/queue/{ticket.ticket}"
     return Response(ticket, status_code=201, headers={"location": location})
+
+
+@post(**_JOIN_ROUTE)
+async def join_queue(
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.QueueJoin
+) -> Response[schemas.QueueTicket]:
+    """Join the event's waiting room. The same customer joining again gets the same
+    ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
+    put in a uniformly random order at that moment, ahead of later arrivals."""
+    return await _join(request, event_id, data)
+
+
+# The same route when customer tokens are on: the body may leave `customer_id` out.
+@post(**_JOIN_ROUTE)
+async def join_customer_queue(
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.CustomerQueueJoin
+) -> Response[schemas.QueueTicket]:
+    """Join the event's waiting room. The same customer joining again gets the same
+    ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
+    put in a uniformly random order at that moment, ahead of later arrivals."""
+    return await _join(request, event_id, data)
 
 
 @get(
@@ -1045,12 +1066,13 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
                 location.schema = Schema(
                     type=OpenAPIType.STRING, format=OpenAPIFormat.URI_REFERENCE
                 )
-    # "" is how CustomerHoldCreate says "left out", not a value to send.
-    hold_body = (schema.components.schemas or {}).get("CustomerHoldCreate")
-    if hold_body is not None and hold_body.properties:
-        customer_id = hold_body.properties["customer_id"]
-        if isinstance(customer_id, Schema):
-            customer_id.default = None
+    # "" is how CustomerHoldCreate and CustomerQueueJoin say "left out", not a value to send.
+    for name in ("CustomerHoldCreate", "CustomerQueueJoin"):
+        body = (schema.components.schemas or {}).get(name)
+        if body is not None and body.properties:
+            customer_id = body.properties["customer_id"]
+            if isinstance(customer_id, Schema):
+                customer_id.default = None
     # Litestar documents every `data` as required; the confirm body may be left out.
     confirm = schema.paths["/events/{event_id}/holds/{hold_id}/confirm"]  # type: ignore[index]
     if confirm.post is not None and isinstance(confirm.post.request_body, RequestBody):
@@ -1103,7 +1125,7 @@ def create_app(settings: Settings) -> Litestar:
             confirm_hold,
             release_hold,
             get_booking,
-            join_queue,
+            join_customer_queue if tokens else join_queue,
             poll_queue,
             leave_queue,
             create_event,

@@ -285,6 +285,21 @@ class QueueJoin(Request):
     customer_id: CustomerId
 
 
+class CustomerQueueJoin(QueueJoin):
+    """Joining when customer tokens are on: `customer_id` may be left out (then it is the
+    token's customer); when given, it must be the token's customer."""
+
+    # "" (never a valid id) stands for "left out"; the document shows no default.
+    customer_id: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=128,
+            description="Left out: the token's customer; given: must be the token's `sub`.",
+        ),
+    ] = ""
+
+
 class QueueTicket(Struct, kw_only=True):
     ticket: Annotated[str, Meta(description="Unguessable: knowing it is what lets one poll.")]
     status: QueueStatus
