@@ -91,6 +91,8 @@ async def test_a_hung_redis_answers_503_within_the_deadline_then_recovers(
     unavailable(r, took, "confirm")
     r, took = await timed(client.get(f"/events/{event_id}"))
     unavailable(r, took, "GET event")
+    r, took = await timed(client.get(f"{holds}/{pending}"))  # redis-py's client, not the pipe
+    unavailable(r, took, "GET hold")
     r, took = await timed(client.get("/ready"))
     print(f"/ready: {r.status_code} after {took:.2f}s: {r.text}")
     assert r.status_code == 503, r.text
