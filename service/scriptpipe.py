@@ -592,11 +592,13 @@ class ScriptPipe:
     async def _find_mode(self) -> None:
         """Single node or cluster, from the first start-up node that answers."""
         errors = []
+        silent = True
         for options in self._startup_options():
             try:
                 info: bytes = await _ask(options, b"INFO", b"cluster", wait=self._timeout)
             except (OSError, RedisError) as e:  # TimeoutError is an OSError
                 errors.append(repr(e))
+                silent = silent and isinstance(e, asyncio.TimeoutError)
                 continue
             if b"cluster_enabled:1" not in info:
                 timeout, wait_timeout = self._timeouts
@@ -607,6 +609,8 @@ class ScriptPipe:
             await cluster.refresh()
             self._cluster = cluster
             return
+        if silent:  # not tried again (a refusal is): each try would wait as long
+            raise TimeoutError(f"Redis did not answer within {self._timeout:g} s")
         raise ConnectionError("cannot reach Redis: " + "; ".join(errors))
 
     def _startup_options(self) -> Iterable[dict[str, Any]]:

@@ -147,3 +147,29 @@ async def test_a_hold_retried_with_its_idempotency_key_after_a_503_is_made_once(
     event = (await client.get(f"/events/{event_id}")).json()
     ga = next(c for c in event["categories"] if c["name"] == "GA")
     assert ga["capacity"] - ga["available"] == 1, ga  # one hold, whatever the 503 left
+
+
+async def test_a_redis_hung_from_the_start_costs_one_wait_too(
+    settings: Settings, hung: RedisServer
+) -> None:
+    # The first call finds out whether Redis is a cluster: that question waits once too.
+    env = {
+        **server_env(settings),
+        "BOXOFFICE_REDIS_URL": hung.url,
+        "BOXOFFICE_REDIS_TIMEOUT_SECONDS": str(TIMEOUT),
+    }
+    event_id = "hung-from-start"
+    hung.pause()
+    server = ApiServer(env, workers=1)
+    server.start()  # /health needs no Redis
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            r, took = await timed(client.post(f"/events/{event_id}/holds", json=HOLD))
+            unavailable(r, took, "first hold")
+            hung.resume()
+            event_id = await create_event(client)
+            r = await client.post(f"/events/{event_id}/holds", json=HOLD)
+            assert r.status_code == 201, r.text
+    finally:
+        server.stop()
+        print(server.log())
