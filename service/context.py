@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
@@ -18,6 +19,7 @@ from redis.exceptions import (
     RedisError,
     SlotNotCoveredError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import retries
@@ -168,6 +170,14 @@ class PatientCluster(RedisCluster):
     def __init__(self, *, budget: float, **kwargs: Any) -> None:
         super().__init__(retry=retries.cluster(budget), **kwargs)
         self.budget = budget
+        self.timeout: float = kwargs.get("socket_timeout") or 0.0
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused there
+        return _PatientPipeline(self, transaction)  # type: ignore[abstract]
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -177,6 +187,23 @@ class PatientCluster(RedisCluster):
                 raise
             retry = super().execute_command
             return await retries.wait_out(lambda: retry(*args, **kwargs), e, self.budget)
+
+
+class _PatientPipeline(ClusterPipeline):
+    """redis-py's cluster pipeline tries again on a node's silence too (as many times as
+    fill the budget with its 0.25 s pauses, each try waiting up to the timeout): bounded
+    as a whole by the budget and one timeout, as the hot path's calls are."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        client = cast(PatientCluster, self.cluster_client)
+        bound = client.budget + client.timeout
+        try:
+            async with asyncio.timeout(bound):
+                return await super().execute(raise_on_error, allow_redirections)
+        except TimeoutError as e:  # asyncio's: Redis's own passes through
+            raise RedisTimeoutError(f"the Redis Cluster did not answer within {bound:g} s") from e
 
 
 def _cluster(settings: Settings) -> RedisCluster:

@@ -11,11 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.exceptions
+from redis.crc import key_slot
 
+from service.context import Services
 from service.settings import Settings
 from tests.apiserver import ApiServer
 from tests.conftest import create_event, server_env
-from tests.servers import RedisServer
+from tests.servers import LocalCluster, RedisServer
 
 # Short, so that the test is quick; the bound asserted is generous (a correctness bound:
 # no retry stacked on another, not a speed claim).
@@ -173,3 +176,44 @@ async def test_a_redis_hung_from_the_start_costs_one_wait_too(
     finally:
         server.stop()
         print(server.log())
+
+
+async def test_redis_py_on_a_cluster_waits_for_a_silent_node_once(settings: Settings) -> None:
+    """The other calls (redis-py's cluster client): a command waits one timeout, a pipeline
+    at most the cluster budget and one timeout (redis-py alone would try again 40 times,
+    each waiting the timeout). A long cluster-node-timeout: no failover while paused."""
+    budget = 1.0
+    with LocalCluster(node_timeout_ms=60_000) as cluster:
+        own = Settings(
+            redis_url=cluster.url,
+            database_url=settings.database_url,
+            redis_timeout_seconds=TIMEOUT,
+            redis_cluster_retry_seconds=budget,
+        )
+        svc = Services.open(own)
+        await svc.start()
+        try:
+            key = "{hang}:x"
+            await svc.redis.set(key, "1")
+            node = cluster.owner(key_slot(key.encode()))
+            node.pause()
+            try:
+                started = time.monotonic()
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await svc.redis.get(key)
+                took = time.monotonic() - started
+                print(f"GET: TimeoutError after {took:.2f}s")
+                assert took < BOUND, took
+                pipe = svc.redis.pipeline(transaction=False)
+                pipe.get(key)
+                started = time.monotonic()
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await pipe.execute()
+                took = time.monotonic() - started
+                print(f"pipeline: TimeoutError after {took:.2f}s")
+                assert took < 2 * (budget + TIMEOUT) + 1, took
+            finally:
+                node.resume()
+            assert await svc.redis.get(key) == b"1"
+        finally:
+            await svc.close()
