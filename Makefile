@@ -7,7 +7,7 @@ BIN := .venv/bin
 BOXOFFICE := $(BIN)/boxoffice
 BOXOFFICE_ADMIN_TOKEN ?= dev-admin-token
 
-.PHONY: venv services services-stop cluster cluster-stop migrate run lint test bench clean
+.PHONY: venv services services-stop cluster cluster-stop migrate run lint chromium test bench clean
 
 # uv from PyPI when the machine lacks it: --user fails inside a virtualenv, plain fails on a
 # system Python (PEP 668), hence the chain. `python3 -m uv` works with pip's bin dir off PATH.
@@ -56,7 +56,18 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: venv services lint
+# The dashboard's browser tests need Chromium: Debian's package, installed when missing and
+# apt-get can (as root, or with sudo that asks for no password). Otherwise those tests skip
+# and say why; the rest runs as ever.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+		export DEBIAN_FRONTEND=noninteractive; apt=apt-get; [ "$$(id -u)" = 0 ] || apt="sudo -n apt-get"; \
+		echo "installing chromium (Debian package) for the dashboard's browser tests"; \
+		{ $$apt install -y -qq chromium || { $$apt update -qq && $$apt install -y -qq chromium; }; } \
+			>/dev/null 2>&1 || echo "chromium could not be installed: the browser tests will skip"; \
+	}
+
+test: venv services lint chromium
 	$(BIN)/pytest
 
 bench: venv services

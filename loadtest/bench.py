@@ -15,9 +15,15 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
            `409 sold_out`, given by the API process itself (service/soldout.py); the
            script calls Redis served meanwhile are counted
 - hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
-           request carries a customer's HS256 token (1,000 customers taking turns) and
-           names its customer (loadtest/wrk/hold_token.lua); a server of its own, started
-           after the plain one has stopped
+           request carries a customer's HS256 token (1,000 customers taking turns: each
+           API process decodes a token once, then remembers it, as it would a buyer's)
+           and names its customer (loadtest/wrk/hold_token.lua); a server of its own,
+           started after the plain one has stopped
+- spread   the hold over 6 hot events in turn (loadtest/wrk/holds_spread.lua), one node
+- cluster  the same on a local Redis Cluster of 3 primaries (6 events, 2 on each), the
+           service pointed at one node; measured in alternation with spread
+- cluster_one  the same with the 6 events all on one primary: routing alone, without a
+           turn's calls split into one write per primary
 - confirm  POST /events/{id}/holds/{hold_id}/confirm, each request a different live hold
            from a pool created just before (loadtest/wrk/confirm.lua walks it)
 - release  DELETE /events/{id}/holds/{hold_id}, the same way
@@ -29,7 +35,9 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 
 The service runs as `boxoffice serve` on Redis database 10 and PostgreSQL database
 <name>_bench (migrated by `boxoffice migrate`); the script on a redis-server of its own
-(free port, no persistence, gone at the end); the baseline's tables in <name>_bench.
+(free port, no persistence, gone at the end); the baseline's tables in <name>_bench. The
+cluster row's cluster is the run's own too (tests/servers.py LocalCluster: free ports,
+no replicas, no persistence, gone at the end), with the service on <name>_bench as well.
 `boxoffice worker` does not run (it would compete for the cores). Never the data of
 `make run` (database 0, <name>) nor of the tests (15, <name>_test): only the keys of its
 own events are touched, and deleted at the end (unless --keep).
@@ -80,6 +88,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 from service.keys import EVENTS, event_keys
+from service.sales import hold_call
 from service.scripts import LUA_DIR
 from service.settings import Settings
 
@@ -100,6 +109,8 @@ CUSTOMERS_WITH_TOKENS = 1000  # hold_token: the customers whose tokens take turn
 QUIET_PCT = 10.0  # the machine counts as quiet at most this busy (% of all cores)
 OTHER_PCT = 30.0  # CPU beyond server, Redis and client that marks a run (% of one core)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+CLUSTER_PRIMARIES = 3
+SPREAD_EVENTS = 2 * CLUSTER_PRIMARIES  # two hot events on each primary
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -124,6 +135,22 @@ TARGETS: dict[str, Target] = {
     "hold_token": Target(
         "service `POST /events/{id}/holds`, customer tokens on", "POST holds, token", "service"
     ),
+    "spread": Target(
+        f"service `POST …/holds`, {SPREAD_EVENTS} events in turn, one Redis node",
+        f"POST holds, {SPREAD_EVENTS} events",
+        "service",
+    ),
+    "cluster": Target(
+        f"service `POST …/holds`, {SPREAD_EVENTS} events, Redis Cluster of"
+        f" {CLUSTER_PRIMARIES} primaries",
+        f"POST holds, {SPREAD_EVENTS} events, cluster",
+        "cluster",
+    ),
+    "cluster_one": Target(
+        f"the same, the {SPREAD_EVENTS} events all on one primary of the cluster",
+        f"POST holds, {SPREAD_EVENTS} events, one primary",
+        "cluster",
+    ),
     "confirm": Target("service `POST …/holds/{id}/confirm`", "POST confirm", "service"),
     "release": Target("service `DELETE …/holds/{id}`", "DELETE hold", "service"),
     "event": Target("service `GET /events/{id}`", "GET event", "service"),
@@ -138,7 +165,8 @@ TARGETS: dict[str, Target] = {
         "postgres",
     ),
 }
-SERVICE_TARGETS = ("health", "hold", "sold_out", "event", "confirm", "release")
+SERVICE_TARGETS = ("health", "hold", "sold_out", "spread", "event", "confirm", "release")
+CLUSTER_TARGETS = ("cluster", "cluster_one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +224,22 @@ GOALS = (
         ">=",
         1,
     ),
+    Goal(
+        "cluster_vs_single_rps",
+        "cluster hold ÷ single-node hold, requests/s",
+        ("cluster", "rps"),
+        ("spread", "rps"),
+        ">=",
+        0.9,
+    ),
+    Goal(
+        "cluster_one_vs_single_rps",
+        "cluster hold, events on one primary ÷ single-node hold, requests/s",
+        ("cluster_one", "rps"),
+        ("spread", "rps"),
+        ">=",
+        0.9,
+    ),
 )
 
 
@@ -238,6 +282,19 @@ class Result:
 
 class BenchError(Exception):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """The field of its events' stats hashes that each request of a row must raise by one
+    (created, confirmed, released), read through `r` (a node, or a cluster client)."""
+
+    r: Any  # redis.Redis | redis.RedisCluster: both route HGET
+    event_ids: tuple[str, ...]
+    field: str
+
+    def read(self) -> int:
+        return sum(int(self.r.hget(event_keys(e).stats, self.field) or 0) for e in self.event_ids)
 
 
 def say(message: str) -> None:
@@ -373,9 +430,13 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def redis_cpu(r: redis.Redis) -> float:
-    info: dict[str, Any] = r.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+def redis_cpu(nodes: Sequence[redis.Redis]) -> float:
+    """CPU seconds of these Redis servers (every node of a cluster, replicas too)."""
+    total = 0.0
+    for r in nodes:
+        info: dict[str, Any] = r.info("cpu")
+        total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    return total
 
 
 class Meter:
@@ -383,8 +444,8 @@ class Meter:
     load generator (a finished child of this process), and the machine as a whole (of all
     cores) -- "other" is what the machine did beyond those three."""
 
-    def __init__(self, r: redis.Redis, server_pid: int | None) -> None:
-        self._r = r
+    def __init__(self, r: redis.Redis | Sequence[redis.Redis], server_pid: int | None) -> None:
+        self._r = [r] if isinstance(r, redis.Redis) else list(r)
         self._pid = server_pid
 
     def __enter__(self) -> Meter:
@@ -661,13 +722,14 @@ class Bench:
         args: Sequence[str] = (),
         warm_args: Sequence[str] | None = None,
         warmup: bool = True,
-        stat: tuple[str, str] | None = None,
+        stat: Stat | None = None,
         refused: str | None = None,
+        nodes: Sequence[redis.Redis] = (),
     ) -> Result:
-        """Warm-up, then the measured run. `stat` = (event id, field of its stats hash
-        that each request must raise by one: created, confirmed, released), checked.
-        `refused`: an event every request is refused for (sold_out): no hold may be
-        created, and the script calls Redis served during the run are counted."""
+        """Warm-up, then the measured run; `stat` checked. `refused`: an event every
+        request is refused for (sold_out): no hold may be created, and the script calls
+        Redis served during the run are counted. `nodes`: the Redis servers whose CPU is
+        the row's (default: the service's)."""
         cfg = self.cfg
         url = server.url + path
         if warmup and cfg.warmup:
@@ -679,15 +741,15 @@ class Bench:
                 say(f"  {name}: warning: {warm['errors_status']:.0f} non-2xx responses in warm-up")
         before = self.quiet()
         say(f"  {name}: measuring {cfg.seconds} s (machine {before}% busy before)")
-        count = self.stat(stat)
+        count = stat.read() if stat else 0
         created, calls = self.refusal_counts(refused)
-        with Meter(self.r, server.pid) as meter:
+        with Meter(nodes or self.r, server.pid) as meter:
             try:
                 data = run_wrk(cfg, self.wrk, script, url, cfg.seconds, args)
             finally:
                 server.check_alive()
         # Read as wrk ends: every response it counted was sent after the script ran.
-        count = self.stat(stat) - count
+        count = stat.read() - count if stat else 0
         if refused is not None:
             # Every answer non-2xx by design: checked here instead of counted as errors.
             statuses = data.pop("errors_status", 0)
@@ -695,6 +757,11 @@ class Bench:
                 a - b for a, b in zip(self.refusal_counts(refused), (created, calls), strict=True)
             )
         result = wrk_result(name, data, meter.cpu)
+        # CPU per request: steadier than requests/s on a shared machine.
+        result.extra["cpu_us_per_request"] = {
+            k: round(meter.cpu[k] / 100 / result.rps * 1e6, 1) if result.rps else 0.0
+            for k in ("server", "redis")
+        }
         if refused is not None:
             result.extra["script_calls"] = calls
             if statuses < result.requests or created:
@@ -703,16 +770,21 @@ class Bench:
                     f"{result.requests - statuses:,} answers not refused, {created} holds made"
                 )
         if stat is not None:
-            result.extra[f"holds_{stat[1]}"] = count
+            result.extra[f"holds_{stat.field}"] = count
             if count < result.requests:
                 result.valid = False
                 result.notes.append(
-                    f"{result.requests:,} requests but only {count:,} holds {stat[1]}"
+                    f"{result.requests:,} requests but only {count:,} holds {stat.field}"
                 )
         self.note_interference(result, before)
+        per = result.extra["cpu_us_per_request"]
+        if refused is not None:
+            say(f"  {name}: Redis served {calls:,} script calls during the run (all clients')")
         say(
             f"  {name}: {result.rps:,.0f} requests/s, p50 {result.p50_ms} ms, "
-            f"p99 {result.p99_ms} ms{'  (' + '; '.join(result.notes) + ')' if result.notes else ''}"
+            f"p99 {result.p99_ms} ms; CPU per request: server {per['server']} µs,"
+            f" Redis {per['redis']} µs"
+            f"{'  (' + '; '.join(result.notes) + ')' if result.notes else ''}"
         )
         return result
 
@@ -723,15 +795,10 @@ class Bench:
             return 0, 0
         info: dict[str, Any] = self.r.info("commandstats")
         calls = sum(int(info.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
-        return self.stat((event_id, "created")), calls
-
-    def stat(self, stat: tuple[str, str] | None) -> int:
-        if stat is None:
-            return 0
-        return int(self.r.hget(event_keys(stat[0]).stats, stat[1]) or 0)
+        return Stat(self.r, (event_id,), "created").read(), calls
 
     def simple(
-        self, name: str, server: Server, script: str, path: str, stat: tuple[str, str] | None = None
+        self, name: str, server: Server, script: str, path: str, stat: Stat | None = None
     ) -> Result:
         """A target whose requests can repeat: one measure() per try, warm-up first."""
         return self.best_of(
@@ -775,8 +842,17 @@ class Bench:
             "BOXOFFICE_DATABASE_URL": self.settings.database_url,
         }
 
-    def create_event(self, client: httpx.Client, prefix: str, capacity: int = CAPACITY) -> str:
-        event_id = f"{prefix}-{secrets.token_hex(4)}"
+    def create_event(
+        self,
+        client: httpx.Client,
+        prefix: str,
+        capacity: int = CAPACITY,
+        event_id: str | None = None,
+        track: bool = True,
+    ) -> str:
+        """An event through the admin API; with `track`, its keys in the service's Redis
+        are deleted at the end (a cluster of the run's own goes as a whole)."""
+        event_id = event_id or f"{prefix}-{secrets.token_hex(4)}"
         body = {
             "id": event_id,
             "name": "make bench",
@@ -788,7 +864,8 @@ class Bench:
         response = client.post("/admin/events", json=body)
         if response.status_code != 201:
             raise BenchError(f"creating event {event_id}: {response.status_code} {response.text}")
-        self.event_ids.append((self.r, event_id))
+        if track:
+            self.event_ids.append((self.r, event_id))
         return event_id
 
     def held(self, r: redis.Redis, event_id: str) -> int:
@@ -801,6 +878,9 @@ class Bench:
             "BOXOFFICE_PORT": "{port}",
             "BOXOFFICE_WORKERS": str(self.cfg.workers),
             "BOXOFFICE_ADMIN_TOKEN": admin_token,
+            # The hold rows measure the hold path, not the limit of a human's attempts: one
+            # customer ("bench", or 1,000 with tokens) makes thousands of holds a second.
+            "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": "0",
         }
 
     def service(self) -> None:
@@ -820,6 +900,10 @@ class Bench:
                 hot = self.create_event(admin, "bench-hot")
                 if self.wanted("script"):
                     self.script_event = self.create_event(admin, "bench-script")
+                spread = [
+                    self.create_event(admin, "bench-spread")
+                    for _ in range(SPREAD_EVENTS if self.wanted("spread") else 0)
+                ]
                 if self.wanted("sold_out"):
                     gone = self.create_event(admin, "bench-gone", capacity=1)
                     sale = admin.post(
@@ -833,7 +917,7 @@ class Bench:
             if self.wanted("health"):
                 self.simple("health", server, "get.lua", "/health")
             if self.wanted("hold"):
-                self.simple("hold", server, "hold.lua", holds, stat=(hot, "created"))
+                self.simple("hold", server, "hold.lua", holds, stat=Stat(self.r, (hot,), "created"))
             if self.wanted("sold_out"):
                 self.best_of(
                     "sold_out",
@@ -852,16 +936,109 @@ class Bench:
                 self.pooled("confirm", server, hot)
             if self.wanted("release"):
                 self.pooled("release", server, hot)
-            errors = [
-                line
-                for line in server.log_tail(100_000).splitlines()
-                if "ERROR" in line or "Traceback" in line
-            ]
-            self.info["service_log_errors"] = len(errors)
-            if errors:
-                say(f"  service log: {len(errors)} error lines, e.g. {errors[0][:200]}")
+            # Last, beside the cluster rows that are compared with it.
+            rows: dict[str, Callable[[bool], Result]] = {}
+            if spread:
+                rows["spread"] = self.spread_once("spread", server, spread, self.r, [self.r])
+            if self.wanted(*CLUSTER_TARGETS):
+                with self.on_cluster() as on_cluster:
+                    self.paired({**rows, **on_cluster})
+            elif rows:
+                self.paired(rows)
+            self.log_errors(server)
         finally:
             server.stop()
+
+    def log_errors(self, server: Server) -> None:
+        errors = [
+            line
+            for line in server.log_tail(100_000).splitlines()
+            if "ERROR" in line or "Traceback" in line
+        ]
+        self.info[f"{server.name}_log_errors"] = len(errors)
+        if errors:
+            say(f"  {server.name} log: {len(errors)} error lines, e.g. {errors[0][:200]}")
+
+    def spread_once(
+        self,
+        name: str,
+        server: Server,
+        event_ids: list[str],
+        r: Any,
+        nodes: Sequence[redis.Redis],
+    ) -> Callable[[bool], Result]:
+        """One measure() of holds over several events in turn (loadtest/wrk/holds_spread.lua)."""
+        stat = Stat(r, tuple(event_ids), "created")
+        return lambda first: self.measure(
+            name, server, "holds_spread.lua", "/", args=event_ids, warmup=first, stat=stat,
+            nodes=nodes,
+        )  # fmt: skip
+
+    def paired(self, rows: dict[str, Callable[[bool], Result]]) -> None:
+        """Rows to be compared, measured in alternation, round after round (as best_of(),
+        again while one of them was disturbed, --retries rounds at most): a busy moment of
+        a shared machine then does not land on one side only. Each keeps its least
+        disturbed run."""
+        tries: dict[str, list[Result]] = {name: [] for name in rows}
+        while True:
+            for name, once in rows.items():
+                tries[name].append(once(not tries[name]))
+            rounds = len(tries[next(iter(rows))])
+            if not any(t[-1].disturbed for t in tries.values()) or rounds > self.cfg.retries:
+                break
+            say(f"  {' and '.join(rows)}: other work on the machine: measuring them again")
+        for name, runs in tries.items():
+            best = min(runs, key=lambda r: (not r.valid, r.disturbed, r.cpu["other"]))
+            if len(runs) > 1:
+                best.extra["attempts"] = [
+                    {"rps": r.rps, "p99_ms": r.p99_ms, "other_cpu": r.cpu["other"]} for r in runs
+                ]
+                say(f"  {name}: kept the run of {best.rps:,.0f} requests/s (least disturbed)")
+            self.results[name] = best
+
+    # -- the service on a Redis Cluster of the run's own
+
+    @contextmanager
+    def on_cluster(self) -> Iterator[dict[str, Callable[[bool], Result]]]:
+        """A Redis Cluster and `boxoffice serve` on it, with the spread row's number of hot
+        events over its primaries (and as many on one primary); yields one measure() of
+        each wanted cluster row; all stopped at the end."""
+        from tests.servers import LocalCluster
+
+        with LocalCluster(CLUSTER_PRIMARIES, replicas=0) as cluster:
+            say(
+                f"service on a Redis Cluster ({CLUSTER_PRIMARIES} primaries on ports"
+                f" {', '.join(str(n.port) for n in cluster.nodes)}, no replicas;"
+                f" BOXOFFICE_REDIS_URL {cluster.url})"
+            )
+            nodes = [redis.Redis(port=n.port) for n in cluster.nodes]
+            routed = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+            by_primary = cluster.event_ids(SPREAD_EVENTS // CLUSTER_PRIMARIES, "bench-cluster")
+            # Interleaved, so that consecutive requests go to different primaries.
+            event_ids = [e for group in zip(*by_primary.values(), strict=True) for e in group]
+            one_primary = next(iter(cluster.event_ids(SPREAD_EVENTS, "bench-one").values()))
+            token = secrets.token_urlsafe(24)
+            env = {**self.serve_env(token), "BOXOFFICE_REDIS_URL": cluster.url}
+            server = Server("cluster", [BOXOFFICE, "serve"], env, self.logs)
+            try:
+                server.start(lambda c: c.get("/health").status_code == 200)
+                admin = httpx.Client(
+                    base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
+                )
+                rows = {}
+                with admin:
+                    for name, ids in (("cluster", event_ids), ("cluster_one", one_primary)):
+                        if self.wanted(name):
+                            for event_id in ids:
+                                self.create_event(admin, "", event_id=event_id, track=False)
+                            rows[name] = self.spread_once(name, server, ids, routed, nodes)
+                yield rows
+                self.log_errors(server)
+            finally:
+                server.stop()
+                routed.close()
+                for node in nodes:
+                    node.close()
 
     def service_with_tokens(self) -> None:
         """The hold again, on a service with customer tokens on (a server of its own, with
@@ -896,7 +1073,7 @@ class Bench:
                     f"/events/{hot}/holds",
                     args=args,
                     warmup=first,
-                    stat=(hot, "created"),
+                    stat=Stat(self.r, (hot,), "created"),
                 ),
             )
         finally:
@@ -907,7 +1084,6 @@ class Bench:
     def hold_call(self, event_id: str, hold_id: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of one hold of 1 GA ticket by customer "bench", as the service
         passes them (service/scripts.py Scripts.call, service/sales.py create_hold)."""
-        keys = event_keys(event_id)
         s = self.settings
         common = [
             "",  # no Idempotency-Key
@@ -915,13 +1091,9 @@ class Bench:
             str(s.reclaim_batch),
             str(s.hold_retention_seconds * 1000),
         ]
-        return [*key_names(event_id), keys.hold_ttl(hold_id)], [
-            *common,
-            hold_id,
-            "bench",
-            '[["GA",1]]',
-            "[]",
-        ]
+        hold = hold_call(event_id, hold_id, "bench", b'[["GA",1]]')
+        args = [a.decode() if isinstance(a, bytes) else str(a) for a in hold.args]
+        return [*key_names(event_id), *hold.extra_keys], [*common, *args]
 
     def hold_sha(self, r: redis.Redis) -> str:
         source = (LUA_DIR / "lib.lua").read_text() + "\n" + (LUA_DIR / "hold.lua").read_text()
@@ -983,7 +1155,11 @@ class Bench:
                     args=[str(path), threads],
                     warm_args=[str(warm_path), threads],
                     warmup=first and attempt == 0,
-                    stat=(event_id, {"confirm": "confirmed", "release": "released"}[name]),
+                    stat=Stat(
+                        self.r,
+                        (event_id,),
+                        {"confirm": "confirmed", "release": "released"}[name],
+                    ),
                 )
                 path.unlink()
                 result.extra["pool"] = n
@@ -1212,6 +1388,19 @@ def note_lines(results: dict[str, Result]) -> list[str]:
     ]
 
 
+def cluster_cpu_line(results: dict[str, Result]) -> str | None:
+    """CPU per hold of the rows that compare one node with the cluster: requests/s on a
+    shared machine move with whatever else runs; CPU per request much less."""
+    parts = []
+    for name in ("spread", "cluster", "cluster_one"):
+        if (r := results.get(name)) is not None:
+            per = r.extra["cpu_us_per_request"]
+            parts.append(f"{name} {per['server']:.0f} + {per['redis']:.0f}")
+    if len(parts) < 2:
+        return None
+    return "CPU per hold, µs of server + Redis: " + ", ".join(parts)
+
+
 def ratio_lines(rs: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in rs:
@@ -1234,6 +1423,13 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
         "tickets, 1 ticket per hold; confirm and release each hit a different live hold. "
         "`boxoffice worker` was not running."
     )
+    if "cluster" in cfg.only:
+        text += (
+            f" The spread and cluster rows make holds on {SPREAD_EVENTS} hot events in turn: on"
+            f" the service's Redis, and on a Redis Cluster of {CLUSTER_PRIMARIES} primaries"
+            f" started for the run ({SPREAD_EVENTS // CLUSTER_PRIMARIES} events on each, no"
+            " replicas, the service given one node's URL); Redis CPU is then every node's."
+        )
     if pg := info.get("postgres"):
         text += (
             f" PostgreSQL {pg['server_version'].split()[0]} (fsync {pg['fsync']}, "
@@ -1259,6 +1455,8 @@ def readme_block(
     for ratio in rs:
         verdict = "met" if ratio["met"] else "not met"
         lines.append(f"| {ratio['label']} | {ratio['value']:.3f} | {ratio['goal']} | {verdict} |")
+    if line := cluster_cpu_line(results):
+        lines += ["", line + "."]
     if notes := note_lines(results):
         lines += [
             "",
@@ -1300,6 +1498,7 @@ def chart(results: dict[str, Result], info: dict[str, Any], path: Path) -> None:
         "service": "#1f77b4",
         "redis": "#d62728",
         "postgres": "#ff7f0e",
+        "cluster": "#9467bd",
     }
     rows = [results[n] for n in TARGETS if n in results]
     names = [TARGETS[r.target].short + mark(r) for r in rows]
@@ -1446,9 +1645,9 @@ def run(cfg: Config) -> int:
     try:
         if bench.wanted("twin"):
             bench.twin()
-        if bench.wanted(*SERVICE_TARGETS, "hold_token", "script", "pg"):
+        if bench.wanted(*SERVICE_TARGETS, *CLUSTER_TARGETS, "hold_token", "script", "pg"):
             bench.migrate()
-        if bench.wanted(*SERVICE_TARGETS, "script"):
+        if bench.wanted(*SERVICE_TARGETS, *CLUSTER_TARGETS, "script"):
             bench.service()
         if bench.wanted("hold_token"):
             bench.service_with_tokens()
@@ -1482,6 +1681,8 @@ def run(cfg: Config) -> int:
     say("")
     for line in ratio_lines(rs):
         say(line)
+    if cpu_line := cluster_cpu_line(results):
+        say(cpu_line)
     if notes := note_lines(results):
         say("")
         for line in notes:

@@ -30,8 +30,11 @@ import msgspec
 import uvloop
 from redis.asyncio import Redis, RedisCluster
 
-from service import catalog, schemas
+from service import catalog, live, schemas
+from service.context import Services
+from service.db import create_engine
 from service.keys import event_keys
+from service.sales import hold_call
 from service.scripts import Scripts
 from service.settings import Settings
 from tests.servers import LocalCluster, RedisServer
@@ -51,11 +54,16 @@ def event_body(event_id: str) -> schemas.EventCreate:
     return msgspec.convert(body, schemas.EventCreate)
 
 
-async def load_events(scripts: Scripts, event_ids: list[str]) -> None:
-    enc = msgspec.json.encode
-    for event_id in event_ids:
-        plan = catalog._plan(event_body(event_id))
-        await scripts.call("load", event_id, "create", enc(plan.meta), enc(plan.cats))
+async def load_events(
+    redis: Redis, scripts: Scripts, settings: Settings, event_ids: list[str]
+) -> None:
+    """Loaded as the service loads a new event (live.load), without PostgreSQL."""
+    svc = Services(settings, redis, scripts, create_engine(settings))
+    try:
+        for event_id in event_ids:
+            await live.load(svc, event_id, catalog._plan(event_body(event_id)), "create")
+    finally:
+        await svc.engine.dispose()
 
 
 async def cpu_per_call(
@@ -84,10 +92,8 @@ async def cpu_per_call(
 
 def via_scripts(scripts: Scripts) -> Callable[[str, str], Awaitable[bytes]]:
     async def call(event_id: str, hold_id: str) -> bytes:
-        ttl_key = event_keys(event_id).hold_ttl(hold_id)
-        return await scripts.call(
-            "hold", event_id, hold_id, "bench", ITEMS, b"[]", extra_keys=(ttl_key,)
-        )
+        hold = hold_call(event_id, hold_id, "bench", ITEMS)
+        return await scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
 
     return call
 
@@ -128,8 +134,8 @@ async def rounds(cfg: argparse.Namespace, single: RedisServer, cluster: LocalClu
         spread = cluster.event_ids(len(cluster_events), prefix="bench")
         cluster_events = next(iter(spread.values()))
     single_events = [f"bench-single-{i}" for i in range(len(cluster_events))]
-    await load_events(on_single, single_events)
-    await load_events(on_cluster, cluster_events)
+    await load_events(redis, on_single, single_settings, single_events)
+    await load_events(cast(Redis, rc), on_cluster, cluster_settings, cluster_events)
     sha = on_cluster._scripts["hold"].sha
     rows: dict[str, list[float]] = {"single node": [], "cluster": [], "RedisCluster": []}
     try:

@@ -24,7 +24,7 @@ from loadtest.bench_worker import BOXOFFICE, RESULTS, in_batches, open_bench_ser
 from service import catalog, schemas
 from service.context import Services
 from service.keys import event_keys
-from service.sales import uuid7
+from service.sales import hold_call, uuid7
 from service.settings import Settings
 from service.writebehind import WriteBehind
 
@@ -36,15 +36,8 @@ async def sell_seats(svc: Services, event_id: str, bookings: int) -> None:
 
     async def one() -> None:
         hold_id = secrets.token_urlsafe(16)
-        await svc.scripts.call(
-            "hold",
-            event_id,
-            hold_id,
-            secrets.token_hex(4),
-            b'[["VIP",1]]',
-            b"[]",
-            extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
-        )
+        hold = hold_call(event_id, hold_id, secrets.token_hex(4), b'[["VIP",1]]')
+        await svc.scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
         await svc.scripts.call("confirm", event_id, hold_id, uuid7(), "")
 
     await in_batches(bookings, one)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from service import catalog, migrate, schemas
 from service.context import Services
 from service.keys import event_keys
+from service.sales import hold_call
 from service.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,15 +84,8 @@ async def new_event(svc: Services, capacity: int, ttl: int = 300) -> str:
 
 async def hold(svc: Services, event_id: str) -> str:
     hold_id = secrets.token_urlsafe(16)
-    await svc.scripts.call(
-        "hold",
-        event_id,
-        hold_id,
-        "bench",
-        b'[["GA",1]]',
-        b"[]",
-        extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
-    )
+    hold = hold_call(event_id, hold_id, "bench", b'[["GA",1]]')
+    await svc.scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
     return hold_id
 
 

@@ -27,6 +27,23 @@ environment variable as its default:
     --expire-wait (DROP_EXPIRE_WAIT)        at the end, also wait until no hold is live
     --drain-timeout (DROP_DRAIN_TIMEOUT)    how long to wait for the write-behind
     --event-id (DROP_EVENT_ID)              the id of the event it creates (default: new)
+    --on-sale-in (DROP_ON_SALE_IN)          seconds from the start to the on-sale moment
+                                            (0: on sale at once); buyers wait for it
+    --human-attempts (DROP_HUMAN_ATTEMPTS)  a human leaves after this many refused holds
+                                            or once it has bought (0: buys again and again)
+    --bots (DROP_BOTS)                      bots among the -u users (0: none)
+    --bot-customers (DROP_BOT_CUSTOMERS)    customer ids each bot cycles through
+    --forwarded-for (DROP_FORWARDED_FOR)    each user sends X-Forwarded-For with an address
+                                            of its own (run the service with
+                                            BOXOFFICE_TRUSTED_PROXIES naming this machine)
+
+The drop with bots (`--bots N`): N users are bots, each looping on holds with no think
+time, cycling through many customer ids, from one address each (a bot is one machine);
+the rest are humans who wait for the opening, think, hold, pay, and leave after a few
+refusals. The report at the end says how many humans got tickets, the bots' share of
+what was sold against their share of the buyers (users), the 429s and sold_outs, and the
+verdict fails the run when bots got a share of the tickets at least their share of the
+buyers, or when any answer was a 5xx.
 
 The admin token comes from BOXOFFICE_ADMIN_TOKEN, read by the master only (custom
 arguments travel to the workers, and the web UI shows them: a token has no place there).
@@ -35,9 +52,10 @@ BOXOFFICE_CUSTOMER_TOKEN_SECRET: each buyer then mints a token for its customer 
 shop's login would, and sends it with every request (customer_authorization()).
 
 Expected outcomes are counted under their own names and are not failures:
-`hold [sold_out]`, `hold [seats_unavailable]`, `hold [customer_limit]` and
-`confirm [hold_expired]` (a buyer who thought longer than the hold lasted). Any 5xx, any
-connection error and any other unexpected status is a failure.
+`hold [sold_out]`, `hold [seats_unavailable]`, `hold [customer_limit]`,
+`hold [not_on_sale]`, `… [rate_limited]` (429) and `confirm [hold_expired]` (a buyer who
+thought longer than the hold lasted). Any 5xx, any connection error and any other
+unexpected status is a failure.
 
 In distributed mode the master collects the workers' counters when the test stops (it asks
 each worker to stop its buyers and report), so the figures it prints cover every worker;
@@ -83,7 +101,10 @@ PRICES = {GA: 2500, SEATED: 6500}
 ORDER_KINDS = (("ga", 50), ("best-available", 25), ("seats", 20), ("mixed", 5))
 # Tickets per order, before the max_per_order cap: mostly 1 or 2.
 QUANTITIES = (1, 2, 2, 2, 3, 4)
-EXPECTED_HOLD_CONFLICTS = frozenset({"sold_out", "seats_unavailable", "customer_limit"})
+EXPECTED_HOLD_CONFLICTS = frozenset(
+    {"sold_out", "seats_unavailable", "customer_limit", "not_on_sale"}
+)
+BOT_PREFIX = "bot-"  # the customer ids of bots start with it, those of humans never do
 
 MSG_REPORT = "boxoffice:report"  # master -> workers: stop your buyers and report
 MSG_COUNTERS = "boxoffice:counters"  # worker -> master: the counters
@@ -179,6 +200,44 @@ def _arguments(parser: LocustArgumentParser) -> None:
         help="at test stop, also wait (bounded) until every hold has ended",
     )
     parser.add_argument(
+        "--on-sale-in",
+        type=float,
+        default=0.0,
+        env_var="DROP_ON_SALE_IN",
+        help="seconds from the test start to the on-sale moment (0: on sale at once)",
+    )
+    parser.add_argument(
+        "--human-attempts",
+        type=int,
+        default=0,
+        env_var="DROP_HUMAN_ATTEMPTS",
+        help="a human leaves after this many refused holds, or once it bought (0: never)",
+    )
+    parser.add_argument(
+        "--bots",
+        type=int,
+        default=0,
+        env_var="DROP_BOTS",
+        help="bots among the users: each loops on holds, no think time, many customer ids",
+    )
+    parser.add_argument(
+        "--bot-customers",
+        type=int,
+        default=1000,
+        env_var="DROP_BOT_CUSTOMERS",
+        help="customer ids each bot cycles through",
+    )
+    parser.add_argument(
+        "--forwarded-for",
+        action="store_true",
+        default=False,
+        env_var="DROP_FORWARDED_FOR",
+        help="each user sends X-Forwarded-For with an address of its own",
+    )
+    # Set by the master at test start (the event's on-sale moment, epoch seconds), so
+    # that it reaches the workers with the other options.
+    parser.add_argument("--on-sale-epoch", type=float, default=0.0, include_in_web_ui=False)
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -204,6 +263,12 @@ class Scenario:
     release_share: float
     expire_wait: bool
     drain_timeout: float
+    on_sale_in: float = 0.0
+    human_attempts: int = 0
+    bots: int = 0
+    bot_customers: int = 1000
+    forwarded_for: bool = False
+    on_sale_epoch: float = 0.0
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> Scenario:
@@ -221,6 +286,12 @@ class Scenario:
             release_share=float(options.release_share),
             expire_wait=bool(options.expire_wait),
             drain_timeout=float(options.drain_timeout),
+            on_sale_in=float(options.on_sale_in),
+            human_attempts=int(options.human_attempts),
+            bots=int(options.bots),
+            bot_customers=int(options.bot_customers),
+            forwarded_for=bool(options.forwarded_for),
+            on_sale_epoch=float(options.on_sale_epoch),
         )
 
     def problems(self) -> list[str]:
@@ -239,6 +310,10 @@ class Scenario:
             found.append("--max-per-customer must be >= 0 (0: no limit)")
         if not 0 <= self.think_min <= self.think_max:
             found.append("need 0 <= --think-min <= --think-max")
+        if self.on_sale_in < 0 or self.human_attempts < 0 or self.bots < 0:
+            found.append("--on-sale-in, --human-attempts and --bots must be >= 0")
+        if self.bot_customers < 1:
+            found.append("--bot-customers must be >= 1")
         if min(self.confirm_share, self.release_share) < 0 or (
             self.confirm_share + self.release_share > 1
         ):
@@ -277,10 +352,14 @@ class Scenario:
                     "seat_blocks": [{"rows": self.rows, "seats_per_row": self.seats_per_row}],
                 }
             )
+        on_sale = None
+        if self.on_sale_epoch:
+            on_sale = datetime.fromtimestamp(self.on_sale_epoch, UTC).isoformat()
         return {
             "id": self.event_id,
             "name": f"Locust ticket drop {self.event_id}",
             "starts_at": starts,
+            "on_sale_at": on_sale,
             "hold_ttl_seconds": self.hold_ttl,
             "max_per_order": self.max_per_order,
             "max_per_customer": self.max_per_customer or None,
@@ -318,6 +397,19 @@ class Counters:
     releases: int = 0
     walkaways: int = 0  # holds left to expire
     confirm_too_late: int = 0  # confirm after the hold expired (410)
+    not_on_sale: int = 0
+    rate_limited: int = 0  # humans' 429s
+    server_errors: int = 0  # 5xx answers, humans' and bots' alike
+    humans: int = 0  # human users started
+    humans_with_tickets: int = 0  # humans that bought at least once
+    bots: int = 0
+    bot_attempts: int = 0
+    bot_holds: int = 0
+    bot_bookings: int = 0
+    bot_tickets: int = 0
+    bot_rate_limited: int = 0
+    bot_sold_out: int = 0
+    bot_other_refusals: int = 0  # not_on_sale, customer_limit, hold_expired, ...
 
     def add(self, other: dict[str, Any]) -> None:
         for f in fields(self):
@@ -433,6 +525,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         _abort(environment, "no parsed options (run it with the locust command)")
         return
     options.event_id = RunState.requested_id or new_event_id()
+    on_sale_in = float(options.on_sale_in)
+    options.on_sale_epoch = round(time.time() + on_sale_in, 3) if on_sale_in > 0 else 0.0
     scenario = Scenario.from_options(options)
     if problems := scenario.problems():
         options.event_id = ""  # the buyers have nothing to do
@@ -487,6 +581,8 @@ def _fail(response: ResponseContextManager, why: str) -> None:
 
 
 def _unexpected(response: ResponseContextManager) -> None:
+    if response.status_code >= 500:
+        COUNTERS.server_errors += 1
     if response.status_code:
         text = (response.text or "")[:200]
     else:  # no response at all: the connection failed
@@ -507,12 +603,28 @@ def _tickets(doc: dict[str, Any]) -> int:
     return ga + len(doc.get("seats", []))
 
 
+def _own_address(first_octets: str) -> dict[str, str]:
+    """X-Forwarded-For with an address of the user's own, as a proxy in front would add."""
+    return {"x-forwarded-for": f"{first_octets}.{random.randrange(256)}.{random.randrange(1, 255)}"}
+
+
+def _wait_for_opening(scenario: Scenario) -> None:
+    """Sleep until the event goes on sale (humans do not hammer a page that is not open)."""
+    left = scenario.on_sale_epoch - time.time()
+    if left > 0:
+        time.sleep(left)
+
+
 class Buyer(FastHttpUser):
     """One member of the crowd: look, hold, then confirm, release or walk away."""
 
+    weight = 1
     scenario: Scenario
     customer_id: str
     idle: bool = False
+    headers: dict[str, str] | None = None
+    refusals: int = 0
+    bought: bool = False
 
     def wait_time(self) -> float:
         return 0.0 if self.idle else self.scenario.think()
@@ -526,33 +638,48 @@ class Buyer(FastHttpUser):
             self.customer_id = f"buyer-{secrets.token_hex(8)}"
             # FastHttpSession sends its auth_header with every request (None: none).
             self.client.auth_header = customer_authorization(self.customer_id)
+            COUNTERS.humans += 1
+            if self.scenario.forwarded_for:
+                self.headers = _own_address(f"10.{random.randrange(256)}")
 
     @task
     def drop(self) -> None:
         if self.idle:
             raise StopUser()  # (raised here, not in on_start, which logs it as an error)
-        event_path = f"/events/{self.scenario.event_id}"
+        s = self.scenario
+        if s.human_attempts and (self.bought or self.refusals >= s.human_attempts):
+            self.idle = True  # done: bought, or gave up
+            raise StopUser()
+        event_path = f"/events/{s.event_id}"
         if not self.view(event_path):
             return
-        time.sleep(self.scenario.think())
+        _wait_for_opening(s)
+        time.sleep(s.think())
         hold = self.hold(event_path)
         if hold is None:
+            self.refusals += 1
             return
-        time.sleep(self.scenario.think())
+        time.sleep(s.think())
         choice = random.random()
-        if choice < self.scenario.confirm_share:
+        if choice < s.confirm_share:
             self.confirm(event_path, hold)
-        elif choice < self.scenario.confirm_share + self.scenario.release_share:
+        elif choice < s.confirm_share + s.release_share:
             self.release(event_path, hold)
         else:
             COUNTERS.walkaways += 1
 
     def view(self, event_path: str) -> bool:
-        with self.client.get(event_path, name="event", catch_response=True) as response:
+        with self.client.get(
+            event_path, name="event", headers=self.headers, catch_response=True
+        ) as response:
             if response.status_code == 200:
                 COUNTERS.views += 1
                 return True
-            _unexpected(response)
+            if response.status_code == 429 and _problem_code(response) == "rate_limited":
+                COUNTERS.rate_limited += 1
+                _expected(response, "event [rate_limited]")
+            else:
+                _unexpected(response)
             return False
 
     def order(self) -> tuple[str, dict[str, Any]]:
@@ -591,7 +718,11 @@ class Buyer(FastHttpUser):
     def hold(self, event_path: str) -> dict[str, Any] | None:
         kind, body = self.order()
         with self.client.post(
-            f"{event_path}/holds", json=body, name=f"hold {kind}", catch_response=True
+            f"{event_path}/holds",
+            json=body,
+            name=f"hold {kind}",
+            headers=self.headers,
+            catch_response=True,
         ) as response:
             if response.status_code == 201:
                 hold = _json(response)
@@ -605,6 +736,9 @@ class Buyer(FastHttpUser):
             if response.status_code == 409 and code in EXPECTED_HOLD_CONFLICTS:
                 setattr(COUNTERS, code, getattr(COUNTERS, code) + 1)
                 _expected(response, f"hold [{code}]")
+            elif response.status_code == 429 and code == "rate_limited":
+                COUNTERS.rate_limited += 1
+                _expected(response, "hold [rate_limited]")
             else:
                 _unexpected(response)
             return None
@@ -615,6 +749,7 @@ class Buyer(FastHttpUser):
             f"{event_path}/holds/{hold['hold_id']}/confirm",
             json=body,
             name="confirm",
+            headers=self.headers,
             catch_response=True,
         ) as response:
             if response.status_code == 200:
@@ -624,6 +759,12 @@ class Buyer(FastHttpUser):
                     return
                 COUNTERS.bookings += 1
                 COUNTERS.sold_tickets += _tickets(booking)
+                if not self.bought:
+                    COUNTERS.humans_with_tickets += 1
+                self.bought = True
+            elif response.status_code == 429 and _problem_code(response) == "rate_limited":
+                COUNTERS.rate_limited += 1
+                _expected(response, "confirm [rate_limited]")
             elif response.status_code == 410 and _problem_code(response) == "hold_expired":
                 COUNTERS.confirm_too_late += 1
                 _expected(response, "confirm [hold_expired]")
@@ -632,12 +773,94 @@ class Buyer(FastHttpUser):
 
     def release(self, event_path: str, hold: dict[str, Any]) -> None:
         with self.client.delete(
-            f"{event_path}/holds/{hold['hold_id']}", name="release", catch_response=True
+            f"{event_path}/holds/{hold['hold_id']}",
+            name="release",
+            headers=self.headers,
+            catch_response=True,
         ) as response:
             if response.status_code == 204:
                 COUNTERS.releases += 1
             else:
                 _unexpected(response)
+
+
+class Bot(FastHttpUser):
+    """A scalper's script: holds as many tickets as an order allows, again and again, with
+    no think time and a new customer id each time (from a pool of its own), from one
+    address; pays at once for whatever it holds. It does not wait for the opening, nor
+    for a Retry-After."""
+
+    fixed_count = 0  # from --bots, at init (_on_init); without bots the class is dropped
+    scenario: Scenario
+    idle: bool = False
+    headers: dict[str, str] | None = None
+
+    def wait_time(self) -> float:
+        return 0.0
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.idle = options is None or not options.event_id
+        if not self.idle:
+            self.scenario = Scenario.from_options(options)
+            self.tag = secrets.token_hex(3)
+            COUNTERS.bots += 1
+            if self.scenario.forwarded_for:
+                self.headers = _own_address(f"198.{18 + random.randrange(2)}")
+
+    @task
+    def grab(self) -> None:
+        if self.idle:
+            raise StopUser()
+        s = self.scenario
+        customer = f"{BOT_PREFIX}{self.tag}-{random.randrange(s.bot_customers)}"
+        # With customer tokens on, a bot has one per customer id (accounts it opened).
+        self.client.auth_header = customer_authorization(customer)
+        category = GA if s.ga_stock else SEATED
+        body = {
+            "customer_id": customer,
+            "items": [{"category": category, "quantity": s.max_per_order}],
+        }
+        event_path = f"/events/{s.event_id}"
+        COUNTERS.bot_attempts += 1
+        with self.client.post(
+            f"{event_path}/holds",
+            json=body,
+            name="bot hold",
+            headers=self.headers,
+            catch_response=True,
+        ) as response:
+            hold = _json(response) if response.status_code == 201 else None
+            if hold is None:
+                self._refused(response, "bot hold")
+                return
+            COUNTERS.bot_holds += 1
+        with self.client.post(
+            f"{event_path}/holds/{hold['hold_id']}/confirm",
+            json={"payment_ref": f"pi_{secrets.token_hex(8)}"},
+            name="bot confirm",
+            headers=self.headers,
+            catch_response=True,
+        ) as response:
+            booking = _json(response) if response.status_code == 200 else None
+            if booking is None:
+                self._refused(response, "bot confirm")
+                return
+            COUNTERS.bot_bookings += 1
+            COUNTERS.bot_tickets += _tickets(booking)
+
+    def _refused(self, response: ResponseContextManager, what: str) -> None:
+        code = _problem_code(response)
+        if response.status_code == 429 and code == "rate_limited":
+            COUNTERS.bot_rate_limited += 1
+        elif response.status_code == 409 and code == "sold_out":
+            COUNTERS.bot_sold_out += 1
+        elif response.status_code in (409, 410) and code:
+            COUNTERS.bot_other_refusals += 1
+        else:
+            _unexpected(response)
+            return
+        _expected(response, f"{what} [{code}]")
 
 
 # --- customer tokens ----------------------------------------------------------------------
@@ -666,6 +889,13 @@ def _on_init(environment: Environment, **_: Any) -> None:
     runner = environment.runner
     if _is_controller(environment) and environment.parsed_options is not None:
         RunState.requested_id = str(environment.parsed_options.event_id)
+    # Bots only when asked for: a class with fixed_count 0 would be spawned by weight.
+    bots = int(getattr(environment.parsed_options, "bots", 0) or 0)
+    if bots > 0:
+        Bot.fixed_count = bots
+    else:
+        environment.user_classes = [c for c in environment.user_classes if c is not Bot]
+        environment.user_classes_by_name.pop(Bot.__name__, None)
     if isinstance(runner, MasterRunner):
         runner.register_message(MSG_COUNTERS, _on_counters)
     elif isinstance(runner, WorkerRunner):
@@ -889,7 +1119,43 @@ def _check(api: Api, scenario: Scenario, counters: Counters) -> list[str]:
         problems.append(
             f"buyers bought {counters.sold_tickets} tickets, PostgreSQL has {sum(pg_sold.values())}"
         )
+    if counters.server_errors:
+        problems.append(f"{counters.server_errors} answers were 5xx")
+    if scenario.bots:
+        problems.extend(_bot_report(bookings, counters))
     return problems
+
+
+def _bot_report(bookings: list[dict[str, Any]], c: Counters) -> list[str]:
+    """Who got the tickets: humans or bots (by PostgreSQL's bookings); what is wrong."""
+    by_bots = sum(_tickets(b) for b in bookings if b["customer_id"].startswith(BOT_PREFIX))
+    sold = sum(_tickets(b) for b in bookings)
+    humans_served = len(
+        {b["customer_id"] for b in bookings if not b["customer_id"].startswith(BOT_PREFIX)}
+    )
+    buyers = c.humans + c.bots
+    bot_share_buyers = c.bots / buyers if buyers else 0.0
+    bot_share_tickets = by_bots / sold if sold else 0.0
+    print(
+        "The drop with bots:\n"
+        f"  buyers             {buyers}: {c.humans} humans, {c.bots} bots "
+        f"({bot_share_buyers:.1%} of the buyers)\n"
+        f"  sold               {sold} tickets: {sold - by_bots} to {humans_served} humans, "
+        f"{by_bots} to bots ({bot_share_tickets:.1%} of what was sold)\n"
+        f"  humans             {c.humans_with_tickets} bought (counted by the buyers), "
+        f"{c.sold_out} sold_out, {c.not_on_sale} not_on_sale, {c.rate_limited} 429s\n"
+        f"  bots               {c.bot_attempts} hold attempts: {c.bot_holds} held, "
+        f"{c.bot_bookings} bookings ({c.bot_tickets} tickets), {c.bot_rate_limited} 429s, "
+        f"{c.bot_sold_out} sold_out, {c.bot_other_refusals} other refusals\n"
+        f"  5xx answers        {c.server_errors}",
+        flush=True,
+    )
+    if sold and bot_share_tickets >= bot_share_buyers:
+        return [
+            f"bots got {bot_share_tickets:.1%} of the tickets, their share of the buyers "
+            f"is {bot_share_buyers:.1%}"
+        ]
+    return []
 
 
 # --- registration (locust's EventHook.add_listener is unannotated, hence no decorators) ---

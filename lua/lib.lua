@@ -295,7 +295,10 @@ end
 -- Rate limits (GCRA, the generic cell rate algorithm): `limit` attempts per `window_ms`,
 -- as a burst of up to `limit` at once, then one more every window/limit. No window edge
 -- to burst across: the key holds one number, the "theoretical arrival time" (TAT) of the
--- next attempt, and lives no longer than it matters. A refused attempt writes nothing.
+-- next attempt, and lives no longer than it matters. A refused attempt counts too (the
+-- time is pushed on, at most one window ahead): a client that tries again before its
+-- Retry-After stays limited, so a loop without pauses gets nothing, while one that waits
+-- as told gets the rate the limit allows. No human meets either.
 -- Returns a table: ok, remaining (attempts left now), reset_ms (until the whole quota is
 -- back; when refused, until the next attempt is allowed), and what give_back needs.
 local function rate_take(key, limit, window_ms, now)
@@ -308,10 +311,16 @@ local function rate_take(key, limit, window_ms, now)
   -- 0.01 ms of slack: window/limit need not be a whole number of ms, and the stored time
   -- is rounded, so attempts in the same ms would otherwise lose one to rounding.
   if allowed_at - now > 0.01 then
-    return {ok = false, remaining = 0, reset_ms = allowed_at - now, limit = limit, window_ms = window_ms}
+    local counted = math.max(tat, math.min(next_tat, now + window_ms))
+    if counted > tat then
+      redis.call('SET', key, string.format('%.3f', counted), 'PX', math.max(1, math.ceil(counted - now)))
+    end
+    local wait = counted + interval - window_ms - now
+    return {ok = false, remaining = 0, reset_ms = wait, limit = limit, window_ms = window_ms}
   end
-  redis.call('SET', key, string.format('%.3f', next_tat), 'PX', math.ceil(next_tat - now))
-  local remaining = math.max(0, math.floor((now - allowed_at) / interval + 1e-6))
+  -- At least 1 ms: an interval far below a ms may vanish in the time's rounding.
+  redis.call('SET', key, string.format('%.3f', next_tat), 'PX', math.max(1, math.ceil(next_tat - now)))
+  local remaining = math.min(limit - 1, math.max(0, math.floor((now - allowed_at) / interval + 1e-6)))
   return {ok = true, remaining = remaining, reset_ms = next_tat - now, key = key, before = before, now = now}
 end
 

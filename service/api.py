@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
-from litestar.datastructures import ResponseHeader
+from litestar.datastructures import MutableScopeHeaders, ResponseHeader
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -32,20 +32,22 @@ from litestar.openapi.spec import (
 )
 from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from litestar.types import Receive, Scope, Send
+from litestar.types import Message, Receive, Scope, Send
 from litestar.utils import normalize_path
-from redis.asyncio import RedisCluster
 
 from service import (
     bodies,
     bookings,
     catalog,
     customers,
+    dashboard,
     deadletters,
     errors,
     idempotency,
+    livefeed,
     metrics,
     ratelimit,
     reconcile,
@@ -289,15 +291,49 @@ def _json_media_type(content_type: bytes) -> bool:
     return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
 
 
+# Where rate_limit() leaves the per-address limit's headers for add_rate_headers() to
+# send; present (empty at first) once the request has been counted.
+_RATE_HEADERS_OF_SCOPE = "boxoffice.ratelimit"
+
+
+async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """The per-address limits (when set), once per request and before anything else about
+    it: in the admin guard (which Litestar runs before the door), else in the door, so
+    that a wrong admin or customer token is counted too. A refusal costs one Redis call."""
+    scope: dict[str, Any] = connection.scope  # type: ignore[assignment]
+    if _RATE_HEADERS_OF_SCOPE in scope:
+        return
+    scope[_RATE_HEADERS_OF_SCOPE] = {}
+    limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
+    if limits is not None and limits.enabled:
+        quota = await limits.check(connection.scope)
+        if quota is not None:
+            scope[_RATE_HEADERS_OF_SCOPE] = quota.headers()
+
+
+async def add_rate_headers(message: Message, scope: Scope) -> None:
+    """The per-address limit's RateLimit headers on whatever the route answers; beside
+    the customer limit's on a hold (each field a list, one item per policy)."""
+    found: dict[str, str] | None = scope.get(_RATE_HEADERS_OF_SCOPE)  # type: ignore[assignment]
+    if not found or message["type"] != "http.response.start":
+        return
+    headers = MutableScopeHeaders(message)
+    for name, value in found.items():
+        given = headers.get(name)
+        headers[name] = f"{value}, {given}" if given else value
+
+
 async def door(request: Request[Any, Any, Any]) -> None:
     """The contract's rules for any request, whatever the route does with it: no NUL or
     unpaired surrogate in the path or query; a body over 64 KiB is 413 (Litestar applies
     its limit only to a body that is read), declared as anything but JSON is 415. A body
-    without a Content-Type is taken for JSON. First of all, the per-address rate limits
-    (when set): a refused request costs one Redis call and nothing else."""
-    limits: ratelimit.AddressLimits | None = getattr(request.app.state, "limits", None)
-    if limits is not None and limits.enabled:
-        await limits.check(request.scope)
+    without a Content-Type is taken for JSON. First of all, the per-address rate limits."""
+    await rate_limit(request)
+    await entry(request)
+
+
+async def entry(request: Request[Any, Any, Any]) -> None:
+    """The door's checks of the request itself (see door)."""
     await check_params(request)
     declared = b"0"
     chunked = False
@@ -324,19 +360,22 @@ async def door(request: Request[Any, Any, Any]) -> None:
 def customer_door(
     verifier: customers.Verifier,
 ) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
-    """The door of an app with customer tokens on: a customer route's token is verified
-    first (401 before anything about the request itself), once, its customer kept for the
-    handler. Routes not marked `opt=customers.ROUTE` pay nothing more."""
+    """The door of an app with customer tokens on: after the per-address limit (a flood of
+    bad tokens meets it like any other), a customer route's token is verified (401 before
+    anything about the request itself), once, its customer kept for the handler. Routes
+    not marked `opt=customers.ROUTE` pay nothing more."""
 
     async def checked(request: Request[Any, Any, Any]) -> None:
+        await rate_limit(request)
         if customers.is_customer_route(request.route_handler.opt):
             verifier.check(request.scope)
-        await door(request)
+        await entry(request)
 
     return checked
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    await rate_limit(connection)  # before the token: guessing one is counted
     token: str = connection.app.state.svc.settings.admin_token
     scheme, _sep, given = connection.headers.get("authorization", "").partition(" ")
     # compare_digest: the time taken does not tell how much of the token was right.
@@ -696,6 +735,55 @@ async def discard_dead_letter(
     )
 
 
+# --- live view ----------------------------------------------------------------------------
+
+
+@get(
+    "/admin/events/{event_id:str}/live",
+    tags=["admin"],
+    guards=[admin_guard],
+    media_type="text/event-stream",
+    responses={
+        **_problems(errors.Unauthorized, errors.EventNotFound),
+        200: ResponseSpec(
+            livefeed.LiveFigures,
+            description="Server-Sent Events, one a second: each `data` is a LiveFigures"
+            " document; while Redis is away, `event: problem` with a problem document instead."
+            " Asked with `Accept: application/json` (and not `text/event-stream`): one"
+            " LiveFigures document, now, as `application/json`",
+            media_type="text/event-stream",
+            generate_examples=False,
+        ),
+    },
+)
+async def live_view(request: Request[Any, Any, Any], event_id: EventIdParam) -> Response[Any]:
+    """The event's figures once a second: per category capacity, available, held, sold;
+    holds, confirmations, releases, expiries, cancellations and refusals (by code) per
+    second; the waiting room; the write-behind backlog and lag. However many watch, each
+    API process reads an event once a second."""
+    feed: livefeed.Feed = request.app.state.feed
+    queue, first = await livefeed.first_reading(feed, _event(event_id))
+    if livefeed.wants_snapshot(request.headers.get("accept", "")):
+        feed.leave(event_id, queue)
+        return Response(first, media_type="application/json")
+    return ServerSentEvent(livefeed.stream(feed, event_id, queue, first))
+
+
+@get(
+    "/admin/dashboard",
+    tags=["admin"],
+    media_type="text/html; charset=utf-8",
+    responses=_problems(backends=False),
+)
+async def dashboard_route() -> Response[bytes]:
+    """The operator's live page (HTML). Served to anyone: it holds no figures, and the
+    admin token never reaches the server in a page request (the page reads it from the
+    URL fragment, `#token=…`, or asks, and keeps it in the browser session). Every figure
+    it shows comes from admin calls made with the token: without a valid one the page
+    shows that it was refused, and nothing else."""
+    return Response(dashboard.page(), headers=dashboard.HEADERS)
+
+
 # --- operations -------------------------------------------------------------------------
 
 
@@ -808,8 +896,9 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
     """What Litestar cannot be told per route: the admin's and the customers' bearer
     schemes, the Idempotency-Key header of every state-changing operation, the headers of
     answers. Run at start-up (and by service.apidoc); a second run changes nothing.
-    `customer_tokens`: BOXOFFICE_CUSTOMER_TOKEN_SECRET is set, so the customer scheme is
-    required on its operations rather than optional."""
+    `customer_tokens`: BOXOFFICE_CUSTOMER_TOKEN_SECRET is set, so the customer operations
+    require the customer scheme (without it they require nothing, and the scheme is only
+    described, for the deployment with tokens)."""
     schema = app.openapi_schema
     if schema.components and schema.components.security_schemes:
         return
@@ -820,15 +909,14 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
         ),
         "customer": _CUSTOMER_SCHEME,
     }
-    customer_ops = _customer_operations(app)
-    customer_security: list[dict[str, list[str]]] = [{"customer": []}]
-    if not customer_tokens:  # `{}`: no token is also accepted
-        customer_security = [{}, *customer_security]
+    # Without the secret no customer route asks for anything: its document says so.
+    customer_ops = _customer_operations(app) if customer_tokens else set()
     for path, method, op in _operations(app):
-        if path.startswith("/admin/"):
+        # The dashboard page is static and holds no figures: its data calls need the token.
+        if path.startswith("/admin/") and path != "/admin/dashboard":
             op.security = [{"bearer": []}]
         elif (path, method) in customer_ops:
-            op.security = customer_security
+            op.security = [{"customer": []}]
         if method != "get":
             op.parameters = [*(op.parameters or []), _IDEMPOTENCY_KEY]
         for status, response in (op.responses or {}).items():
@@ -870,6 +958,8 @@ def create_app(settings: Settings) -> Litestar:
         svc = Services.open(settings)
         app.state.svc = svc
         flusher = asyncio.get_running_loop().create_task(stats.flush_every())
+        app.state.feed = livefeed.Feed(svc)
+        tallier = asyncio.get_running_loop().create_task(livefeed.flush_every(svc, stats.tally))
         try:
             try:
                 await svc.start()
@@ -884,17 +974,14 @@ def create_app(settings: Settings) -> Litestar:
             # second under load (the p99 of a hold); frozen, it is never traversed again.
             gc.collect()
             gc.freeze()
-            # After start(): by then the client says whether Redis is a cluster.
-            app.state.limits = ratelimit.AddressLimits(
-                settings, cluster=isinstance(svc.redis, RedisCluster)
-            )
+            # After start(): on a cluster, svc.scripts is the cluster's.
+            app.state.limits = ratelimit.AddressLimits(settings, svc.scripts)
             server.mark_started()
             yield
         finally:
             flusher.cancel()
-            limits = getattr(app.state, "limits", None)
-            if limits is not None:
-                await limits.close()
+            tallier.cancel()
+            await app.state.feed.close()
             await svc.close()
 
     app = Litestar(
@@ -918,10 +1005,13 @@ def create_app(settings: Settings) -> Litestar:
             health,
             ready,
             metrics_route,
+            live_view,
+            dashboard_route,
         ],
         lifespan=[lifespan],
         on_startup=[functools.partial(document, customer_tokens=tokens)],
         before_request=door if verifier is None else customer_door(verifier),
+        before_send=[add_rate_headers],
         dto=StrictJSON,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers={

@@ -95,7 +95,7 @@ def _operation(method: str, path: str, op: dict[str, Any]) -> list[str]:
     if "bearer" in schemes:
         out += ["Admin: needs the bearer token.", ""]
     if "customer" in schemes:
-        out += ["Customer: needs the customer's token when customer tokens are on.", ""]
+        out += ["Customer: needs the customer's token.", ""]
     params = op.get("parameters", [])
     if params:
         out += ["| parameter | in | required | type | description |", "|---|---|---|---|---|"]

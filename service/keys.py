@@ -147,6 +147,12 @@ def parse_restock_channel(channel: str) -> str | None:
     return channel[len(head) : -len(RESTOCK_SUFFIX) - 1]
 
 
+def address_rate(policy: str, address: str) -> str:
+    """string: a client address's requests under a per-address limit ("address" or
+    "admin"; lua/rate.lua), with a TTL. Apart from any event: on a slot of its own."""
+    return f"{PREFIX}rl:{policy}:{address}"
+
+
 def global_idempotency(key_digest: str) -> str:
     """Idempotency records of requests that belong to no live event (creating one)."""
     return f"{PREFIX}idem:{key_digest}"

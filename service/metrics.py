@@ -26,6 +26,7 @@ from service.context import RedisClient, Services, execute_timed
 from service.expiry import notifications_enabled
 from service.keys import event_keys
 from service.live import live_event_ids
+from service.livefeed import REFUSED, RefusalTally
 from service.writebehind import outbox_state
 
 REQUESTS = Counter(
@@ -65,6 +66,8 @@ class HttpStats:
     the hold path's throughput. Tallied, it costs a dictionary update (two for a refusal)."""
 
     def __init__(self) -> None:
+        # Refusals by event, for the live view: added to the event's counts in Redis.
+        self.tally = RefusalTally()
         # (method, path, status) -> count per bucket (the last one +Inf), then the sum of
         # seconds; the number of requests is the sum of the buckets.
         self.latencies: dict[tuple[str, str, int], list[float]] = {}
@@ -136,6 +139,10 @@ def middleware(stats: HttpStats) -> Callable[[ASGIApp], ASGIApp]:
                         method = "OTHER"
                     refusal = scope.get("state", {}).get(_REFUSAL)
                     stats.record(method, path, status, time.perf_counter() - started, refusal)
+                    # The buyers' refusals, for the live view (not the admin's own 401s).
+                    event_id = scope.get("path_params", {}).get("event_id")
+                    if refusal is not None and path.startswith("/events/") and event_id:
+                        stats.tally.record(event_id, refusal)
 
         return record
 
@@ -173,6 +180,11 @@ async def _live(svc: Services) -> list[Metric]:
     holds = CounterMetricFamily(
         "boxoffice_holds", "Holds by what happened to them", labels=["event", "outcome"]
     )
+    refused = CounterMetricFamily(
+        "boxoffice_event_refusals",
+        "Problem answers of requests naming the event, by code (all API processes)",
+        labels=["event", "code"],
+    )
     backlog = GaugeMetricFamily(
         "boxoffice_outbox_backlog",
         "Bookings and cancellations not yet in PostgreSQL",
@@ -205,14 +217,18 @@ async def _live(svc: Services) -> list[Metric]:
         ):
             for category, value in values.items():
                 gauges[name].add_metric([event_id, category.decode()], int(value))
-        for outcome, value in stats.items():
-            holds.add_metric([event_id, outcome.decode()], int(value))
+        for field, value in stats.items():
+            name = field.decode()
+            if name.startswith(REFUSED):
+                refused.add_metric([event_id, name[len(REFUSED) :]], int(value))
+            else:
+                holds.add_metric([event_id, name], int(value))
         outbox = await outbox_state(svc, event_id)
         backlog.add_metric([event_id], outbox.backlog)
         oldest = outbox.oldest_ms
         lag.add_metric([event_id], 0 if oldest is None else max(0, now_ms - oldest) / 1000)
         dead.add_metric([event_id], outbox.dead_letters)
-    return [*gauges.values(), holds, backlog, lag, dead]
+    return [*gauges.values(), holds, refused, backlog, lag, dead]
 
 
 async def render(svc: Services) -> bytes:

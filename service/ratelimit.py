@@ -9,19 +9,12 @@
 
 from __future__ import annotations
 
-import math
-import time
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
-from typing import NamedTuple
-from urllib.parse import urlsplit
+from typing import NamedTuple, Protocol
 
-from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from limits.storage import storage_from_string
 from litestar.types import Scope
 
-from service import errors
+from service import errors, keys
 from service.settings import Settings
 
 
@@ -103,68 +96,53 @@ def _trusted(address: str, trusted: tuple[IPv4Network | IPv6Network, ...]) -> bo
     return any(ip in net for net in trusted)
 
 
-def storage_uri(redis_url: str, cluster: bool, seed_nodes: str) -> str:
-    """The `limits` storage URI for the service's own Redis (or cluster)."""
-    parts = urlsplit(redis_url)
-    if cluster:
-        nodes = ",".join(n for n in (parts.netloc, *seed_nodes.split(",")) if n.strip())
-        return f"async+redis+cluster://{nodes}"
-    return f"async+{redis_url}"
+class KeyedScripts(Protocol):
+    async def call_keyed(self, name: str, key: str, *args: str | bytes | int) -> bytes: ...
 
 
 class AddressLimits:
     """Requests per client address per window: the public routes share one limit, the
-    admin routes (`/admin/…`) have another. Counted in Redis by `limits` (its sliding
-    window counter: one Lua script call, atomic, so exact across API processes; a
-    refused request is not counted; keys hash-tagged, so it runs on a cluster too)."""
+    admin routes (`/admin/…`) have another. Counted by lua/rate.lua (the GCRA of the
+    customer limit, lib.lua) through the hot path's own script pipe: one pipelined call
+    per request, atomic, so exact across API processes; one key per address, so a
+    cluster routes it like any other."""
 
-    def __init__(self, settings: Settings, cluster: bool) -> None:
+    def __init__(self, settings: Settings, scripts: KeyedScripts) -> None:
+        self._scripts = scripts
         self._trusted = parse_networks(settings.trusted_proxies)
-        self._policies: dict[bool, tuple[str, RateLimitItem] | None] = {
-            False: _item(
+        self._policies = {
+            False: _policy(
                 "address", settings.rate_limit_address, settings.rate_limit_address_window_seconds
             ),
-            True: _item(
+            True: _policy(
                 "admin", settings.rate_limit_admin, settings.rate_limit_admin_window_seconds
             ),
         }
         self.enabled = any(self._policies.values())
-        self._storage: RedisStorage | None = None
-        if self.enabled:
-            uri = storage_uri(settings.redis_url, cluster, settings.redis_seed_nodes)
-            storage = storage_from_string(uri, implementation="redispy", key_prefix="bo:rl")
-            assert isinstance(storage, RedisStorage)  # the cluster's is a subclass
-            self._storage = storage
-        self._limiter = (
-            SlidingWindowCounterRateLimiter(self._storage) if self._storage is not None else None
-        )
 
-    async def check(self, scope: Scope) -> None:
-        """Count the request against its address's limit, or raise RateLimited."""
+    async def check(self, scope: Scope) -> Quota | None:
+        """Count the request against its address's limit: what is left of it (None: no
+        limit applies); or raise RateLimited."""
         path: str = scope["path"]
-        policy = self._policies[path.startswith("/admin/") or path == "/admin"]
-        if policy is None or self._limiter is None:
-            return
-        name, item = policy
+        policy = self._policies[path == "/admin" or path.startswith("/admin/")]
+        if policy is None:
+            return None
+        name, quota, window = policy
         who = client_address(scope, self._trusted)
-        if await self._limiter.hit(item, name, who):
-            return
-        stats = await self._limiter.get_window_stats(item, name, who)
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        reply = await self._scripts.call_keyed(
+            "rate", keys.address_rate(name, who), quota, window * 1000
+        )
+        left, _, reset = reply.partition(b" ")
+        if left != b"-":
+            return Quota(name, quota, window, int(left), int(reset))
+        retry_after = int(reset)
         err = errors.RateLimited(
-            f"at most {item.amount} requests per {item.get_expiry()} s from one address;"
+            f"at most {quota} requests per {window} s from one address;"
             f" try again in {retry_after} s"
         )
-        err.headers = refusal_headers(name, item.amount, item.get_expiry(), retry_after)
+        err.headers = refusal_headers(name, quota, window, retry_after)
         raise err
 
-    async def close(self) -> None:
-        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
-        if client is not None:
-            await client.aclose()
 
-
-def _item(name: str, amount: int, window: int) -> tuple[str, RateLimitItem] | None:
-    if amount <= 0:
-        return None
-    return name, RateLimitItemPerSecond(amount, window)
+def _policy(name: str, quota: int, window: int) -> tuple[str, int, int] | None:
+    return (name, quota, window) if quota > 0 else None

@@ -6,7 +6,7 @@ import bisect
 import os
 import secrets
 import time
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import msgspec
 
@@ -65,6 +65,32 @@ def booking_view(
     )
 
 
+class HoldCall(NamedTuple):
+    """What lua/hold.lua takes after the common ARGV: built here only, for the service and
+    for the tests and benches that call the script itself."""
+
+    args: tuple[str | bytes | int, ...]
+    extra_keys: tuple[str, ...]
+
+
+def hold_call(
+    event_id: str,
+    hold_id: str,
+    customer: str,
+    items: bytes,
+    seats: bytes = b"[]",
+    limit: int = 0,
+    window_seconds: int = 60,
+) -> HoldCall:
+    """`items` and `seats` JSON-encoded; `limit` hold attempts per customer and window
+    (0: no limit)."""
+    keys = event_keys(event_id)
+    return HoldCall(
+        (hold_id, customer, items, seats, limit, window_seconds * 1000),
+        (keys.hold_ttl(hold_id), keys.customer_rate(customer)),
+    )
+
+
 async def _invalid(svc: Services, event_id: str, detail: str) -> NoReturn:
     """A body the event could never accept; but event_not_found comes first."""
     await ensure_loaded(svc, event_id)
@@ -92,27 +118,18 @@ async def create_hold_counted(
         await _invalid(svc, event_id, "a seat appears at most once in `seats`")
     if idem is None and not body.seats:
         # Categories this process knows are sold out: the script's answer, without Redis.
-        known = svc.sold_out.refusal(event_id, (i.category for i in body.items), count)
+        known = svc.sold_out.refusal(event_id, body.items, count)
         if known is not None:
             raise known
     since = svc.sold_out.step
     hold_id = secrets.token_urlsafe(16)  # 128 random bits: knowing it is the authority
-    keys = event_keys(event_id)
     limit = svc.settings.rate_limit_customer_holds
     window = svc.settings.rate_limit_customer_window_seconds
+    items = _encode([(i.category, i.quantity) for i in body.items])
+    hold = hold_call(event_id, hold_id, body.customer_id, items, _encode(body.seats), limit, window)
     try:
         reply = await call(
-            svc,
-            "hold",
-            event_id,
-            hold_id,
-            body.customer_id,
-            _encode([(i.category, i.quantity) for i in body.items]),
-            _encode(body.seats),
-            limit,
-            window * 1000,
-            extra_keys=(keys.hold_ttl(hold_id), keys.customer_rate(body.customer_id)),
-            idempotency=idem,
+            svc, "hold", event_id, *hold.args, extra_keys=hold.extra_keys, idempotency=idem
         )
     except errors.SoldOut as e:
         if idem is None:  # a replayed key's answer may be old news

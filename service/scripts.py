@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, cast
 import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 from service import errors, ratelimit, retries
@@ -31,6 +32,8 @@ NAMES = (
     "load_bookings",
     "repair",
     "check_seats",
+    "rate",
+    "live",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
@@ -190,6 +193,26 @@ class Scripts:
             f"{detail}; the request may have taken effect: retry it with the same"
             " Idempotency-Key to get its answer"
         )
+
+    async def call_keyed(self, name: str, key: str, *args: str | bytes | int) -> bytes:
+        """A script of one key and no event (lua/rate.lua), through the same pipe,
+        routed by its key's slot."""
+        encoded = key.encode()
+        slot = key_slot(encoded)
+        tail = bulk(b"1", encoded, *(_bytes(a) for a in args))
+        head = b"*%d\r\n" % (4 + len(args))
+        for _ in range(2):
+            script = self._scripts[name]
+            try:
+                reply: bytes = await self._pipe.call(
+                    head + bulk(b"EVALSHA", script.sha.encode()) + tail, slot
+                )
+                return reply
+            except NoScriptError:
+                source = cast(str, script.script).encode()
+                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                script.sha = sha.decode()
+        raise ConnectionError("Redis kept refusing the script")
 
     def _replicated(self, reply: bytes, acknowledged: int) -> bytes:
         # An error reply (or a request to load the event first) is answered as it is: it

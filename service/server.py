@@ -41,6 +41,16 @@ def mark_started() -> None:
         (Path(directory) / str(os.getpid())).touch()
 
 
+def forget_gauges(pid: int) -> None:
+    """A dead process's live gauges (the live view's readers and watchers) leave the sums.
+    prometheus_client is imported here, late: imported before `serve` has set the metrics
+    directory, it would make every process keep its metrics to itself."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 class Server(MPServer):
     def __init__(self, *args: Any, started_dir: Path, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,6 +63,8 @@ class Server(MPServer):
 
         def watcher() -> None:
             worker.inner.join()
+            if worker.inner.pid is not None:
+                forget_gauges(worker.inner.pid)
             if not worker.interrupt_by_parent:
                 self.judge_exit(worker)
             report()  # granian's: the process has ended, its join returns at once

@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 from service import errors
 from service.keys import parse_restock_channel, restock_channel
+from service.schemas import HoldItem
 from service.scriptpipe import Address, _Connection, command, dial
 from service.scripts import Scripts, sold_out
 
@@ -46,6 +48,8 @@ MAX_EVENTS = 1024
 # Each subscriber connection is pinged this often; one whose answer has not come by the
 # next ping is taken for lost (a peer gone without closing would otherwise keep flags).
 PING_SECONDS = 0.2
+# After Redis refused a subscription or a subscriber connection: none asked for this long.
+RESUBSCRIBE_AFTER_SECONDS = 1.0
 
 
 class _Event:
@@ -73,8 +77,8 @@ class _Link(_Connection):
         if self.table is None:  # forgotten: closing
             return
         self.reader.feed(data)
-        while (reply := self.reader.gets()) is not False:
-            self.table.on_push(self, reply)
+        while self.table is not None and (reply := self.reader.gets()) is not False:
+            self.table.on_push(self, reply)  # which may forget this link: checked again
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -99,21 +103,24 @@ class SoldOut:
         self._scripts: Scripts | None = None
         self._pinger: asyncio.Task[None] | None = None
         self.forgotten = 0  # times every flag was forgotten (for tests and logs)
+        # After a failure, no new subscription before this (time.monotonic()): a Redis that
+        # refuses them is not asked again at every refusal.
+        self._resume_at = 0.0
 
     # --- the hold path: no await ------------------------------------------------------
 
     def refusal(
-        self, event_id: str, categories: Iterable[str], count: int
+        self, event_id: str, items: Iterable[HoldItem], count: int
     ) -> errors.BoxofficeError | None:
         """The script's `sold_out` answer, when it is known without asking; else None."""
         event = self._events.get(event_id)
         if event is None or not event.cats or count > event.most:
             return None
         available = {}
-        for category in categories:
-            if category not in event.cats:
+        for item in items:
+            if item.category not in event.cats:
                 return None
-            available[category] = 0
+            available[item.category] = 0
         return sold_out(available)
 
     def learn(self, event_id: str, available: dict[str, int], count: int, since: int) -> None:
@@ -122,7 +129,8 @@ class SoldOut:
             return  # not started (a worker, a test's own Services): never a flag
         event = self._events.get(event_id)
         if event is None:
-            self._subscribe(event_id)
+            if time.monotonic() >= self._resume_at:
+                self._subscribe(event_id)
             return
         self._events.move_to_end(event_id)
         if event.since is None or event.since > since or event.cleared > since:
@@ -160,10 +168,13 @@ class SoldOut:
                 await self._pinger
         self.forget(None)
 
-    def forget(self, why: str | None) -> None:
-        """Every flag and every subscription: messages may have been missed."""
+    def forget(self, why: str | None, pause: bool = False) -> None:
+        """Every flag and every subscription: messages may have been missed. `pause`: no
+        new subscription for a while (Redis refused one)."""
         self.step += 1
         self.forgotten += 1
+        if pause:
+            self._resume_at = time.monotonic() + RESUBSCRIBE_AFTER_SECONDS
         if why is not None and self._events:
             log.info("sold-out flags forgotten: %s", why)
         self._events.clear()
@@ -205,6 +216,7 @@ class SoldOut:
                 del self._dialing[address]
                 self._drop_waiting(address)
             errors.log_failure(log, "sold-out subscriber cannot connect", e)
+            self._resume_at = time.monotonic() + RESUBSCRIBE_AFTER_SECONDS
             return
         assert isinstance(link, _Link)
         if self._dialing.get(address) is not asyncio.current_task():
@@ -235,7 +247,7 @@ class SoldOut:
     def on_push(self, link: _Link, reply: Any) -> None:
         if isinstance(reply, Exception):
             # A subscription refused (MOVED: the slot table was stale), or worse.
-            self.forget(f"subscriber got an error: {reply}")
+            self.forget(f"subscriber got an error: {reply}", pause=True)
             return
         if reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
             link.answered = True

@@ -182,19 +182,21 @@ def free_cluster_port(taken: set[int]) -> int:
 
 
 class LocalCluster:
-    """A Redis Cluster of its own: `primaries` primaries with one replica each, on free ports.
+    """A Redis Cluster of its own: `primaries` primaries with `replicas` replicas each (one
+    by default; none for the bench, where they would only take CPU), on free ports.
 
     A small cluster-node-timeout makes a failover take seconds: a primary killed with
     kill() is replaced by its replica once the others have marked it failed."""
 
-    def __init__(self, primaries: int = 3, node_timeout_ms: int = 2000) -> None:
+    def __init__(self, primaries: int = 3, node_timeout_ms: int = 2000, replicas: int = 1) -> None:
         executable = shutil.which("redis-cli")
         if executable is None:
             raise RuntimeError("redis-cli is not on PATH")
         self._cli = executable
+        self._replicas = replicas
         taken: set[int] = set()
         self.nodes: list[RedisServer] = []
-        for _ in range(primaries * 2):
+        for _ in range(primaries * (1 + replicas)):
             port = free_cluster_port(taken)
             taken.update((port, port + 10000))
             args = [
@@ -219,7 +221,7 @@ class LocalCluster:
             node.start()
         create = [self._cli, "--cluster", "create", *self.addresses]
         subprocess.run(
-            [*create, "--cluster-replicas", "1", "--cluster-yes"],
+            [*create, "--cluster-replicas", str(self._replicas), "--cluster-yes"],
             check=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -20,6 +20,7 @@ from service.context import Services
 from service.db import create_engine
 from service.keys import event_keys
 from service.retries import BUDGET_SECONDS as RETRY_SECONDS
+from service.sales import hold_call
 from service.scriptpipe import (
     EVENT_KEYS_CACHED,
     REPLY_TIMEOUT,
@@ -169,10 +170,8 @@ async def test_real_scripts_race_on_every_primary(cluster: LocalCluster, rc: Red
 
         async def buy(event_id: str, n: int) -> bool:
             hold_id = f"h{n}"
-            ttl_key = event_keys(event_id).hold_ttl(hold_id)
-            reply = await scripts.call(
-                "hold", event_id, hold_id, f"c{n}", b'[["GA",1]]', b"[]", extra_keys=(ttl_key,)
-            )
+            hold = hold_call(event_id, hold_id, f"c{n}", b'[["GA",1]]')
+            reply = await scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
             if b'"err":"sold_out"' in reply:
                 return False
             raise_for_error(reply)

@@ -20,6 +20,7 @@ from service import catalog, live, reconcile, sales, schemas
 from service.context import Services
 from service.keys import event_keys
 from service.records import BookingRecord
+from service.sales import hold_call
 from service.scripts import LUA_DIR, NAMES, NOT_LOADED
 from service.settings import Settings
 from service.writebehind import WriteBehind
@@ -152,15 +153,8 @@ async def test_200000_seats_load_in_short_calls(own: Services) -> None:
 async def raw_hold(svc: Services, event_id: str, seat: str) -> bytes:
     """The hold script itself, without the restore path: what a request meets in Redis."""
     hold_id = uuid.uuid4().hex
-    return await svc.scripts.call(
-        "hold",
-        event_id,
-        hold_id,
-        "racer",
-        "[]",
-        f'["{seat}"]',
-        extra_keys=(event_keys(event_id).hold_ttl(hold_id),),
-    )
+    hold = hold_call(event_id, hold_id, "racer", b"[]", f'["{seat}"]'.encode())
+    return await svc.scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
 
 
 async def test_holds_racing_a_restore_never_see_a_half_loaded_event(

@@ -19,13 +19,15 @@ from service.keys import event_keys
 from service.scripts import Idempotency
 from service.settings import Settings
 from tests.apiserver import ApiServer
-from tests.conftest import ADMIN, event_body, expire_hold, new_event_id, server_env
+from tests.conftest import ADMIN, ADMIN_TOKEN, event_body, expire_hold, new_event_id, server_env
+from tests.servers import LocalCluster
 
 # Over HTTP: a window long enough that nothing comes back during a test (GCRA gives one
 # attempt back every WINDOW / LIMIT = 12 s).
 LIMIT, WINDOW = 5, 60
-# In process: a short window, to see the quota come back.
-SHORT_LIMIT, SHORT_WINDOW = 3, 2
+# In process: a short window, to see the quota come back (an attempt every 2 s: a
+# stall of the machine under test shorter than that does not give one back early).
+SHORT_LIMIT, SHORT_WINDOW = 3, 6
 
 POLICY = re.compile(r'^"customer";q=(\d+);w=(\d+)$')
 STATE = re.compile(r'^"customer";r=(\d+);t=(\d+)$')
@@ -94,6 +96,12 @@ async def _available(client: httpx.AsyncClient, event_id: str) -> int:
     return int(next(c["available"] for c in r.json()["categories"] if c["name"] == "GA"))
 
 
+def _item(field: str, policy: str) -> str:
+    """The item of one policy in a RateLimit or RateLimit-Policy list (another limit may
+    have its own item beside it)."""
+    return next((i for i in field.split(", ") if i.startswith(f'"{policy}";')), "")
+
+
 def _assert_429(r: httpx.Response) -> int:
     """A customer-limit 429 with its headers right; returns Retry-After."""
     assert r.status_code == 429, r.text
@@ -102,9 +110,9 @@ def _assert_429(r: httpx.Response) -> int:
     assert r.headers["content-type"].startswith("application/problem+json")
     retry_after = int(r.headers["retry-after"])
     assert 1 <= retry_after <= WINDOW // LIMIT, r.headers
-    policy = POLICY.match(r.headers["ratelimit-policy"])
+    policy = POLICY.match(_item(r.headers["ratelimit-policy"], "customer"))
     assert policy and policy.groups() == (str(LIMIT), str(WINDOW)), r.headers
-    state = STATE.match(r.headers["ratelimit"])
+    state = STATE.match(_item(r.headers["ratelimit"], "customer"))
     # No attempt left; the reset is the same moment as Retry-After (the draft's SHOULD).
     assert state and state.groups() == ("0", str(retry_after)), r.headers
     return retry_after
@@ -181,7 +189,6 @@ async def test_a_429_changes_nothing(short: Services) -> None:
             await r.hgetall(keys.stats),
             await r.get(keys.idempotency_count),
             await r.get(keys.idempotency_refusals),
-            await r.get(keys.customer_rate("eager")),
             sorted([k async for k in r.scan_iter(match=f"{keys.tag}:idem:*")]),
         )
 
@@ -194,10 +201,32 @@ async def test_a_429_changes_nothing(short: Services) -> None:
     assert await state() == before
     # The same request with the same key, once the limit allows it, is a new hold: the
     # 429 was not remembered as the key's answer.
-    await asyncio.sleep(SHORT_WINDOW / SHORT_LIMIT + 0.1)
+    await asyncio.sleep(int(refused.value.headers["retry-after"]) + 0.1)
     hold = await sales.create_hold(short, event_id, _ga("eager"), key)
     assert hold.status == "held"
     assert await sales.create_hold(short, event_id, _ga("eager"), key) == hold  # a replay
+
+
+async def test_a_loop_that_does_not_wait_stays_limited(short: Services) -> None:
+    """Refused attempts count too: a client that tries again before its Retry-After
+    gets nothing; once it waits as told, it gets an attempt."""
+    event_id = await _event_in_process(short)
+    for _ in range(SHORT_LIMIT):
+        await sales.create_hold(short, event_id, _ga("looper"), None)
+    interval = SHORT_WINDOW / SHORT_LIMIT
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2 * interval  # long enough for two attempts to come back
+    refusals = 0
+    while loop.time() < deadline:
+        with pytest.raises(errors.RateLimited) as refused:
+            await sales.create_hold(short, event_id, _ga("looper"), None)
+        refusals += 1
+        await asyncio.sleep(0.01)
+    assert refusals > 20
+    assert refused.value.headers is not None
+    await asyncio.sleep(int(refused.value.headers["retry-after"]) + 0.05)
+    hold = await sales.create_hold(short, event_id, _ga("looper"), None)
+    assert hold.status == "held"
 
 
 async def test_the_quota_comes_back_after_the_window(short: Services) -> None:
@@ -271,6 +300,7 @@ def _address_server(settings: Settings, trusted: str) -> ApiServer:
         "BOXOFFICE_RATE_LIMIT_ADMIN": str(PER_ADMIN),
         "BOXOFFICE_RATE_LIMIT_ADMIN_WINDOW_SECONDS": str(WINDOW),
         "BOXOFFICE_TRUSTED_PROXIES": trusted,
+        "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(LIMIT),
     }
     return ApiServer(env, workers=2)
 
@@ -325,9 +355,16 @@ async def test_per_address_limit_is_exact_under_concurrency(
     )
     statuses = Counter(r.status_code for r in replies)
     assert statuses == {200: PER_ADDRESS, 429: 30 - PER_ADDRESS}, statuses
+    left = []
     for r in replies:
         if r.status_code == 429:
             _assert_address_429(r)
+        else:  # a success says what is left
+            assert r.headers["ratelimit-policy"] == ADDRESS_POLICY
+            state = re.fullmatch(r'"address";r=(\d+);t=(\d+)', r.headers["ratelimit"])
+            assert state, r.headers
+            left.append(int(state.group(1)))
+    assert sorted(left) == list(range(PER_ADDRESS)), left
     # Every route: a refused hold changes nothing, and another address is counted apart.
     event_id = await _event(behind_proxy)
     before = await _available(behind_proxy, event_id)
@@ -338,6 +375,15 @@ async def test_per_address_limit_is_exact_under_concurrency(
     assert await _available(behind_proxy, event_id) == before
     r = await behind_proxy.get("/health", headers=_from("203.0.113.8"))
     assert r.status_code == 200, r.text
+    # A hold answers both limits' headers, one item per policy.
+    r = await behind_proxy.post(
+        f"/events/{event_id}/holds", json=_hold("counted-twice"), headers=_from("203.0.113.9")
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["ratelimit-policy"] == f"{ADDRESS_POLICY}, " + (f'"customer";q={LIMIT};w=60')
+    assert re.fullmatch(r'"address";r=\d+;t=\d+, "customer";r=\d+;t=\d+', r.headers["ratelimit"]), (
+        r.headers
+    )
 
 
 async def test_only_the_last_hop_a_trusted_proxy_added_is_believed(
@@ -382,3 +428,54 @@ async def test_admin_routes_have_their_own_limit(behind_proxy: httpx.AsyncClient
     other = _from("203.0.113.51")
     r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=ADMIN | other)
     assert r.status_code == 404, r.text
+    # Guessing the admin token is counted too (the limit comes before the guard's check).
+    guesser = _from("203.0.113.52") | {"authorization": "Bearer guess"}
+    for _ in range(PER_ADMIN):
+        r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=guesser)
+        assert r.status_code == 401, r.text
+    r = await behind_proxy.get("/admin/events/no-such-event/bookings", headers=guesser)
+    _assert_address_429(r, f'"admin";q={PER_ADMIN};w={WINDOW}')
+
+
+# --- on a Redis Cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as c:
+        yield c
+
+
+async def test_both_limits_on_a_cluster(cluster: LocalCluster, settings: Settings) -> None:
+    """Customer limits in events on every primary; address limits, whose keys fall on
+    whichever primary serves their slot."""
+    csettings = Settings(
+        redis_url=cluster.url, database_url=settings.database_url, admin_token=ADMIN_TOKEN
+    )
+    env = {
+        **server_env(csettings),
+        "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(LIMIT),
+        "BOXOFFICE_RATE_LIMIT_ADDRESS": str(PER_ADDRESS),
+        "BOXOFFICE_TRUSTED_PROXIES": "127.0.0.1",
+    }
+    server = ApiServer(env, workers=1)
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            for n, ids in enumerate(cluster.event_ids(1, "rl").values()):
+                event_id = ids[0]
+                me = _from(f"192.0.2.{n}")  # its own address: PER_ADDRESS requests each
+                r = await c.post("/admin/events", json=event_body(event_id), headers=ADMIN)
+                assert r.status_code == 201, r.text
+                codes = []
+                for i in range(LIMIT + 1):
+                    who = _from(f"198.51.100.{10 * n + i}")
+                    r = await c.post(f"/events/{event_id}/holds", json=_hold("one"), headers=who)
+                    codes.append(r.status_code)
+                assert codes == [201] * LIMIT + [429], codes
+                _assert_429(r)
+                for _ in range(PER_ADDRESS):
+                    assert (await c.get("/health", headers=me)).status_code == 200
+                _assert_address_429(await c.get("/health", headers=me))
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ from service.settings import Settings
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import ADMIN, create_event, eventually, expire_hold, server_env, worker_env
 from tests.servers import RedisServer
+from tests.test_cli import boxoffice
 
 # The contract: every API process hears of returned stock within 250 ms.
 WITHIN = 0.25
@@ -267,6 +268,44 @@ async def test_a_dropped_subscription_forgets_every_flag(
     await psvc.redis.hincrby(k.avail, GA, 2)
     await assert_refusals_stay_local(psvc.redis, clients, event_id, count=10)
     assert await psvc.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 2
+    took = await sellable_everywhere(clients, event_id, time.monotonic())
+    assert max(took) < WITHIN, took
+
+
+_FORGET_RELEASE = """
+local h = cjson.decode(redis.call('HGET', KEYS[1], ARGV[1]))
+h.s = 'released'
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(h))
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+async def test_a_repair_that_puts_tickets_back_is_heard(
+    clients: list[httpx.AsyncClient], psvc: Services, psettings: Settings
+) -> None:
+    event_id, holds = await sold_out_event(clients)
+    # Drift: the 2-ticket hold's record says released, its tickets were never given back.
+    k = event_keys(event_id)
+    await psvc.redis.eval(_FORGET_RELEASE, 2, k.holds, k.deadlines, holds[0])
+    await assert_refusals_stay_local(psvc.redis, clients, event_id, count=10)
+    repair = await asyncio.to_thread(
+        boxoffice, "reconcile", "--event", event_id, "--repair", env=server_env(psettings)
+    )
+    assert repair.returncode in (0, 1), repair.stderr
+    took = await sellable_everywhere(clients, event_id, time.monotonic())
+    assert max(took) < WITHIN, took
+
+
+async def test_an_event_loaded_again_is_heard(
+    clients: list[httpx.AsyncClient], psvc: Services
+) -> None:
+    event_id, _ = await sold_out_event(clients)
+    # Redis loses the event (its holds with it); the next read loads it from PostgreSQL.
+    k = event_keys(event_id)
+    await psvc.redis.delete(*k.all)
+    r = await clients[0].get(f"/events/{event_id}")
+    assert r.status_code == 200, r.text
     took = await sellable_everywhere(clients, event_id, time.monotonic())
     assert max(took) < WITHIN, took
 
