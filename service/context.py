@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
@@ -12,7 +13,13 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    RedisError,
+    SlotNotCoveredError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import retries
@@ -96,12 +103,17 @@ def _single_node(settings: Settings) -> Redis:
     # Blocking: a burst beyond the pool waits for a connection instead of failing.
     # Retries (service/retries.py): a pooled connection found dead after a Redis restart is
     # replaced, not reported. A retried script may run twice; every script is safe to repeat.
+    # A reply (and a pooled connection) waited for at most BOXOFFICE_REDIS_TIMEOUT_SECONDS,
+    # and never twice: TimeoutError is not retried. The URL's own timeouts win.
+    timeout = settings.redis_timeout_seconds
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=64,
-        timeout=5,
+        timeout=timeout,
         retry=retries.single_node(),
-        retry_on_error=[ConnectionError, TimeoutError],
+        retry_on_error=[ConnectionError],
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
     return Redis(connection_pool=pool)
 
@@ -148,11 +160,24 @@ class PatientCluster(RedisCluster):
     budget, as the hot path's pipe does (service/retries.py): its own tries follow MOVED
     and ASK and read the slot table again, but come back at once, well before a replica
     has taken over. A command sent to nodes the caller chose (INFO of each primary for
-    /ready) is not waited out: a node that is away is the answer."""
+    /ready) is not waited out: a node that is away is the answer. Nor is a node silent
+    for the timeout (TimeoutError): unlike the hot path's pipe, which waits out a hung
+    primary's failover, a call here (a read, an admin write) answers 503 at once."""
+
+    # redis-py's own, less TimeoutError: each try would wait the timeout again.
+    ERRORS_ALLOW_RETRY = (ConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
     def __init__(self, *, budget: float, **kwargs: Any) -> None:
         super().__init__(retry=retries.cluster(budget), **kwargs)
         self.budget = budget
+        self.timeout: float = kwargs.get("socket_timeout") or 0.0
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused there
+        return _PatientPipeline(self, transaction)  # type: ignore[abstract]
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -164,11 +189,32 @@ class PatientCluster(RedisCluster):
             return await retries.wait_out(lambda: retry(*args, **kwargs), e, self.budget)
 
 
+class _PatientPipeline(ClusterPipeline):
+    """redis-py's cluster pipeline tries again on a node's silence too (as many times as
+    fill the budget with its 0.25 s pauses, each try waiting up to the timeout): bounded
+    as a whole by the budget and one timeout, as the hot path's calls are."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        client = cast(PatientCluster, self.cluster_client)
+        bound = client.budget + client.timeout
+        try:
+            async with asyncio.timeout(bound):
+                return await super().execute(raise_on_error, allow_redirections)
+        except TimeoutError as e:  # asyncio's: Redis's own passes through
+            raise RedisTimeoutError(f"the Redis Cluster did not answer within {bound:g} s") from e
+
+
 def _cluster(settings: Settings) -> RedisCluster:
     nodes = [ClusterNode(host, port) for host, port in _startup_nodes(settings)]
     return PatientCluster(
         startup_nodes=nodes,
         max_connections=64,
         budget=settings.redis_cluster_retry_seconds,
-        **_client_options(settings),
+        **{
+            "socket_timeout": settings.redis_timeout_seconds,
+            "socket_connect_timeout": settings.redis_timeout_seconds,
+            **_client_options(settings),
+        },
     )

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import redis.exceptions
 from litestar import Response
 
 from service import errors
@@ -79,17 +80,39 @@ async def once(
             return _replay(msgspec.json.decode(raw, type=_Stored), idem)
     try:
         result = await work()
-    except errors.BoxofficeError as e:
-        if e.status >= 500:
-            await svc.redis.delete(key)
+    except BaseException as e:
+        if _silence(e):
+            # Redis did not answer: the work may have been done, and asking Redis to
+            # forget the claim would wait for its silence once more. The claim expires
+            # (CLAIM_SECONDS); until then a retry is told that the first is in progress.
             raise
-        await _store(svc, key, idem, e.status, msgspec.json.encode(e.problem()), True)
-        raise
-    except BaseException:
-        await svc.redis.delete(key)  # nothing was done: let a retry do it
+        await _failed(svc, key, idem, e)
         raise
     await _store(svc, key, idem, status, msgspec.json.encode(result), False)
     return _response(result, status)
+
+
+def _silence(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, redis.exceptions.TimeoutError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+async def _failed(svc: Services, key: str, idem: Idempotency, e: BaseException) -> None:
+    """The work failed: a refusal is remembered as the answer; anything else leaves the
+    key to a retry."""
+    if isinstance(e, errors.BoxofficeError):
+        if e.status >= 500:
+            await svc.redis.delete(key)
+            return
+        await _store(svc, key, idem, e.status, msgspec.json.encode(e.problem()), True)
+        return
+    await svc.redis.delete(key)  # nothing was done: let a retry do it
 
 
 def _response(result: T, status: int) -> Response[T]:

@@ -19,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import errors, schemas
 from service.context import RedisClient, Services, execute_timed
@@ -336,24 +337,37 @@ async def _eviction_warnings(svc: Services) -> list[str]:
     return warnings
 
 
-async def readiness(svc: Services) -> schemas.Readiness:
-    missing: list[str] = []
-    warnings: list[str] = []
-    try:
-        silent = await _silent_primaries(svc.redis)
-        warnings += [f"Redis node {name} does not answer: {why}" for name, why in silent]
-        if silent:
-            raise ConnectionError("a primary does not answer")
-        # Loading is idempotent: this also heals a SCRIPT FLUSH before anyone calls.
-        await svc.scripts.load()
-    except Exception:  # whatever it is, not ready
-        missing.append("redis")
-    if "redis" not in missing and not await notifications_enabled(svc.redis):
+async def _redis_readiness(svc: Services, warnings: list[str]) -> None:
+    """Raises when Redis cannot serve; adds what is worth knowing to `warnings`."""
+    silent = await _silent_primaries(svc.redis)
+    warnings += [f"Redis node {name} does not answer: {why}" for name, why in silent]
+    if silent:
+        raise ConnectionError("a primary does not answer")
+    # Loading is idempotent: this also heals a SCRIPT FLUSH before anyone calls.
+    await svc.scripts.load()
+    if not await notifications_enabled(svc.redis):
         # Not a reason to take the API out of service: holds still expire, lazily and by
         # the sweeper, only less promptly than with the listener.
         warnings.append("keyspace notifications are off: is `boxoffice worker` running?")
-    if "redis" not in missing:
-        warnings += await _eviction_warnings(svc)
+    warnings += await _eviction_warnings(svc)
+
+
+async def readiness(svc: Services) -> schemas.Readiness:
+    missing: list[str] = []
+    warnings: list[str] = []
+    # All of Redis's questions within one timeout, as a request's: a Redis that hangs
+    # makes /ready answer `missing: redis` in that time, not after each question's own.
+    timeout = svc.settings.redis_timeout_seconds
+    found: list[str] = []
+    try:
+        async with asyncio.timeout(timeout):
+            await _redis_readiness(svc, found)
+    except (TimeoutError, RedisTimeoutError):
+        missing.append("redis")
+        found.append(f"Redis did not answer within {timeout:g} s")
+    except Exception:  # whatever it is, not ready
+        missing.append("redis")
+    warnings += found
     try:
         async with svc.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))

@@ -9,7 +9,9 @@ not retry what the pipe gave up on.
 
 On a single node there is no replica to wait for, only a reconnect: a connection found dead
 (Redis restarted) is replaced and the call sent again within RECONNECT_SECONDS; Redis away
-is an error at once, so that a request answers 503 instead of hanging.
+is an error at once, so that a request answers 503 instead of hanging. A Redis that hangs
+(its connections open, nothing answered) is waited for once per request, for
+BOXOFFICE_REDIS_TIMEOUT_SECONDS: a silent call is never sent again there.
 
 The background loops (expiry listener, write-behind) never give up: they pause from
 LOOP_FIRST, doubling up to LOOP_CAP, and start again.
@@ -37,7 +39,6 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     SlotNotCoveredError,
-    TimeoutError,
     TryAgainError,
 )
 
@@ -45,6 +46,11 @@ T = TypeVar("T")
 
 # The default of BOXOFFICE_REDIS_CLUSTER_RETRY_SECONDS.
 BUDGET_SECONDS = 10.0
+# The default of BOXOFFICE_REDIS_TIMEOUT_SECONDS: how long a call waits for Redis's reply.
+# Silence is not a failure that passes (not in PASSING): on a single node it is never
+# waited out twice, so a hung Redis costs a request one such wait, then a 503. Our
+# scripts take milliseconds; seconds of silence is a server or a network that hangs.
+TIMEOUT_SECONDS = 3.0
 # The first pause, and the longest: a call is sent again at most CAP after Redis is back.
 FIRST = 0.01
 CAP = 0.25
@@ -54,7 +60,9 @@ RECONNECT_SECONDS = 0.2
 LOOP_FIRST = 0.1
 LOOP_CAP = 5.0
 # What the cluster says while a failover or a migration is under way, or a node is gone.
-PASSING = (ConnectionError, TimeoutError, ClusterDownError, SlotNotCoveredError, TryAgainError)
+# Not TimeoutError: a silent node has cost its wait already (the hot path's pipe alone
+# takes silence on a cluster for a failover under way: service/scriptpipe.py).
+PASSING = (ConnectionError, ClusterDownError, SlotNotCoveredError, TryAgainError)
 # redis-py's cluster pipeline pauses this long between its tries (not configurable).
 _PIPELINE_PAUSE = 0.25
 
@@ -117,7 +125,10 @@ def single_node() -> Retry:
     """redis-py's retries on a single node: a dead pooled connection is replaced and the
     command sent again, as often as its pauses fit in RECONNECT_SECONDS."""
     backoff = ExponentialBackoff(cap=CAP, base=FIRST)
-    return Retry(backoff, retries=_tries(backoff, RECONNECT_SECONDS))
+    # Not on TimeoutError (redis-py's default): each try would wait the timeout again.
+    return Retry(
+        backoff, retries=_tries(backoff, RECONNECT_SECONDS), supported_errors=(ConnectionError,)
+    )
 
 
 def cluster(budget: float) -> Retry:
@@ -125,7 +136,9 @@ def cluster(budget: float) -> Retry:
     slot table read again), so the pauses come from wait_out() around each command; its
     pipelines pause 0.25 s between tries, so as many tries as fill the budget."""
     return Retry(
-        ExponentialBackoff(cap=CAP, base=FIRST), retries=math.ceil(budget / _PIPELINE_PAUSE)
+        ExponentialBackoff(cap=CAP, base=FIRST),
+        retries=math.ceil(budget / _PIPELINE_PAUSE),
+        supported_errors=(ConnectionError,),
     )
 
 

@@ -39,6 +39,7 @@ from redis.exceptions import (
     MovedError,
     RedisError,
     ResponseError,
+    TimeoutError,
     TryAgainError,
 )
 
@@ -47,9 +48,16 @@ from service.keys import event_keys
 
 # Connections per Redis server: enough to keep Redis busy while one buffer is in flight.
 CONNECTIONS = 2
-# A reply slower than this means Redis (or the network) is stuck: the connection is closed
-# and its calls fail (retried by the caller when safe: every script is).
-REPLY_TIMEOUT = 5.0
+# The default of how long a call waits for its reply (BOXOFFICE_REDIS_TIMEOUT_SECONDS):
+# a connection whose oldest call waited that long is silent (Redis or the network hangs).
+# Its calls fail with TimeoutError, and the connection is aborted (a reset: a server that
+# comes back drops what it had not read yet); the next call dials a new one. On a single
+# node nothing sends a silent call again: a request waits out a hung server once, then
+# answers 503. On a cluster, see ScriptPipe.call.
+REPLY_TIMEOUT = retries.TIMEOUT_SECONDS
+# How often, at most, a node's connections are checked for silence (a quarter of the
+# timeout when that is shorter): a silent call fails at most this late.
+WATCHDOG_TICK = 1.0
 # Events whose encoded keys and slot are kept: any event id reaches here (an unknown one
 # too, before the script says so), so the memory must be bounded. ~1 KiB each.
 EVENT_KEYS_CACHED = 8192
@@ -128,15 +136,31 @@ class _Connection(asyncio.Protocol):
         self.waiting.extend((f, now) for f in futures)
         self.transport.write(payload)
 
-    def overdue(self, now: float) -> bool:
-        return bool(self.waiting) and now - self.waiting[0][1] > REPLY_TIMEOUT
+    def overdue(self, now: float, timeout: float) -> bool:
+        return bool(self.waiting) and now - self.waiting[0][1] >= timeout
+
+    def silent(self, timeout: float) -> None:
+        """Fail every call waiting here (none of them will be answered in time) and reset
+        the connection."""
+        error = TimeoutError(f"Redis did not answer within {timeout:g} s")
+        while self.waiting:
+            future, _ = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
 
 
 async def dial(
-    options: dict[str, Any], *, select: bool, protocol: type[_Connection] = _Connection
+    options: dict[str, Any],
+    *,
+    select: bool,
+    protocol: type[_Connection] = _Connection,
+    timeout: float = REPLY_TIMEOUT,  # noqa: ASYNC109 (the connect and the handshake each)
 ) -> _Connection:
-    """A connection to the server the options name, authenticated (and on its database).
-    `protocol`: a _Connection of another kind (service/soldout.py's subscriber)."""
+    """A connection to the server the options name, authenticated (and on its database),
+    within `timeout` (else TimeoutError). `protocol`: a _Connection of another kind
+    (service/soldout.py's subscriber)."""
     loop = asyncio.get_running_loop()
     o = options
     connection = protocol()
@@ -146,7 +170,7 @@ async def dial(
         tls = ssl.create_default_context() if "SSL" in str(o.get("connection_class")) else None
         await asyncio.wait_for(
             loop.create_connection(lambda: connection, o["host"], o.get("port", 6379), ssl=tls),
-            REPLY_TIMEOUT,
+            timeout,
         )
     handshake = []
     if o.get("password"):
@@ -158,7 +182,7 @@ async def dial(
     if futures:
         connection.send(b"".join(handshake), futures, loop.time())
         try:
-            await asyncio.wait_for(asyncio.gather(*futures), REPLY_TIMEOUT)
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
         except BaseException:
             _close(connection)
             raise
@@ -167,7 +191,7 @@ async def dial(
 
 async def _ask(options: dict[str, Any], *parts: bytes, wait: float) -> Any:
     """One command on a connection of its own, closed after the reply."""
-    connection = await dial(options, select=False)
+    connection = await dial(options, select=False, timeout=wait)
     try:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -186,10 +210,19 @@ class _NodePipe:
     """The calls to one Redis server: each turn's calls in one write, on a few connections."""
 
     def __init__(
-        self, options: dict[str, Any], *, select: bool = True, waits: bool = False
+        self,
+        options: dict[str, Any],
+        *,
+        select: bool = True,
+        waits: bool = False,
+        timeout: float = REPLY_TIMEOUT,
+        wait_timeout: float = REPLY_TIMEOUT,
     ) -> None:
         self._options = options
         self._select = select
+        # How long a call waits for its reply; a call followed by WAIT, this plus WAIT's own.
+        self._timeout = timeout
+        self._wait_timeout = wait_timeout
         # WAIT blocks its connection, and every call queued behind it, until the replicas
         # answer: calls followed by one have connections of their own (made when needed).
         self._waits = waits
@@ -236,7 +269,9 @@ class _NodePipe:
 
     def _for_waits(self) -> _NodePipe:
         if self._wait_pipe is None:
-            self._wait_pipe = _NodePipe(self._options, select=self._select, waits=True)
+            self._wait_pipe = _NodePipe(
+                self._options, select=self._select, waits=True, timeout=self._wait_timeout
+            )
         return self._wait_pipe
 
     def queue_after(self, then: bytes) -> asyncio.Future[Any]:
@@ -252,24 +287,33 @@ class _NodePipe:
         self._queue, self._futures = [], []
         slot = next(self._turn)
         connection = self._connections[slot]
+        now = asyncio.get_running_loop().time()
         if connection is not None and connection.transport is not None:
-            connection.send(payload, futures, asyncio.get_running_loop().time())
+            connection.send(payload, futures, now)
         else:
-            task = asyncio.ensure_future(self._send_when_connected(slot, payload, futures))
+            task = asyncio.ensure_future(self._send_when_connected(slot, payload, futures, now))
             _pending.add(task)
             task.add_done_callback(_pending.discard)
 
     async def _send_when_connected(
-        self, slot: int, payload: bytes, futures: list[asyncio.Future[Any]]
+        self, slot: int, payload: bytes, futures: list[asyncio.Future[Any]], since: float
     ) -> None:
+        """Send once connected; the calls' wait counts from `since` (when they were
+        flushed): connecting and the reply share one timeout."""
         try:
             connection = await self._connect(slot)
         except Exception as e:
+            # Silence (a connect or a handshake that hung) is not tried again; a refusal is.
+            error: RedisError = (
+                TimeoutError(f"Redis did not answer within {self._timeout:g} s")
+                if isinstance(e, asyncio.TimeoutError)
+                else ConnectionError(f"cannot reach Redis: {e!r}")
+            )
             for future in futures:
                 if not future.done():
-                    future.set_exception(ConnectionError(f"cannot reach Redis: {e!r}"))
+                    future.set_exception(error)
             return
-        connection.send(payload, futures, asyncio.get_running_loop().time())
+        connection.send(payload, futures, since)
 
     async def _connect(self, slot: int) -> _Connection:
         pending = self._connecting[slot]
@@ -279,21 +323,26 @@ class _NodePipe:
         return await asyncio.shield(pending)
 
     async def _open(self, slot: int) -> _Connection:
-        connection = await dial(self._options, select=self._select)
+        connection = await dial(self._options, select=self._select, timeout=self._timeout)
         self._connections[slot] = connection
         self._arm_watchdog()
         return connection
 
     def _arm_watchdog(self) -> None:
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_later(1.0, self._check)
+            tick = min(WATCHDOG_TICK, self._timeout / 4)
+            self._watchdog = asyncio.get_running_loop().call_later(tick, self._check)
 
     def _check(self) -> None:
         self._watchdog = None
         now = asyncio.get_running_loop().time()
         for connection in self._connections:
-            if connection is not None and connection.transport and connection.overdue(now):
-                connection.transport.abort()  # its callers get ConnectionError
+            if (
+                connection is not None
+                and connection.transport
+                and connection.overdue(now, self._timeout)
+            ):
+                connection.silent(self._timeout)  # its callers get TimeoutError
         if any(c is not None and c.transport is not None for c in self._connections):
             self._arm_watchdog()
 
@@ -340,11 +389,16 @@ class _Cluster:
     """One pipe per primary, and the slot table that routes each call to one of them."""
 
     def __init__(
-        self, options: dict[str, Any], startup: list[Address], retry_seconds: float
+        self,
+        options: dict[str, Any],
+        startup: list[Address],
+        retry_seconds: float,
+        timeouts: tuple[float, float] = (REPLY_TIMEOUT, REPLY_TIMEOUT),
     ) -> None:
         self._options = options
         self._startup = startup
         self._retry_seconds = retry_seconds
+        self._timeouts = timeouts  # a call's, and one followed by WAIT
         self._nodes: dict[Address, _NodePipe] = {}
         self.table: list[_NodePipe] = []
         self._replicas: list[Address] = []
@@ -357,13 +411,15 @@ class _Cluster:
     async def recover(
         self, payload: bytes, slot: int, error: RedisError, then: tuple[bytes, ...] = ()
     ) -> Any:
-        """Follow redirections and wait out migrations and failovers, within the budget."""
+        """Follow redirections and wait out migrations and failovers, within the budget.
+        A node silent for the timeout (TimeoutError) is taken for a failing one, as the
+        cluster itself does after cluster-node-timeout: see ScriptPipe.call."""
         backoff = retries.Backoff(self._retry_seconds)
         redirects = 0
         while True:
             ask: _NodePipe | None = None
             back_off = True
-            if isinstance(error, ConnectionError):
+            if isinstance(error, ConnectionError | TimeoutError):
                 with contextlib.suppress(ConnectionError):
                     await self.refresh()
             elif isinstance(error, AskError):  # MovedError is one too
@@ -383,14 +439,17 @@ class _Cluster:
                 if ask is not None:
                     return await ask.submit_asking(payload, then)
                 return await self.table[slot].submit(payload, then)
-            except (ResponseError, ConnectionError) as e:
+            except (ResponseError, ConnectionError, TimeoutError) as e:
                 error = e
 
     def node(self, address: Address) -> _NodePipe:
         node = self._nodes.get(address)
         if node is None:
             options = {**self._options, "host": address[0], "port": address[1]}
-            node = self._nodes[address] = _NodePipe(options, select=False)
+            timeout, wait_timeout = self._timeouts
+            node = self._nodes[address] = _NodePipe(
+                options, select=False, timeout=timeout, wait_timeout=wait_timeout
+            )
         return node
 
     def refresh_soon(self) -> None:
@@ -455,11 +514,20 @@ class _Cluster:
 
 class ScriptPipe:
     def __init__(
-        self, url: str, seed_nodes: str = "", retry_seconds: float = retries.BUDGET_SECONDS
+        self,
+        url: str,
+        seed_nodes: str = "",
+        retry_seconds: float = retries.BUDGET_SECONDS,
+        timeout: float = REPLY_TIMEOUT,
+        wait_seconds: float = 0.0,
     ) -> None:
+        """`timeout`: how long a call waits for its reply; `wait_seconds`: how much longer
+        one followed by WAIT may (WAIT's own timeout)."""
         self._options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._seed_nodes = parse_seed_nodes(seed_nodes)
         self._retry_seconds = retry_seconds
+        self._timeout = timeout
+        self._timeouts = (timeout, timeout + wait_seconds)
         self._node: _NodePipe | None = None
         self._cluster: _Cluster | None = None
         self._detecting: asyncio.Future[None] | None = None
@@ -489,9 +557,15 @@ class ScriptPipe:
                 await self._detect()
                 return await self.call(payload, slot, then)
             # Inline rather than a method of the cluster: one coroutine less per call.
+            # A failover is waited out (recover) within the cluster's retry budget, whether
+            # the primary died (its connections refused or reset, then CLUSTERDOWN or MOVED)
+            # or hangs: its calls are silent for the timeout, then sent again to whoever
+            # the slot table names, until its replica has taken over (the cluster fails a
+            # silent node over after cluster-node-timeout). Every script is safe to send
+            # again. On a single node there is no replica to wait for: silence is final.
             try:
                 return await cluster.table[slot].submit(payload, then)
-            except (ResponseError, ConnectionError) as e:
+            except (ResponseError, ConnectionError, TimeoutError) as e:
                 return await cluster.recover(payload, slot, e, then)
         return await node.submit(payload, then)
 
@@ -518,20 +592,25 @@ class ScriptPipe:
     async def _find_mode(self) -> None:
         """Single node or cluster, from the first start-up node that answers."""
         errors = []
+        silent = True
         for options in self._startup_options():
             try:
-                info: bytes = await _ask(options, b"INFO", b"cluster", wait=REPLY_TIMEOUT)
+                info: bytes = await _ask(options, b"INFO", b"cluster", wait=self._timeout)
             except (OSError, RedisError) as e:  # TimeoutError is an OSError
                 errors.append(repr(e))
+                silent = silent and isinstance(e, asyncio.TimeoutError)
                 continue
             if b"cluster_enabled:1" not in info:
-                self._node = _NodePipe(self._options)
+                timeout, wait_timeout = self._timeouts
+                self._node = _NodePipe(self._options, timeout=timeout, wait_timeout=wait_timeout)
                 return
             startup = [(o.get("host", ""), o.get("port", 6379)) for o in self._startup_options()]
-            cluster = _Cluster(self._options, startup, self._retry_seconds)
+            cluster = _Cluster(self._options, startup, self._retry_seconds, self._timeouts)
             await cluster.refresh()
             self._cluster = cluster
             return
+        if silent:  # not tried again (a refusal is): each try would wait as long
+            raise TimeoutError(f"Redis did not answer within {self._timeout:g} s")
         raise ConnectionError("cannot reach Redis: " + "; ".join(errors))
 
     def _startup_options(self) -> Iterable[dict[str, Any]]:

@@ -9,7 +9,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError, NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 from service import errors, ratelimit, retries
 from service.keys import event_keys
@@ -95,8 +95,16 @@ class Scripts:
             str(settings.reclaim_batch).encode(),
             str(settings.hold_retention_seconds * 1000).encode(),
         )
+        self._timeout = settings.redis_timeout_seconds
         self._pipe = ScriptPipe(
-            settings.redis_url, settings.redis_seed_nodes, settings.redis_cluster_retry_seconds
+            settings.redis_url,
+            settings.redis_seed_nodes,
+            settings.redis_cluster_retry_seconds,
+            timeout=settings.redis_timeout_seconds,
+            # A confirm followed by WAIT may take WAIT's own timeout more.
+            wait_seconds=settings.confirm_wait_timeout_ms / 1000
+            if settings.confirm_wait_replicas
+            else 0.0,
         )
         self._idempotency_caps = (
             settings.idempotency_max_keys_per_event,
@@ -167,6 +175,9 @@ class Scripts:
                 source = cast(str, script.script).encode()  # registered from text, above
                 sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
+            except TimeoutError as e:
+                # Redis did not answer in time: never sent again (service/retries.py).
+                raise errors.Unavailable(self._silence(name)) from e
             except ConnectionError:
                 # On a cluster the pipe has already waited out its budget: not once more.
                 # On a single node, a reconnect (service/retries.py); every script is safe
@@ -176,6 +187,18 @@ class Scripts:
                 backoff = backoff or retries.Backoff(retries.RECONNECT_SECONDS)
                 if not await backoff.pause():
                     raise
+
+    def _silence(self, name: str) -> str:
+        """The 503's detail when Redis said nothing: the script may have run (sent, not
+        answered), so it says what a retry with the same Idempotency-Key is for, never
+        that nothing was changed (a read changes nothing either way)."""
+        detail = f"Redis did not answer within {self._timeout:g} s"
+        if name in _READS:
+            return f"{detail}; try again"
+        return (
+            f"{detail}; the request may have taken effect: retry it with the same"
+            " Idempotency-Key to get its answer"
+        )
 
     async def call_keyed(self, name: str, key: str, *args: str | bytes | int) -> bytes:
         """A script of one key and no event (lua/rate.lua), through the same pipe,
@@ -219,6 +242,8 @@ class Scripts:
 # NOSCRIPT (the script loaded again each time) more often than this in one call means
 # something keeps flushing the scripts.
 _LOADS = 3
+# Scripts that change nothing.
+_READS = frozenset({"view", "seats", "check_seats"})
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 

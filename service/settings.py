@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_seed_nodes: str = ""
     # How long a call on a cluster waits out a failover or a slot migration (retries.py).
     redis_cluster_retry_seconds: Seconds = retries.BUDGET_SECONDS
+    # How long a Redis call waits for its reply: a hung single node costs a request this
+    # once, then 503 (service/retries.py). Above any script's run time and WAIT's timeout.
+    redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = retries.TIMEOUT_SECONDS
     # Replicas of an event's primary that must have a confirmation, refund or cancellation
     # before it is acknowledged (WAIT), and how long to wait for them: fewer in time is a
     # 503, and the retry with the same Idempotency-Key gets the booking. 0: no WAIT.

@@ -323,7 +323,9 @@ class WriteBehind:
         cluster one per stream (a command cannot span slots), sent together per node."""
         redis, count = self.svc.redis, self.settings.outbox_batch
         if not isinstance(redis, RedisCluster):
-            block = None if start == "0" else self.settings.outbox_block_ms
+            # Blocked less than the reply timeout, which would take the wait for silence.
+            most = int(self.settings.redis_timeout_seconds * 500)
+            block = None if start == "0" else min(self.settings.outbox_block_ms, most)
             one: Any = await redis.xreadgroup(
                 OUTBOX_GROUP, self.consumer, dict.fromkeys(self._streams, start), count, block
             )
