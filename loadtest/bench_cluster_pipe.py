@@ -106,11 +106,11 @@ def via_redis_cluster(rc: RedisCluster, sha: str, settings: Settings) -> Callabl
     )
 
     async def call(event_id: str, hold_id: str) -> bytes:
-        keys = event_keys(event_id)
-        argv = ("", *common, hold_id, "bench", ITEMS, b"[]")
-        reply: bytes = await rc.evalsha(
-            sha, len(keys.all) + 1, *keys.all, keys.hold_ttl(hold_id), *argv
-        )
+        keys = event_keys(event_id).all
+        hold = hold_call(event_id, hold_id, "bench", ITEMS)
+        argv = ("", *common, *hold.args)
+        extra = hold.extra_keys
+        reply: bytes = await rc.evalsha(sha, len(keys) + len(extra), *keys, *extra, *argv)
         return reply
 
     return call
