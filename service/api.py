@@ -31,7 +31,7 @@ from litestar.openapi.spec import (
     SecurityScheme,
 )
 from litestar.openapi.spec import Parameter as OpenAPIParameter
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -68,8 +68,8 @@ _EVENT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 PassHeader = Annotated[
     str | None,
-    Parameter(
-        header="Boxoffice-Pass",
+    HeaderParameter(
+        name="Boxoffice-Pass",
         description="The admission pass of the event's waiting room (when it has one): "
         "`pass` of an admitted QueueTicket.",
     ),
@@ -421,7 +421,7 @@ async def list_seats(
     category: Annotated[
         str | None, Parameter(min_length=1, description="Only this category")
     ] = None,
-    status: schemas.SeatStatus | None = None,
+    status: FromQuery[schemas.SeatStatus | None] = None,
     limit: Annotated[
         int, Parameter(ge=1, le=sales.MAX_SEAT_LIMIT, description="Seats examined for this page")
     ] = 1000,
@@ -479,7 +479,7 @@ async def _hold(
 async def create_hold(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
-    data: schemas.HoldCreate,
+    data: JSONBody[schemas.HoldCreate],
     boxoffice_pass: PassHeader = None,
 ) -> Response[schemas.Hold]:
     return await _hold(request, event_id, data, boxoffice_pass)
@@ -490,7 +490,7 @@ async def create_hold(
 async def create_customer_hold(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
-    data: schemas.CustomerHoldCreate,
+    data: JSONBody[schemas.CustomerHoldCreate],
     boxoffice_pass: PassHeader = None,
 ) -> Response[schemas.Hold]:
     return await _hold(request, event_id, data, boxoffice_pass)
@@ -503,7 +503,7 @@ async def create_customer_hold(
     responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.HoldNotFound),
 )
 async def get_hold(
-    request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
+    request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
 ) -> schemas.Hold:
     return await sales.get_hold(_svc(request), _event(event_id), hold_id, customers.of(request))
 
@@ -527,8 +527,8 @@ async def get_hold(
 async def confirm_hold(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
-    hold_id: str,
-    data: schemas.HoldConfirm | None = None,
+    hold_id: FromPath[str],
+    data: JSONBody[schemas.HoldConfirm | None] = None,
 ) -> schemas.Booking:
     return await sales.confirm_hold(
         _svc(request),
@@ -554,7 +554,7 @@ async def confirm_hold(
     ),
 )
 async def release_hold(
-    request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: str
+    request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
 ) -> None:
     await sales.release_hold(
         _svc(request),
@@ -572,7 +572,7 @@ async def release_hold(
     responses=_problems(errors.Unauthorized, errors.EventNotFound, errors.BookingNotFound),
 )
 async def get_booking(
-    request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: str
+    request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: FromPath[str]
 ) -> schemas.Booking:
     return await bookings.get_booking(
         _svc(request), _event(event_id), booking_id, customers.of(request)
@@ -616,7 +616,7 @@ async def _join(
 
 @post(**_JOIN_ROUTE)
 async def join_queue(
-    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.QueueJoin
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: JSONBody[schemas.QueueJoin]
 ) -> Response[schemas.QueueTicket]:
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
@@ -627,7 +627,9 @@ async def join_queue(
 # The same route when customer tokens are on: the body may leave `customer_id` out.
 @post(**_JOIN_ROUTE)
 async def join_customer_queue(
-    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.CustomerQueueJoin
+    request: Request[Any, Any, Any],
+    event_id: EventIdParam,
+    data: JSONBody[schemas.CustomerQueueJoin],
 ) -> Response[schemas.QueueTicket]:
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
@@ -693,7 +695,7 @@ async def leave_queue(
     ),
 )
 async def create_event(
-    request: Request[Any, Any, Any], data: schemas.EventCreate
+    request: Request[Any, Any, Any], data: JSONBody[schemas.EventCreate]
 ) -> Response[schemas.Event]:
     svc = _svc(request)
     response = await idempotency.once(
@@ -719,7 +721,7 @@ async def create_event(
     ),
 )
 async def patch_event(
-    request: Request[Any, Any, Any], event_id: EventIdParam, data: schemas.EventPatch
+    request: Request[Any, Any, Any], event_id: EventIdParam, data: JSONBody[schemas.EventPatch]
 ) -> Response[schemas.Event]:
     svc = _svc(request)
     return await idempotency.once(
@@ -739,8 +741,8 @@ async def patch_event(
 async def list_bookings(
     request: Request[Any, Any, Any],
     event_id: EventIdParam,
-    status: schemas.BookingStatus | None = None,
-    customer_id: str | None = None,
+    status: FromQuery[schemas.BookingStatus | None] = None,
+    customer_id: FromQuery[str | None] = None,
     limit: Annotated[int, Parameter(ge=1, le=bookings.MAX_LIMIT)] = 100,
     cursor: Annotated[str | None, Parameter(description="`next_cursor` of the page before")] = None,
 ) -> schemas.BookingPage:
@@ -763,7 +765,7 @@ async def list_bookings(
     ),
 )
 async def cancel_booking(
-    request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: str
+    request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: FromPath[str]
 ) -> None:
     """Cancel (refund): the tickets are on sale again at once; PostgreSQL follows."""
     await bookings.cancel_booking(
@@ -832,7 +834,7 @@ async def list_dead_letters(
     responses=_problems(*_DEAD_LETTER_ERRORS),
 )
 async def replay_dead_letter(
-    request: Request[Any, Any, Any], event_id: EventIdParam, dead_letter_id: str
+    request: Request[Any, Any, Any], event_id: EventIdParam, dead_letter_id: FromPath[str]
 ) -> Response[None]:
     """Put the entry back in the outbox (after fixing its cause): the write-behind writes
     it again, and dead-letters it again if it still fails."""
@@ -852,7 +854,7 @@ async def replay_dead_letter(
     responses=_problems(*_DEAD_LETTER_ERRORS),
 )
 async def discard_dead_letter(
-    request: Request[Any, Any, Any], event_id: EventIdParam, dead_letter_id: str
+    request: Request[Any, Any, Any], event_id: EventIdParam, dead_letter_id: FromPath[str]
 ) -> Response[None]:
     """Drop the entry for good. Reconcile then reports its booking as drift until
     `boxoffice reconcile --repair` writes it from what Redis has (if PostgreSQL takes it)."""
@@ -948,7 +950,7 @@ async def metrics_route(request: Request[Any, Any, Any]) -> bytes:
 
 
 @get("/{path:str}", include_in_schema=False)
-async def schema_not_found(path: str) -> None:
+async def schema_not_found(path: FromPath[str]) -> None:
     # Litestar answers an unknown path under /schema with an HTML page of its own.
     raise errors.NotFound(f"no page {path!r} under /schema")
 
