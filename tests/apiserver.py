@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -89,3 +91,19 @@ class ApiServer(Process):
 class Worker(Process):
     def __init__(self, env: dict[str, str]) -> None:
         super().__init__("worker", env)
+
+
+@asynccontextmanager
+async def served(
+    env: dict[str, str], client_timeout: float = 30
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A one-process API server of the test's own on `env`, and a client of it; the
+    server's log is printed at the end (pytest shows it when the test fails)."""
+    server = ApiServer(env, workers=1)
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=client_timeout) as c:
+            yield c
+    finally:
+        server.stop()
+        print(server.log())

@@ -7,16 +7,19 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from sqlalchemy.engine import make_url
 
 from service import migrate
 from service.context import Services
 from service.settings import Settings
-from tests.apiserver import ApiServer
+from tests.apiserver import ApiServer, Worker
+from tests.servers import LocalCluster, RedisServer
 
 ADMIN_TOKEN = "test-admin-token"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -52,6 +55,14 @@ def settings() -> Settings:
     migrate.ensure_database(s.database_url)
     migrate.upgrade(s.database_url)
     return s
+
+
+def on_redis(settings: Settings, redis_url: str) -> Settings:
+    """The test database and admin token on another Redis (a server or cluster of the
+    test's own); every other setting its default, the per-customer hold limit too."""
+    return Settings(
+        redis_url=redis_url, database_url=settings.database_url, admin_token=settings.admin_token
+    )
 
 
 def server_env(settings: Settings) -> dict[str, str]:
@@ -179,3 +190,60 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0)
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return {**server_env(settings), "BOXOFFICE_SWEEP_INTERVAL_SECONDS": "0.5", **extra}
+
+
+def missing_database_env(settings: Settings) -> dict[str, str]:
+    """A server's environment with a PostgreSQL that answers but has no such database."""
+    missing = make_url(settings.database_url).set(database="boxoffice_no_such_database")
+    return {
+        **server_env(settings),
+        "BOXOFFICE_DATABASE_URL": missing.render_as_string(hide_password=False),
+    }
+
+
+@asynccontextmanager
+async def services_with(settings: Settings, **changes: Any) -> AsyncIterator[Services]:
+    """Services of the test's own on these settings with `changes`, scripts loaded."""
+    svc = Services.open(msgspec.structs.replace(settings, **changes))
+    try:
+        await svc.scripts.load()
+        yield svc
+    finally:
+        await svc.close()
+
+
+StartWorker = Callable[[dict[str, str]], Worker]
+
+
+@pytest.fixture
+def start_worker() -> Iterator[StartWorker]:
+    """Starts `boxoffice worker` processes; stops whatever is still running at teardown and
+    prints each one's log (shown when the test fails)."""
+    started: list[Worker] = []
+
+    def start(env: dict[str, str]) -> Worker:
+        w = Worker(env)
+        w.start()
+        started.append(w)
+        return w
+
+    yield start
+    for i, w in enumerate(started):
+        w.stop()
+        print(f"--- worker {i} log ---\n{w.log()}")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """A Redis Cluster of the module's own (3 primaries with a replica each)."""
+    with LocalCluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def slowlog_redis() -> Iterator[RedisServer]:
+    """A Redis of the module's own: its SLOWLOG records every command, and nobody else's."""
+    with RedisServer(
+        args=["--slowlog-log-slower-than", "0", "--slowlog-max-len", "100000"]
+    ) as server:
+        yield server

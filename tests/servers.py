@@ -28,7 +28,33 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
+class Started:
+    """`with`: start() on entering (closing what a failed start left), close() on leaving."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisServer(Started):
     """redis-server on a free port in a temp dir; restart() keeps port and dir, so an AOF
     written before a kill() is replayed on the next start."""
 
@@ -104,22 +130,6 @@ class RedisServer:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def _signal(self, signum: signal.Signals) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
@@ -181,7 +191,7 @@ def free_cluster_port(taken: set[int]) -> int:
     raise RuntimeError("no free port pair (port, port + 10000) below 55535")
 
 
-class LocalCluster:
+class LocalCluster(Started):
     """A Redis Cluster of its own: `primaries` primaries with `replicas` replicas each (one
     by default; none for the bench, where they would only take CPU), on free ports.
 
@@ -232,22 +242,6 @@ class LocalCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def client(self, node: RedisServer) -> redis.Redis:
         return redis.Redis(port=node.port, socket_timeout=2, socket_connect_timeout=2)

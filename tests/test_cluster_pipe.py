@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import msgspec
@@ -36,12 +36,6 @@ from tests.servers import LocalCluster, RedisServer, free_port
 # A script of the test's own, so that each run of it is counted: KEYS are an event's keys
 # (the first is the counter), so it is routed and refused exactly as the real ones are.
 COUNT = "return redis.call('INCR', KEYS[1])"
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

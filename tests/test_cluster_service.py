@@ -35,6 +35,7 @@ from tests.conftest import (
     event_body,
     eventually,
     expire_hold,
+    on_redis,
     server_env,
     worker_env,
 )
@@ -56,18 +57,8 @@ T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def csettings(cluster: LocalCluster, settings: Settings) -> Settings:
-    return Settings(
-        redis_url=cluster.url,
-        database_url=settings.database_url,
-        admin_token=settings.admin_token,
-    )
+    return on_redis(settings, cluster.url)
 
 
 @pytest.fixture(scope="module")

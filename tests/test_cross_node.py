@@ -191,12 +191,6 @@ async def test_the_registry_forgets_ids_of_events_that_do_not_exist(
 # --- a cluster --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
-        yield c
-
-
 async def test_on_a_cluster_every_step_leaves_redis_and_postgresql_agreeing(
     settings: Settings, cluster: LocalCluster, refusing: None
 ) -> None:

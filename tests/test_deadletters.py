@@ -86,6 +86,18 @@ async def dead_letters(client: httpx.AsyncClient, event_id: str) -> list[dict[st
     return letters
 
 
+async def two_dead_letters(
+    client: httpx.AsyncClient, svc: Services
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A new event with two bookings of the refused customer, both dead-lettered."""
+    event_id = await create_event(client)
+    for _ in range(2):
+        await book(client, event_id, REFUSED)
+    await write_behind(svc, event_id)
+    first, second = await dead_letters(client, event_id)
+    return event_id, first, second
+
+
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [BOXOFFICE, *args],
@@ -246,11 +258,7 @@ async def test_dead_letter_api_discard(
 async def test_dead_letter_replay_and_discard_honour_an_idempotency_key(
     client: httpx.AsyncClient, svc: Services, refuse: Fix
 ) -> None:
-    event_id = await create_event(client)
-    for _ in range(2):
-        await book(client, event_id, REFUSED)
-    await write_behind(svc, event_id)
-    first, second = await dead_letters(client, event_id)
+    event_id, first, second = await two_dead_letters(client, svc)
     base = f"/admin/events/{event_id}/dead-letters"
     replay = {**ADMIN, "idempotency-key": f"replay-{first['id']}"}
     discard = {**ADMIN, "idempotency-key": f"discard-{second['id']}"}

@@ -17,7 +17,6 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from service.context import Services
 from service.settings import Settings
@@ -28,6 +27,7 @@ from tests.conftest import (
     create_event,
     event_body,
     expire_hold,
+    missing_database_env,
     new_event_id,
     server_env,
     snapshot,
@@ -914,12 +914,7 @@ async def test_unavailable_when_redis_is_down(settings: Settings) -> None:
 async def test_unavailable_when_the_database_is_missing(settings: Settings) -> None:
     """A PostgreSQL that answers but has no such database (or refuses the role) is a server
     that cannot take the request now, not a bug: 503, like one that is down."""
-    missing = make_url(settings.database_url).set(database="boxoffice_no_such_database")
-    env = {
-        **server_env(settings),
-        "BOXOFFICE_DATABASE_URL": missing.render_as_string(hide_password=False),
-    }
-    server = ApiServer(env, workers=1)
+    server = ApiServer(missing_database_env(settings), workers=1)
     try:
         await asyncio.to_thread(server.start)
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:

@@ -16,14 +16,21 @@ import httpx
 import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.engine import make_url
 
 from service import errors, idempotency
 from service.context import Services
 from service.keys import event_keys, global_idempotency
 from service.settings import Settings
 from tests.apiserver import ApiServer
-from tests.conftest import ADMIN, availability, create_event, event_body, expire_hold, server_env
+from tests.conftest import (
+    ADMIN,
+    availability,
+    create_event,
+    event_body,
+    expire_hold,
+    missing_database_env,
+    server_env,
+)
 from tests.servers import RedisServer
 from tests.test_errors import (
     BIG_STRING,
@@ -145,12 +152,7 @@ async def test_redis_away_503_says_redis_and_metrics_still_answer(settings: Sett
 
 
 async def test_postgresql_away_503_says_postgresql(settings: Settings) -> None:
-    missing = make_url(settings.database_url).set(database="boxoffice_no_such_database")
-    env = {
-        **server_env(settings),
-        "BOXOFFICE_DATABASE_URL": missing.render_as_string(hide_password=False),
-    }
-    server = ApiServer(env, workers=1)
+    server = ApiServer(missing_database_env(settings), workers=1)
     try:
         await asyncio.to_thread(server.start)
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:

@@ -11,11 +11,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from service.settings import Settings
 from tests.apiserver import ApiServer
-from tests.conftest import availability, create_event, eventually, server_env
+from tests.conftest import availability, create_event, eventually, missing_database_env, server_env
 
 BODY_TIMEOUT = 2.0
 
@@ -133,12 +132,7 @@ async def test_a_405_is_counted_under_the_route_it_matched(edge_api: ApiServer) 
 
 
 async def test_ready_answering_503_says_when_to_try_again(settings: Settings) -> None:
-    missing = make_url(settings.database_url).set(database="boxoffice_no_such_database")
-    env = {
-        **server_env(settings),
-        "BOXOFFICE_DATABASE_URL": missing.render_as_string(hide_password=False),
-    }
-    server = ApiServer(env, workers=1)
+    server = ApiServer(missing_database_env(settings), workers=1)
     try:
         await asyncio.to_thread(server.start)
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

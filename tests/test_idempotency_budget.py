@@ -15,23 +15,19 @@ from service.keys import event_keys
 from service.scripts import Idempotency
 from service.settings import Settings
 from tests.apiserver import ApiServer
-from tests.conftest import ADMIN, event_body, new_event_id, server_env
+from tests.conftest import ADMIN, event_body, new_event_id, server_env, services_with
 
 CHANGES, REFUSALS = 3, 4
 
 
 @pytest.fixture
 async def capped(settings: Settings) -> AsyncIterator[Services]:
-    svc = Services.open(
-        msgspec.structs.replace(
-            settings,
-            idempotency_max_keys_per_event=CHANGES,
-            idempotency_max_refusals_per_event=REFUSALS,
-        )
-    )
-    await svc.scripts.load()
-    yield svc
-    await svc.close()
+    async with services_with(
+        settings,
+        idempotency_max_keys_per_event=CHANGES,
+        idempotency_max_refusals_per_event=REFUSALS,
+    ) as svc:
+        yield svc
 
 
 def _key(n: int, body: str = "") -> Idempotency:

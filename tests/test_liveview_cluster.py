@@ -17,12 +17,6 @@ from tests.test_liveview import category, watching
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def capi(cluster: LocalCluster, settings: Settings) -> Iterator[ApiServer]:
     server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": cluster.url}, workers=1)
     server.start()

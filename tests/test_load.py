@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -24,7 +24,7 @@ from service.sales import hold_call
 from service.scripts import LUA_DIR, NAMES, NOT_LOADED
 from service.settings import Settings
 from service.writebehind import WriteBehind
-from tests.conftest import event_body
+from tests.conftest import event_body, services_with
 from tests.servers import RedisServer
 
 ROWS = [f"R{i}" for i in range(20)]
@@ -36,21 +36,10 @@ P99_CALL_MICROSECONDS = 20_000
 MAX_CALL_MICROSECONDS = 100_000
 
 
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this module's own: its SLOWLOG records every command, and nobody else's."""
-    with RedisServer(
-        args=["--slowlog-log-slower-than", "0", "--slowlog-max-len", "100000"]
-    ) as server:
-        yield server
-
-
 @pytest.fixture
-async def own(settings: Settings, own_redis: RedisServer) -> AsyncIterator[Services]:
-    services = Services.open(msgspec.structs.replace(settings, redis_url=own_redis.url))
-    await services.scripts.load()
-    yield services
-    await services.close()
+async def own(settings: Settings, slowlog_redis: RedisServer) -> AsyncIterator[Services]:
+    async with services_with(settings, redis_url=slowlog_redis.url) as services:
+        yield services
 
 
 def big_body(rows: list[str] = ROWS, per_row: int = PER_ROW) -> schemas.EventCreate:
@@ -158,14 +147,14 @@ async def raw_hold(svc: Services, event_id: str, seat: str) -> bytes:
 
 
 async def test_holds_racing_a_restore_never_see_a_half_loaded_event(
-    own: Services, settings: Settings, own_redis: RedisServer
+    own: Services, settings: Settings, slowlog_redis: RedisServer
 ) -> None:
     """While one process restores the event, the hold script says not_loaded (never
     unknown_seat, never a sale from a partial map); another process's restore waits for
     the first and does not load it again; the last seat is sold exactly once."""
     event = await catalog.create_event(own, big_body())
     await forget(own, event.id)
-    other = Services.open(msgspec.structs.replace(settings, redis_url=own_redis.url))
+    other = Services.open(msgspec.structs.replace(settings, redis_url=slowlog_redis.url))
     try:
         await own.redis.slowlog_reset()
         loading = asyncio.create_task(live.ensure_loaded(own, event.id))

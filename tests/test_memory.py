@@ -21,7 +21,7 @@ from service.keys import event_keys
 from service.scriptpipe import EVENT_KEYS_CACHED
 from service.scripts import Idempotency
 from service.settings import Settings
-from tests.conftest import create_event, event_body, new_event_id
+from tests.conftest import create_event, event_body, new_event_id, services_with
 from tests.servers import RedisServer
 
 # --- the script caller's per-event cache --------------------------------------------------
@@ -117,10 +117,8 @@ CAP = 3
 
 @pytest.fixture
 async def capped(settings: Settings) -> AsyncIterator[Services]:
-    svc = Services.open(msgspec.structs.replace(settings, idempotency_max_keys_per_event=CAP))
-    await svc.scripts.load()
-    yield svc
-    await svc.close()
+    async with services_with(settings, idempotency_max_keys_per_event=CAP) as svc:
+        yield svc
 
 
 def _key(n: int, body: str = "") -> Idempotency:

@@ -19,7 +19,15 @@ from service.keys import event_keys
 from service.scripts import Idempotency
 from service.settings import Settings
 from tests.apiserver import ApiServer
-from tests.conftest import ADMIN, ADMIN_TOKEN, event_body, expire_hold, new_event_id, server_env
+from tests.conftest import (
+    ADMIN,
+    event_body,
+    expire_hold,
+    new_event_id,
+    on_redis,
+    server_env,
+    services_with,
+)
 from tests.servers import LocalCluster
 
 # Over HTTP: a window long enough that nothing comes back during a test (GCRA gives one
@@ -55,16 +63,12 @@ async def http(limited: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def short(settings: Settings) -> AsyncIterator[Services]:
-    svc = Services.open(
-        msgspec.structs.replace(
-            settings,
-            rate_limit_customer_holds=SHORT_LIMIT,
-            rate_limit_customer_window_seconds=SHORT_WINDOW,
-        )
-    )
-    await svc.scripts.load()
-    yield svc
-    await svc.close()
+    async with services_with(
+        settings,
+        rate_limit_customer_holds=SHORT_LIMIT,
+        rate_limit_customer_window_seconds=SHORT_WINDOW,
+    ) as svc:
+        yield svc
 
 
 def _hold(customer: str, quantity: int = 1) -> dict[str, object]:
@@ -246,11 +250,7 @@ async def test_the_quota_comes_back_after_the_window(short: Services) -> None:
 async def test_a_hold_called_again_after_a_reclaim_counts_once(settings: Settings) -> None:
     """The script asks to be called again when overdue holds beyond its reclaim batch may
     be in the way; the attempt is counted by the call that decides, not by both."""
-    svc = Services.open(
-        msgspec.structs.replace(settings, reclaim_batch=1, rate_limit_customer_holds=LIMIT)
-    )
-    await svc.scripts.load()
-    try:
+    async with services_with(settings, reclaim_batch=1, rate_limit_customer_holds=LIMIT) as svc:
         event_id = await _event_in_process(svc, capacity=2)
         a = await sales.create_hold(svc, event_id, _ga("a"), None)
         b = await sales.create_hold(svc, event_id, _ga("b"), None)
@@ -259,21 +259,15 @@ async def test_a_hold_called_again_after_a_reclaim_counts_once(settings: Setting
         hold, quota = await sales.create_hold_counted(svc, event_id, _ga("c", 2), None)
         assert hold.status == "held"
         assert quota is not None and quota.remaining == LIMIT - 1
-    finally:
-        await svc.close()
 
 
 async def test_no_limit_when_off(settings: Settings) -> None:
-    svc = Services.open(msgspec.structs.replace(settings, rate_limit_customer_holds=0))
-    await svc.scripts.load()
-    try:
+    async with services_with(settings, rate_limit_customer_holds=0) as svc:
         event_id = await _event_in_process(svc)
         for _ in range(Settings().rate_limit_customer_holds + 5):
             _, quota = await sales.create_hold_counted(svc, event_id, _ga("unlimited"), None)
             assert quota is None
         assert await svc.redis.get(event_keys(event_id).customer_rate("unlimited")) is None
-    finally:
-        await svc.close()
 
 
 # --- per client address, and admin routes apart -------------------------------------------
@@ -440,18 +434,10 @@ async def test_admin_routes_have_their_own_limit(behind_proxy: httpx.AsyncClient
 # --- on a Redis Cluster ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
-        yield c
-
-
 async def test_both_limits_on_a_cluster(cluster: LocalCluster, settings: Settings) -> None:
     """Customer limits in events on every primary; address limits, whose keys fall on
     whichever primary serves their slot."""
-    csettings = Settings(
-        redis_url=cluster.url, database_url=settings.database_url, admin_token=ADMIN_TOKEN
-    )
+    csettings = on_redis(settings, cluster.url)
     env = {
         **server_env(csettings),
         "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(LIMIT),

@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from service.context import Services
 from service.settings import Settings
-from tests.apiserver import ApiServer
+from tests.apiserver import served
 from tests.conftest import create_event, server_env
 from tests.servers import LocalCluster, RedisServer
 
@@ -43,14 +43,8 @@ async def client(settings: Settings, hung: RedisServer) -> AsyncIterator[httpx.A
         "BOXOFFICE_REDIS_URL": hung.url,
         "BOXOFFICE_REDIS_TIMEOUT_SECONDS": str(TIMEOUT),
     }
-    server = ApiServer(env, workers=1)
-    server.start()
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            yield c
-    finally:
-        server.stop()
-        print(server.log())
+    async with served(env, client_timeout=60) as c:
+        yield c
 
 
 async def timed(request: Any) -> tuple[httpx.Response, float]:
@@ -163,19 +157,13 @@ async def test_a_redis_hung_from_the_start_costs_one_wait_too(
     }
     event_id = "hung-from-start"
     hung.pause()
-    server = ApiServer(env, workers=1)
-    server.start()  # /health needs no Redis
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            r, took = await timed(client.post(f"/events/{event_id}/holds", json=HOLD))
-            unavailable(r, took, "first hold")
-            hung.resume()
-            event_id = await create_event(client)
-            r = await client.post(f"/events/{event_id}/holds", json=HOLD)
-            assert r.status_code == 201, r.text
-    finally:
-        server.stop()
-        print(server.log())
+    async with served(env, client_timeout=60) as client:  # it starts: /health needs no Redis
+        r, took = await timed(client.post(f"/events/{event_id}/holds", json=HOLD))
+        unavailable(r, took, "first hold")
+        hung.resume()
+        event_id = await create_event(client)
+        r = await client.post(f"/events/{event_id}/holds", json=HOLD)
+        assert r.status_code == 201, r.text
 
 
 async def test_redis_py_on_a_cluster_waits_for_a_silent_node_once(settings: Settings) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from service.context import Services
 from service.settings import Settings
-from tests.apiserver import ApiServer
+from tests.apiserver import served
 from tests.conftest import ADMIN, availability, create_event, server_env
 from tests.servers import RedisServer
 
@@ -38,14 +38,8 @@ def own_redis() -> Iterator[RedisServer]:
 async def own_client(
     settings: Settings, own_redis: RedisServer
 ) -> AsyncIterator[httpx.AsyncClient]:
-    server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": own_redis.url}, workers=1)
-    server.start()
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            yield c
-    finally:
-        server.stop()
-        print(server.log())
+    async with served({**server_env(settings), "BOXOFFICE_REDIS_URL": own_redis.url}) as c:
+        yield c
 
 
 async def test_redis_restarting_empty_reloads_the_event_from_postgresql(

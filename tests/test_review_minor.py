@@ -9,7 +9,7 @@ import httpx
 from service import reconcile
 from service.context import Services
 from tests.conftest import ADMIN, create_event, event_body
-from tests.test_deadletters import REFUSED, Fix, book, dead_letters, refuse, write_behind
+from tests.test_deadletters import Fix, refuse, two_dead_letters
 from tests.test_errors import assert_problem
 from tests.test_reconcile import confirm, hold
 
@@ -32,11 +32,7 @@ async def test_a_currency_error_points_at_the_currency(client: httpx.AsyncClient
 async def test_a_dead_letter_replay_answers_202_with_an_empty_body(
     client: httpx.AsyncClient, svc: Services, refuse: Fix
 ) -> None:
-    event_id = await create_event(client)
-    for _ in range(2):
-        await book(client, event_id, REFUSED)
-    await write_behind(svc, event_id)
-    first, second = await dead_letters(client, event_id)
+    event_id, first, second = await two_dead_letters(client, svc)
     base = f"/admin/events/{event_id}/dead-letters"
     r = await client.post(f"{base}/{first['id']}/replay", headers=ADMIN)
     assert (r.status_code, r.content) == (202, b"")

@@ -156,17 +156,8 @@ MAX_PAGE_MICROSECONDS = 100_000
 
 
 @pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this module's own: its SLOWLOG records every command, and nobody else's."""
-    with RedisServer(
-        args=["--slowlog-log-slower-than", "0", "--slowlog-max-len", "100000"]
-    ) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def big_api(settings: Settings, own_redis: RedisServer) -> Iterator[ApiServer]:
-    server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": own_redis.url})
+def big_api(settings: Settings, slowlog_redis: RedisServer) -> Iterator[ApiServer]:
+    server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": slowlog_redis.url})
     server.start()
     yield server
     server.stop()
@@ -183,7 +174,7 @@ def _evalsha_micros(r: redis.Redis, sha: str) -> list[int]:
     return out
 
 
-async def test_200000_seats_page_by_page(big_api: ApiServer, own_redis: RedisServer) -> None:
+async def test_200000_seats_page_by_page(big_api: ApiServer, slowlog_redis: RedisServer) -> None:
     rows = [f"R{i}" for i in range(BIG_ROWS)]
     body = {
         "categories": [
@@ -196,7 +187,7 @@ async def test_200000_seats_page_by_page(big_api: ApiServer, own_redis: RedisSer
         ],
     }
     expected = [f"{r}-{n}" for r in rows for n in range(1, PER_ROW + 1)]
-    r = redis.Redis(port=own_redis.port)
+    r = redis.Redis(port=slowlog_redis.port)
     sha = r.script_load(_seats_script())
     async with httpx.AsyncClient(base_url=big_api.url, timeout=120) as client:
         started = time.perf_counter()

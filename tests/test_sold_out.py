@@ -17,7 +17,15 @@ from service.errors import SoldOut
 from service.keys import event_keys, restock_channel
 from service.settings import Settings
 from tests.apiserver import ApiServer, Worker
-from tests.conftest import ADMIN, create_event, eventually, expire_hold, server_env, worker_env
+from tests.conftest import (
+    ADMIN,
+    create_event,
+    eventually,
+    expire_hold,
+    on_redis,
+    server_env,
+    worker_env,
+)
 from tests.servers import RedisServer
 from tests.test_cli import boxoffice
 
@@ -34,11 +42,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def psettings(redis_server: RedisServer, settings: Settings) -> Settings:
-    return Settings(
-        redis_url=redis_server.url,
-        database_url=settings.database_url,
-        admin_token=settings.admin_token,
-    )
+    return on_redis(settings, redis_server.url)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from service import catalog, sales, schemas
 from service.context import Services
 from service.keys import event_keys
 from service.settings import Settings
-from tests.apiserver import ApiServer, Worker
+from tests.apiserver import Worker, served
 from tests.conftest import (
     ADMIN,
     create_event,
@@ -66,14 +66,8 @@ async def waiting_client(
         "BOXOFFICE_CONFIRM_WAIT_REPLICAS": "1",
         "BOXOFFICE_CONFIRM_WAIT_TIMEOUT_MS": "300",
     }
-    server = ApiServer(env, workers=1)
-    server.start()
-    try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            yield c
-    finally:
-        server.stop()
-        print(server.log())
+    async with served(env) as c:
+        yield c
 
 
 async def _hold(client: httpx.AsyncClient, event_id: str, customer: str) -> str:
@@ -180,12 +174,6 @@ async def test_no_wait_without_the_setting(
 
 
 # --- a cluster: a primary killed under confirmations -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
-        yield c
 
 
 async def test_acknowledged_confirmations_survive_a_primary_killed_under_load(

@@ -27,34 +27,15 @@ from service.keys import OUTBOX_GROUP, event_keys
 from service.settings import Settings
 from service.writebehind import WriteBehind, original_fields
 from tests.apiserver import ApiServer, Worker
-from tests.conftest import create_event, eventually, server_env, worker_env
+from tests.conftest import StartWorker, create_event, eventually, server_env, worker_env
 from tests.servers import RedisServer, free_port
 from tests.test_writebehind import big_event, persisted_ids, sell
 
 Fields = dict[bytes, bytes]
-StartWorker = Callable[[dict[str, str]], Worker]
 OpenServices = Callable[..., Services]
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def start_worker() -> Iterator[StartWorker]:
-    """Starts `boxoffice worker` processes; stops whatever is still running at teardown and
-    prints each one's log (shown when the test fails)."""
-    started: list[Worker] = []
-
-    def start(env: dict[str, str]) -> Worker:
-        w = Worker(env)
-        w.start()
-        started.append(w)
-        return w
-
-    yield start
-    for i, w in enumerate(started):
-        w.stop()
-        print(f"--- worker {i} log ---\n{w.log()}")
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 import redis.exceptions
 import sqlalchemy as sa
 
@@ -21,10 +19,9 @@ from service.context import Services
 from service.keys import OUTBOX_GROUP, event_keys
 from service.settings import Settings
 from tests.apiserver import Worker
-from tests.conftest import create_event, eventually, worker_env
+from tests.conftest import StartWorker, create_event, eventually, worker_env
 from tests.test_writebehind import big_event, persisted_ids, sell
 from tests.test_writebehind_failures import (
-    StartWorker,
     assert_each_written_once,
     booking_id,
     booking_json,
@@ -35,23 +32,6 @@ from tests.test_writebehind_failures import (
     until,
     written,
 )
-
-
-@pytest.fixture
-def workers() -> Iterator[StartWorker]:
-    started: list[Worker] = []
-
-    def start(env: dict[str, str]) -> Worker:
-        w = Worker(env)
-        w.start()
-        started.append(w)
-        return w
-
-    yield start
-    for i, w in enumerate(started):
-        w.stop()
-        print(f"--- worker {i} log ---\n{w.log()}")
-
 
 # Entries that fail before PostgreSQL is asked anything, each with the error it raises.
 POISONS: dict[str, tuple[dict[bytes, bytes], str]] = {
@@ -68,7 +48,7 @@ POISONS: dict[str, tuple[dict[bytes, bytes], str]] = {
 
 
 async def test_a_poison_entry_is_dead_lettered_at_once_and_the_rest_flow(
-    client: httpx.AsyncClient, svc: Services, settings: Settings, workers: StartWorker
+    client: httpx.AsyncClient, svc: Services, settings: Settings, start_worker: StartWorker
 ) -> None:
     event_id = await create_event(client, **big_event(100))
     other_event = await create_event(client, **big_event(100))
@@ -81,7 +61,7 @@ async def test_a_poison_entry_is_dead_lettered_at_once_and_the_rest_flow(
     valid += await sell(client, event_id, 10)
     others = await sell(client, other_event, 10)
 
-    w = workers(worker_env(settings))
+    w = start_worker(worker_env(settings))
     started = time.monotonic()
 
     async def settled() -> bool:
@@ -112,10 +92,10 @@ async def test_a_poison_entry_is_dead_lettered_at_once_and_the_rest_flow(
 
 
 async def test_a_hung_postgresql_times_out_in_the_log_and_nothing_is_lost(
-    client: httpx.AsyncClient, svc: Services, settings: Settings, workers: StartWorker
+    client: httpx.AsyncClient, svc: Services, settings: Settings, start_worker: StartWorker
 ) -> None:
     event_id = await create_event(client, **big_event(100))
-    w = workers(worker_env(settings, BOXOFFICE_DATABASE_COMMAND_TIMEOUT_SECONDS="1"))
+    w = start_worker(worker_env(settings, BOXOFFICE_DATABASE_COMMAND_TIMEOUT_SECONDS="1"))
     first = await sell(client, event_id, 5)
 
     async def first_written() -> bool:
@@ -166,7 +146,7 @@ async def _consumers(svc: Services, event_id: str) -> dict[str, int]:
 
 
 async def test_a_killed_workers_entries_are_taken_over_within_seconds(
-    client: httpx.AsyncClient, svc: Services, settings: Settings, workers: StartWorker
+    client: httpx.AsyncClient, svc: Services, settings: Settings, start_worker: StartWorker
 ) -> None:
     total = 6000
     event_id = await create_event(client, **big_event(total))
@@ -178,9 +158,9 @@ async def test_a_killed_workers_entries_are_taken_over_within_seconds(
     held: list[bytes] = []
     b: Worker | None = None
     for _ in range(5):
-        a = workers(env)
+        a = start_worker(env)
         if b is None:
-            b = workers(env)
+            b = start_worker(env)
             await _consumer(b)
         dead = await _consumer(a)
 
