@@ -569,7 +569,8 @@ async def test_the_grafana_dashboard_asks_for_metrics_that_exist(
     client: httpx.AsyncClient,
 ) -> None:
     """Every series a panel queries is one /metrics has (once an event has sold, held
-    and refused), and every panel reads the dashboard's Prometheus data source."""
+    and refused, and one has a waiting room), and every panel reads the dashboard's
+    Prometheus data source."""
     dashboard = json.loads(GRAFANA.read_text())
     event_id = await create_event(client, categories=CATEGORIES)
     sold = await hold(client, event_id, "c1", items=[("GA", 1)])
@@ -580,6 +581,11 @@ async def test_the_grafana_dashboard_asks_for_metrics_that_exist(
         json={"customer_id": "c3", "items": [{"category": "GA", "quantity": 9}]},
     )
     assert_problem(r, 409, "sold_out")
+    # And an event with a waiting room, someone in it: its gauges are there only then.
+    room = {"admit_per_minute": 60, "pass_ttl_seconds": 600}
+    queued = await create_event(client, categories=CATEGORIES[:1], waiting_room=room)
+    r = await client.post(f"/events/{queued}/queue", json={"customer_id": "q1"})
+    assert r.status_code == 201, r.text
     await asyncio.sleep(1.5)  # the refusal's tally reaches Redis
     exposed = {
         s.name
