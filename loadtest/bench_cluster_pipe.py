@@ -91,9 +91,11 @@ async def cpu_per_call(
 
 def via_scripts(scripts: Scripts) -> Callable[[str, str], Awaitable[bytes]]:
     async def call(event_id: str, hold_id: str) -> bytes:
-        ttl_key = event_keys(event_id).hold_ttl(hold_id)
+        keys = event_keys(event_id)
+        extra = (keys.hold_ttl(hold_id), keys.customer_rate("bench"))
+        # No customer limit (0): one customer makes every hold.
         return await scripts.call(
-            "hold", event_id, hold_id, "bench", ITEMS, b"[]", extra_keys=(ttl_key,)
+            "hold", event_id, hold_id, "bench", ITEMS, b"[]", 0, 60_000, extra_keys=extra
         )
 
     return call
@@ -108,10 +110,9 @@ def via_redis_cluster(rc: RedisCluster, sha: str, settings: Settings) -> Callabl
 
     async def call(event_id: str, hold_id: str) -> bytes:
         keys = event_keys(event_id)
-        argv = ("", *common, hold_id, "bench", ITEMS, b"[]")
-        reply: bytes = await rc.evalsha(
-            sha, len(keys.all) + 1, *keys.all, keys.hold_ttl(hold_id), *argv
-        )
+        argv = ("", *common, hold_id, "bench", ITEMS, b"[]", 0, 60_000)
+        extra = (keys.hold_ttl(hold_id), keys.customer_rate("bench"))
+        reply: bytes = await rc.evalsha(sha, len(keys.all) + 2, *keys.all, *extra, *argv)
         return reply
 
     return call
