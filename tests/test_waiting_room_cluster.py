@@ -14,14 +14,17 @@ what a takeover keeps; it does not claim that nothing can be lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 import httpx
+import redis
+from redis.crc import key_slot
 
 from service import waitingroom
 from service.context import Services
-from service.keys import event_keys
+from service.keys import EVENTS, event_keys
 from tests.apiserver import Worker
 from tests.conftest import eventually
 from tests.servers import LocalCluster, RedisServer
@@ -327,4 +330,58 @@ async def test_a_queue_keeps_its_tickets_and_order_through_a_failover(
         assert f == {**figures_before, "waiting": figures_before["waiting"] + 1}, f
         assert on_its_primary(cluster, replica, event_id) == 4
     finally:
+        cluster.heal()
+
+
+async def test_a_primary_away_holds_up_no_other_primarys_rooms(
+    cluster: LocalCluster,  # noqa: F811
+    cclient: httpx.AsyncClient,  # noqa: F811
+    cworker: Worker,  # noqa: F811
+) -> None:
+    """A primary away for good (its replica told not to take over), the others serving
+    (cluster-require-full-coverage off): the worker goes on stepping the rooms of the
+    primaries that answer about every second, while each step of a room on the lost one
+    waits out its retry budget. The last test: the lost primary comes back empty."""
+    # Not the primary the worker lists events on, nor the one its URL names (it finds the
+    # cluster through it: tests/servers.py gives no seed nodes).
+    spared = {cluster.owner(key_slot(EVENTS.encode())).port, cluster.nodes[0].port}
+    victim = next(node for node in cluster.primaries() if node.port not in spared)
+    replica = cluster.replica_of(victim)
+    # Named to come first in the worker's list: a step that waits must not hold up the rest.
+    lost = cluster.event_ids(1, "a-wrlost")[victim.port][0]
+    live = {n: e for n, e in on_every_primary(cluster, "wrup").items() if n is not victim}
+    for event_id in [lost, *live.values()]:
+        await create(cclient, event_id, **ga(waiting_room={"admit_per_minute": 6000}))
+        await join(cclient, event_id, "c")
+    for node in cluster.nodes:
+        cluster.call(node, "CONFIG", "SET", "cluster-require-full-coverage", "no")
+
+    async def started() -> bool:  # its scripts loaded on every primary, the cluster found
+        return " started" in cworker.log() and all(
+            float(cluster.call(node, "HGET", event_keys(e).queue[3], "t")) > joined_ms + 1000
+            for node, e in live.items()
+        )
+
+    joined_ms = time.time() * 1000
+    await eventually(started)
+    cluster.call(replica, "CONFIG", "SET", "cluster-replica-no-failover", "yes")
+    try:
+        cluster.kill(victim)
+        killed_ms = time.time() * 1000
+        stepped: dict[RedisServer, set[int]] = {node: set() for node in live}
+        until = time.monotonic() + 4.0
+        while time.monotonic() < until:
+            for node, event_id in live.items():
+                with contextlib.suppress(redis.RedisError):
+                    t = cluster.call(node, "HGET", event_keys(event_id).queue[3], "t")
+                    stepped[node].add(int(float(t)))
+            await asyncio.sleep(0.1)
+        for node, seen in stepped.items():
+            after = sorted(t - killed_ms for t in seen if t > killed_ms + 500)
+            assert len(after) >= 2, (node.port, after)  # nobody else asks: the worker's
+    finally:
+        cluster.call(replica, "CONFIG", "SET", "cluster-replica-no-failover", "no")
+        for node in cluster.nodes:
+            if node.running:
+                cluster.call(node, "CONFIG", "SET", "cluster-require-full-coverage", "yes")
         cluster.heal()
