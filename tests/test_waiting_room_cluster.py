@@ -292,6 +292,39 @@ async def test_sold_out_then_back_to_waiting_on_every_primary(
     await asyncio.gather(*(one(e) for e in events.values()))
 
 
+async def test_a_queue_keeps_its_order_while_its_slot_moves(
+    cluster: LocalCluster,  # noqa: F811
+    cclient: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    """The event's slot moves to another primary a key at a time while buyers join and
+    poll: every call is answered (a script whose keys are split between the two nodes is
+    sent again until they are together: TRYAGAIN waited out), no ticket moves in line,
+    and the room's keys end up on the new primary."""
+    source, event_id = next(iter(on_every_primary(cluster, "wrmove").items()))
+    target = next(node for node in cluster.primaries() if node is not source)
+    room = {"admit_per_minute": 1}
+    await create(cclient, event_id, **ga(on_sale_at=LATER, waiting_room=room))
+    tickets = [(await join(cclient, event_id, f"pre-{i}")).json()["ticket"] for i in range(30)]
+    await patch(cclient, event_id, {"on_sale_at": None})
+    before = await poll_all(cclient, event_id, tickets)
+    slot = key_slot(event_keys(event_id).meta.encode())
+    moving = asyncio.create_task(
+        asyncio.to_thread(cluster.move_slot, slot, target, batch=1, pause=0.15)
+    )
+    joined: list[dict[str, Any]] = []
+    while not moving.done():
+        r = await join(cclient, event_id, f"mid-{len(joined)}")
+        assert r.status_code == 201, r.text
+        joined.append(r.json())
+        seen = await poll_all(cclient, event_id, tickets)
+        assert [t["position"] for t in seen] == [t["position"] for t in before]
+    assert await moving > 0 and joined
+    assert [t["position"] for t in joined] == list(range(31, 31 + len(joined)))
+    assert cluster.owner(slot) is target
+    assert on_its_primary(cluster, target, event_id) == 4
+    assert (await figures(cclient, event_id))["waiting"] == 30 + len(joined)
+
+
 async def test_a_queue_keeps_its_tickets_and_order_through_a_failover(
     cluster: LocalCluster,  # noqa: F811
     cclient: httpx.AsyncClient,  # noqa: F811
