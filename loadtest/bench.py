@@ -20,6 +20,7 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
            and names its customer (loadtest/wrk/hold_token.lua); a server of its own,
            started after the plain one has stopped
 - spread   the hold over 6 hot events in turn (loadtest/wrk/holds_spread.lua), one node
+           (a redis-server of the run's own, as the cluster's nodes are)
 - cluster  the same on a local Redis Cluster of 3 primaries (6 events, 2 on each), the
            service pointed at one node; measured in alternation with spread
 - cluster_one  the same with the 6 events all on one primary: routing alone, without a
@@ -40,8 +41,9 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 The service runs as `boxoffice serve` on Redis database 10 and PostgreSQL database
 <name>_bench (migrated by `boxoffice migrate`); the script on a redis-server of its own
 (free port, no persistence, gone at the end); the baseline's tables in <name>_bench. The
-cluster row's cluster is the run's own too (tests/servers.py LocalCluster: free ports,
-no replicas, no persistence, gone at the end), with the service on <name>_bench as well.
+spread row's Redis and the cluster rows' cluster are the run's own too (own_redis() and
+tests/servers.py LocalCluster: free ports, no replicas, no persistence, gone at the end),
+each with a service of its own on <name>_bench.
 `boxoffice worker` does not run (it would compete for the cores). Never the data of
 `make run` (database 0, <name>) nor of the tests (15, <name>_test): only the keys of its
 own events are touched, and deleted at the end (unless --keep).
@@ -79,7 +81,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -172,7 +174,7 @@ TARGETS: dict[str, Target] = {
     ),
 }
 SERVICE_TARGETS = (
-    "health", "hold", "sold_out", "spread", "event", "confirm", "release", "join", "poll",
+    "health", "hold", "sold_out", "event", "confirm", "release", "join", "poll",
 )  # fmt: skip
 CLUSTER_TARGETS = ("cluster", "cluster_one")
 # The waiting room of the join and poll rows: a queue that only grows during the runs.
@@ -888,9 +890,6 @@ class Bench:
             self.event_ids.append((self.r, event_id))
         return event_id
 
-    def held(self, r: redis.Redis, event_id: str) -> int:
-        return int(r.hget(event_keys(event_id).held, "GA") or 0)
-
     def serve_env(self, admin_token: str) -> dict[str, str]:
         return {
             **self.service_env(),
@@ -922,10 +921,6 @@ class Bench:
                     self.script_event = self.create_event(admin, "bench-script")
                 if self.wanted("join", "poll"):
                     self.room_event = self.create_event(admin, "bench-room", waiting_room=ROOM)
-                spread = [
-                    self.create_event(admin, "bench-spread")
-                    for _ in range(SPREAD_EVENTS if self.wanted("spread") else 0)
-                ]
                 if self.wanted("sold_out"):
                     gone = self.create_event(admin, "bench-gone", capacity=1)
                     sale = admin.post(
@@ -960,15 +955,6 @@ class Bench:
                 self.pooled("release", server, hot)
             if self.wanted("join", "poll"):
                 self.waiting_room(server)
-            # Last, beside the cluster rows that are compared with it.
-            rows: dict[str, Callable[[bool], Result]] = {}
-            if spread:
-                rows["spread"] = self.spread_once("spread", server, spread, self.r, [self.r])
-            if self.wanted(*CLUSTER_TARGETS):
-                with self.on_cluster() as on_cluster:
-                    self.paired({**rows, **on_cluster})
-            elif rows:
-                self.paired(rows)
             self.log_errors(server)
         finally:
             server.stop()
@@ -1020,7 +1006,45 @@ class Bench:
                 say(f"  {name}: kept the run of {best.rps:,.0f} requests/s (least disturbed)")
             self.results[name] = best
 
-    # -- the service on a Redis Cluster of the run's own
+    # -- one Redis node against a Redis Cluster, both the run's own
+
+    def compared(self) -> None:
+        """The spread and cluster rows, in alternation. Each service has a Redis of the
+        run's own: on the shared one, other clients' commands would slow one side only."""
+        server_bin = shutil.which("redis-server")
+        if server_bin is None:
+            say("spread and cluster rows skipped: redis-server not found (Debian: redis-server)")
+            return
+        with ExitStack() as stack:
+            rows: dict[str, Callable[[bool], Result]] = {}
+            if self.wanted("spread"):
+                port, r = stack.enter_context(own_redis(server_bin, self.logs))
+                say(f"service on a Redis node of its own (port {port}, no persistence)")
+                ids = [f"bench-spread-{i}-{secrets.token_hex(4)}" for i in range(SPREAD_EVENTS)]
+                url = f"redis://127.0.0.1:{port}/0"
+                server = stack.enter_context(self.serving("single", url, ids))
+                rows["spread"] = self.spread_once("spread", server, ids, r, [r])
+            if self.wanted(*CLUSTER_TARGETS):
+                rows.update(stack.enter_context(self.on_cluster()))
+            self.paired(rows)
+
+    @contextmanager
+    def serving(self, name: str, redis_url: str, event_ids: Sequence[str]) -> Iterator[Server]:
+        """`boxoffice serve` on `redis_url` (a Redis of the run's own: the events are not
+        deleted one by one), with these events created; stopped at the end."""
+        token = secrets.token_urlsafe(24)
+        env = {**self.serve_env(token), "BOXOFFICE_REDIS_URL": redis_url}
+        server = Server(name, [BOXOFFICE, "serve"], env, self.logs)
+        try:
+            server.start(lambda c: c.get("/health").status_code == 200)
+            headers = {"authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=server.url, headers=headers, timeout=30) as admin:
+                for event_id in event_ids:
+                    self.create_event(admin, "", event_id=event_id, track=False)
+            yield server
+            self.log_errors(server)
+        finally:
+            server.stop()
 
     @contextmanager
     def on_cluster(self) -> Iterator[dict[str, Callable[[bool], Result]]]:
@@ -1039,27 +1063,21 @@ class Bench:
             routed = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
             by_primary = cluster.event_ids(SPREAD_EVENTS // CLUSTER_PRIMARIES, "bench-cluster")
             # Interleaved, so that consecutive requests go to different primaries.
-            event_ids = [e for group in zip(*by_primary.values(), strict=True) for e in group]
+            spread = [e for group in zip(*by_primary.values(), strict=True) for e in group]
             one_primary = next(iter(cluster.event_ids(SPREAD_EVENTS, "bench-one").values()))
-            token = secrets.token_urlsafe(24)
-            env = {**self.serve_env(token), "BOXOFFICE_REDIS_URL": cluster.url}
-            server = Server("cluster", [BOXOFFICE, "serve"], env, self.logs)
+            wanted = {
+                name: ids
+                for name, ids in (("cluster", spread), ("cluster_one", one_primary))
+                if self.wanted(name)
+            }
             try:
-                server.start(lambda c: c.get("/health").status_code == 200)
-                admin = httpx.Client(
-                    base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
-                )
-                rows = {}
-                with admin:
-                    for name, ids in (("cluster", event_ids), ("cluster_one", one_primary)):
-                        if self.wanted(name):
-                            for event_id in ids:
-                                self.create_event(admin, "", event_id=event_id, track=False)
-                            rows[name] = self.spread_once(name, server, ids, routed, nodes)
-                yield rows
-                self.log_errors(server)
+                events = [e for ids in wanted.values() for e in ids]
+                with self.serving("cluster", cluster.url, events) as server:
+                    yield {
+                        name: self.spread_once(name, server, ids, routed, nodes)
+                        for name, ids in wanted.items()
+                    }
             finally:
-                server.stop()
                 routed.close()
                 for node in nodes:
                     node.close()
@@ -1303,12 +1321,14 @@ class Bench:
                 f"  script: measuring {n:,} calls, ~{self.cfg.seconds} s"
                 f" (machine {before}% busy before)"
             )
-            held = self.held(r, event_id)
+            # Counted as made, not as held: holds of the calibration run expire meanwhile.
+            made = Stat(r, (event_id,), "created")
+            before_made = made.read()
             started = time.monotonic()
             with Meter(r, None) as meter:
                 row = bench(n)
             elapsed = time.monotonic() - started
-            created = self.held(r, event_id) - held
+            created = made.read() - before_made
             result = Result(
                 target="script",
                 label=TARGETS["script"].label,
@@ -1497,9 +1517,10 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
     if "cluster" in cfg.only:
         text += (
             f" The spread and cluster rows make holds on {SPREAD_EVENTS} hot events in turn: on"
-            f" the service's Redis, and on a Redis Cluster of {CLUSTER_PRIMARIES} primaries"
-            f" started for the run ({SPREAD_EVENTS // CLUSTER_PRIMARIES} events on each, no"
-            " replicas, the service given one node's URL); Redis CPU is then every node's."
+            f" a Redis node and on a Redis Cluster of {CLUSTER_PRIMARIES} primaries, both"
+            f" started for the run ({SPREAD_EVENTS // CLUSTER_PRIMARIES} events on each primary,"
+            " no replicas, the service given one node's URL; measured in alternation); Redis"
+            " CPU is then every node's."
         )
     if pg := info.get("postgres"):
         text += (
@@ -1716,10 +1737,12 @@ def run(cfg: Config) -> int:
     try:
         if bench.wanted("twin"):
             bench.twin()
-        if bench.wanted(*SERVICE_TARGETS, *CLUSTER_TARGETS, "hold_token", "script", "pg"):
+        if bench.wanted(*SERVICE_TARGETS, "spread", *CLUSTER_TARGETS, "hold_token", "script", "pg"):
             bench.migrate()
-        if bench.wanted(*SERVICE_TARGETS, *CLUSTER_TARGETS, "script"):
+        if bench.wanted(*SERVICE_TARGETS, "script"):
             bench.service()
+        if bench.wanted("spread", *CLUSTER_TARGETS):
+            bench.compared()
         if bench.wanted("hold_token"):
             bench.service_with_tokens()
         if bench.wanted("script"):

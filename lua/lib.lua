@@ -354,6 +354,20 @@ local function advance(q, rm, now)
   return {opened = true, f = math.floor(f), frac = f, stock = stock}
 end
 
+-- The room's figures for the admin (queue_view.lua) and the live view (live.lua), after
+-- advancing the frontier to now: waiting, admitted (ranks the frontier passed: tickets
+-- admitted, whether they have looked yet or not), active (passes not expired), apm.
+local function room_figures(rm, now)
+  local q = queue_keys()
+  local room = advance(q, rm, now)
+  local card = redis.call('ZCARD', q.order)
+  local admitted = math.min(room.f, card)
+  return {
+    waiting = card - admitted, admitted = admitted, apm = rm.apm,
+    active = redis.call('ZCOUNT', q.passes, '(' .. now, '+inf'),
+  }
+end
+
 -- A ticket as it reads now: {t = ticket, c = customer, s = status, p = position (1 =
 -- next), e = estimated wait (s), x = pass expiry ms, u = on-sale moment ms (pre-queued),
 -- now}. Its first look past the

@@ -6,12 +6,4 @@
 local rm = room_meta()
 if not rm.status then return NOT_LOADED end
 if not rm.apm then return '{"waiting":0,"admitted":0,"active":0}' end
-local q = queue_keys()
-local now = now_ms()
-local room = advance(q, rm, now)
-local card = redis.call('ZCARD', q.order)
-local admitted = math.min(room.f, card)
-return cjson.encode({
-  waiting = card - admitted, admitted = admitted, apm = rm.apm,
-  active = redis.call('ZCOUNT', q.passes, '(' .. now, '+inf'),
-})
+return cjson.encode(room_figures(rm, now_ms()))

@@ -10,6 +10,7 @@ from typing import Any, cast
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
@@ -155,6 +156,22 @@ async def is_cluster(settings: Settings) -> bool:
     return False
 
 
+class _Connection(Connection):
+    """uvloop raises RuntimeError ("... the handler is closed") where asyncio's own loop
+    gives the OSError that redis-py turns into ConnectionError: a write on a connection that
+    the cluster client closed while another call was connecting on it (after MOVED it
+    disconnects a node's connections; seen as 500s during a slot move). Said as what it
+    is, a lost connection, redis-py and the budget retry it like any other."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as e:
+            if "handler is closed" not in str(e):
+                raise
+            raise ConnectionError(f"Redis connection closed while writing: {e}") from e
+
+
 class PatientCluster(RedisCluster):
     """redis-py's cluster client, waiting out a failover or a slot migration within the
     budget, as the hot path's pipe does (service/retries.py): its own tries follow MOVED
@@ -169,6 +186,11 @@ class PatientCluster(RedisCluster):
 
     def __init__(self, *, budget: float, **kwargs: Any) -> None:
         super().__init__(retry=retries.cluster(budget), **kwargs)
+        # Not a constructor option (from_url and __init__ keep only SSLConnection): the
+        # nodes found later are made from connection_kwargs, the start-up ones already are.
+        self.connection_kwargs["connection_class"] = _Connection
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = _Connection
         self.budget = budget
         self.timeout: float = kwargs.get("socket_timeout") or 0.0
 

@@ -93,12 +93,22 @@ class Rates(Struct, kw_only=True):
 
 
 class QueueFigures(Struct, kw_only=True):
-    """The waiting room: all null while the event has none."""
+    """The waiting room, as GET /admin/events/{event_id}/queue gives it: all null while
+    the event has none."""
 
     enabled: bool
-    length: int | None
+    length: Annotated[int | None, Meta(description="Tickets waiting (QueueStats.waiting)")]
     admitted: int | None
-    admission_rate: Annotated[float | None, Meta(description="Admissions per second")]
+    active_passes: int | None
+    admit_per_minute: int | None
+    last_admitted_position: int | None
+    admission_rate: Annotated[
+        float | None,
+        Meta(
+            description="Admissions per second: the change of `admitted` since the reading "
+            "before; null on a stream's first"
+        ),
+    ]
 
 
 class WriteBehindFigures(Struct, kw_only=True):
@@ -134,6 +144,13 @@ class _Meta(Struct):
     on_sale_at: str = ""
 
 
+class _Queue(Struct):
+    waiting: int
+    admitted: int
+    active: int
+    apm: int
+
+
 class _Reply(Struct):
     now: int
     meta: _Meta
@@ -145,6 +162,8 @@ class _Reply(Struct):
     sold: dict[str, str]
     stats: dict[str, str]
     outbox: _Outbox
+    # Absent: the event has no waiting room.
+    queue: _Queue | None = None
 
 
 class _Cat(Struct):
@@ -186,13 +205,48 @@ def rates(now: Totals, before: Totals, seconds: float) -> Rates:
     return Rates(**counts, refusals={k: v for k, v in refusals.items() if v > 0})
 
 
-def queue_figures(reply: _Reply) -> QueueFigures:
-    """The waiting room's figures. The one place to fill in once events have a waiting
-    room (its length and admissions would come in the same script reply)."""
-    return QueueFigures(enabled=False, length=None, admitted=None, admission_rate=None)
+class Before(Struct, frozen=True):
+    """What the next reading's rates are computed from."""
+
+    now: int
+    totals: Totals
+    admitted: int | None
 
 
-def figures(event_id: str, reply: _Reply, before: tuple[int, Totals] | None) -> LiveFigures:
+NO_QUEUE = QueueFigures(
+    enabled=False,
+    length=None,
+    admitted=None,
+    active_passes=None,
+    admit_per_minute=None,
+    last_admitted_position=None,
+    admission_rate=None,
+)
+
+
+def queue_figures(reply: _Reply, before: Before | None) -> QueueFigures:
+    """The waiting room's figures; the admission rate from the change of `admitted` since
+    the reading before (none when that one had no room; a room switched off and on again
+    starts over: never a negative rate)."""
+    q = reply.queue
+    if q is None:
+        return NO_QUEUE
+    rate = None
+    if before is not None and before.admitted is not None and reply.now > before.now:
+        seconds = (reply.now - before.now) / 1000
+        rate = round(max(0, q.admitted - before.admitted) / seconds, 3)
+    return QueueFigures(
+        enabled=True,
+        length=q.waiting,
+        admitted=q.admitted,
+        active_passes=q.active,
+        admit_per_minute=q.apm,
+        last_admitted_position=q.admitted,
+        admission_rate=rate,
+    )
+
+
+def figures(event_id: str, reply: _Reply, before: Before | None) -> LiveFigures:
     cats = reply.cats
     cap, avail, held, sold = (_hash(h) for h in (reply.cap, reply.avail, reply.held, reply.sold))
     categories = [
@@ -208,7 +262,7 @@ def figures(event_id: str, reply: _Reply, before: tuple[int, Totals] | None) -> 
         if name in cats
     ]
     now_totals = totals(_hash(reply.stats))
-    interval = None if before is None else (reply.now - before[0]) / 1000
+    interval = None if before is None else (reply.now - before.now) / 1000
     outbox = reply.outbox
     oldest = None if outbox.oldest is None else int(outbox.oldest.partition("-")[0])
     on_sale_at = int(reply.meta.on_sale_at) if reply.meta.on_sale_at else None
@@ -221,8 +275,8 @@ def figures(event_id: str, reply: _Reply, before: tuple[int, Totals] | None) -> 
         totals=now_totals,
         rates=None
         if before is None or not interval or interval <= 0
-        else rates(now_totals, before[1], interval),
-        queue=queue_figures(reply),
+        else rates(now_totals, before.totals, interval),
+        queue=queue_figures(reply, before),
         write_behind=WriteBehindFigures(
             backlog=outbox.pending + outbox.undelivered,
             lag_seconds=0.0 if oldest is None else max(0, reply.now - oldest) / 1000,
@@ -233,8 +287,10 @@ def figures(event_id: str, reply: _Reply, before: tuple[int, Totals] | None) -> 
 
 async def read(svc: Services, event_id: str) -> _Reply:
     """One reading: one script call (loading the event first if Redis lost it)."""
-    deadletter = event_keys(event_id).deadletter
-    reply = await live.call(svc, "live", event_id, OUTBOX_GROUP, extra_keys=(deadletter,))
+    k = event_keys(event_id)
+    reply = await live.call(
+        svc, "live", event_id, OUTBOX_GROUP, extra_keys=(*k.queue, k.deadletter)
+    )
     return _decode_reply(reply)
 
 
@@ -253,7 +309,7 @@ class _Reader:
         self.event_id = event_id
         self.watchers: set[asyncio.Queue[Reading]] = set()
         self.latest: Reading | None = None
-        self._before: tuple[int, Totals] | None = None
+        self._before: Before | None = None
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -274,7 +330,7 @@ class _Reader:
                 log.exception("live view of %s", self.event_id)
                 return errors.BoxofficeError("the figures could not be read")
             return errors.Unavailable("Redis is unreachable; the figures follow when it is back")
-        self._before = (reply.now, now.totals)
+        self._before = Before(reply.now, now.totals, now.queue.admitted)
         return now
 
     def _publish(self, reading: Reading) -> None:

@@ -231,25 +231,21 @@ async def require_pass(svc: Services, event_id: str, customer_id: str, token: st
 # --- the background step -------------------------------------------------------------
 
 
+async def _step(svc: Services, event_id: str) -> bool:
+    """Advance one event's room; whether it has one."""
+    reply = await svc.scripts.call("queue_tick", event_id, extra_keys=event_keys(event_id).queue)
+    return reply == b"1"
+
+
 async def tick(svc: Services, skip: dict[str, float] | None = None) -> int:
-    """Advance every live waiting room's frontier once; how many rooms there are.
-    `skip`: event id -> until when (monotonic) an event found without a room is left alone,
-    so that a worker does not call a script a second for every event of a large catalog."""
-    rooms = 0
-    now = time.monotonic()
-    for event_id in await live_event_ids(svc):
-        if skip is not None and skip.get(event_id, 0.0) > now:
-            continue
-        reply = await svc.scripts.call(
-            "queue_tick", event_id, extra_keys=event_keys(event_id).queue
-        )
-        if reply == b"1":
-            rooms += 1
-        elif skip is not None:
-            skip[event_id] = now + NO_ROOM_RECHECK_SECONDS
-    if skip is not None and len(skip) > ROOMS_CACHED:
-        skip.clear()
-    return rooms
+    """Advance every live waiting room's frontier once, waiting for every step; how many
+    rooms there are (a step that fails is logged, and the others go on). `skip`: event
+    id -> until when (monotonic) an event found without a room is left alone, so that a
+    worker does not call a script a second for every event of a large catalog."""
+    ticker = Ticker(svc)
+    if skip is not None:
+        ticker.skip = skip
+    return await ticker.tick(wait=None)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -259,16 +255,57 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 class Ticker:
     """Runs in every worker: several at once only advance the same frontier to the same
-    time (the scripts read Redis's clock)."""
+    time (the scripts read Redis's clock).
+
+    Each event's step is its own task: on a cluster, a step whose primary is away (a
+    failover under way, a node lost with cluster-require-full-coverage off) waits out its
+    retry budget, and meanwhile the rooms on the primaries that answer are stepped every
+    period as before; the waiting event gets no second step until its first is done. A
+    step that fails is that event's, logged, and the others go on."""
 
     def __init__(self, svc: Services) -> None:
         self.svc = svc
         self.skip: dict[str, float] = {}
+        self.steps: dict[str, asyncio.Task[bool]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await tick(self.svc, self.skip)
-            except Exception as e:
-                errors.log_failure(log, "waiting room step", e)
-            await _wait(stop, TICK_SECONDS)
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await self.tick(wait=TICK_SECONDS)
+                except Exception as e:
+                    errors.log_failure(log, "waiting room step", e)
+                await _wait(stop, max(0.0, started + TICK_SECONDS - time.monotonic()))
+        finally:
+            for task in self.steps.values():
+                task.cancel()
+
+    async def tick(self, wait: float | None) -> int:
+        """Start a step for every live event that is due and has none under way, and wait
+        up to `wait` seconds (None: until all are done); how many rooms the steps done
+        found. Steps not done by then go on, and are counted by a later call."""
+        now = time.monotonic()
+        for event_id in await live_event_ids(self.svc):
+            if event_id not in self.steps and self.skip.get(event_id, 0.0) <= now:
+                self.steps[event_id] = asyncio.create_task(_step(self.svc, event_id))
+        if self.steps:
+            await asyncio.wait(self.steps.values(), timeout=wait)
+        rooms = failed = 0
+        for event_id, task in list(self.steps.items()):
+            if not task.done():
+                continue  # its primary is slow or away: it holds up no other room
+            del self.steps[event_id]
+            if (e := task.exception()) is not None:
+                failed += 1
+                if failed == 1:
+                    errors.log_failure(log, f"waiting room step of event {event_id!r}", e)
+            elif task.result():
+                rooms += 1
+            else:
+                self.skip[event_id] = now + NO_ROOM_RECHECK_SECONDS
+        if failed > 1:
+            log.warning("waiting room step: %d events failed", failed)
+        if len(self.skip) > ROOMS_CACHED:
+            self.skip.clear()
+        return rooms

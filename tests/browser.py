@@ -176,7 +176,8 @@ class Browser:
 
 
 class Dashboard(HTMLParser):
-    """What a dumped dashboard shows: its state, each category's figures, each seat."""
+    """What a dumped dashboard shows: its state, each category's figures, each seat, the
+    waiting room's figures (as shown: text)."""
 
     def __init__(self, html: str) -> None:
         super().__init__()
@@ -185,9 +186,12 @@ class Dashboard(HTMLParser):
         self.figures: dict[str, dict[str, int]] = {}
         self.seats: dict[str, str] = {}  # label -> state
         self.map_counts: dict[str, int] = {}
+        self.queue: dict[str, str] = {}  # figure -> its text
         self.text: list[str] = []
         self._category: str | None = None
         self._figure: tuple[str, str] | None = None
+        self._in_queue = False
+        self._queue_figure: str | None = None
         self.feed(html)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -204,13 +208,24 @@ class Dashboard(HTMLParser):
         if tag == "i" and "seat" in classes:
             states = [c for c in classes if c != "seat"]
             self.seats[a.get("title") or ""] = states[0] if states else ""
+        if tag == "dl" and a.get("id") == "queue":
+            self._in_queue = True
+        if tag == "dd" and self._in_queue:
+            self._queue_figure = a.get("data-figure")
         if a.get("id") == "mapcounts":
             self.map_counts = {
                 k[5:]: int(v or 0) for k, v in a.items() if k.startswith("data-") and v
             }
 
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "dl":
+            self._in_queue = False
+
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self._queue_figure is not None:
+            self.queue[self._queue_figure] = data
+            self._queue_figure = None
         if self._figure is not None:
             category, name = self._figure
             self.figures.setdefault(category, {})[name] = int(data.replace(",", ""))

@@ -109,6 +109,34 @@ async def test_the_page_shows_the_figures_and_the_seat_map_of_the_api(
     assert event["name"] in text
 
 
+async def test_the_page_shows_the_waiting_room_of_the_api(server: ApiServer) -> None:
+    """An event whose waiting room has people in it: the page shows its length and
+    admissions as GET /admin/events/{id}/queue gives them (paused: they stand still)."""
+    assert CHROMIUM is not None
+    room = {"admit_per_minute": 60, "pass_ttl_seconds": 600}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        event_id = await create_event(client, categories=CATEGORIES[:1], waiting_room=room)
+        for n in range(7):
+            r = await client.post(f"/events/{event_id}/queue", json={"customer_id": f"q{n}"})
+            assert r.status_code == 201, r.text
+        r = await client.patch(
+            f"/admin/events/{event_id}", json={"status": "paused"}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        stats = (await client.get(f"/admin/events/{event_id}/queue", headers=ADMIN)).json()
+    assert stats["waiting"] + stats["admitted"] == 7 and stats["waiting"] > 0, stats
+    url = f"{server.url}/admin/dashboard#token={ADMIN_TOKEN}&event={event_id}"
+    html = dump_dom(CHROMIUM, url)
+    page = Dashboard(html)
+    assert page.state == "live", page.text
+    assert page.queue["waiting"] == str(stats["waiting"]), page.queue
+    assert page.queue["admitted"] == str(stats["admitted"]), page.queue
+    assert page.queue["admit / min"] == "60", page.queue
+    assert page.queue["active passes"] == "0", page.queue
+    # And its chart, whose figure is the length too.
+    assert f'data-figure="queue">{stats["waiting"]}<' in html
+
+
 async def test_without_the_token_the_page_and_the_stream_refuse(server: ApiServer) -> None:
     assert CHROMIUM is not None
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,6 +52,9 @@ CATEGORIES = [
         "seats": ["BOX-1", "BOX-2"],
     },
 ]
+
+# Tickets in the waiting room of the queue test: far more than a few seconds admit.
+QUEUE_JOINS = 20
 
 Document = tuple[str, dict[str, Any]]  # (SSE event type, JSON data)
 
@@ -125,12 +129,8 @@ async def test_figures_after_holds_confirms_refusals_and_an_expiry(
             "refusals": {},
         }
         # No waiting room: its figures are there, and null.
-        assert first["queue"] == {
-            "enabled": False,
-            "length": None,
-            "admitted": None,
-            "admission_rate": None,
-        }
+        assert first["queue"] == msgspec.to_builtins(livefeed.NO_QUEUE)
+        assert set(first["queue"].values()) == {False, None}
         assert first["write_behind"] == {"backlog": 0, "lag_seconds": 0.0, "dead_letters": 0}
 
         ga = await hold(client, event_id, "c1", items=[("GA", 2)])
@@ -206,6 +206,89 @@ async def test_figures_after_holds_confirms_refusals_and_an_expiry(
                 assert at(doc) - at(lagging) < 30, "the write-behind never caught up"
         finally:
             worker.stop()
+
+
+def same_as_queue_stats(queue: dict[str, Any], stats: dict[str, Any]) -> None:
+    """The stream's queue figures are GET /admin/events/{id}/queue's."""
+    assert queue["enabled"] is True
+    shown = {k: queue[k] for k in stats if k != "waiting"} | {"waiting": queue["length"]}
+    assert shown == stats, (queue, stats)
+
+
+async def test_the_waiting_room_figures_are_the_queue_endpoint_s(
+    client: httpx.AsyncClient,
+) -> None:
+    """An event with a waiting room admitting one a second: joins, admissions and passes
+    show in the stream as GET /admin/events/{id}/queue gives them, with a positive
+    admission rate while it admits, and 0 once the event pauses."""
+    room = {"admit_per_minute": 60, "pass_ttl_seconds": 600}
+    event_id = await create_event(client, categories=CATEGORIES[:1], waiting_room=room)
+    stats_url = f"/admin/events/{event_id}/queue"
+
+    async def stats() -> dict[str, Any]:
+        r = await client.get(stats_url, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    async with watching(client, event_id) as docs:
+        first = await anext(docs)
+        assert first["queue"] == {
+            "enabled": True,
+            "length": 0,
+            "admitted": 0,
+            "active_passes": 0,
+            "admit_per_minute": 60,
+            "last_admitted_position": 0,
+            "admission_rate": None,  # no reading before
+        }
+        tickets = []
+        for n in range(QUEUE_JOINS):
+            r = await client.post(f"/events/{event_id}/queue", json={"customer_id": f"q{n}"})
+            assert r.status_code == 201, r.text
+            tickets.append(r.json()["ticket"])
+
+        # The first in line looks until admitted (within a second or so), and its pass
+        # counts.
+        async def first_admitted() -> bool:
+            r = await client.get(f"/events/{event_id}/queue/{tickets[0]}")
+            assert r.status_code == 200, r.text
+            return bool(r.json()["status"] == "admitted")
+
+        await eventually(first_admitted, within=5)
+
+        # While it admits: the rate is positive, about one a second, and the endpoint's
+        # figures lie between the readings before and after it.
+        seen = []
+        async for doc in docs:
+            q = doc["queue"]
+            seen.append(doc)
+            if q["admission_rate"] and q["length"] > 0 and q["active_passes"] == 1:
+                break
+            assert len(seen) < 10, seen
+        assert 0 < seen[-1]["queue"]["admission_rate"] <= 3, seen[-1]
+        middle = await stats()
+        await anext(docs)  # perhaps read before the call above
+        after = (await anext(docs))["queue"]
+        assert seen[-1]["queue"]["admitted"] <= middle["admitted"] <= after["admitted"]
+        assert middle["waiting"] + middle["admitted"] == QUEUE_JOINS
+        assert after["length"] + after["admitted"] == QUEUE_JOINS
+        assert middle["admit_per_minute"] == after["admit_per_minute"] == 60
+        assert middle["active_passes"] == after["active_passes"] == 1
+
+        # Paused, the frontier stands still: the same figures on both sides, rate 0.
+        r = await client.patch(
+            f"/admin/events/{event_id}", json={"status": "paused"}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        await anext(docs)  # perhaps read before the pause
+        still = (await anext(docs))["queue"]
+        same_as_queue_stats(still, await stats())
+        assert still["admission_rate"] == 0, still
+        assert 0 < still["admitted"] < QUEUE_JOINS, still
+        # The admission rates over the readings add up to what was admitted.
+        admitted = sum(d["queue"]["admission_rate"] * d["interval_seconds"] for d in seen)
+        assert abs(admitted - seen[-1]["queue"]["admitted"]) < 0.05, seen
 
 
 async def test_asked_for_json_it_answers_one_document(
@@ -486,7 +569,8 @@ async def test_the_grafana_dashboard_asks_for_metrics_that_exist(
     client: httpx.AsyncClient,
 ) -> None:
     """Every series a panel queries is one /metrics has (once an event has sold, held
-    and refused), and every panel reads the dashboard's Prometheus data source."""
+    and refused, and one has a waiting room), and every panel reads the dashboard's
+    Prometheus data source."""
     dashboard = json.loads(GRAFANA.read_text())
     event_id = await create_event(client, categories=CATEGORIES)
     sold = await hold(client, event_id, "c1", items=[("GA", 1)])
@@ -497,6 +581,11 @@ async def test_the_grafana_dashboard_asks_for_metrics_that_exist(
         json={"customer_id": "c3", "items": [{"category": "GA", "quantity": 9}]},
     )
     assert_problem(r, 409, "sold_out")
+    # And an event with a waiting room, someone in it: its gauges are there only then.
+    room = {"admit_per_minute": 60, "pass_ttl_seconds": 600}
+    queued = await create_event(client, categories=CATEGORIES[:1], waiting_room=room)
+    r = await client.post(f"/events/{queued}/queue", json={"customer_id": "q1"})
+    assert r.status_code == 201, r.text
     await asyncio.sleep(1.5)  # the refusal's tally reaches Redis
     exposed = {
         s.name
