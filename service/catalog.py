@@ -344,30 +344,29 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
                     .values(capacity=cap)
                 )
             # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
-            await live.call(
-                svc,
-                "configure",
-                event_id,
-                msgspec.json.encode(changes),
-                extra_keys=event_keys(event_id).queue,
-            )
+            await _configure(svc, event_id, changes)
             configured = _undo_changes(found, changes, old_caps)
     except BaseException:
         if configured is not None:
             # Redis took the change and PostgreSQL did not (the commit failed): put Redis
             # back. If that fails too, reconcile aligns the capacities with PostgreSQL.
             with contextlib.suppress(Exception):
-                await live.call(
-                    svc,
-                    "configure",
-                    event_id,
-                    msgspec.json.encode(configured),
-                    extra_keys=event_keys(event_id).queue,
-                )
+                await _configure(svc, event_id, configured)
         raise
     finally:
         waitingroom.ROOMS.forget(event_id)
     return await view_event(svc, event_id)
+
+
+async def _configure(svc: Services, event_id: str, changes: dict[str, Any]) -> None:
+    """lua/configure.lua: the event's live state changed as PATCH asks (or put back)."""
+    await live.call(
+        svc,
+        "configure",
+        event_id,
+        msgspec.json.encode(changes),
+        extra_keys=event_keys(event_id).queue,
+    )
 
 
 def _undo_changes(

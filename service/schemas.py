@@ -28,6 +28,16 @@ EventId = Annotated[str, Meta(pattern=EVENT_ID_PATTERN, description="Chosen by t
 CategoryName = Annotated[str, Meta(pattern=NAME_PATTERN)]
 SeatLabel = Annotated[str, Meta(pattern=NAME_PATTERN)]
 CustomerId = Annotated[str, Meta(min_length=1, max_length=128)]
+# With customer tokens on, a body's customer_id may be left out (CustomerHoldCreate,
+# CustomerQueueJoin).
+TokenCustomerId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=128,
+        description="Left out: the token's customer; given: must be the token's `sub`.",
+    ),
+]
 Quantity = Annotated[int, Meta(ge=1, le=100)]
 # At most 10^9 minor units a ticket: an order's total (100 tickets at most) stays within
 # the 14 significant digits that Redis's Lua JSON encoder writes exactly.
@@ -102,14 +112,7 @@ class CustomerHoldCreate(HoldCreate):
     it is the token's customer); when given, it must be the token's customer."""
 
     # "" (never a valid id) stands for "left out"; the document shows no default.
-    customer_id: Annotated[
-        str,
-        Meta(
-            min_length=1,
-            max_length=128,
-            description="Left out: the token's customer; given: must be the token's `sub`.",
-        ),
-    ] = ""
+    customer_id: TokenCustomerId = ""
 
 
 class HoldConfirm(Request):
@@ -290,14 +293,7 @@ class CustomerQueueJoin(QueueJoin):
     token's customer); when given, it must be the token's customer."""
 
     # "" (never a valid id) stands for "left out"; the document shows no default.
-    customer_id: Annotated[
-        str,
-        Meta(
-            min_length=1,
-            max_length=128,
-            description="Left out: the token's customer; given: must be the token's `sub`.",
-        ),
-    ] = ""
+    customer_id: TokenCustomerId = ""
 
 
 class QueueTicket(Struct, kw_only=True):
