@@ -771,6 +771,28 @@ async def test_payload_too_large_without_content_length(client: httpx.AsyncClien
         assert_problem(r, 413, "payload_too_large")
 
 
+async def test_a_body_in_several_parts_is_read_whole(client: httpx.AsyncClient) -> None:
+    """Most bodies come in one ASGI message and are taken as they are (bodies.Request);
+    one in several parts, with pauses between them, is read whole, each part once."""
+    event_id = await create_event(client)
+
+    async def in_parts() -> AsyncIterator[bytes]:
+        for part in (
+            b'{"customer_id": "parts", ',
+            b'"items": [{"category": "GA", ',
+            b'"quantity": 2}]}',
+        ):
+            yield part
+            await asyncio.sleep(0.05)
+
+    r = await send_alone(
+        client, "POST", f"/events/{event_id}/holds", content=in_parts(), headers=json_headers()
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["customer_id"] == "parts"
+    assert r.json()["items"] == [{"category": "GA", "quantity": 2}]
+
+
 async def test_payload_too_large_reaches_a_client_still_sending(
     client: httpx.AsyncClient,
 ) -> None:
