@@ -157,11 +157,13 @@ async def is_cluster(settings: Settings) -> bool:
 
 
 class _Connection(Connection):
-    """uvloop raises RuntimeError ("... the handler is closed") where asyncio's own loop
-    gives the OSError that redis-py turns into ConnectionError: a write on a connection that
-    the cluster client closed while another call was connecting on it (after MOVED it
-    disconnects a node's connections; seen as 500s during a slot move). Said as what it
-    is, a lost connection, redis-py and the budget retry it like any other."""
+    """A write on a connection that the cluster client closed while another call was
+    connecting on it (after MOVED it disconnects a node's connections; seen as 500s during
+    a slot move) fails in ways redis-py does not take for a lost connection: uvloop raises
+    RuntimeError ("... the handler is closed") where asyncio's own loop gives an OSError,
+    and a write that finds the connection already closed meets `_writer` None
+    (AttributeError). Said as what it is, a lost connection, redis-py and the budget retry
+    it like any other."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
@@ -170,6 +172,10 @@ class _Connection(Connection):
             if "handler is closed" not in str(e):
                 raise
             raise ConnectionError(f"Redis connection closed while writing: {e}") from e
+        except AttributeError as e:
+            if self._writer is not None:
+                raise
+            raise ConnectionError("Redis connection closed while writing") from e
 
 
 class PatientCluster(RedisCluster):

@@ -396,7 +396,6 @@ async def test_write_behind_writes_each_confirmation_once_with_a_worker_killed(
         second = Worker({**env, "BOXOFFICE_WORKER_LIVENESS_MS": "1000"})
         second.start()
         try:
-
             # Written and acknowledged: the killed worker may have committed its batch to
             # PostgreSQL and not acknowledged it; the second worker's claim is waited for.
             async def all_written_and_acknowledged() -> bool:
