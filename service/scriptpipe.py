@@ -97,7 +97,10 @@ def parse_seed_nodes(text: str) -> list[Address]:
     return [parse_address(part) for part in text.split(",") if part.strip()]
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
+    """One connection to a Redis node: replies parsed by hiredis, each handed to the oldest
+    waiting future. service/soldout.py builds its subscriptions on it."""
+
     def __init__(self) -> None:
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
@@ -155,11 +158,11 @@ async def dial(
     options: dict[str, Any],
     *,
     select: bool,
-    protocol: type[_Connection] = _Connection,
+    protocol: type[Connection] = Connection,
     timeout: float = REPLY_TIMEOUT,  # noqa: ASYNC109 (the connect and the handshake each)
-) -> _Connection:
+) -> Connection:
     """A connection to the server the options name, authenticated (and on its database),
-    within `timeout` (else TimeoutError). `protocol`: a _Connection of another kind
+    within `timeout` (else TimeoutError). `protocol`: a Connection of another kind
     (service/soldout.py's subscriber)."""
     loop = asyncio.get_running_loop()
     o = options
@@ -201,7 +204,7 @@ async def _ask(options: dict[str, Any], *parts: bytes, wait: float) -> Any:
         _close(connection)
 
 
-def _close(connection: _Connection) -> None:
+def _close(connection: Connection) -> None:
     if connection.transport is not None:
         connection.transport.close()
 
@@ -227,8 +230,8 @@ class _NodePipe:
         # answer: calls followed by one have connections of their own (made when needed).
         self._waits = waits
         self._wait_pipe: _NodePipe | None = None
-        self._connections: list[_Connection | None] = [None] * CONNECTIONS
-        self._connecting: list[asyncio.Future[_Connection] | None] = [None] * CONNECTIONS
+        self._connections: list[Connection | None] = [None] * CONNECTIONS
+        self._connecting: list[asyncio.Future[Connection] | None] = [None] * CONNECTIONS
         self._turn = itertools.cycle(range(CONNECTIONS))
         self._queue: list[bytes] = []
         self._futures: list[asyncio.Future[Any]] = []
@@ -315,14 +318,14 @@ class _NodePipe:
             return
         connection.send(payload, futures, since)
 
-    async def _connect(self, slot: int) -> _Connection:
+    async def _connect(self, slot: int) -> Connection:
         pending = self._connecting[slot]
         if pending is None:
             pending = self._connecting[slot] = asyncio.ensure_future(self._open(slot))
             pending.add_done_callback(lambda _: self._connecting.__setitem__(slot, None))
         return await asyncio.shield(pending)
 
-    async def _open(self, slot: int) -> _Connection:
+    async def _open(self, slot: int) -> Connection:
         connection = await dial(self._options, select=self._select, timeout=self._timeout)
         self._connections[slot] = connection
         self._arm_watchdog()

@@ -38,7 +38,7 @@ from typing import Any
 from service import errors
 from service.keys import parse_restock_channel, restock_channel
 from service.schemas import HoldItem
-from service.scriptpipe import Address, _Connection, command, dial
+from service.scriptpipe import Address, Connection, command, dial
 from service.scripts import Scripts, sold_out
 
 log = logging.getLogger("boxoffice.soldout")
@@ -63,7 +63,7 @@ class _Event:
         self.most = 0  # the most tickets a refused request asked for
 
 
-class _Link(_Connection):
+class _Link(Connection):
     """A subscriber connection: shard-channel pushes go to the table, as they are read."""
 
     table: SoldOut | None = None
