@@ -903,33 +903,25 @@ class Bench:
         }
 
     def service(self) -> None:
-        token = secrets.token_urlsafe(24)
-        env = self.serve_env(token)
         say(
             f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {self.db_name};"
             " no worker)"
         )
-        server = Server("service", [BOXOFFICE, "serve"], env, self.logs)
-        try:
-            server.start(lambda c: c.get("/health").status_code == 200)
-            admin = httpx.Client(
-                base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
-            )
-            with admin:
-                hot = self.create_event(admin, "bench-hot")
-                if self.wanted("script"):
-                    self.script_event = self.create_event(admin, "bench-script")
-                if self.wanted("join", "poll"):
-                    self.room_event = self.create_event(admin, "bench-room", waiting_room=ROOM)
-                if self.wanted("sold_out"):
-                    gone = self.create_event(admin, "bench-gone", capacity=1)
-                    sale = admin.post(
-                        f"/events/{gone}/holds",
-                        content=HOLD_BODY,
-                        headers={"content-type": "application/json"},
-                    )
-                    if sale.status_code != 201:
-                        raise BenchError(f"selling out {gone}: {sale.status_code} {sale.text}")
+        with self.served("service") as (server, admin):
+            hot = self.create_event(admin, "bench-hot")
+            if self.wanted("script"):
+                self.script_event = self.create_event(admin, "bench-script")
+            if self.wanted("join", "poll"):
+                self.room_event = self.create_event(admin, "bench-room", waiting_room=ROOM)
+            if self.wanted("sold_out"):
+                gone = self.create_event(admin, "bench-gone", capacity=1)
+                sale = admin.post(
+                    f"/events/{gone}/holds",
+                    content=HOLD_BODY,
+                    headers={"content-type": "application/json"},
+                )
+                if sale.status_code != 201:
+                    raise BenchError(f"selling out {gone}: {sale.status_code} {sale.text}")
             holds = f"/events/{hot}/holds"
             if self.wanted("health"):
                 self.simple("health", server, "get.lua", "/health")
@@ -955,6 +947,18 @@ class Bench:
                 self.pooled("release", server, hot)
             if self.wanted("join", "poll"):
                 self.waiting_room(server)
+
+    @contextmanager
+    def served(self, name: str, **env: str) -> Iterator[tuple[Server, httpx.Client]]:
+        """`boxoffice serve` with the bench's options (and `env`), and an admin client of
+        it; the server's error lines counted at the end, and the server stopped."""
+        token = secrets.token_urlsafe(24)
+        server = Server(name, [BOXOFFICE, "serve"], {**self.serve_env(token), **env}, self.logs)
+        try:
+            server.start(lambda c: c.get("/health").status_code == 200)
+            headers = {"authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=server.url, headers=headers, timeout=30) as admin:
+                yield server, admin
             self.log_errors(server)
         finally:
             server.stop()
@@ -1032,19 +1036,10 @@ class Bench:
     def serving(self, name: str, redis_url: str, event_ids: Sequence[str]) -> Iterator[Server]:
         """`boxoffice serve` on `redis_url` (a Redis of the run's own: the events are not
         deleted one by one), with these events created; stopped at the end."""
-        token = secrets.token_urlsafe(24)
-        env = {**self.serve_env(token), "BOXOFFICE_REDIS_URL": redis_url}
-        server = Server(name, [BOXOFFICE, "serve"], env, self.logs)
-        try:
-            server.start(lambda c: c.get("/health").status_code == 200)
-            headers = {"authorization": f"Bearer {token}"}
-            with httpx.Client(base_url=server.url, headers=headers, timeout=30) as admin:
-                for event_id in event_ids:
-                    self.create_event(admin, "", event_id=event_id, track=False)
+        with self.served(name, BOXOFFICE_REDIS_URL=redis_url) as (server, admin):
+            for event_id in event_ids:
+                self.create_event(admin, "", event_id=event_id, track=False)
             yield server
-            self.log_errors(server)
-        finally:
-            server.stop()
 
     @contextmanager
     def on_cluster(self) -> Iterator[dict[str, Callable[[bool], Result]]]:
@@ -1085,18 +1080,13 @@ class Bench:
     def service_with_tokens(self) -> None:
         """The hold again, on a service with customer tokens on (a server of its own, with
         the same options): what verifying a token costs the hold."""
-        token = secrets.token_urlsafe(24)
         secret = secrets.token_hex(32)
-        env = {**self.serve_env(token), "BOXOFFICE_CUSTOMER_TOKEN_SECRET": secret}
         say("service with customer tokens on (BOXOFFICE_CUSTOMER_TOKEN_SECRET set)")
-        server = Server("service-tokens", [BOXOFFICE, "serve"], env, self.logs)
-        try:
-            server.start(lambda c: c.get("/health").status_code == 200)
-            admin = httpx.Client(
-                base_url=server.url, headers={"authorization": f"Bearer {token}"}, timeout=30
-            )
-            with admin:
-                hot = self.create_event(admin, "bench-token")
+        with self.served("service-tokens", BOXOFFICE_CUSTOMER_TOKEN_SECRET=secret) as (
+            server,
+            admin,
+        ):
+            hot = self.create_event(admin, "bench-token")
             path = self.tmp / "customer-tokens.txt"
             exp = int(time.time()) + 6 * 3600  # valid all run long
             path.write_text(
@@ -1118,8 +1108,6 @@ class Bench:
                     stat=Stat(self.r, (hot,), "created"),
                 ),
             )
-        finally:
-            server.stop()
 
     # -- the waiting room: join and poll
 
