@@ -361,8 +361,10 @@ async def list_events(request: Request[Any, Any, Any]) -> schemas.EventList:
 
 
 @get("/events/{event_id:str}", tags=["events"], responses=_problems(errors.EventNotFound))
-async def get_event(request: Request[Any, Any, Any], event_id: EventIdParam) -> schemas.Event:
-    return await catalog.view_event(_svc(request), _event(event_id))
+async def get_event(
+    request: Request[Any, Any, Any], event_id: EventIdParam
+) -> Response[schemas.Event]:
+    return Answer(await catalog.view_event(_svc(request), _event(event_id)))
 
 
 @get(
@@ -462,8 +464,9 @@ async def create_customer_hold(
 )
 async def get_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
-) -> schemas.Hold:
-    return await sales.get_hold(_svc(request), _event(event_id), hold_id, customers.of(request))
+) -> Response[schemas.Hold]:
+    svc = _svc(request)
+    return Answer(await sales.get_hold(svc, _event(event_id), hold_id, customers.of(request)))
 
 
 @post(
@@ -487,8 +490,8 @@ async def confirm_hold(
     event_id: EventIdParam,
     hold_id: FromPath[str],
     data: JSONBody[schemas.HoldConfirm | None] = None,
-) -> schemas.Booking:
-    return await sales.confirm_hold(
+) -> Response[schemas.Booking]:
+    booking = await sales.confirm_hold(
         _svc(request),
         _event(event_id),
         hold_id,
@@ -496,6 +499,7 @@ async def confirm_hold(
         await _idempotency(request),
         customers.of(request),
     )
+    return Answer(booking)
 
 
 @delete(
@@ -531,10 +535,10 @@ async def release_hold(
 )
 async def get_booking(
     request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: FromPath[str]
-) -> schemas.Booking:
-    return await bookings.get_booking(
-        _svc(request), _event(event_id), booking_id, customers.of(request)
-    )
+) -> Response[schemas.Booking]:
+    svc = _svc(request)
+    booking = await bookings.get_booking(svc, _event(event_id), booking_id, customers.of(request))
+    return Answer(booking)
 
 
 # --- the waiting room ------------------------------------------------------------------
