@@ -32,6 +32,7 @@ from service.context import Services
 from service.keys import EVENTS, OUTBOX_GROUP, event_keys
 from service.schemas import EventStatus, Timestamp
 from service.timefmt import from_ms
+from service.waitingroom import RoomFigures
 
 log = logging.getLogger("boxoffice.livefeed")
 
@@ -144,13 +145,6 @@ class _Meta(Struct):
     on_sale_at: str = ""
 
 
-class _Queue(Struct):
-    waiting: int
-    admitted: int
-    active: int
-    apm: int
-
-
 class _Reply(Struct):
     now: int
     meta: _Meta
@@ -163,7 +157,7 @@ class _Reply(Struct):
     stats: dict[str, str]
     outbox: _Outbox
     # Absent: the event has no waiting room.
-    queue: _Queue | None = None
+    queue: RoomFigures | None = None
 
 
 class _Cat(Struct):

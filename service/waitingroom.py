@@ -58,7 +58,9 @@ class _Ticket(msgspec.Struct):
     new: int = 0
 
 
-class _Figures(msgspec.Struct):
+class RoomFigures(msgspec.Struct):
+    """room_figures() of lua/lib.lua, as queue_view.lua and live.lua give it."""
+
     waiting: int
     admitted: int
     active: int
@@ -66,7 +68,7 @@ class _Figures(msgspec.Struct):
 
 
 _decode_ticket = msgspec.json.Decoder(_Ticket).decode
-_decode_figures = msgspec.json.Decoder(_Figures).decode
+_decode_figures = msgspec.json.Decoder(RoomFigures).decode
 
 
 def _poll_after(v: _Ticket) -> int:
