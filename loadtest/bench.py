@@ -722,10 +722,14 @@ class Bench:
         while tries[-1].disturbed and len(tries) <= self.cfg.retries:
             say(f"  {name}: other work on the machine during the run: measuring again")
             tries.append(once(False))
-        best = min(tries, key=lambda r: (not r.valid, r.disturbed, r.cpu["other"]))
-        if len(tries) > 1:
+        return self.keep(name, tries)
+
+    def keep(self, name: str, runs: list[Result]) -> Result:
+        """The least disturbed of a row's runs becomes the row (the others noted in it)."""
+        best = min(runs, key=lambda r: (not r.valid, r.disturbed, r.cpu["other"]))
+        if len(runs) > 1:
             best.extra["attempts"] = [
-                {"rps": r.rps, "p99_ms": r.p99_ms, "other_cpu": r.cpu["other"]} for r in tries
+                {"rps": r.rps, "p99_ms": r.p99_ms, "other_cpu": r.cpu["other"]} for r in runs
             ]
             say(f"  {name}: kept the run of {best.rps:,.0f} requests/s (least disturbed)")
         self.results[name] = best
@@ -1002,13 +1006,7 @@ class Bench:
                 break
             say(f"  {' and '.join(rows)}: other work on the machine: measuring them again")
         for name, runs in tries.items():
-            best = min(runs, key=lambda r: (not r.valid, r.disturbed, r.cpu["other"]))
-            if len(runs) > 1:
-                best.extra["attempts"] = [
-                    {"rps": r.rps, "p99_ms": r.p99_ms, "other_cpu": r.cpu["other"]} for r in runs
-                ]
-                say(f"  {name}: kept the run of {best.rps:,.0f} requests/s (least disturbed)")
-            self.results[name] = best
+            self.keep(name, runs)
 
     # -- one Redis node against a Redis Cluster, both the run's own
 
