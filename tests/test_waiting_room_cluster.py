@@ -39,7 +39,7 @@ from tests.test_cluster_service import (  # noqa: F401 (fixtures)
     on_every_primary,
 )
 from tests.test_waiting_room import LATER, admitted, ga, hold, join, poll
-from tests.test_waiting_room_order import figures, patch, poll_all, spearman
+from tests.test_waiting_room_order import admitted_after, figures, patch, poll_all, spearman
 
 PRE_QUEUE = 200  # per event, on each of the 3 primaries
 ARRIVALS = 10
@@ -150,14 +150,7 @@ async def test_pre_queue_shuffled_at_the_opening_then_fcfs_on_every_primary(
         print(f"\n{event_id}: spearman {rho:+.3f}, first {FIRST} per fifth {fifths}")
 
         # Admitted in position order: whoever is admitted, everyone ahead of them is too.
-        await patch(cclient, event_id, {"waiting_room": {"admit_per_minute": 1200}})
-        await asyncio.sleep(1.0)
-        await patch(cclient, event_id, {"status": "paused"})  # the frontier stops
-        frontier = (await figures(cclient, event_id))["admitted"]
-        seen = await poll_all(cclient, event_id, tickets)
-        admitted_positions = sorted(
-            p for p, t in zip(pre, seen, strict=True) if t["status"] == "admitted"
-        )
+        admitted_positions, frontier = await admitted_after(cclient, event_id, tickets, pre, 1.0)
         assert len(admitted_positions) >= 10, admitted_positions
         assert admitted_positions == list(range(1, frontier + 1))
 

@@ -103,16 +103,24 @@ async def test_pre_queue_is_shuffled_at_the_opening_then_fcfs(
     print(f"\nfairness: spearman {rho:+.3f}, first {FIRST} per tenth {tenths}, chi2 {chi2:.1f}")
 
     # Admitted in position order: whoever is admitted, everyone ahead of them is too.
-    await patch(client, event_id, {"waiting_room": {"admit_per_minute": 1200}})
-    await asyncio.sleep(1.5)
-    await patch(client, event_id, {"status": "paused"})  # the frontier stops
-    frontier = (await figures(client, event_id))["admitted"]
-    seen = await poll_all(client, event_id, tickets)
-    admitted_positions = sorted(
-        p for p, t in zip(pre, seen, strict=True) if t["status"] == "admitted"
-    )
+    admitted_positions, frontier = await admitted_after(client, event_id, tickets, pre, 1.5)
     assert len(admitted_positions) >= 20, len(admitted_positions)
     assert admitted_positions == list(range(1, frontier + 1))
+
+
+async def admitted_after(
+    client: httpx.AsyncClient, event_id: str, tickets: list[str], pre: list[int], seconds: float
+) -> tuple[list[int], int]:
+    """Admission at 1,200 a minute for `seconds`, then the event paused (the frontier
+    stops): the positions (`pre`, one per ticket) of the tickets admitted, in order, and
+    the frontier."""
+    await patch(client, event_id, {"waiting_room": {"admit_per_minute": 1200}})
+    await asyncio.sleep(seconds)
+    await patch(client, event_id, {"status": "paused"})
+    frontier: int = (await figures(client, event_id))["admitted"]
+    seen = await poll_all(client, event_id, tickets)
+    admitted = sorted(p for p, t in zip(pre, seen, strict=True) if t["status"] == "admitted")
+    return admitted, frontier
 
 
 async def test_admission_rate_is_even(client: httpx.AsyncClient) -> None:
