@@ -75,7 +75,8 @@ def render(doc: dict[str, Any]) -> str:
     ]
     classes: list[type[errors.BoxofficeError]] = [errors.BoxofficeError, *errors.ALL]
     for cls in sorted(classes, key=lambda c: (c.status, c.code)):
-        out.append(f"| {cls.status} | `{cls.code}` | {cls.title} |")
+        titles = " / ".join(cls.titles or (cls.title,))
+        out.append(f"| {cls.status} | `{cls.code}` | {titles} |")
     out += ["", "## Operations", ""]
     for path, item in doc["paths"].items():
         for method in _METHODS:

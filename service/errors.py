@@ -16,12 +16,19 @@ from service.schemas import Problem
 class BoxofficeError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
-    title: ClassVar[str] = "Internal error"
+    # The class's title; an answer may say more precisely what happened (`titles` lists
+    # every title the code may carry, for the reference).
+    title: str = "Internal error"
+    titles: ClassVar[tuple[str, ...]] = ()
     # Headers the contract puts on every answer of this code (`Retry-After`, ...).
     always: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self, detail: str | None = None, *, title: str | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail or self.title)
+        if title is not None:
+            self.title = title
         self.detail = detail or self.title
         # Fields the contract adds to the problem document (`available`, `seats`, ...).
         self.extra = extra
@@ -34,7 +41,11 @@ class BoxofficeError(Exception):
 
 
 def _error(
-    status: int, code: str, title: str, always: dict[str, str] | None = None
+    status: int,
+    code: str,
+    title: str,
+    always: dict[str, str] | None = None,
+    titles: tuple[str, ...] = (),
 ) -> type[BoxofficeError]:
     return type(
         "".join(part.title() for part in code.split("_")),
@@ -44,6 +55,7 @@ def _error(
             "code": code,
             "title": title,
             "always": always or {},
+            "titles": titles or (title,),
             "__module__": __name__,
         },
     )
@@ -69,7 +81,9 @@ DeadLetterNotFound = _error(404, "dead_letter_not_found", "Dead letter not found
 NotFound = _error(404, "not_found", "Not found")
 MethodNotAllowed = _error(405, "method_not_allowed", "Method not allowed")
 NotOnSale = _error(409, "not_on_sale", "Event not on sale")
-SoldOut = _error(409, "sold_out", "Sold out")
+# A sold_out refusal while some of what was asked for is left says so in its title.
+NOT_ENOUGH_LEFT = "Not enough tickets left"
+SoldOut = _error(409, "sold_out", "Sold out", titles=("Sold out", NOT_ENOUGH_LEFT))
 SeatsUnavailable = _error(409, "seats_unavailable", "Seats unavailable")
 CustomerLimit = _error(409, "customer_limit", "Customer limit reached")
 HoldReleased = _error(409, "hold_released", "Hold released")

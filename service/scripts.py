@@ -308,9 +308,10 @@ def raise_for_error(reply: bytes) -> None:
 
 def sold_out(available: dict[str, int]) -> errors.BoxofficeError:
     """The `sold_out` refusal, from the script's reply or from service/soldout.py's flags
-    (the same body either way)."""
+    (the same body either way). Its title says whether some of what was asked is left."""
     detail = "not enough tickets left in " + ", ".join(sorted(available))
-    return errors.SoldOut(detail, available=available)
+    title = errors.NOT_ENOUGH_LEFT if any(left > 0 for left in available.values()) else None
+    return errors.SoldOut(detail, title=title, available=available)
 
 
 def _detail(e: _ErrorReply) -> str | None:

@@ -197,6 +197,31 @@ async def test_the_shortcut_answers_what_the_script_answers(
     assert await script_calls(psvc.redis) == before  # answered by the process itself
 
 
+async def test_title_says_whether_some_tickets_are_left(
+    clients: list[httpx.AsyncClient], psvc: Services
+) -> None:
+    """A 409 sold_out for more than is left says "Not enough tickets left"; once none is
+    left it says "Sold out", whether the script or the process's shortcut answers."""
+    event_id = await create_event(clients[0], categories=ga_only(3))
+    url = f"/events/{event_id}/holds"
+    assert (await clients[0].post(url, json=ga(2, "first"))).status_code == 201
+    short = await clients[0].post(url, json=ga(2, "second"))
+    assert short.status_code == 409, short.text
+    assert short.json()["code"] == "sold_out"
+    assert short.json()["title"] == "Not enough tickets left"
+    assert short.json()["available"] == {GA: 1}
+    assert (await clients[0].post(url, json=ga(1, "second"))).status_code == 201
+    gone = await clients[0].post(url, json=ga(1, "third"))
+    assert gone.status_code == 409, gone.text
+    assert gone.json()["title"] == "Sold out"
+    assert gone.json()["available"] == {GA: 0}
+    await learn(clients[:1], event_id)
+    before = await script_calls(psvc.redis)
+    local = await clients[0].post(url, json=ga(1, "third"))
+    assert await script_calls(psvc.redis) == before  # the shortcut answered
+    assert local.json() == gone.json()
+
+
 async def release(c: httpx.AsyncClient, event_id: str, target: str) -> None:
     r = await c.delete(f"/events/{event_id}/holds/{target}")
     assert r.status_code == 204, r.text
