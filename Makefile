@@ -38,7 +38,7 @@ cluster-stop:
 migrate: venv services
 	$(BOXOFFICE) migrate
 
-# The waiting room's pass secret (README "Waiting room"): made once into .data/, so that a
+# The waiting room's pass secret (docs/waiting-room.md): made once into .data/, so that a
 # restart keeps passes valid, and handed to the API processes unless the environment sets one.
 PASS_SECRET_FILE := .data/pass-secret
 

@@ -54,7 +54,7 @@ work took more than 30% of a core (or that started on a busy machine) is measure
 (--retries times) and the least disturbed run is kept; a row still disturbed is marked ~.
 
 Prints a table (requests/s, p50, p99, errors, CPU) and the ratios against their goals;
-writes loadtest/results/bench.json and bench.png and rewrites README.md between
+writes loadtest/results/bench.json and bench.png and rewrites docs/benchmarks.md between
 `<!-- bench:start -->` and `<!-- bench:end -->` (unless --only or --no-write).
 wrk comes from Debian's packages: installed with apt-get when missing.
 """
@@ -101,7 +101,7 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 WRK_DIR = ROOT / "loadtest" / "wrk"
 RESULTS = ROOT / "loadtest" / "results"
-README = ROOT / "README.md"
+BENCH_DOC = ROOT / "docs" / "benchmarks.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 PYTHON = sys.executable
 BOXOFFICE = str(Path(sys.executable).parent / "boxoffice")
@@ -122,7 +122,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    label: str  # table and README
+    label: str  # table and docs/benchmarks.md
     short: str  # chart
     kind: str  # colour: ceiling, service, redis, postgres
 
@@ -1517,7 +1517,7 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
     return textwrap.fill(text, 92, break_on_hyphens=False)
 
 
-def readme_block(
+def doc_block(
     cfg: Config, info: dict[str, Any], results: dict[str, Result], rs: list[dict[str, Any]]
 ) -> str:
     lines = [
@@ -1551,17 +1551,17 @@ def readme_block(
         "",
         textwrap.fill(about, 92, break_on_hyphens=False),
         "",
-        "![requests/s and p99 latency per target](loadtest/results/bench.png)",
+        "![requests/s and p99 latency per target](../loadtest/results/bench.png)",
     ]
     return "\n".join(lines)
 
 
-def write_readme(block: str) -> bool:
-    text = README.read_text()
+def write_doc(block: str) -> bool:
+    text = BENCH_DOC.read_text()
     start, end = text.find(MARK_START), text.find(MARK_END)
     if start < 0 or end < start:
         return False
-    README.write_text(text[: start + len(MARK_START)] + "\n" + block + "\n" + text[end:])
+    BENCH_DOC.write_text(text[: start + len(MARK_START)] + "\n" + block + "\n" + text[end:])
     return True
 
 
@@ -1681,7 +1681,7 @@ def parse_args(argv: list[str] | None) -> Config:
         "--only",
         help="comma-separated targets: " + ",".join(TARGETS) + " (implies --no-write)",
     )
-    parser.add_argument("--no-write", action="store_true", help="print only: no JSON, PNG, README")
+    parser.add_argument("--no-write", action="store_true", help="print only: no JSON, PNG, docs")
     parser.add_argument("--keep", action="store_true", help="keep the run's events in Redis")
     args = parser.parse_args(argv)
     only = tuple(TARGETS) if not args.only else tuple(t.strip() for t in args.only.split(","))
@@ -1780,10 +1780,10 @@ def run(cfg: Config) -> int:
         )
         chart(results, info, RESULTS / "bench.png")
         written = ["loadtest/results/bench.json", "loadtest/results/bench.png"]
-        if write_readme(readme_block(cfg, info, results, rs)):
-            written.append("README.md (between the bench markers)")
+        if write_doc(doc_block(cfg, info, results, rs)):
+            written.append("docs/benchmarks.md (between the bench markers)")
         else:
-            say(f"README.md: markers {MARK_START} … {MARK_END} not found; left alone")
+            say(f"docs/benchmarks.md: markers {MARK_START} … {MARK_END} not found; left alone")
         say("")
         say("wrote " + ", ".join(written))
     say(f"make bench took {elapsed:.0f} s")

@@ -4,8 +4,8 @@ moving charts have history: headless Chromium opens the page, waits, then captur
     BOXOFFICE_ADMIN_TOKEN=... .venv/bin/python -m loadtest.screenshot \\
         --url http://127.0.0.1:8000 --event drop-demo --after 40 --out docs/dashboard.png
 
-Run it while loadtest/drop.sh runs a drop against the same service (README, "Watching a
-drop"). `chromium --headless --screenshot` alone would capture the page after a budget of
+Run it while loadtest/drop.sh runs a drop against the same service (docs/live-view.md, "Watching
+a drop"). `chromium --headless --screenshot` alone would capture the page after a budget of
 virtual time, in which the once-a-second figures arrive only once.
 """
 

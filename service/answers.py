@@ -3,7 +3,7 @@
 Litestar's own `Response` keeps its content until the route returns, then builds a header
 dict, a cookie list and an `ASGIResponse` (with headers parsed again) for every answer:
 on a hold refused `sold_out` by the process itself that was a fifth of the request's CPU
-(measured in-process: README "Benchmarks"). An `Answer` is a `Response` to Litestar (a
+(measured in-process: docs/benchmarks.md). An `Answer` is a `Response` to Litestar (a
 route still declares `Response[schemas.Hold]`, and the OpenAPI schema is generated from
 it), but its body is encoded once, by msgspec, when it is made, and `to_asgi_response`
 returns the answer itself: two ASGI messages and nothing else. Hooks that act on the

@@ -333,7 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--event", help="only this event (default: every event)")
     check.add_argument("--repair", action="store_true", help="put Redis back in line")
-    check.add_argument("--json", action="store_true", help="the report as JSON (README)")
+    check.add_argument(
+        "--json", action="store_true", help="the report as JSON (docs/reconciliation.md)"
+    )
     _dead_letters_arguments(
         command("dead-letters", dead_letters, "list, replay or discard dead letters")
     )

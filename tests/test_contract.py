@@ -318,7 +318,7 @@ async def test_ready(client: httpx.AsyncClient) -> None:
 async def test_metrics(client: httpx.AsyncClient) -> None:
     event_id = await create_event(client)
     await hold(client, event_id, items=[("GA", 2)], seats=["A-1"])
-    # Each server process adds its request figures to /metrics once a second (README).
+    # Each server process adds its request figures to /metrics once a second (docs/operations.md).
     for _ in range(30):
         r = await client.get("/metrics")
         assert r.status_code == 200, r.text

@@ -306,7 +306,7 @@ async def _create(c: httpx.AsyncClient, _: str, __: str, k: str) -> httpx.Respon
 # (first request, on event 1; second request under the same key, on event 2 or 1; whether
 # the second shares the first's key scope). Keys of holds, confirms and releases belong to
 # their event (recorded by the event's own script, atomically with the work); keys of the
-# admin event routes are global (README, "Where the contract is silent").
+# admin event routes are global (docs/api-notes.md).
 OTHER_PATH: dict[str, tuple[Step, Step, bool, bool]] = {
     "hold, then release of a hold (same event)": (_hold_on, _release, True, True),
     "release, then confirm (same event)": (_release, _confirm, True, True),

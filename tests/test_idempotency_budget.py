@@ -1,5 +1,5 @@
 """No one's refusals can use up an event's Idempotency-Key budget, and what refusals make
-Redis remember stays bounded (README, Redis memory)."""
+Redis remember stays bounded (docs/operations.md, "Redis memory")."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ async def test_a_flood_of_keyed_refusals_is_bounded_and_locks_no_one_out(
     # A refusal that was remembered still replays, though stock is back...
     with pytest.raises(errors.SoldOut):
         await sales.create_hold(capped, event_id, _ga("c2"), _key(2))
-    # ...while one past the allowance was not remembered: it runs again (README deviation).
+    # ...while one past the allowance was not remembered: it runs again (docs/operations.md).
     second = await sales.create_hold(capped, event_id, _ga("c39"), _key(39))
     assert second.customer_id == "c39"
     assert await capped.redis.get(keys.idempotency_count) == b"3"

@@ -113,7 +113,7 @@ async def test_a_replica_that_cannot_take_the_request_is_503(
 
 
 async def test_a_redis_out_of_memory_is_503_and_changes_nothing(settings: Settings) -> None:
-    # With noeviction (the policy the README asks for), a full Redis refuses writes: the
+    # With noeviction (the policy docs/operations.md asks for), a full Redis refuses writes: the
     # hold cannot be taken now, but nothing is wrong with the request.
     with RedisServer(args=("--maxmemory-policy", "noeviction")) as own_redis:
         server = ApiServer({**server_env(settings), "BOXOFFICE_REDIS_URL": own_redis.url}, 1)
