@@ -13,39 +13,16 @@ prints a verdict and makes the run fail (exit code 1) when something is wrong.
     ... the same with --master --expect-workers 2, and on each worker machine:
     .venv/bin/locust -f loadtest/locustfile.py --worker --master-host HOST
 
-`loadtest/drop.sh` runs it with defaults. The sizes are custom arguments, each with an
-environment variable as its default:
-
-    --ga-stock (DROP_GA_STOCK)              general-admission tickets, 0 for none
-    --seat-rows (DROP_SEAT_ROWS)            rows A, B, ... of the seated category, 0 for none
-    --seats-per-row (DROP_SEATS_PER_ROW)
-    --hold-ttl (DROP_HOLD_TTL)              seconds, at least 10
-    --max-per-order (DROP_MAX_PER_ORDER)
-    --max-per-customer (DROP_MAX_PER_CUSTOMER)  0: no limit
-    --think-min / --think-max (DROP_THINK_MIN / DROP_THINK_MAX)  seconds between steps
-    --confirm-share / --release-share (DROP_CONFIRM_SHARE / DROP_RELEASE_SHARE)
-    --expire-wait (DROP_EXPIRE_WAIT)        at the end, also wait until no hold is live
-    --drain-timeout (DROP_DRAIN_TIMEOUT)    how long to wait for the write-behind
-    --event-id (DROP_EVENT_ID)              the id of the event it creates (default: new)
-    --waiting-room-apm (DROP_WAITING_ROOM_APM)  the event gets a waiting room admitting
-                                            this many a minute (0: none); run the
-                                            QueuedBuyer class then (name it last)
-    --queue-patience (DROP_QUEUE_PATIENCE)  seconds a queued buyer waits before leaving
+`loadtest/drop.sh` runs it with defaults. The sizes and the buyers' behaviour are custom
+arguments, each with an environment variable (DROP_...) as its default, listed with their
+defaults by `.venv/bin/locust -f loadtest/locustfile.py --help` (loadtest/locusthelp.py
+is why Locust shows them there).
 
 The waiting-room run: buyers join the queue, poll when told to (`poll_after_seconds`),
 and hold with the pass once admitted (a sold-out queue is waited out, within patience):
 
     .venv/bin/locust -f loadtest/locustfile.py --headless -u 500 -r 100 -t 120s \\
         --host http://127.0.0.1:8000 --waiting-room-apm 600 QueuedBuyer
-    --on-sale-in (DROP_ON_SALE_IN)          seconds from the start to the on-sale moment
-                                            (0: on sale at once); buyers wait for it
-    --human-attempts (DROP_HUMAN_ATTEMPTS)  a human leaves after this many refused holds
-                                            or once it has bought (0: buys again and again)
-    --bots (DROP_BOTS)                      bots among the -u users (0: none)
-    --bot-customers (DROP_BOT_CUSTOMERS)    customer ids each bot cycles through
-    --forwarded-for (DROP_FORWARDED_FOR)    each user sends X-Forwarded-For with an address
-                                            of its own (run the service with
-                                            BOXOFFICE_TRUSTED_PROXIES naming this machine)
 
 The drop with bots (`--bots N`): N users are bots, each looping on holds with no think
 time, cycling through many customer ids, from one address each (a bot is one machine);
@@ -129,140 +106,155 @@ RECHECK_SECONDS = 1.0
 
 
 def _arguments(parser: LocustArgumentParser) -> None:
-    parser.add_argument(
+    """The scenario's options, in `locust -f loadtest/locustfile.py --help` (with the
+    startup hook of loadtest/locusthelp.py), each with its environment variable."""
+
+    def option(*flags: str, **kw: Any) -> None:
+        default = f"; default: {kw['default']}" if kw.get("default") != "" else ""
+        kw["help"] = f"{kw['help']} ({kw['env_var']}{default})"
+        parser.add_argument(*flags, **kw)
+
+    option(
         "--event-id",
         type=str,
         default="",
         env_var="DROP_EVENT_ID",
         help="id of the event to create (default: drop-<time>-<random>)",
     )
-    parser.add_argument(
+    option(
         "--ga-stock",
         type=int,
         default=2000,
         env_var="DROP_GA_STOCK",
         help="general-admission tickets (0: no GA category)",
     )
-    parser.add_argument(
+    option(
         "--seat-rows",
         type=int,
         default=20,
         env_var="DROP_SEAT_ROWS",
         help="rows of the seated category (0: no seated category)",
     )
-    parser.add_argument(
+    option(
         "--seats-per-row", type=int, default=25, env_var="DROP_SEATS_PER_ROW", help="seats per row"
     )
-    parser.add_argument(
+    option(
         "--hold-ttl",
         type=int,
         default=15,
         env_var="DROP_HOLD_TTL",
         help="hold time to live in seconds (>= 10)",
     )
-    parser.add_argument(
+    option(
         "--max-per-order",
         type=int,
         default=6,
         env_var="DROP_MAX_PER_ORDER",
         help="tickets per hold",
     )
-    parser.add_argument(
+    option(
         "--max-per-customer",
         type=int,
         default=0,
         env_var="DROP_MAX_PER_CUSTOMER",
         help="tickets per buyer, held plus bought (0: no limit)",
     )
-    parser.add_argument(
+    option(
         "--think-min",
         type=float,
         default=0.5,
         env_var="DROP_THINK_MIN",
         help="shortest think time between steps, seconds",
     )
-    parser.add_argument(
+    option(
         "--think-max",
         type=float,
         default=3.0,
         env_var="DROP_THINK_MAX",
         help="longest think time between steps, seconds",
     )
-    parser.add_argument(
+    option(
         "--confirm-share",
         type=float,
         default=0.60,
         env_var="DROP_CONFIRM_SHARE",
         help="share of holds that are confirmed",
     )
-    parser.add_argument(
+    option(
         "--release-share",
         type=float,
         default=0.15,
         env_var="DROP_RELEASE_SHARE",
         help="share of holds that are released (the rest expire)",
     )
-    parser.add_argument(
+    option(
         "--expire-wait",
         action="store_true",
         default=False,
         env_var="DROP_EXPIRE_WAIT",
         help="at test stop, also wait (bounded) until every hold has ended",
     )
-    parser.add_argument(
+    option(
         "--on-sale-in",
         type=float,
         default=0.0,
         env_var="DROP_ON_SALE_IN",
         help="seconds from the test start to the on-sale moment (0: on sale at once)",
     )
-    parser.add_argument(
+    option(
         "--human-attempts",
         type=int,
         default=0,
         env_var="DROP_HUMAN_ATTEMPTS",
         help="a human leaves after this many refused holds, or once it bought (0: never)",
     )
-    parser.add_argument(
+    option(
         "--bots",
         type=int,
         default=0,
         env_var="DROP_BOTS",
         help="bots among the users: each loops on holds, no think time, many customer ids",
     )
-    parser.add_argument(
+    option(
         "--bot-customers",
         type=int,
         default=1000,
         env_var="DROP_BOT_CUSTOMERS",
         help="customer ids each bot cycles through",
     )
-    parser.add_argument(
+    option(
         "--forwarded-for",
         action="store_true",
         default=False,
         env_var="DROP_FORWARDED_FOR",
-        help="each user sends X-Forwarded-For with an address of its own",
+        help="each user sends X-Forwarded-For with an address of its own (run the service with"
+        " BOXOFFICE_TRUSTED_PROXIES naming this machine)",
     )
     # Set by the master at test start (the event's on-sale moment, epoch seconds), so
     # that it reaches the workers with the other options.
-    parser.add_argument("--on-sale-epoch", type=float, default=0.0, include_in_web_ui=False)
     parser.add_argument(
+        "--on-sale-epoch",
+        type=float,
+        default=0.0,
+        include_in_web_ui=False,
+        help=argparse.SUPPRESS,
+    )
+    option(
         "--drain-timeout",
         type=float,
         default=60.0,
         env_var="DROP_DRAIN_TIMEOUT",
         help="at test stop, how long to wait for the write-behind to catch up, seconds",
     )
-    parser.add_argument(
+    option(
         "--waiting-room-apm",
         type=int,
         default=0,
         env_var="DROP_WAITING_ROOM_APM",
         help="give the event a waiting room admitting this many a minute (0: none);"
-        " run the QueuedBuyer class",
+        " run the QueuedBuyer class then, named last on the command line",
     )
-    parser.add_argument(
+    option(
         "--queue-patience",
         type=float,
         default=120.0,
