@@ -873,7 +873,7 @@ async def live_view(request: Request[Any, Any, Any], event_id: EventIdParam) -> 
 @get(
     "/admin/dashboard",
     tags=["admin"],
-    media_type="text/html; charset=utf-8",
+    media_type="text/html",  # Litestar adds "; charset=utf-8" to text/*
     responses=_problems(backends=False),
 )
 async def dashboard_route() -> Response[bytes]:

@@ -101,22 +101,64 @@ def share_pass_secret(settings: Settings) -> None:
 def check_port_free(host: str, port: int) -> None:
     """Refuse a port another server listens on. granian binds with SO_REUSEPORT, which lets a
     second server share the port and take half its requests; a socket without it cannot bind
-    there while the first one listens."""
+    there while the first one listens. A socket that is not a listener (another process's
+    outbound connection, or one in TIME_WAIT) may hold the port too: then the port is
+    granian's if granian's own bind would succeed."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         raise SettingError("host", f"{host!r} is not an IP address, such as 127.0.0.1") from None
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    try:
         # SO_REUSEADDR: connections of a server that just stopped (TIME_WAIT) do not count.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise SettingError("port", f"{host}:{port} is already in use") from None
-            if e.errno == errno.EADDRNOTAVAIL:
-                raise SettingError("host", f"{host} is not an address of this machine") from None
+        _bind(family, host, port, reuse_port=False)
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise SettingError("host", f"{host} is not an address of this machine") from None
+        if e.errno != errno.EADDRINUSE:
             raise SettingError("port", f"cannot listen on {host}:{port}: {e.strerror}") from None
+        if _listened_on(family, host, port):
+            raise SettingError("port", f"{host}:{port} is already in use") from None
+        try:  # nothing listens: the holder is a connection; does it let granian in?
+            _bind(family, host, port, reuse_port=True)
+        except OSError:
+            raise SettingError(
+                "port",
+                f"{host}:{port} is held by another process's connection (nothing listens"
+                " there, but it does not let a server bind the port): choose another port"
+                " or wait for it to close",
+            ) from None
+
+
+def _bind(family: socket.AddressFamily, host: str, port: int, *, reuse_port: bool) -> None:
+    """Bind a socket as a server would (SO_REUSEADDR; SO_REUSEPORT as granian does), then let
+    it go: raises what the bind raised."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((host, port))
+
+
+def _listened_on(family: socket.AddressFamily, host: str, port: int) -> bool:
+    """Whether a server accepts connections on the port: a connection to it is answered
+    (on a wildcard host, through loopback)."""
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    target = str(address)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_SECONDS)
+        try:
+            probe.connect((target, port))
+        except TimeoutError:  # a listener too busy to answer is still one
+            return True
+        except OSError:  # refused: nothing listens
+            return False
+    return True
+
+
+# How long the port check waits for a listener to take its connection.
+PROBE_SECONDS = 1.0
 
 
 def connection_limit(wanted: int) -> int:

@@ -35,6 +35,8 @@ ROUTE: Final[dict[str, Any]] = {"customer": True}
 _SCOPE_KEY = "boxoffice.customer"
 _ALGORITHMS = ["HS256"]  # the only one: never `none`, never a public-key algorithm
 _OPTIONS: Any = {"require": ["exp", "sub"], "verify_exp": True, "verify_signature": True}
+# The latest `exp` believed (9999-12-31T23:59:59Z, the last second RFC 3339 can write).
+_LATEST_EXP = 253_402_300_799
 _NEEDED = "a valid customer token is required: `Authorization: Bearer <JWT>`"
 # Tokens verified lately, by their whole text: a buyer sends the same token with each of
 # their requests, and decoding one with PyJWT costs about 40 us, a third of what a whole
@@ -88,7 +90,12 @@ class Verifier:
         # could not store.
         if not isinstance(sub, str) or not 1 <= len(sub) <= 128 or not storable(sub):
             raise errors.Unauthorized("the token's `sub` must be a customer id of 1-128 characters")
-        return sub, float(claims["exp"])
+        # PyJWT takes any number, and a string of digits, for `exp`; one that only a forger
+        # would write (1e300, "1999999999", 1.5) is refused like any other bad token.
+        exp = claims["exp"]
+        if type(exp) is not int or not 0 < exp <= _LATEST_EXP:
+            raise errors.Unauthorized(f"not a valid customer token; {_NEEDED}")
+        return sub, float(exp)
 
     def check(self, scope: Any) -> None:
         """Verify the request's token and keep its customer for the handler."""

@@ -100,6 +100,11 @@ BAD_TOKENS: dict[str, str] = {
     "HS512 with the right secret": jwt.encode(
         {"sub": "alice", "exp": later()}, SECRET, algorithm="HS512"
     ),
+    "exp a numeric string": forged({"alg": "HS256"}, {"sub": "alice", "exp": str(later())}, None),
+    "exp 1e300": forged({"alg": "HS256"}, {"sub": "alice", "exp": 1e300}, None),
+    "exp not whole": forged({"alg": "HS256"}, {"sub": "alice", "exp": later() + 0.5}, None),
+    "exp true": forged({"alg": "HS256"}, {"sub": "alice", "exp": True}, None),
+    "exp past the year 9999": forged({"alg": "HS256"}, {"sub": "alice", "exp": 10**12}, None),
     "no exp": jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),
     "no sub": token(sub=None),
     "sub not a string": forged({"alg": "HS256"}, {"sub": 42, "exp": later()}, None),
@@ -123,6 +128,13 @@ async def test_a_hold_with_a_bad_token_is_401_and_changes_nothing(
         await tc.post(f"/events/{event_id}/holds", json=body, headers=auth(BAD_TOKENS[why]))
     )
     assert await snapshot(tc, event_id) == before
+
+
+async def test_an_integer_exp_up_to_the_year_9999_is_good(tc: httpx.AsyncClient) -> None:
+    event_id = await create_event(tc)
+    last = forged({"alg": "HS256"}, {"sub": "alice", "exp": 253_402_300_799}, None)
+    r = await tc.post(f"/events/{event_id}/holds", json=GA1, headers=auth(last))
+    assert r.status_code == 201, r.text
 
 
 @pytest.mark.parametrize(
