@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -98,11 +99,14 @@ def run_steps(steps: list[Step], address: str, workdir: Path) -> list[tuple[int,
     for n, step in enumerate(steps):
         command = step.command.replace(ADDRESS, address)
         script.append(f"{{\n{command}\n}} >{n}.out 2>{n}.err; echo $? >{n}.rc")
+    (workdir / "walkthrough.sh").write_text("\n".join(script) + "\n")
+    # curl reads $CURL_HOME/.curlrc: a user's own settings stay out, and no call hangs.
+    (workdir / ".curlrc").write_text(f"max-time = {STEP_SECONDS}\n")
     subprocess.run(
-        ["bash", "--noprofile", "--norc"],
-        input="\n".join(script),
-        text=True,
+        ["bash", "--noprofile", "--norc", "walkthrough.sh"],
+        stdin=subprocess.DEVNULL,
         cwd=workdir,
+        env={**os.environ, "CURL_HOME": str(workdir)},
         timeout=STEP_SECONDS * len(steps),
         check=True,
     )
