@@ -309,9 +309,12 @@ def raise_for_error(reply: bytes) -> None:
 def sold_out(available: dict[str, int]) -> errors.BoxofficeError:
     """The `sold_out` refusal, from the script's reply or from service/soldout.py's flags
     (the same body either way). Its title says whether some of what was asked is left."""
-    detail = "not enough tickets left in " + ", ".join(sorted(available))
-    title = errors.NOT_ENOUGH_LEFT if any(left > 0 for left in available.values()) else None
-    return errors.SoldOut(detail, title=title, available=available)
+    short = sorted(available)
+    if any(available[category] > 0 for category in short):
+        left = ", ".join(f"{category} {available[category]}" for category in short)
+        detail = f"fewer tickets left than asked for: {left}"
+        return errors.SoldOut(detail, title=errors.NOT_ENOUGH_LEFT, available=available)
+    return errors.SoldOut("no tickets left in " + ", ".join(short), available=available)
 
 
 def _detail(e: _ErrorReply) -> str | None:

@@ -1,4 +1,5 @@
-"""The README's walk-through, pasted into a shell in order, against a fresh service.
+"""The README's walk-through (and the waiting room's, in docs/waiting-room.md), pasted
+into a shell in order, against a fresh service.
 
 README.md marks its walk-through between `<!-- walkthrough:start -->` and
 `<!-- walkthrough:end -->`. Inside, every ```sh block is a step; the fenced block right
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -43,6 +45,7 @@ from tests.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+WALKTHROUGHS = [README, ROOT / "docs" / "waiting-room.md"]
 START, END = "<!-- walkthrough:start -->", "<!-- walkthrough:end -->"
 ADDRESS = "localhost:8000"  # where the README's commands find `make run`'s service
 FENCE = re.compile(r"^```\s*([\w+-]*)\s*$")
@@ -96,11 +99,14 @@ def run_steps(steps: list[Step], address: str, workdir: Path) -> list[tuple[int,
     for n, step in enumerate(steps):
         command = step.command.replace(ADDRESS, address)
         script.append(f"{{\n{command}\n}} >{n}.out 2>{n}.err; echo $? >{n}.rc")
+    (workdir / "walkthrough.sh").write_text("\n".join(script) + "\n")
+    # curl reads $CURL_HOME/.curlrc: a user's own settings stay out, and no call hangs.
+    (workdir / ".curlrc").write_text(f"max-time = {STEP_SECONDS}\n")
     subprocess.run(
-        ["bash", "--noprofile", "--norc"],
-        input="\n".join(script),
-        text=True,
+        ["bash", "--noprofile", "--norc", "walkthrough.sh"],
+        stdin=subprocess.DEVNULL,
         cwd=workdir,
+        env={**os.environ, "CURL_HOME": str(workdir)},
         timeout=STEP_SECONDS * len(steps),
         check=True,
     )
@@ -260,9 +266,10 @@ def wait_for_worker(redis_url: str, worker: Worker, timeout: float = 30) -> None
         client.close()
 
 
-def test_the_walkthrough_is_parsed() -> None:
+@pytest.mark.parametrize("doc", WALKTHROUGHS, ids=lambda p: p.name)
+def test_the_walkthrough_is_parsed(doc: Path) -> None:
     """The markers are there and the parser finds what the README shows."""
-    steps = walkthrough(README.read_text())
+    steps = walkthrough(doc.read_text())
     assert len(steps) >= 10
     with_answers = [s for s in steps if s.answer is not None]
     assert len(with_answers) >= len(steps) - 2
@@ -289,12 +296,13 @@ def test_a_changed_answer_is_caught() -> None:
     ]
 
 
-def test_the_readme_walkthrough_works_when_pasted(fresh_service: ApiServer) -> None:
-    steps = walkthrough(README.read_text())
+@pytest.mark.parametrize("doc", WALKTHROUGHS, ids=lambda p: p.name)
+def test_the_walkthrough_works_when_pasted(doc: Path, fresh_service: ApiServer) -> None:
+    steps = walkthrough(doc.read_text())
     with tempfile.TemporaryDirectory(prefix="boxoffice-readme-") as workdir:
         results = run_steps(steps, fresh_service.url.removeprefix("http://"), Path(workdir))
     for step, (rc, out, err) in zip(steps, results, strict=True):
-        where = f"README.md line {step.line}:\n{step.command}\n"
+        where = f"{doc.relative_to(ROOT)} line {step.line}:\n{step.command}\n"
         assert rc == 0 and not err, f"{where}exit status {rc}, stderr {err!r}, stdout {out!r}"
         if step.answer is None:
             assert not out, f"{where}prints {out!r}, the README shows nothing"

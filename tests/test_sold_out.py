@@ -210,11 +210,13 @@ async def test_title_says_whether_some_tickets_are_left(
     assert short.json()["code"] == "sold_out"
     assert short.json()["title"] == "Not enough tickets left"
     assert short.json()["available"] == {GA: 1}
+    assert short.json()["detail"] == "fewer tickets left than asked for: GA 1"
     assert (await clients[0].post(url, json=ga(1, "second"))).status_code == 201
     gone = await clients[0].post(url, json=ga(1, "third"))
     assert gone.status_code == 409, gone.text
     assert gone.json()["title"] == "Sold out"
     assert gone.json()["available"] == {GA: 0}
+    assert gone.json()["detail"] == "no tickets left in GA"
     await learn(clients[:1], event_id)
     before = await script_calls(psvc.redis)
     local = await clients[0].post(url, json=ga(1, "third"))
