@@ -7,6 +7,9 @@ out. Without a Docker engine (`docker info` fails) the image test skips and says
 second or two. Where the Dockerfile's base image cannot be pulled (a machine that reaches
 only Debian's and PyPI's package servers), an equivalent one is built from Debian's packages
 with debootstrap and tagged with the base's name, and the test says so.
+
+An engine on a Debian machine without one: `apt-get install docker.io debootstrap`, then
+`dockerd --bridge=none --iptables=false &` (these containers use the host's network only).
 """
 
 from __future__ import annotations
