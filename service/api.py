@@ -18,7 +18,6 @@ from litestar.datastructures import MutableScopeHeaders, ResponseHeader
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import (
     Components,
     OpenAPIFormat,
@@ -45,6 +44,7 @@ from service import (
     customers,
     dashboard,
     deadletters,
+    docsui,
     errors,
     idempotency,
     livefeed,
@@ -1143,10 +1143,13 @@ def create_app(settings: Settings) -> Litestar:
             version="0.1.0",
             description="Ticket reservations for ticket drops: instant, atomic holds in Redis.",
             path="/schema",
-            # Redoc also at /schema/redoc, where Litestar's own default puts it.
-            render_plugins=[RedocRenderPlugin(path=["/", "/redoc"]), SwaggerRenderPlugin()],
+            # Redoc also at /schema/redoc, where Litestar's own default puts it. Their
+            # scripts and styles from the service itself, under /schema/assets/.
+            render_plugins=docsui.render_plugins("/schema"),
             openapi_router=Router(
-                "/schema", route_handlers=[schema_not_found], include_in_schema=False
+                "/schema",
+                route_handlers=[schema_not_found, *docsui.asset_routers()],
+                include_in_schema=False,
             ),
         ),
     )

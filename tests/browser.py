@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from html.parser import HTMLParser
 from pathlib import Path
 from types import TracebackType
@@ -64,7 +65,11 @@ def dump_dom(binary: str, url: str, budget_ms: int = 5000, timeout: float = 60) 
 class Browser:
     """One headless Chromium driven over the DevTools protocol, one page open."""
 
-    def __init__(self, binary: str, width: int = 1400, height: int = 1000) -> None:
+    def __init__(
+        self, binary: str, width: int = 1400, height: int = 1000, extra: Sequence[str] = ()
+    ) -> None:
+        """`extra`: more command-line switches (tests/test_docs_browser.py: no network but
+        loopback)."""
         self._profile = tempfile.mkdtemp(prefix="boxoffice-chromium-")
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
@@ -76,6 +81,7 @@ class Browser:
         self._proc = subprocess.Popen(
             [
                 *_args(binary, self._profile, width, height),
+                *extra,
                 "--remote-debugging-pipe",
                 "about:blank",
             ],

@@ -351,6 +351,25 @@ async def test_schema_paths(client: httpx.AsyncClient) -> None:
         assert_problem(await client.get(path), 404, "not_found")
 
 
+async def test_schema_pages_load_their_scripts_and_styles_from_the_service(
+    client: httpx.AsyncClient,
+) -> None:
+    """No CDN: every script, style and icon of the pages is the service's own
+    (tests/test_docs_browser.py shows them rendered with no outside network)."""
+    kinds = {".js": "text/javascript", ".css": "text/css"}
+    for page in ["/schema", "/schema/redoc", "/schema/swagger"]:
+        html = (await client.get(page)).text
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        assert urls, (page, html[:500])
+        for url in urls:
+            assert url.startswith("/schema/assets/"), (page, url)
+            r = await client.get(url)
+            assert r.status_code == 200, (page, url)
+            assert r.headers["content-type"].startswith(kinds[url[url.rfind(".") :]]), url
+    for path in ["/schema/assets/redoc/nope.js", "/schema/assets/redoc/%2e%2e/__init__.py"]:
+        assert_problem(await client.get(path), 404, "not_found")
+
+
 # --- the OpenAPI document -------------------------------------------------------------------
 
 

@@ -1,0 +1,53 @@
+# One image for every command: `serve` (the default), `worker`, `migrate`, `reconcile`,
+# `dead-letters`. Configuration comes from BOXOFFICE_* variables, as outside a container.
+#
+#   docker build -t boxoffice .
+#   docker run --rm --network host -e BOXOFFICE_DATABASE_URL=... boxoffice migrate
+#
+# PYTHON_IMAGE must be a Debian with python3 and its venv module (tests/test_image.py builds
+# an equivalent one from Debian's packages where this one cannot be pulled).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG UV_VERSION=0.13.9
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PYTHON=python3 \
+    UV_PROJECT_ENVIRONMENT=/app/.venv \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# uv from PyPI, in a venv of its own: a distribution's python3 may refuse `pip install`
+# into the system (PEP 668), and nothing of uv goes into the final image.
+RUN python3 -m venv /opt/uv && /opt/uv/bin/pip install --no-cache-dir "uv==${UV_VERSION}"
+WORKDIR /app
+# The dependencies first, from the lock alone: this layer is rebuilt only when they change.
+COPY pyproject.toml uv.lock ./
+RUN /opt/uv/bin/uv sync --frozen --no-dev --no-install-project --no-cache
+# Then the project itself (editable: service/, lua/ and migrations/ are found beside each
+# other under /app, where the final stage puts them).
+COPY README.md ./
+COPY service ./service
+RUN /opt/uv/bin/uv sync --frozen --no-dev --no-cache
+
+FROM ${PYTHON_IMAGE}
+RUN groupadd --system --gid 10001 boxoffice \
+    && useradd --system --uid 10001 --gid boxoffice --home-dir /app --no-create-home \
+        --shell /usr/sbin/nologin boxoffice
+WORKDIR /app
+COPY --from=build /app/.venv ./.venv
+COPY service ./service
+COPY lua ./lua
+COPY migrations ./migrations
+# Compiled here, as root: the service's user cannot write under /app.
+RUN .venv/bin/python -m compileall -q service migrations
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    BOXOFFICE_HOST=0.0.0.0 \
+    BOXOFFICE_PORT=8000
+USER boxoffice
+EXPOSE 8000
+# For `serve` only: compose and `docker run` turn it off for the other commands.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('BOXOFFICE_PORT', '8000') + '/ready', timeout=2)"]
+ENTRYPOINT ["boxoffice"]
+CMD ["serve"]
