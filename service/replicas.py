@@ -8,18 +8,21 @@ the write is made, and the retry with the same Idempotency-Key gets its answer. 
 acknowledges it once every replica the primary has now has it, counts it in
 `boxoffice_confirm_replica_shortfall_total`, and /ready warns.
 
-Under `accept` each primary's replicas (those ROLE lists as online) are counted once, at
-its first durable write, and again in the background once the count is older than
+Under `accept` each primary's replicas (those ROLE lists as online) are counted after its
+first durable write, and again in the background once the count is older than
 RECOUNT_SECONDS; a WAIT that gets fewer acknowledgements than the count promised counts
-again at once. WAIT never asks for more replicas than a primary is known to have: WAIT
+again at once. WAIT never asks for more replicas than a primary is known to have (WAIT
 blocks its connection, and the calls queued behind it, until its timeout when they are
-not there.
+not there), and the count is chosen for the node the write is sent to as it is sent: a
+write redirected by a failover to the promoted replica waits for none rather than for the
+replica the dead primary had. A write to a node not counted yet waits for none, then the
+node is counted and, if it has replicas, a WAIT for them follows (behind a write of
+nothing, on the same node: whatever has that write has this one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -98,32 +101,46 @@ class Replicas:
         self._recounting: set[Hashable] = set()
         self._tasks: set[asyncio.Task[int]] = set()
 
-    async def to_wait_for(self, slot: int) -> int:
-        """The count for WAIT: every replica asked for, or under `accept` those the
-        primary has when it has fewer."""
+    def to_wait_for(self, node: Hashable, slot: int) -> int:
+        """The count for WAIT on this node (decided as the write is sent to it): every
+        replica asked for; under `accept`, those the node was counted to have when fewer,
+        and none on a node not counted yet (then settle() counts and waits again)."""
         if not self._accept:
             return self.wanted
-        node = self._node(slot)
-        counted = self._counted.get(node) if node is not None else None
+        counted = self._counted.get(node)
         if counted is None:
-            with contextlib.suppress(RedisError, OSError):  # the WAIT will tell
-                return min(self.wanted, await self._count(slot))
-            return self.wanted
+            return 0
         replicas, when = counted
         if time.monotonic() - when > RECOUNT_SECONDS and node not in self._recounting:
             self._recount_soon(slot, node)
         return min(self.wanted, replicas)
 
-    async def settle(self, slot: int, asked: int, acknowledged: int) -> None:
-        """Return when the write may be acknowledged, else raise errors.Unavailable."""
+    async def settle(
+        self,
+        slot: int,
+        node: Hashable,
+        asked: int,
+        acknowledged: int,
+        wait_again: Callable[[int], Awaitable[int]],
+    ) -> None:
+        """Return when the write may be acknowledged, else raise errors.Unavailable.
+        `wait_again(n)`: WAIT for n replicas behind a new write to the node (replicas apply
+        writes in order: one that has the new write has this one)."""
         if acknowledged >= self.wanted:
             return
         if self._accept:
-            if acknowledged < asked:
-                # Replicas it was counted to have did not answer: gone, or only slow?
-                with contextlib.suppress(RedisError, OSError):
-                    asked = min(self.wanted, await self._count(slot))
-            if acknowledged >= asked:
+            try:
+                if node not in self._counted or acknowledged < asked:
+                    # Not counted yet, or replicas it was counted to have did not answer:
+                    # gone, or only slow?
+                    await self._count(slot)
+                replicas, _ = self._counted.get(node, (self.wanted, 0.0))
+                needed = min(self.wanted, replicas)
+                if asked < needed:  # waited for fewer than it has
+                    acknowledged = max(acknowledged, await wait_again(needed))
+            except (RedisError, OSError):
+                needed = self.wanted  # not known: as under refuse
+            if acknowledged >= needed:
                 shortfall_counter().inc()
                 return
         raise errors.Unavailable(

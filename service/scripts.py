@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -14,7 +15,7 @@ from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 from service import errors, ratelimit, retries
 from service.keys import event_keys
 from service.replicas import Replicas
-from service.scriptpipe import ScriptPipe, bulk, command
+from service.scriptpipe import NodePipe, ScriptPipe, bulk, command
 from service.settings import Settings
 from service.timefmt import from_ms
 
@@ -166,17 +167,7 @@ class Scripts:
                     # nothing (a count the script keeps, plus 0) makes it now.
                     field = _COUNTED.get(name, b"confirmed")
                     touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
-                    asked = await self.replicas.to_wait_for(slot)
-                    then = (touch, self._waits[asked])
-                    answer: bytes
-                    answer, acknowledged = await self._pipe.call(
-                        head + event_keys_resp + tail, slot, then
-                    )
-                    # An error reply (or a request to load the event first) is answered as
-                    # it is: it acknowledges nothing that a lost primary could take back.
-                    if b'"err":' not in answer:
-                        await self.replicas.settle(slot, asked, acknowledged)
-                    return answer
+                    return await self._durable(head + event_keys_resp + tail, slot, touch)
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
@@ -200,6 +191,29 @@ class Scripts:
                 backoff = backoff or retries.Backoff(retries.RECONNECT_SECONDS)
                 if not await backoff.pause():
                     raise
+
+    async def _durable(self, payload: bytes, slot: int, touch: bytes) -> bytes:
+        """The call, acknowledged once the replicas asked for have its writes (WAIT behind a
+        write of nothing, on the same connection), else errors.Unavailable."""
+        sent: list[tuple[Hashable, int]] = []  # where it went, and WAIT for how many
+
+        def then(node: NodePipe) -> tuple[bytes, ...]:
+            where = _node_key(node.options)
+            sent.append((where, self.replicas.to_wait_for(where, slot)))
+            return (touch, self._waits[sent[-1][1]])
+
+        async def wait_again(n: int) -> int:
+            _, acked = await self._pipe.call(touch, slot, (self._waits[n],))
+            return cast(int, acked)
+
+        answer: bytes
+        answer, acknowledged = await self._pipe.call(payload, slot, then)
+        # An error reply (or a request to load the event first) is answered as it is: it
+        # acknowledges nothing that a lost primary could take back.
+        if b'"err":' not in answer:
+            where, asked = sent[-1]
+            await self.replicas.settle(slot, where, asked, acknowledged, wait_again)
+        return answer
 
     def _silence(self, name: str) -> str:
         """The 503's detail when Redis said nothing: the script may have run (sent, not
@@ -236,9 +250,7 @@ class Scripts:
     def _node_of(self, slot: int) -> tuple[Any, ...] | None:
         """The server the slot's calls go to now, None until the pipe has found out."""
         options = self._pipe.options_for(slot)
-        if options is None:
-            return None
-        return (options.get("host"), options.get("port"), options.get("path"))
+        return None if options is None else _node_key(options)
 
     def node_options(self, event_id: str) -> dict[str, Any] | None:
         """Connection options of the Redis server that runs the event's scripts now; None
@@ -256,6 +268,10 @@ _LOADS = 3
 _READS = frozenset({"view", "seats", "check_seats"})
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
+
+
+def _node_key(options: dict[str, Any]) -> tuple[Any, ...]:
+    return (options.get("host"), options.get("port"), options.get("path"))
 
 
 def _bytes(value: str | bytes | int) -> bytes:

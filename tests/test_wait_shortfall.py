@@ -272,9 +272,9 @@ async def test_accept_resumes_confirmations_within_seconds_of_a_failover(
             f" {resumed.failed} failed"
         )
         assert resumed.confirmed < 12
-        # WAITs sent for the replica the old primary had time out once each (1 s), queued
-        # on the two connections of the wait pipe, then the count says none.
-        assert resumed.confirmed - resumed.held < 4
+        # A confirmation redirected to the promoted replica waits for none: no WAIT times
+        # out on the way (each would hold up the calls queued behind it for 1 s).
+        assert resumed.confirmed - resumed.held < 2
         assert shortfall_counter()._value.get() > before
         ready = await metrics.readiness(svc)
         assert any("0 replica(s) in sync" in w and "=accept" in w for w in ready.warnings), ready
