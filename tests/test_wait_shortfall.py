@@ -221,6 +221,7 @@ async def confirm_through_a_kill(
             acknowledged.append(booking.booking_id)
             if started > killed_at and confirmed_at is None:
                 confirmed_at = time.monotonic()
+            if confirmed_at is not None and held_at is not None:
                 stop.set()
 
     tasks = [asyncio.ensure_future(buyer(i)) for i in range(buyers)]
