@@ -27,7 +27,8 @@ services: venv
 services-stop:
 	@.ci/services.sh stop
 
-# A local Redis Cluster (3 primaries + 3 replicas, ports 7000-7005, .data/cluster); any node's
+# A local Redis Cluster (3 primaries with 2 replicas each, ports 7000-7008, .data/cluster;
+# CLUSTER_REPLICAS=1 for one each); any node's
 # URL names it: redis://127.0.0.1:7000/0.
 cluster:
 	@.ci/cluster.sh

@@ -21,7 +21,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import errors, schemas
+from service import errors, replicas, schemas
 from service.context import RedisClient, Services, execute_timed
 from service.expiry import notifications_enabled
 from service.keys import event_keys
@@ -44,6 +44,8 @@ LATENCY = Histogram(
 REFUSALS = Counter(
     "boxoffice_refusals", "Problem-details answers (errors and refusals) by code", ["code"]
 )
+# Made here too, so that it reads 0 before the first shortfall.
+replicas.shortfall_counter()
 _UNCOUNTED = frozenset({"/metrics", "/health"})
 # The one label of every request that matched no route (404, 405): a client cannot make
 # a series per made-up path, nor per made-up method.
@@ -337,6 +339,34 @@ async def _eviction_warnings(svc: Services) -> list[str]:
     return warnings
 
 
+async def _online_replicas(redis: RedisClient, node: ClusterNode | None) -> int | None:
+    extra: dict[str, Any] = {} if node is None else {"target_nodes": node}
+    try:
+        return replicas.online_replicas(await redis.execute_command("ROLE", **extra))
+    except Exception:  # not a reason to be unready; the rest of /ready says if it is away
+        return None
+
+
+async def _replica_warnings(svc: Services) -> list[str]:
+    """Primaries with fewer replicas in sync than BOXOFFICE_CONFIRM_WAIT_REPLICAS asks for
+    (after a failover, say): their confirmations wait for none, or answer 503."""
+    wanted = svc.settings.confirm_wait_replicas
+    if not wanted:
+        return []
+    redis = svc.redis
+    nodes: list[ClusterNode | None] = (
+        list(redis.get_primaries()) if isinstance(redis, RedisCluster) else [None]
+    )
+    warnings = []
+    for node in nodes:
+        have = await _online_replicas(redis, node)
+        if have is not None and have < wanted:
+            name = "" if node is None else f" {node.name}"
+            shortfall = svc.settings.confirm_wait_shortfall
+            warnings.append(replicas.warning(name, have, wanted, shortfall))
+    return warnings
+
+
 async def _redis_readiness(svc: Services, warnings: list[str]) -> None:
     """Raises when Redis cannot serve; adds what is worth knowing to `warnings`."""
     silent = await _silent_primaries(svc.redis)
@@ -350,6 +380,7 @@ async def _redis_readiness(svc: Services, warnings: list[str]) -> None:
         # the sweeper, only less promptly than with the listener.
         warnings.append("keyspace notifications are off: is `boxoffice worker` running?")
     warnings += await _eviction_warnings(svc)
+    warnings += await _replica_warnings(svc)
 
 
 async def readiness(svc: Services) -> schemas.Readiness:

@@ -25,7 +25,7 @@ import collections
 import contextlib
 import itertools
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import hiredis
@@ -72,6 +72,9 @@ REFRESH_INTERVAL = 0.05
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 Address = tuple[str, int]
+# Commands to send right behind a call, in the same write: as they are, or made for the node
+# the call goes to (each time it is sent: a call redirected by a failover reaches another).
+Then = tuple[bytes, ...] | Callable[["_NodePipe"], tuple[bytes, ...]]
 
 
 def bulk(*parts: bytes) -> bytes:
@@ -237,10 +240,12 @@ class _NodePipe:
         self._futures: list[asyncio.Future[Any]] = []
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def submit(self, payload: bytes, then: tuple[bytes, ...] = ()) -> asyncio.Future[Any]:
+    def submit(self, payload: bytes, then: Then = ()) -> asyncio.Future[Any]:
         """Queue one command (already in RESP) with the others of this turn; its reply.
         With `then` (more commands), all go in the same write on the same connection and
         the reply is the pair of the first and last replies (see _pair)."""
+        if callable(then):
+            then = then(self)
         if then and not self._waits:
             return self._for_waits().submit(payload, then)
         loop = asyncio.get_running_loop()
@@ -251,9 +256,11 @@ class _NodePipe:
         self._futures.append(future)
         return _pair(self, future, then) if then else future
 
-    def submit_asking(self, payload: bytes, then: tuple[bytes, ...] = ()) -> asyncio.Future[Any]:
+    def submit_asking(self, payload: bytes, then: Then = ()) -> asyncio.Future[Any]:
         """The command after ASKING, in the same write: ASKING holds for the next command
         of the connection only."""
+        if callable(then):
+            then = then(self)
         if then and not self._waits:
             return self._for_waits().submit_asking(payload, then)
         loop = asyncio.get_running_loop()
@@ -388,6 +395,10 @@ def _pair(
     return both
 
 
+# What a `then` callable is given: the node a call is sent to (its `options`).
+NodePipe = _NodePipe
+
+
 class _Cluster:
     """One pipe per primary, and the slot table that routes each call to one of them."""
 
@@ -411,9 +422,7 @@ class _Cluster:
         # hung one would cost the whole TOPOLOGY_TIMEOUT at every refresh.
         self._answered: list[Address] = []
 
-    async def recover(
-        self, payload: bytes, slot: int, error: RedisError, then: tuple[bytes, ...] = ()
-    ) -> Any:
+    async def recover(self, payload: bytes, slot: int, error: RedisError, then: Then = ()) -> Any:
         """Follow redirections and wait out migrations and failovers, within the budget.
         A node silent for the timeout (TimeoutError) is taken for a failing one, as the
         cluster itself does after cluster-node-timeout: see ScriptPipe.call."""
@@ -547,7 +556,7 @@ class ScriptPipe:
             self._event_keys[event_id] = entry
         return entry
 
-    async def call(self, payload: bytes, slot: int = 0, then: tuple[bytes, ...] = ()) -> Any:
+    async def call(self, payload: bytes, slot: int = 0, then: Then = ()) -> Any:
         """Send one command (already in RESP) with the others of this turn; its reply. The
         slot (from event_keys()) routes it on a cluster. With `then`, more commands go right
         behind it, in the same write to the same connection (WAIT, which counts the

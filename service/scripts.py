@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -13,7 +14,8 @@ from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 from service import errors, ratelimit, retries
 from service.keys import event_keys
-from service.scriptpipe import ScriptPipe, bulk, command
+from service.replicas import Replicas
+from service.scriptpipe import NodePipe, ScriptPipe, bulk, command
 from service.settings import Settings
 from service.timefmt import from_ms
 
@@ -110,12 +112,17 @@ class Scripts:
             settings.idempotency_max_keys_per_event,
             settings.idempotency_max_refusals_per_event,
         )
-        self._replicas = settings.confirm_wait_replicas
-        self._wait = (
-            command(b"WAIT", b"%d" % self._replicas, b"%d" % settings.confirm_wait_timeout_ms)
-            if self._replicas
-            else b""
+        self.replicas = Replicas(
+            settings.confirm_wait_replicas,
+            settings.confirm_wait_shortfall,
+            lambda slot: self._pipe.call(command(b"ROLE"), slot),
+            self._node_of,
         )
+        # WAIT for 0..n replicas (fewer than n: under accept, a primary that has fewer).
+        self._waits = [
+            command(b"WAIT", b"%d" % n, b"%d" % settings.confirm_wait_timeout_ms)
+            for n in range(settings.confirm_wait_replicas + 1)
+        ]
 
     async def load(self) -> None:
         """Load every script up front. A later SCRIPT FLUSH or restart is handled per call:
@@ -153,17 +160,14 @@ class Scripts:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
             try:
-                if durable and self._wait:
+                if durable and self.replicas.wanted:
                     # WAIT counts replicas up to the connection's last write: a repeat
                     # that writes nothing (the booking was made, on this or another
                     # connection) would be counted up to some older write. A write of
                     # nothing (a count the script keeps, plus 0) makes it now.
                     field = _COUNTED.get(name, b"confirmed")
                     touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
-                    then = (touch, self._wait)
-                    return self._replicated(
-                        *await self._pipe.call(head + event_keys_resp + tail, slot, then)
-                    )
+                    return await self._durable(head + event_keys_resp + tail, slot, touch)
                 reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
@@ -187,6 +191,29 @@ class Scripts:
                 backoff = backoff or retries.Backoff(retries.RECONNECT_SECONDS)
                 if not await backoff.pause():
                     raise
+
+    async def _durable(self, payload: bytes, slot: int, touch: bytes) -> bytes:
+        """The call, acknowledged once the replicas asked for have its writes (WAIT behind a
+        write of nothing, on the same connection), else errors.Unavailable."""
+        sent: list[tuple[Hashable, int]] = []  # where it went, and WAIT for how many
+
+        def then(node: NodePipe) -> tuple[bytes, ...]:
+            where = _node_key(node.options)
+            sent.append((where, self.replicas.to_wait_for(where, slot)))
+            return (touch, self._waits[sent[-1][1]])
+
+        async def wait_again(n: int) -> int:
+            _, acked = await self._pipe.call(touch, slot, (self._waits[n],))
+            return cast(int, acked)
+
+        answer: bytes
+        answer, acknowledged = await self._pipe.call(payload, slot, then)
+        # An error reply (or a request to load the event first) is answered as it is: it
+        # acknowledges nothing that a lost primary could take back.
+        if b'"err":' not in answer:
+            where, asked = sent[-1]
+            await self.replicas.settle(slot, where, asked, acknowledged, wait_again)
+        return answer
 
     def _silence(self, name: str) -> str:
         """The 503's detail when Redis said nothing: the script may have run (sent, not
@@ -220,15 +247,10 @@ class Scripts:
                 script.sha = sha.decode()
         raise ConnectionError("Redis kept refusing the script")
 
-    def _replicated(self, reply: bytes, acknowledged: int) -> bytes:
-        # An error reply (or a request to load the event first) is answered as it is: it
-        # acknowledges nothing that a lost primary could take back.
-        if acknowledged < self._replicas and b'"err":' not in reply:
-            raise errors.Unavailable(
-                f"{acknowledged} of {self._replicas} Redis replicas acknowledged in time;"
-                " try again with the same Idempotency-Key"
-            )
-        return reply
+    def _node_of(self, slot: int) -> tuple[Any, ...] | None:
+        """The server the slot's calls go to now, None until the pipe has found out."""
+        options = self._pipe.options_for(slot)
+        return None if options is None else _node_key(options)
 
     def node_options(self, event_id: str) -> dict[str, Any] | None:
         """Connection options of the Redis server that runs the event's scripts now; None
@@ -246,6 +268,10 @@ _LOADS = 3
 _READS = frozenset({"view", "seats", "check_seats"})
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
+
+
+def _node_key(options: dict[str, Any]) -> tuple[Any, ...]:
+    return (options.get("host"), options.get("port"), options.get("path"))
 
 
 def _bytes(value: str | bytes | int) -> bytes:

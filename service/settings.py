@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from ipaddress import ip_network
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -41,6 +41,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # 503, and the retry with the same Idempotency-Key gets the booking. 0: no WAIT.
     confirm_wait_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
     confirm_wait_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=4000)] = 1000
+    # A primary with fewer replicas than that (its failover promoted a replica that has
+    # none yet): `refuse` answers 503 until one is back, `accept` acknowledges with the
+    # replicas it has (service/replicas.py).
+    confirm_wait_shortfall: Literal["refuse", "accept"] = "refuse"
     database_url: str = "postgresql+asyncpg://127.0.0.1:5432/boxoffice"
     admin_token: str = ""
     # Customer tokens (service/customers.py): set, every customer call needs a JWT signed
@@ -143,13 +147,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             try:
                 one = msgspec.convert({name: raw}, cls, strict=False)
             except msgspec.ValidationError as e:
-                raise SettingError(name, _reason(e, raw)) from None
+                raise SettingError(name, _reason(e, raw, _choices(cls, name))) from None
             fields[name] = getattr(one, name)
         return cls(**fields)  # type: ignore[arg-type]
 
 
-def _reason(error: msgspec.ValidationError, raw: str) -> str:
+def _choices(cls: type[Settings], name: str) -> tuple[object, ...]:
+    """The values a setting of a few named ones takes; () for any other."""
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    field = next(f for f in info.fields if f.name == name)
+    return field.type.values if isinstance(field.type, msgspec.inspect.LiteralType) else ()
+
+
+def _reason(error: msgspec.ValidationError, raw: str, choices: tuple[object, ...] = ()) -> str:
     text = str(error).split(" - at `$", 1)[0]
+    if choices:
+        return f"{raw!r} is not one of {', '.join(map(str, choices))}"
     if not text.startswith("Expected"):
         return text  # from __post_init__, which does not repeat the value: it may hold a password
     for type_, words in (("`int`", "a whole number"), ("`float`", "a number")):
