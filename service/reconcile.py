@@ -459,13 +459,17 @@ async def _check_seats(
     (lua/check_seats.lua) however big the event."""
     tally = SeatReport(0, 0, 0, 0)
     order = (event_keys(event_id).seat_order,)
-    first = 0
+    first, built = 0, False
     while first >= 0:
         args = (first, SEATS_PER_CALL, RECORDS_PER_CALL)
         reply = await svc.scripts.call("check_seats", event_id, *args, extra_keys=order)
-        if reply == NO_ORDER:  # loaded by an earlier version: build the list, then check
+        if reply == NO_ORDER and not built:  # loaded by an earlier version: build the list
             await live.load_seat_order(svc, event_id)
+            built = True
             continue
+        if reply == NO_ORDER:  # PostgreSQL has no seats for Redis's seat map
+            found.add("seat_order_missing", "Redis has seats, and no seat order to check them by")
+            return tally
         chunk = _decode_seats(reply)
         tally.total += chunk.total
         tally.available += chunk.available

@@ -12,13 +12,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from service import reconcile, sales, schemas
 from service.catalog import create_event
 from service.context import Services
+from service.keys import event_keys
 from service.settings import Settings
 from service.writebehind import WriteBehind
+from tests.conftest import create_event as create_event_over_http
 from tests.conftest import services_with
 from tests.servers import RedisServer
 from tests.test_load import _script_names, big_body, hold
@@ -178,3 +181,16 @@ async def test_the_check_stays_exact_while_the_event_sells(own: Services) -> Non
     for report in reports:
         assert set(report.problem_counts) <= {"counter_mismatch"}, report.problems
     assert (await reconcile.reconcile(own, event.id)).consistent
+
+
+async def test_a_missing_seat_order_is_built_then_checked(
+    client: httpx.AsyncClient, svc: Services
+) -> None:
+    """An event loaded by a version without the seat order list: the check builds it."""
+    event_id = await create_event_over_http(client)
+    keys = event_keys(event_id)
+    await svc.redis.delete(keys.seat_order)
+    report = await reconcile.reconcile(svc, event_id)
+    assert report.consistent, report
+    assert report.events[0].seats.total == 12
+    assert await svc.redis.llen(keys.seat_order) == 12
