@@ -40,7 +40,9 @@ from service.writebehind import (
 
 log = logging.getLogger("boxoffice.reconcile")
 
-CHUNK = 5000
+# Elements one Redis read returns at most (HSCAN, XRANGE, HMGET): a reply of a few
+# hundred kB at most, so that no read holds Redis up for more than a millisecond or so.
+CHUNK = 1000
 # Seats, and hold or booking records, that one check_seats.lua call reads at most: about
 # a millisecond of Redis time, so that a check never holds up the sales it checks.
 SEATS_PER_CALL = 250
@@ -137,6 +139,14 @@ async def _hscan(svc: Services, key: str) -> AsyncIterator[list[tuple[bytes, byt
             yield fresh
         if cursor == 0:
             return
+
+
+async def _hmget(svc: Services, key: str, fields: list[str]) -> list[Any]:
+    """HMGET, CHUNK fields a call."""
+    out: list[Any] = []
+    for start in range(0, len(fields), CHUNK):
+        out += await svc.redis.hmget(key, fields[start : start + CHUNK])
+    return out
 
 
 async def _redis_time(svc: Services) -> int:
@@ -295,7 +305,7 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
         in_postgres.update((r.id, r.s) for r in every)
         # A booking that breaks the rules counts for nothing: no stock comes from it.
         chunk = await _valid(svc, event_id, every, found)
-        live: list[Any] = await svc.redis.hmget(keys.bookings, [r.id for r in chunk])
+        live = await _hmget(svc, keys.bookings, [r.id for r in chunk])
         for r, raw in zip(chunk, live, strict=True):
             if raw is None:
                 if in_redis:
@@ -388,7 +398,7 @@ async def _seats_are(
     `from_redis`: the expectations come from Redis's own records (else PostgreSQL's)."""
     if not expected:
         return
-    states: list[Any] = await svc.redis.hmget(event_keys(event_id).seatstate, list(expected))
+    states = await _hmget(svc, event_keys(event_id).seatstate, list(expected))
     differ = {
         label: want
         for (label, want), state in zip(expected.items(), states, strict=True)
