@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from service.settings import Settings
 
@@ -98,6 +100,13 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
+async def driver(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under a SQLAlchemy one: whole batches as arrays."""
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    return raw
+
+
 # --- bookings: written behind, from the outbox streams ----------------------------------
 
 bookings = sa.Table(
@@ -119,6 +128,11 @@ bookings = sa.Table(
         "persisted_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
     sa.CheckConstraint("status IN ('confirmed', 'cancelled')", name="status"),
+    # What a row must hold (migration 0005); what takes the catalog or other rows to
+    # check, the write-behind checks before it writes (service/bookingrules.py).
+    sa.CheckConstraint("total >= 0", name="total"),
+    sa.CheckConstraint("array_position(seats, NULL) IS NULL", name="seats"),
+    sa.CheckConstraint("(status = 'cancelled') = (cancelled_at IS NOT NULL)", name="cancelled"),
     sa.Index(None, "event_id", "booking_id"),
     sa.Index(None, "event_id", "customer_id"),
 )
@@ -138,4 +152,7 @@ booking_items = sa.Table(
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("quantity", sa.Integer, nullable=False),
     sa.Column("tickets", sa.Integer, nullable=False),
+    sa.CheckConstraint("tickets > 0", name="tickets"),
+    sa.CheckConstraint("quantity >= 0 AND quantity <= tickets", name="quantity"),
+    sa.CheckConstraint("position >= 0", name="position"),
 )

@@ -3,6 +3,7 @@ keeps, one booking or streamed a chunk at a time, and adopted into Redis."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,11 +12,14 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
+from service import bookingrules
 from service.context import Services
-from service.db import booking_items, bookings
+from service.db import booking_items, bookings, driver
 from service.keys import event_keys
 from service.records import BookingRecord
 from service.timefmt import to_ms
+
+log = logging.getLogger("boxoffice.ledger")
 
 CHUNK = 5000
 
@@ -93,10 +97,21 @@ class Brief(msgspec.Struct, frozen=True):
     s: str
     st: list[str]
     items: str | None  # [[category, asked, tickets], ...] as JSON text
+    t: int
+    cu: str
 
     @property
     def q(self) -> dict[str, int]:
         return {c: tickets for c, _, tickets in _decode_items(self.items)} if self.items else {}
+
+    def sale(self) -> BookingRecord:
+        """What the booking rules look at (service/bookingrules.py), as a record."""
+        items = _decode_items(self.items) if self.items else []
+        q = {c: tickets for c, _, tickets in items}
+        it = [(c, asked) for c, asked, _ in items if asked]
+        return BookingRecord(
+            self.id, "", "", q, sum(q.values()), self.t, self.cu, 0, self.s, it, self.st
+        )
 
 
 async def briefs(svc: Services, event_id: str) -> AsyncIterator[list[Brief]]:
@@ -107,6 +122,8 @@ async def briefs(svc: Services, event_id: str) -> AsyncIterator[list[Brief]]:
             bookings.c.status,
             bookings.c.seats,
             _ITEMS_TEXT,
+            bookings.c.total,
+            bookings.c.currency,
         )
         .where(bookings.c.event_id == event_id)
         .execution_options(yield_per=CHUNK)
@@ -117,14 +134,29 @@ async def briefs(svc: Services, event_id: str) -> AsyncIterator[list[Brief]]:
             yield [Brief(*row) for row in chunk]
 
 
-async def adopt(svc: Services, event_id: str) -> int:
+async def adopt(svc: Services, event_id: str) -> tuple[int, list[str]]:
     """Add to Redis the bookings it lacks (after it lost them). A booking Redis has is
-    left alone: Redis is ahead of PostgreSQL, never behind. Returns how many it added."""
+    left alone: Redis is ahead of PostgreSQL, never behind. One that breaks the booking
+    rules (written before PostgreSQL checked them) is left out: stock is never counted
+    from it. Returns how many it added, and the ids it left out."""
     key = event_keys(event_id).bookings
-    added = 0
-    async for chunk in stream(svc, event_id):
-        pipe = svc.redis.pipeline(transaction=False)
-        for record in chunk:
-            pipe.hsetnx(key, record.id, msgspec.json.encode(record))
-        added += sum(await pipe.execute())
-    return added
+    added, refused = 0, []
+    async with svc.engine.connect() as conn:
+        raw = await driver(conn)
+        async for chunk in stream(svc, event_id):
+            why = await bookingrules.refusals(raw, [(event_id, r) for r in chunk])
+            refused += [r.id for r, w in zip(chunk, why, strict=True) if w is not None]
+            pipe = svc.redis.pipeline(transaction=False)
+            for record, w in zip(chunk, why, strict=True):
+                if w is None:
+                    pipe.hsetnx(key, record.id, msgspec.json.encode(record))
+            added += sum(await pipe.execute())
+    if refused:
+        log.error(
+            "event %s: %d booking(s) in PostgreSQL break the booking rules and were left out"
+            " of Redis (reconcile lists them as booking_invalid): %s",
+            event_id,
+            len(refused),
+            ", ".join(refused[:20]),
+        )
+    return added, refused

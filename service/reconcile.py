@@ -10,7 +10,9 @@ its records in one atomic script (lua/repair.lua): it is safe while the event is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,11 +21,12 @@ import msgspec
 import redis.exceptions
 import sqlalchemy as sa
 
-from service import errors, ledger, live, outbox
+from service import bookingrules, errors, ledger, live, outbox
 from service.context import Services
-from service.db import categories, events
+from service.db import bookings, categories, driver, events
 from service.keys import OUTBOX_GROUP, event_keys
 from service.records import decode_booking, decode_hold
+from service.scripts import NO_ORDER
 from service.timefmt import from_ms, redis_ms
 from service.writebehind import (
     Entry,
@@ -37,7 +40,13 @@ from service.writebehind import (
 
 log = logging.getLogger("boxoffice.reconcile")
 
-CHUNK = 5000
+# Elements one Redis read returns at most (HSCAN, XRANGE, HMGET): a reply of a few
+# hundred kB at most, so that no read holds Redis up for more than a millisecond or so.
+CHUNK = 1000
+# Seats, and hold or booking records, that one check_seats.lua call reads at most: about
+# a millisecond of Redis time, so that a check never holds up the sales it checks.
+SEATS_PER_CALL = 250
+RECORDS_PER_CALL = 100
 # An outbox entry waiting longer than this is stuck, not just waiting.
 STUCK_SECONDS = 60
 # A hold this long past its deadline and still held has leaked: the sweeper runs every
@@ -132,6 +141,14 @@ async def _hscan(svc: Services, key: str) -> AsyncIterator[list[tuple[bytes, byt
             return
 
 
+async def _hmget(svc: Services, key: str, fields: list[str]) -> list[Any]:
+    """HMGET, CHUNK fields a call."""
+    out: list[Any] = []
+    for start in range(0, len(fields), CHUNK):
+        out += await svc.redis.hmget(key, fields[start : start + CHUNK])
+    return out
+
+
 async def _redis_time(svc: Services) -> int:
     return redis_ms(await svc.redis.time())
 
@@ -206,6 +223,51 @@ async def _acknowledged(svc: Services, stream: str) -> Callable[[bytes], bool]:
     return lambda entry_id: stream_id(entry_id) <= last and entry_id not in pending
 
 
+class _Unsure:
+    """Booking changes that Redis has and that neither PostgreSQL nor the outbox had when
+    they were read: confirmed (or cancelled) since, or lost. Looked for again once the
+    rest is checked: the outbox first, then PostgreSQL, so that a change the worker
+    writes in between is found in one or the other."""
+
+    def __init__(self) -> None:
+        self.confirms: dict[str, tuple[str, str]] = {}  # booking id -> (kind, detail)
+        self.cancels: dict[str, tuple[str, str]] = {}
+
+    async def settle(self, svc: Services, event_id: str, found: _Findings) -> None:
+        if not self.confirms and not self.cancels:
+            return
+        changes = await _outbox_bookings(svc, event_id, _Findings())
+        confirms = {i: f for i, f in self.confirms.items() if i not in changes.confirms}
+        cancels = {i: f for i, f in self.cancels.items() if i not in changes.cancels}
+        stored = await _statuses(svc, [*confirms, *cancels])
+        for booking_id, (kind, detail) in confirms.items():
+            if booking_id not in stored:
+                found.add(kind, detail)
+        for booking_id, (kind, detail) in cancels.items():
+            if stored.get(booking_id) != "cancelled":
+                found.add(kind, detail)
+
+
+async def _statuses(svc: Services, booking_ids: list[str]) -> dict[str, str]:
+    """Booking id -> status in PostgreSQL, of those of `booking_ids` it has."""
+    ids = []
+    for booking_id in booking_ids:
+        with contextlib.suppress(ValueError):  # not an id PostgreSQL could have
+            ids.append(uuid.UUID(booking_id))
+    if not ids:
+        return {}
+    found: dict[str, str] = {}
+    async with svc.engine.connect() as conn:
+        for start in range(0, len(ids), CHUNK):
+            rows = await conn.execute(
+                sa.select(bookings.c.booking_id, bookings.c.status).where(
+                    bookings.c.booking_id.in_(ids[start : start + CHUNK])
+                )
+            )
+            found.update((str(r.booking_id), r.status) for r in rows)
+    return found
+
+
 def _describe(entry_id: bytes, fields: dict[bytes, bytes]) -> str:
     def field(name: bytes) -> str:
         return fields.get(name, b"?").decode(errors="replace")
@@ -239,9 +301,11 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
     # PostgreSQL's bookings, against Redis's. Their ids and statuses are kept (a few
     # dozen bytes a booking) to tell Redis's bookings which are persisted.
     in_postgres: dict[str, str] = {}
-    async for chunk in ledger.briefs(svc, event_id):
-        in_postgres.update((r.id, r.s) for r in chunk)
-        live: list[Any] = await svc.redis.hmget(keys.bookings, [r.id for r in chunk])
+    async for every in ledger.briefs(svc, event_id):
+        in_postgres.update((r.id, r.s) for r in every)
+        # A booking that breaks the rules counts for nothing: no stock comes from it.
+        chunk = await _valid(svc, event_id, every, found)
+        live = await _hmget(svc, keys.bookings, [r.id for r in chunk])
         for r, raw in zip(chunk, live, strict=True):
             if raw is None:
                 if in_redis:
@@ -257,28 +321,33 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
                 if r.s == "confirmed" and r.id not in changes.cancels
                 for label in r.st
             }
-            await _seats_are(svc, event_id, sold_seats, "seat_not_sold_in_redis", found)
+            await _seats_are(
+                svc, event_id, sold_seats, "seat_not_sold_in_redis", found, from_redis=False
+            )
     outbox = await _outbox(svc, event_id, now, found)
     if not in_redis:
         found.add("event_missing_in_redis", "PostgreSQL has the event, Redis has none of it")
         return _report(event_id, found, cats, None, sold, held, len(in_postgres), outbox, 0, None)
 
-    # Redis's bookings: the sold tickets, each persisted or on its way there.
+    # Redis's bookings: the sold tickets, each persisted or on its way there (or confirmed
+    # after the outbox was read: unsure ones are looked for again at the end).
+    unsure = _Unsure()
     async for pairs in _hscan(svc, keys.bookings):
         records = [decode_booking(raw) for _, raw in pairs]
         for b in records:
             if b.s == "confirmed":
                 sold.update(b.q)
             if b.id not in in_postgres and b.id not in changes.confirms:
-                found.add(
-                    "booking_not_persisted", f"booking {b.id}: not in PostgreSQL nor in the outbox"
+                unsure.confirms[b.id] = (
+                    "booking_not_persisted",
+                    f"booking {b.id}: not in PostgreSQL nor in the outbox",
                 )
             elif (
                 b.s == "cancelled"
                 and in_postgres.get(b.id) == "confirmed"
                 and b.id not in changes.cancels
             ):
-                found.add(
+                unsure.cancels[b.id] = (
                     "booking_not_persisted",
                     f"cancellation of {b.id}: not in PostgreSQL nor in the outbox",
                 )
@@ -297,28 +366,85 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
         taken = {label: f"h:{h.id}" for h in holds for label in h.st}
         await _seats_are(svc, event_id, taken, "seat_not_held", found)
 
-    seats = await _check_seats(svc, event_id, in_postgres, changes.confirms, found)
+    seats = await _check_seats(svc, event_id, in_postgres, changes.confirms, unsure, found)
+    await unsure.settle(svc, event_id, found)
     counters = await _counters(svc, event_id)
     return _report(
         event_id, found, cats, counters, sold, held, len(in_postgres), outbox, leaked, seats
     )
 
 
+async def _valid(
+    svc: Services, event_id: str, chunk: list[ledger.Brief], found: _Findings
+) -> list[ledger.Brief]:
+    """The bookings of `chunk` that keep the booking rules; each other is a finding."""
+    async with svc.engine.connect() as conn:
+        why = await bookingrules.refusals(await driver(conn), [(event_id, r.sale()) for r in chunk])
+    for r, reason in zip(chunk, why, strict=True):
+        if reason is not None:
+            found.add("booking_invalid", f"booking {r.id} in PostgreSQL: {reason}")
+    return [r for r, reason in zip(chunk, why, strict=True) if reason is None]
+
+
 async def _seats_are(
-    svc: Services, event_id: str, expected: dict[str, str], kind: str, found: _Findings
+    svc: Services,
+    event_id: str,
+    expected: dict[str, str],
+    kind: str,
+    found: _Findings,
+    from_redis: bool = True,
 ) -> None:
-    """Each seat in `expected` has that state ("b:<booking>" or "h:<hold>") in Redis."""
+    """Each seat in `expected` has that state ("b:<booking>" or "h:<hold>") in Redis.
+    `from_redis`: the expectations come from Redis's own records (else PostgreSQL's)."""
     if not expected:
         return
-    states: list[Any] = await svc.redis.hmget(event_keys(event_id).seatstate, list(expected))
-    for (label, want), state in zip(expected.items(), states, strict=True):
+    states = await _hmget(svc, event_keys(event_id).seatstate, list(expected))
+    differ = {
+        label: want
+        for (label, want), state in zip(expected.items(), states, strict=True)
+        if (state.decode() if state else "available") != want
+    }
+    wrong = await _still_wrong(svc, event_id, differ, from_redis) if differ else {}
+    for label, (want, have) in wrong.items():
+        found.add(kind, f"seat {label} should be {want}, Redis has {have}")
+
+
+async def _still_wrong(
+    svc: Services, event_id: str, wrong: dict[str, str], from_redis: bool
+) -> dict[str, tuple[str, str]]:
+    """Of seats whose state disagreed with a record read a moment before, those that still
+    disagree with their record read again in the same step (a sale meanwhile changes both
+    together): label -> (wanted, found). A record that no longer claims the seat (the
+    hold ended, the booking was cancelled, or is gone from Redis) wants nothing of it;
+    a PostgreSQL booking that Redis lacks still does."""
+    keys = event_keys(event_id)
+    owners = sorted(set(wrong.values()))
+    pipe = svc.redis.pipeline(transaction=True)
+    pipe.hmget(keys.seatstate, list(wrong))
+    pipe.hmget(keys.holds, [o[2:] for o in owners if o.startswith("h:")] or ["-"])
+    pipe.hmget(keys.bookings, [o[2:] for o in owners if o.startswith("b:")] or ["-"])
+    states, holds, books = await pipe.execute()
+    records = dict(zip([o for o in owners if o.startswith("h:")], holds, strict=False))
+    records.update(zip([o for o in owners if o.startswith("b:")], books, strict=False))
+    out = {}
+    for (label, want), state in zip(wrong.items(), states, strict=True):
         have = state.decode() if state else "available"
-        if have != want:
-            found.add(kind, f"seat {label} should be {want}, Redis has {have}")
+        raw = records.get(want)
+        if raw is None:
+            claims = not from_redis
+        elif want.startswith("h:"):
+            hold = decode_hold(raw)
+            claims = hold.s == "held" and label in hold.st
+        else:
+            booking = decode_booking(raw)
+            claims = booking.s == "confirmed" and label in booking.st
+        if claims and have != want:
+            out[label] = (want, have)
+    return out
 
 
 class _SeatChunk(msgspec.Struct):
-    cursor: str
+    next: int
     total: int
     available: int
     held: int
@@ -335,14 +461,26 @@ async def _check_seats(
     event_id: str,
     in_postgres: dict[str, str],
     on_the_way: set[str],
+    unsure: _Unsure,
     found: _Findings,
 ) -> SeatReport:
     """Every seat in exactly one state, and a held or sold one backed by its record:
-    checked by a read-only script a chunk at a time, next to the data."""
+    checked by a read-only script a chunk at a time, next to the data, each call short
+    (lua/check_seats.lua) however big the event."""
     tally = SeatReport(0, 0, 0, 0)
-    cursor = "0"
-    while True:
-        chunk = _decode_seats(await svc.scripts.call("check_seats", event_id, cursor, CHUNK))
+    order = (event_keys(event_id).seat_order,)
+    first, built = 0, False
+    while first >= 0:
+        args = (first, SEATS_PER_CALL, RECORDS_PER_CALL)
+        reply = await svc.scripts.call("check_seats", event_id, *args, extra_keys=order)
+        if reply == NO_ORDER and not built:  # loaded by an earlier version: build the list
+            await live.load_seat_order(svc, event_id)
+            built = True
+            continue
+        if reply == NO_ORDER:  # PostgreSQL has no seats for Redis's seat map
+            found.add("seat_order_missing", "Redis has seats, and no seat order to check them by")
+            return tally
+        chunk = _decode_seats(reply)
         tally.total += chunk.total
         tally.available += chunk.available
         tally.held += chunk.held
@@ -351,10 +489,12 @@ async def _check_seats(
             found.add(kind, detail)
         for booking_id in chunk.booked:
             if booking_id not in in_postgres and booking_id not in on_the_way:
-                found.add("seat_without_record", f"booking {booking_id} is nowhere durable")
-        cursor = chunk.cursor
-        if cursor == "0":
-            return tally
+                unsure.confirms.setdefault(
+                    booking_id,
+                    ("seat_without_record", f"booking {booking_id} is nowhere durable"),
+                )
+        first = chunk.next
+    return tally
 
 
 async def _counters(svc: Services, event_id: str) -> dict[str, dict[str, int]]:
@@ -442,8 +582,11 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
     if not await svc.redis.exists(keys.meta):
         await live.restore(svc, event_id)
         return ["loaded the event from PostgreSQL (catalog and bookings)"]
-    if added := await ledger.adopt(svc, event_id):
+    added, refused = await ledger.adopt(svc, event_id)
+    if added:
         done.append(f"adopted {_many(added, 'booking')} that only PostgreSQL had")
+    if refused:
+        done.append(f"left out {_many(len(refused), 'booking')} that break the rules")
     done += await _redrive(svc, event_id)
     done += await _align_capacity(svc, event_id)
     summary = msgspec.json.decode(await live.call(svc, "repair", event_id))

@@ -25,10 +25,12 @@ import redis.exceptions
 from redis.asyncio import RedisCluster
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors, outbox, retries
+from service import bookingrules, errors, outbox, retries
 from service.context import Services
+from service.db import driver
 from service.keys import OUTBOX_GROUP, event_keys, worker_alive
 from service.live import live_event_ids
+from service.records import BookingRecord
 from service.scripts import LUA_DIR
 from service.timefmt import now_ms
 
@@ -88,11 +90,14 @@ class Poison(Exception):
 
 
 class Rows(msgspec.Struct):
-    """One entry as the rows of the batch statements."""
+    """One entry as the rows of the batch statements (and a confirmation's record, for
+    the catalog's check)."""
 
     booking: tuple[Any, ...] | None = None
     items: list[tuple[Any, ...]] = []
     cancel: tuple[Any, ...] | None = None
+    event_id: str = ""
+    record: BookingRecord | None = None
 
 
 def _convert(fields: dict[bytes, bytes], event_id: str) -> Rows:
@@ -100,6 +105,8 @@ def _convert(fields: dict[bytes, bytes], event_id: str) -> Rows:
     if isinstance(change, outbox.Cancel):
         return Rows(cancel=(uuid.UUID(change.booking_id), _ts(change.at_ms)))
     b = change.booking
+    if (why := bookingrules.shape(b)) is not None:
+        raise ValueError(why)
     booking_id = uuid.UUID(b.id)
     booking = (
         booking_id,
@@ -115,7 +122,7 @@ def _convert(fields: dict[bytes, bytes], event_id: str) -> Rows:
     asked = dict(b.it)
     order = [c for c, _ in b.it] + sorted(set(b.q) - set(asked))
     items = [(booking_id, c, i, asked.get(c, 0), b.q[c]) for i, c in enumerate(order)]
-    return Rows(booking=booking, items=items)
+    return Rows(booking=booking, items=items, event_id=event_id, record=b)
 
 
 def convert(entry: Entry) -> Rows:
@@ -134,8 +141,17 @@ def _append(columns: list[list[Any]], values: tuple[Any, ...]) -> None:
         column.append(value)
 
 
-async def write_rows(conn: AsyncConnection, batch: list[Rows]) -> None:
-    """Write converted entries in the caller's transaction."""
+async def _refusals(raw: Any, batch: list[Rows]) -> list[str | None]:
+    """Why the catalog refuses each entry (bookingrules); None for one it allows."""
+    confirms = [(i, r.event_id, r.record) for i, r in enumerate(batch) if r.record is not None]
+    why = await bookingrules.refusals(raw, [(e, b) for _, e, b in confirms])
+    out: list[str | None] = [None] * len(batch)
+    for (i, _, _), reason in zip(confirms, why, strict=True):
+        out[i] = None if reason is None else f"refused: {reason}"
+    return out
+
+
+async def _insert(raw: Any, batch: list[Rows]) -> None:
     rows: list[list[Any]] = [[] for _ in range(9)]
     items: list[list[Any]] = [[] for _ in range(5)]
     cancels: list[list[Any]] = [[], []]
@@ -146,23 +162,37 @@ async def write_rows(conn: AsyncConnection, batch: list[Rows]) -> None:
             _append(items, item)
         if entry.cancel is not None:
             _append(cancels, entry.cancel)
-    raw = (await conn.get_raw_connection()).driver_connection
-    assert raw is not None
+    if rows[0]:
+        await raw.execute(_INSERT_BOOKINGS, *rows)
+        await raw.execute(_INSERT_ITEMS, *items)
+    if cancels[0]:
+        await raw.execute(_CANCEL, *cancels)
+
+
+async def write_rows(conn: AsyncConnection, batch: list[Rows]) -> list[str | None]:
+    """Write converted entries in the caller's transaction, each that the event's catalog
+    allows; returns why each of the others was refused (None: written). One entry's
+    fault is that entry's alone: the rest of the batch is written."""
+    raw = await driver(conn)
     # SQLAlchemy begins its transaction only when it runs a statement itself: the driver's
     # statements alone would each commit on their own, and a crash between two of them
     # would leave bookings without their items.
     async with raw.transaction():
-        if rows[0]:
-            await raw.execute(_INSERT_BOOKINGS, *rows)
-            await raw.execute(_INSERT_ITEMS, *items)
-        if cancels[0]:
-            await raw.execute(_CANCEL, *cancels)
+        refused = await _refusals(raw, batch)
+        await _insert(raw, [r for r, why in zip(batch, refused, strict=True) if why is None])
+    return refused
 
 
 async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
     """Write a batch of outbox entries in the caller's transaction; Poison for an entry
-    that cannot be converted (nothing is written then)."""
-    await write_rows(conn, [convert(e) for e in entries])
+    that cannot be converted or that the catalog refuses (nothing is written then)."""
+    batch = [convert(e) for e in entries]
+    raw = await driver(conn)
+    async with raw.transaction():
+        refused = [why for why in await _refusals(raw, batch) if why is not None]
+        if refused:
+            raise Poison(refused[0])
+        await _insert(raw, batch)
 
 
 class OutboxState(msgspec.Struct, frozen=True):
@@ -343,7 +373,8 @@ class WriteBehind:
         """Write and acknowledge entries. An entry that cannot be converted is
         dead-lettered at once, before PostgreSQL is asked anything: so every error the
         write raises afterwards comes from the database, and only the database's "not
-        now" (errors.unavailable) pauses the worker."""
+        now" (errors.unavailable) pauses the worker. One that the event's catalog refuses
+        (bookingrules) is dead-lettered at once too, the rest of its batch written."""
         good: list[Entry] = []
         rows: list[Rows] = []
         for entry in entries:
@@ -356,19 +387,26 @@ class WriteBehind:
         if not good:
             return
         try:
-            await self._write(rows)
+            refused = await self._write(rows)
         except Exception as e:
             if errors.unavailable(e):
                 raise
             log.warning("batch of %d failed (%r); writing its entries one by one", len(good), e)
             await self._one_by_one(good, rows)
             return
-        await self._ack(good)
+        await self._settle(good, refused)
 
-    async def _write(self, rows: list[Rows]) -> None:
+    async def _settle(self, entries: list[Entry], refused: list[str | None]) -> None:
+        """After a commit: acknowledge what was written, dead-letter what was refused."""
+        for entry, why in zip(entries, refused, strict=True):
+            if why is not None:
+                await self._dead_letter(entry, why)
+        await self._ack([e for e, why in zip(entries, refused, strict=True) if why is None])
+
+    async def _write(self, rows: list[Rows]) -> list[str | None]:
         try:
             async with self.svc.engine.begin() as conn:
-                await write_rows(conn, rows)
+                return await write_rows(conn, rows)
         except TimeoutError as e:  # a statement or a connection attempt: said plainly
             s = self.settings
             raise TimeoutError(
@@ -388,7 +426,7 @@ class WriteBehind:
         retry = False
         for entry, row in zip(entries, rows, strict=True):
             try:
-                await self._write([row])
+                refused = await self._write([row])
             except Exception as e:
                 if errors.unavailable(e):
                     raise
@@ -400,7 +438,7 @@ class WriteBehind:
                 else:
                     retry = self._pending_first = True
                 continue
-            await self._ack([entry])
+            await self._settle([entry], refused)
         if retry:  # not at once: what failed may be passing
             await asyncio.sleep(RETRY_SECONDS)
 

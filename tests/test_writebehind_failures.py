@@ -331,8 +331,10 @@ def booking_json(**overrides: Any) -> bytes:
 POISONS: dict[str, Fields] = {
     # Not JSON at all: the decoder rejects it before PostgreSQL sees anything.
     "malformed": {b"op": b"confirm", b"booking": b'{"id": "broken'},
-    # Well-formed, but PostgreSQL rejects it (currency is varchar(3)).
-    "rejected by postgresql": {b"op": b"confirm", b"booking": booking_json(cu="EURO")},
+    # Well-formed and a booking the event could have, but PostgreSQL rejects it (a NUL
+    # in a text column). A currency of four letters was this case before the write-behind
+    # checked bookings against the catalog: now it never reaches PostgreSQL.
+    "rejected by postgresql": {b"op": b"confirm", b"booking": booking_json(c="poison\u0000")},
     # An operation the writer does not know.
     "unknown op": {b"op": b"refund", b"booking": booking_json()},
 }
@@ -558,11 +560,15 @@ async def limited_role(svc: Services) -> AsyncIterator[str]:
             await conn.execute(
                 sa.text(f"GRANT SELECT, INSERT, UPDATE ON bookings, booking_items TO {role}")
             )
+            # The catalog, which the write-behind checks each booking against.
+            await conn.execute(sa.text(f"GRANT SELECT ON events, categories, seats TO {role}"))
     except sqlalchemy.exc.DBAPIError as e:
         pytest.skip(f"cannot create a PostgreSQL role here: {e}")
     yield role
     async with svc.engine.begin() as conn:
-        await conn.execute(sa.text(f"REVOKE ALL ON bookings, booking_items FROM {role}"))
+        await conn.execute(
+            sa.text(f"REVOKE ALL ON bookings, booking_items, events, categories, seats FROM {role}")
+        )
         await conn.execute(sa.text(f"DROP ROLE {role}"))
 
 
