@@ -26,6 +26,8 @@ RUN /opt/uv/bin/uv sync --frozen --no-dev --no-install-project --no-cache
 # Then the project itself (editable: service/, lua/ and migrations/ are found beside each
 # other under /app, where the final stage puts them).
 COPY README.md ./
+# pyproject.toml puts this .pth into the project's wheel: the build fails without it.
+COPY loadtest/boxoffice_locust.pth ./loadtest/
 COPY service ./service
 RUN /opt/uv/bin/uv sync --frozen --no-dev --no-cache
 

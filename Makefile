@@ -7,7 +7,7 @@ BIN := .venv/bin
 BOXOFFICE := $(BIN)/boxoffice
 BOXOFFICE_ADMIN_TOKEN ?= dev-admin-token
 
-.PHONY: venv services services-stop cluster cluster-stop migrate run lint chromium test bench clean
+.PHONY: venv services services-stop cluster cluster-stop migrate run lint chromium docker test bench clean
 
 # uv from PyPI when the machine lacks it: --user fails inside a virtualenv, plain fails on a
 # system Python (PEP 668), hence the chain. `python3 -m uv` works with pip's bin dir off PATH.
@@ -77,7 +77,23 @@ chromium:
 			>/dev/null 2>&1 || echo "chromium could not be installed: the browser tests will skip"; \
 	}
 
-test: venv services lint chromium
+# The image test (tests/test_image.py) needs a Docker engine and, where the base image cannot
+# be pulled, debootstrap: Debian's docker.io and debootstrap, installed as chromium above when
+# missing. As root it starts a dockerd of its own when none answers; otherwise it skips and
+# says why. --no-remove: never replace another Docker (docker-ce) to make room for docker.io.
+docker:
+	@missing=; \
+	command -v dockerd >/dev/null || timeout 20 docker info >/dev/null 2>&1 || missing=" docker.io"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	[ -z "$$missing" ] || { \
+		export DEBIAN_FRONTEND=noninteractive; apt="apt-get --no-remove"; \
+		[ "$$(id -u)" = 0 ] || apt="sudo -n $$apt"; \
+		echo "installing$$missing (Debian packages) for the image test"; \
+		{ $$apt install -y -qq $$missing || { $$apt update -qq && $$apt install -y -qq $$missing; }; } \
+			>/dev/null 2>&1 || echo "could not install$$missing: the image test may skip"; \
+	}
+
+test: venv services lint chromium docker
 	$(BIN)/pytest
 
 bench: venv services

@@ -8,8 +8,10 @@ second or two. Where the Dockerfile's base image cannot be pulled (a machine tha
 only Debian's and PyPI's package servers), an equivalent one is built from Debian's packages
 with debootstrap and tagged with the base's name, and the test says so.
 
-An engine on a Debian machine without one: `apt-get install docker.io debootstrap`, then
-`dockerd --bridge=none --iptables=false &` (these containers use the host's network only).
+Where no engine answers but Debian's docker.io is installed and we are root (`make test`
+installs docker.io and debootstrap when it can), the test starts a dockerd of its own for the
+session and stops it afterwards (tests/dockerd.py); otherwise, or when that dockerd fails to
+start, it skips with dockerd's or `docker info`'s reason.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from service.context import Services
 from service.db import bookings
 from service.settings import Settings
 from tests.conftest import ADMIN, create_event, eventually, server_env
+from tests.dockerd import Dockerd
 from tests.servers import free_port
 
 pytestmark = pytest.mark.image
@@ -76,11 +79,8 @@ def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Co
     return done
 
 
-@pytest.fixture(scope="session")
-def engine() -> str:
-    """The Docker engine's version, or a skip that says why there is none."""
-    if shutil.which("docker") is None:
-        pytest.skip("no docker client on PATH (Debian: apt-get install docker.io)")
+def engine_version() -> str:
+    """The engine's version, or a skip that says why there is none."""
     try:
         done = docker("info", "--format", "{{.ServerVersion}}", timeout=20, check=False)
     except subprocess.TimeoutExpired:
@@ -89,6 +89,36 @@ def engine() -> str:
         reason = (done.stderr.strip().splitlines() or ["no answer"])[-1]
         pytest.skip(f"no Docker engine runs here (`docker info`: {reason})")
     return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def engine(pytestconfig: pytest.Config) -> Iterator[str]:
+    """The Docker engine's version: the one that answers, or else one of the test's own."""
+    if shutil.which("docker") is None:
+        pytest.skip("no docker client on PATH (Debian: apt-get install docker.io)")
+    try:
+        version = engine_version()
+    except pytest.skip.Exception as no_engine:
+        if shutil.which("dockerd") is None or os.geteuid() != 0:
+            how = "that needs root" if os.geteuid() else "dockerd is not installed (docker.io)"
+            pytest.skip(f"{no_engine.msg}, and the test cannot start one: {how}")
+    else:
+        yield version
+        return
+    own = Dockerd()
+    try:
+        own.start()
+    except RuntimeError as failed:
+        own.close()
+        pytest.skip(f"no Docker engine runs here, and one of the test's own failed: {failed}")
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("DOCKER_HOST", own.host)
+            version = engine_version()
+            say(pytestconfig, f"started dockerd {version} of its own (data-root {own.data_root})")
+            yield version
+    finally:
+        own.close()
 
 
 def base_image() -> str:
