@@ -1081,6 +1081,7 @@ def create_app(settings: Settings) -> Litestar:
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
             svc.sold_out.start(svc.scripts)
+            svc.event_ids.start(svc)
             # Everything built so far lives as long as the process. Left to the collector,
             # it is traversed again by every full collection, a 50 ms pause about once a
             # second under load (the p99 of a hold); frozen, it is never traversed again.

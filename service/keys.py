@@ -12,6 +12,8 @@ from functools import lru_cache
 PREFIX = "bo:"
 # Events with live state in Redis, for the sweeper and the worker to find.
 EVENTS = f"{PREFIX}events"
+# Pub/sub channel: every create announces its event id here (service/eventids.py).
+EVENT_CREATED = f"{PREFIX}events:created"
 # One sweeper at a time across all workers.
 SWEEPER_LOCK = f"{PREFIX}sweeper:lock"
 # The consumer group of the write-behind workers on every outbox stream.
