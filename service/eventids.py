@@ -37,6 +37,10 @@ PING_SECONDS = 1.0
 RELOAD_SECONDS = 1.0
 # After the subscription failed: tried again after this long.
 RESUBSCRIBE_SECONDS = 1.0
+# Of the requests for ids the complete set lacks, how many a second may still go the
+# usual way (a script call: Redis has every loaded event), in case the id's announcement
+# is on its way to this process; the rest are answered 404 at once.
+LOOKUPS_PER_SECOND = 20
 
 
 class EventIds:
@@ -51,6 +55,9 @@ class EventIds:
         self._reading: asyncio.Task[None] | None = None
         self._read_at = -RELOAD_SECONDS  # time.monotonic() of the last read begun
         self.reads = 0  # reads of the whole set (for tests and logs)
+        # The lookups' budget: LOOKUPS_PER_SECOND, refilled each second.
+        self._second = 0
+        self._lookups = 0
 
     def start(self, svc: Services) -> None:
         """In the API process, once svc.redis is final (Services.start)."""
@@ -67,6 +74,19 @@ class EventIds:
 
     def add(self, event_id: str) -> None:
         self._ids.add(event_id)
+
+    def surely_unknown(self, event_id: str) -> bool:
+        """Before any Redis call (no await): True when the request may be answered 404 at
+        once. An id announced a moment ago may not have reached this process yet, so a few
+        requests a second for ids the set lacks still go the usual way (Redis has the
+        event if it is loaded; if not, may_exist answers without PostgreSQL)."""
+        if not self.fresh or event_id in self._ids:
+            return False
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second, self._lookups = second, 0
+        self._lookups += 1
+        return self._lookups > LOOKUPS_PER_SECOND
 
     async def may_exist(self, svc: Services, event_id: str) -> bool:
         """False only when PostgreSQL surely has no such event."""
