@@ -19,7 +19,8 @@ from litestar.testing import AsyncTestClient
 from service import api, eventids, live
 from service.context import Services
 from service.settings import Settings
-from tests.conftest import ADMIN, create_event, new_event_id
+from tests.conftest import ADMIN, create_event, event_body, new_event_id, on_redis
+from tests.servers import LocalCluster
 
 
 class App:
@@ -139,3 +140,33 @@ async def test_after_a_lost_subscription_the_ids_are_read_again(app: App, svc: S
     await _ask_unknown(app.http, 40)
     assert 1 <= len(app.statements) <= 1 + 2 * int(eventids.RELOAD_SECONDS), app.statements
     assert all("FROM events" in s and "WHERE" not in s for s in app.statements), app.statements
+
+
+async def test_on_a_cluster(cluster: LocalCluster, settings: Settings) -> None:
+    """The channel on a Redis Cluster: PUBLISH reaches every node, the subscriber listens
+    on one; two processes' apps, one creates, the other knows the id at once."""
+    csettings = on_redis(settings, cluster.url)
+    first, second = api.create_app(csettings), api.create_app(csettings)
+    async with AsyncTestClient(first) as one, AsyncTestClient(second) as two:
+        svc_one: Services = first.state.svc
+        svc_two: Services = second.state.svc
+        for s in (svc_one, svc_two):
+            assert await s.event_ids.wait_fresh(20), "the event ids were never read"
+        event_id = new_event_id("cluster")
+        r = await one.post("/admin/events", json=event_body(event_id), headers=ADMIN)
+        assert r.status_code == 201, r.text
+        mine = Services.open(csettings)  # the apps run on a loop of their own
+        try:
+            await mine.start()
+            await live.unload(mine, event_id)
+        finally:
+            await mine.close()
+        r = await two.get(f"/events/{event_id}")
+        assert r.status_code == 200, r.text
+        app = App(second, two)
+        sa.event.listen(svc_two.engine.sync_engine, "before_cursor_execute", app.count)
+        try:
+            assert set(await _ask_unknown(two, 50)) == {404}
+        finally:
+            sa.event.remove(svc_two.engine.sync_engine, "before_cursor_execute", app.count)
+        assert app.statements == []
