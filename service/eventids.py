@@ -55,6 +55,7 @@ class EventIds:
         self._reading: asyncio.Task[None] | None = None
         self._read_at = -RELOAD_SECONDS  # time.monotonic() of the last read begun
         self.reads = 0  # reads of the whole set (for tests and logs)
+        self._read_ok = False  # whether the last read of the set succeeded
         # The lookups' budget: LOOKUPS_PER_SECOND, refilled each second.
         self._second = 0
         self._lookups = 0
@@ -95,7 +96,8 @@ class EventIds:
         if self.fresh:
             return False
         await self._read_again(svc)
-        return event_id in self._ids
+        # A set PostgreSQL did not give (it is away): the caller's own query says so.
+        return event_id in self._ids or not self._read_ok
 
     async def wait_fresh(self, within: float) -> bool:
         """For tests and start-up checks: whether the set became complete in time."""
@@ -114,14 +116,17 @@ class EventIds:
             if time.monotonic() - self._read_at < RELOAD_SECONDS:
                 return
             task = self._reading = asyncio.get_running_loop().create_task(self._read(svc))
-        await asyncio.shield(task)
+        with contextlib.suppress(Exception):  # then _read_ok says so
+            await asyncio.shield(task)
 
     async def _read(self, svc: Services) -> None:
         self._read_at = time.monotonic()
         self.reads += 1
+        self._read_ok = False
         async with svc.engine.connect() as conn:
             ids = (await conn.execute(sa.select(events.c.id))).scalars().all()
         self._ids.update(ids)
+        self._read_ok = True
 
     # --- the subscription -------------------------------------------------------------
 
