@@ -993,8 +993,12 @@ _RETRY_AFTER_IN_PROGRESS = OpenAPIHeader(
 _RATELIMIT_POLICY = OpenAPIHeader(
     schema=Schema(type=OpenAPIType.STRING),
     description='The rate limits that apply (IETF draft "RateLimit header fields for HTTP"),'
-    ' e.g. `"customer";q=20;w=60`: q attempts per w seconds; sent by a rate limit, not with'
-    " the Idempotency-Key budget's 429",
+    ' e.g. `"address";q=600;w=60, "tickets";q=40;w=60, "customer";q=20;w=60`: q attempts'
+    " (tickets, for `tickets`) per w seconds. Policies: `address` (every request of the"
+    " client address), `joins` (its joins of a waiting room), `tickets` (the tickets its"
+    " holds ask for), `admin` (its admin requests), `customer` (the customer's hold"
+    " attempts in the event). Sent by a rate limit, not with the Idempotency-Key budget's"
+    " 429",
 )
 _RATELIMIT = OpenAPIHeader(
     schema=Schema(type=OpenAPIType.STRING),
