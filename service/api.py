@@ -301,11 +301,12 @@ _decode_asked = msgspec.json.Decoder(_Asked).decode
 
 async def _tickets_asked(request: Request[Any, Any, Any]) -> int:
     """The tickets a hold's body asks for, for the per-address ticket limit: 1 when it
-    cannot tell (a body too large, or not a hold: the route answers 413 or 400 itself)."""
+    cannot tell (a body declared too large, or not a hold: the route answers 413 or 400
+    itself, and nothing is held). A chunked body is read too (Litestar's size limit
+    applies): else a bot would send its holds chunked to have each counted as one."""
     declared = _header(request, b"content-length")
-    if declared is None or not declared.isdigit():
-        return 1
-    if int(declared) > _svc(request).settings.max_body_bytes:
+    limit = _svc(request).settings.max_body_bytes
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         return 1
     try:
         asked = _decode_asked(await request.body())

@@ -162,3 +162,24 @@ async def test_an_office_behind_one_address_is_not_hurt(http: httpx.AsyncClient)
 
     seen = await asyncio.gather(*(colleague(n) for n in range(20)))
     assert all(code in (200, 201) for codes in seen for code in codes), seen
+
+
+async def test_chunked_holds_count_their_tickets_too(http: httpx.AsyncClient) -> None:
+    """A body without Content-Length is read for its tickets like any other."""
+    event_id = await _event(http, 100)
+    bot = _address()
+
+    async def chunked(i: int) -> AsyncIterator[bytes]:
+        yield b'{"customer_id": "chunk-%d", ' % i
+        yield b'"items": [{"category": "GA", "quantity": 10}]}'
+
+    codes = []
+    for i in range(6):
+        r = await http.post(
+            f"/events/{event_id}/holds",
+            content=chunked(i),
+            headers={**bot, "content-type": "application/json"},
+        )
+        codes.append(r.status_code)
+    taken = TICKETS // 10
+    assert codes == [201] * taken + [429] * (6 - taken), codes
