@@ -147,7 +147,9 @@ class AddressLimits:
         policies = self._policies(scope, tickets)
         if not policies:
             return []
-        who = client_address(scope, self._trusted)
+        # No peer (a Unix socket): one address all the same, never an empty hash tag (which
+        # Redis would not take for one: the keys would fall on several slots).
+        who = client_address(scope, self._trusted) or "unknown"
         args: list[int] = []
         for policy, cost in policies:
             args += [policy.quota, policy.window * 1000, cost]
