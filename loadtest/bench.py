@@ -160,6 +160,11 @@ TARGETS: dict[str, Target] = {
     "confirm": Target("service `POST …/holds/{id}/confirm`", "POST confirm", "service"),
     "release": Target("service `DELETE …/holds/{id}`", "DELETE hold", "service"),
     "event": Target("service `GET /events/{id}`", "GET event", "service"),
+    "unknown": Target(
+        "service: unknown event ids, each new (`GET` event, `POST` holds, `GET` hold): 404",
+        "unknown event ids (404)",
+        "service",
+    ),
     "join": Target("service `POST /events/{id}/queue`", "POST queue (join)", "service"),
     "poll": Target("service `GET …/queue/{ticket}`", "GET queue ticket (poll)", "service"),
     "script": Target(
@@ -174,7 +179,7 @@ TARGETS: dict[str, Target] = {
     ),
 }
 SERVICE_TARGETS = (
-    "health", "hold", "sold_out", "event", "confirm", "release", "join", "poll",
+    "health", "hold", "sold_out", "event", "unknown", "confirm", "release", "join", "poll",
 )  # fmt: skip
 CLUSTER_TARGETS = ("cluster", "cluster_one")
 # The waiting room of the join and poll rows: a queue that only grows during the runs.
@@ -228,6 +233,14 @@ GOALS = (
         ("hold", "rps"),
         ">=",
         1,
+    ),
+    Goal(
+        "unknown_vs_event_rps",
+        "unknown event ids ÷ known event GET, requests/s",
+        ("unknown", "rps"),
+        ("event", "rps"),
+        ">=",
+        0.8,
     ),
     Goal(
         "join_vs_twin_rps", "join ÷ twin, requests/s", ("join", "rps"), ("twin", "rps"), ">=", 0.8
@@ -749,11 +762,12 @@ class Bench:
         stat: Stat | None = None,
         refused: str | None = None,
         nodes: Sequence[redis.Redis] = (),
+        not_found: bool = False,
     ) -> Result:
         """Warm-up, then the measured run; `stat` checked. `refused`: an event every
         request is refused for (sold_out): no hold may be created, and the script calls
         Redis served during the run are counted. `nodes`: the Redis servers whose CPU is
-        the row's (default: the service's)."""
+        the row's (default: the service's). `not_found`: every answer must be a 404."""
         cfg = self.cfg
         url = server.url + path
         if warmup and cfg.warmup:
@@ -780,7 +794,12 @@ class Bench:
             created, calls = (
                 a - b for a, b in zip(self.refusal_counts(refused), (created, calls), strict=True)
             )
+        if not_found:
+            statuses = data.pop("errors_status", 0)
         result = wrk_result(name, data, meter.cpu)
+        if not_found and statuses < result.requests:
+            result.valid = False
+            result.notes.append(f"{result.requests - statuses:,} answers not 404")
         # CPU per request: steadier than requests/s on a shared machine.
         result.extra["cpu_us_per_request"] = {
             k: round(meter.cpu[k] / 100 / result.rps * 1e6, 1) if result.rps else 0.0
@@ -820,6 +839,14 @@ class Bench:
         info: dict[str, Any] = self.r.info("commandstats")
         calls = sum(int(info.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
         return Stat(self.r, (event_id,), "created").read(), calls
+
+    def once(
+        self, name: str, server: Server, script: str, path: str, not_found: bool = False
+    ) -> Callable[[bool], Result]:
+        """One measure() of a target whose requests can repeat, for paired()."""
+        return lambda first: self.measure(
+            name, server, script, path, warmup=first, not_found=not_found
+        )
 
     def simple(
         self, name: str, server: Server, script: str, path: str, stat: Stat | None = None
@@ -904,6 +931,8 @@ class Bench:
             # The hold rows measure the hold path, not the limit of a human's attempts: one
             # customer ("bench", or 1,000 with tokens) makes thousands of holds a second.
             "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": "0",
+            # wrk is one address sending for every buyer, as a trusted backend in front is.
+            "BOXOFFICE_RATE_LIMIT_ADDRESS": "0",
         }
 
     def service(self) -> None:
@@ -943,7 +972,14 @@ class Bench:
                         refused=gone,
                     ),
                 )
-            if self.wanted("event"):
+            if self.wanted("unknown"):
+                self.paired(
+                    {
+                        "event": self.once("event", server, "get.lua", f"/events/{hot}"),
+                        "unknown": self.once("unknown", server, "unknown.lua", "/", not_found=True),
+                    }
+                )
+            elif self.wanted("event"):
                 self.simple("event", server, "get.lua", f"/events/{hot}")
             if self.wanted("confirm"):
                 self.pooled("confirm", server, hot)

@@ -17,6 +17,10 @@ root="$(dirname "$here")"
 locust="${LOCUST:-$root/.venv/bin/locust}"
 url="${BOXOFFICE_URL:-http://127.0.0.1:8000}"
 export BOXOFFICE_ADMIN_TOKEN="${BOXOFFICE_ADMIN_TOKEN:-dev-admin-token}"
+# Each buyer forwards for an address of its own: the per-address limits (on by default)
+# would take this one machine for one household. `make run` believes 127.0.0.1's
+# X-Forwarded-For; a service that does not (BOXOFFICE_TRUSTED_PROXIES) counts the machine.
+export DROP_FORWARDED_FOR="${DROP_FORWARDED_FOR:-true}"
 
 if [[ ! -x "$locust" ]]; then
     echo "drop.sh: no locust at $locust (run 'make test' or 'uv sync' first, or set LOCUST)" >&2

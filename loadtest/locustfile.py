@@ -438,6 +438,9 @@ class Counters:
     bot_rate_limited: int = 0
     bot_sold_out: int = 0
     bot_other_refusals: int = 0  # not_on_sale, customer_limit, hold_expired, ...
+    joins: int = 0  # humans' places in the waiting room (their first 201 of a join)
+    bot_joins: int = 0  # bots' places in it
+    bot_join_attempts: int = 0
 
     def add(self, other: dict[str, Any]) -> None:
         for f in fields(self):
@@ -557,9 +560,11 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     options.on_sale_epoch = round(time.time() + on_sale_in, 3) if on_sale_in > 0 else 0.0
     scenario = Scenario.from_options(options)
     if scenario.waiting_room_apm and any(
-        cls is not QueuedBuyer for cls in environment.user_classes
+        cls not in (QueuedBuyer, Bot) for cls in environment.user_classes
     ):
-        problems = ["--waiting-room-apm: run the QueuedBuyer class alone (name it last)"]
+        problems = [
+            "--waiting-room-apm: run the QueuedBuyer class (name it last), with Bot for --bots"
+        ]
     else:
         problems = scenario.problems()
     if problems:
@@ -825,6 +830,8 @@ class QueuedBuyer(Buyer):
     (tickets may come back), up to --queue-patience; then the buyer leaves the queue.
     Without a room it is a plain Buyer."""
 
+    joined = False  # has a place in the room (joining again returns the same one)
+
     @task
     def drop(self) -> None:
         if self.idle:
@@ -851,8 +858,9 @@ class QueuedBuyer(Buyer):
     def queue_call(
         self, method: str, path: str, name: str, ok: int, body: Any = None
     ) -> dict[str, Any] | None:
+        # From the buyer's own address (--forwarded-for), as its other requests.
         with self.client.request(
-            method, path, json=body, name=name, catch_response=True
+            method, path, json=body, name=name, headers=self.headers, catch_response=True
         ) as response:
             if response.status_code != ok:
                 _unexpected(response)
@@ -865,6 +873,9 @@ class QueuedBuyer(Buyer):
         ticket = self.queue_call(
             "POST", queue, "queue join", 201, {"customer_id": self.customer_id}
         )
+        if ticket is not None and not self.joined:  # joining again: the same place
+            self.joined = True
+            COUNTERS.joins += 1
         deadline = time.monotonic() + self.scenario.queue_patience
         while ticket is not None and ticket.get("status") in ("waiting", "sold_out"):
             if time.monotonic() > deadline:
@@ -920,12 +931,20 @@ class Bot(FastHttpUser):
             "items": [{"category": category, "quantity": s.max_per_order}],
         }
         event_path = f"/events/{s.event_id}"
+        headers = self.headers
+        if s.waiting_room_apm:
+            # A place in the room for each made-up customer: a pass when it is admitted at
+            # once, else the place only (it pushes humans back all the same).
+            admitted = self._join(event_path, customer)
+            if admitted is None:
+                return
+            headers = {**(self.headers or {}), "Boxoffice-Pass": admitted}
         COUNTERS.bot_attempts += 1
         with self.client.post(
             f"{event_path}/holds",
             json=body,
             name="bot hold",
-            headers=self.headers,
+            headers=headers,
             catch_response=True,
         ) as response:
             hold = _json(response) if response.status_code == 201 else None
@@ -946,6 +965,24 @@ class Bot(FastHttpUser):
                 return
             COUNTERS.bot_bookings += 1
             COUNTERS.bot_tickets += _tickets(booking)
+
+    def _join(self, event_path: str, customer: str) -> str | None:
+        """Join the room as `customer`: the pass when admitted at once, else None."""
+        COUNTERS.bot_join_attempts += 1
+        with self.client.post(
+            f"{event_path}/queue",
+            json={"customer_id": customer},
+            name="bot join",
+            headers=self.headers,
+            catch_response=True,
+        ) as response:
+            ticket = _json(response) if response.status_code == 201 else None
+            if ticket is None:
+                self._refused(response, "bot join")
+                return None
+            COUNTERS.bot_joins += 1
+            admitted: str | None = ticket.get("pass")
+            return admitted
 
     def _refused(self, response: ResponseContextManager, what: str) -> None:
         code = _problem_code(response)
@@ -1237,6 +1274,18 @@ def _check(api: Api, scenario: Scenario, counters: Counters) -> list[str]:
     return problems
 
 
+def _room_line(c: Counters) -> str:
+    """The waiting room's places: humans' and bots' (empty without a room)."""
+    places = c.joins + c.bot_joins
+    if not c.bot_join_attempts and not c.joins:
+        return ""
+    share = c.bot_joins / places if places else 0.0
+    return (
+        f"  waiting room       {places} places: {c.joins} humans, {c.bot_joins} bots "
+        f"({share:.1%} of the room; the bots tried {c.bot_join_attempts} times)\n"
+    )
+
+
 def _bot_report(bookings: list[dict[str, Any]], c: Counters) -> list[str]:
     """Who got the tickets: humans or bots (by PostgreSQL's bookings); what is wrong."""
     by_bots = sum(_tickets(b) for b in bookings if b["customer_id"].startswith(BOT_PREFIX))
@@ -1258,6 +1307,7 @@ def _bot_report(bookings: list[dict[str, Any]], c: Counters) -> list[str]:
         f"  bots               {c.bot_attempts} hold attempts: {c.bot_holds} held, "
         f"{c.bot_bookings} bookings ({c.bot_tickets} tickets), {c.bot_rate_limited} 429s, "
         f"{c.bot_sold_out} sold_out, {c.bot_other_refusals} other refusals\n"
+        f"{_room_line(c)}"
         f"  5xx answers        {c.server_errors}",
         flush=True,
     )

@@ -413,12 +413,15 @@ end
 -- as told gets the rate the limit allows. No human meets either.
 -- Returns a table: ok, remaining (attempts left now), reset_ms (until the whole quota is
 -- back; when refused, until the next attempt is allowed), and what give_back needs.
-local function rate_take(key, limit, window_ms, now)
+-- `cost` (default 1): how many of the `limit` this attempt uses (the tickets of a hold);
+-- at most `limit`, or it could never pass.
+local function rate_take(key, limit, window_ms, now, cost)
   if limit <= 0 then return {ok = true} end
   local interval = window_ms / limit
   local before = redis.call('GET', key)
   local tat = math.max(tonumber(before or '0'), now)
-  local next_tat = tat + interval
+  local step = interval * math.min(cost or 1, limit)
+  local next_tat = tat + step
   local allowed_at = next_tat - window_ms
   -- 0.01 ms of slack: window/limit need not be a whole number of ms, and the stored time
   -- is rounded, so attempts in the same ms would otherwise lose one to rounding.
@@ -427,7 +430,7 @@ local function rate_take(key, limit, window_ms, now)
     if counted > tat then
       redis.call('SET', key, string.format('%.3f', counted), 'PX', math.max(1, math.ceil(counted - now)))
     end
-    local wait = counted + interval - window_ms - now
+    local wait = counted + step - window_ms - now
     return {ok = false, remaining = 0, reset_ms = wait, limit = limit, window_ms = window_ms}
   end
   -- At least 1 ms: an interval far below a ms may vanish in the time's rounding.

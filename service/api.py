@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import MutableScopeHeaders, ResponseHeader
@@ -229,6 +230,14 @@ def _event(event_id: str) -> str:
     return event_id
 
 
+def _known(svc: Services, event_id: str) -> str:
+    """_event, and 404 at once, without a Redis call, for an id that no event has: the
+    public routes, which a flood of made-up ids may hit (service/eventids.py)."""
+    if svc.event_ids.surely_unknown(_event(event_id)):
+        raise errors.EventNotFound(f"no event {event_id!r}")
+    return event_id
+
+
 def _header(request: Request[Any, Any, Any], name: bytes) -> str | None:
     """A request header of the hot routes, found without Litestar's Headers (built per
     request, a twentieth of a hold's CPU). These headers are documented by document()."""
@@ -271,9 +280,39 @@ async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     scope[_RATE_HEADERS_OF_SCOPE] = {}
     limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
     if limits is not None and limits.enabled:
-        quota = await limits.check(connection.scope)
-        if quota is not None:
-            scope[_RATE_HEADERS_OF_SCOPE] = quota.headers()
+        tickets = 1
+        if isinstance(connection, Request) and limits.counts_tickets(connection.scope):
+            tickets = await _tickets_asked(connection)
+        quotas = await limits.check(connection.scope, tickets)
+        scope[_RATE_HEADERS_OF_SCOPE] = ratelimit.merge(*(q.headers() for q in quotas))
+
+
+class _Quantity(msgspec.Struct):
+    quantity: int = 1
+
+
+class _Asked(msgspec.Struct):
+    items: list[_Quantity] = []
+    seats: list[str] = []
+
+
+_decode_asked = msgspec.json.Decoder(_Asked).decode
+
+
+async def _tickets_asked(request: Request[Any, Any, Any]) -> int:
+    """The tickets a hold's body asks for, for the per-address ticket limit: 1 when it
+    cannot tell (a body declared too large, or not a hold: the route answers 413 or 400
+    itself, and nothing is held). A chunked body is read too (Litestar's size limit
+    applies): else a bot would send its holds chunked to have each counted as one."""
+    declared = _header(request, b"content-length")
+    limit = _svc(request).settings.max_body_bytes
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return 1
+    try:
+        asked = _decode_asked(await request.body())
+    except (msgspec.DecodeError, ValueError):
+        return 1
+    return max(1, sum(max(0, i.quantity) for i in asked.items) + len(asked.seats))
 
 
 async def add_rate_headers(message: Message, scope: Scope) -> None:
@@ -364,7 +403,7 @@ async def list_events(request: Request[Any, Any, Any]) -> schemas.EventList:
 async def get_event(
     request: Request[Any, Any, Any], event_id: EventIdParam
 ) -> Response[schemas.Event]:
-    return Answer(await catalog.view_event(_svc(request), _event(event_id)))
+    return Answer(await catalog.view_event(_svc(request), _known(_svc(request), event_id)))
 
 
 @get(
@@ -386,7 +425,8 @@ async def list_seats(
 ) -> schemas.SeatList:
     """The seat map in seat order, a page at a time. With `status`, a page may hold fewer
     than `limit` seats (even none) and still have a `next_cursor`: follow it to the end."""
-    return await sales.list_seats(_svc(request), _event(event_id), category, status, limit, cursor)
+    svc = _svc(request)
+    return await sales.list_seats(svc, _known(svc, event_id), category, status, limit, cursor)
 
 
 # The hold route, as each of its two handlers below declares it.
@@ -423,7 +463,7 @@ async def _hold(
     svc = _svc(request)
     try:
         given = _header(request, b"boxoffice-pass")
-        await waitingroom.require_pass(svc, _event(event_id), data.customer_id, given)
+        await waitingroom.require_pass(svc, _known(svc, event_id), data.customer_id, given)
         idem = await _idempotency(request)
         hold, quota = await sales.create_hold_counted(svc, event_id, data, idem)
     except errors.BoxofficeError as e:
@@ -466,7 +506,7 @@ async def get_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
 ) -> Response[schemas.Hold]:
     svc = _svc(request)
-    return Answer(await sales.get_hold(svc, _event(event_id), hold_id, customers.of(request)))
+    return Answer(await sales.get_hold(svc, _known(svc, event_id), hold_id, customers.of(request)))
 
 
 @post(
@@ -493,7 +533,7 @@ async def confirm_hold(
 ) -> Response[schemas.Booking]:
     booking = await sales.confirm_hold(
         _svc(request),
-        _event(event_id),
+        _known(_svc(request), event_id),
         hold_id,
         data or schemas.HoldConfirm(),
         await _idempotency(request),
@@ -520,7 +560,7 @@ async def release_hold(
 ) -> None:
     await sales.release_hold(
         _svc(request),
-        _event(event_id),
+        _known(_svc(request), event_id),
         hold_id,
         await _idempotency(request),
         customers.of(request),
@@ -537,7 +577,8 @@ async def get_booking(
     request: Request[Any, Any, Any], event_id: EventIdParam, booking_id: FromPath[str]
 ) -> Response[schemas.Booking]:
     svc = _svc(request)
-    booking = await bookings.get_booking(svc, _event(event_id), booking_id, customers.of(request))
+    event_id = _known(svc, event_id)
+    booking = await bookings.get_booking(svc, event_id, booking_id, customers.of(request))
     return Answer(booking)
 
 
@@ -571,7 +612,8 @@ async def _join(
     customer = customers.body_customer(request, data.customer_id) or data.customer_id
     try:
         idem = await _idempotency(request)
-        ticket, _new = await waitingroom.join(_svc(request), _event(event_id), customer, idem)
+        svc = _svc(request)
+        ticket, _new = await waitingroom.join(svc, _known(svc, event_id), customer, idem)
     except errors.BoxofficeError as e:
         return problem(request, e)  # as a hold's refusals (see _hold)
     location = f"/events/{event_id}/queue/{ticket.ticket}"
@@ -614,7 +656,7 @@ async def poll_queue(
     after `poll_after_seconds` until then."""
     svc = _svc(request)
     try:
-        found = await waitingroom.poll(svc, _event(event_id), ticket, customers.of(request))
+        found = await waitingroom.poll(svc, _known(svc, event_id), ticket, customers.of(request))
     except errors.BoxofficeError as e:
         return problem(request, e)  # as a hold's refusals (see _hold)
     return Answer(found)
@@ -639,7 +681,7 @@ async def leave_queue(
     stays valid until it expires."""
     await waitingroom.leave(
         _svc(request),
-        _event(event_id),
+        _known(_svc(request), event_id),
         ticket,
         await _idempotency(request),
         customers.of(request),
@@ -952,8 +994,12 @@ _RETRY_AFTER_IN_PROGRESS = OpenAPIHeader(
 _RATELIMIT_POLICY = OpenAPIHeader(
     schema=Schema(type=OpenAPIType.STRING),
     description='The rate limits that apply (IETF draft "RateLimit header fields for HTTP"),'
-    ' e.g. `"customer";q=20;w=60`: q attempts per w seconds; sent by a rate limit, not with'
-    " the Idempotency-Key budget's 429",
+    ' e.g. `"address";q=600;w=60, "tickets";q=40;w=60, "customer";q=20;w=60`: q attempts'
+    " (tickets, for `tickets`) per w seconds. Policies: `address` (every request of the"
+    " client address), `joins` (its joins of a waiting room), `tickets` (the tickets its"
+    " holds ask for), `admin` (its admin requests), `customer` (the customer's hold"
+    " attempts in the event). Sent by a rate limit, not with the Idempotency-Key budget's"
+    " 429",
 )
 _RATELIMIT = OpenAPIHeader(
     schema=Schema(type=OpenAPIType.STRING),
@@ -1081,6 +1127,7 @@ def create_app(settings: Settings) -> Litestar:
                     raise
                 log.warning("Redis unreachable at start-up: %r", e)
             svc.sold_out.start(svc.scripts)
+            svc.event_ids.start(svc)
             # Everything built so far lives as long as the process. Left to the collector,
             # it is traversed again by every full collection, a 50 ms pause about once a
             # second under load (the p99 of a hold); frozen, it is never traversed again.

@@ -113,6 +113,7 @@ async def create_event(svc: Services, body: schemas.EventCreate) -> schemas.Even
     plan = _plan(body)
     await _insert(svc, body, plan)
     try:
+        await live.announce(svc, body.id)
         await live.register(svc, body.id)
         # The load replaces the event's keys; a queue left by an event of the same id
         # (created and undone) goes with them.

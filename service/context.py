@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import retries
 from service.db import create_engine
+from service.eventids import EventIds
 from service.scriptpipe import parse_seed_nodes
 from service.scripts import Scripts
 from service.settings import Settings
@@ -46,6 +47,8 @@ class Services:
     engine: AsyncEngine
     # The sold-out shortcut's flags: used by the API processes (started in their lifespan).
     sold_out: SoldOut = field(default_factory=SoldOut)
+    # Every event id PostgreSQL has: used by the API processes (started in their lifespan).
+    event_ids: EventIds = field(default_factory=EventIds)
 
     @classmethod
     def open(cls, settings: Settings) -> Services:
@@ -73,6 +76,7 @@ class Services:
 
     async def close(self) -> None:
         await self.sold_out.close()
+        await self.event_ids.close()
         self.scripts.close()
         await self.redis.aclose()
         await self.engine.dispose()

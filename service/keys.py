@@ -12,6 +12,8 @@ from functools import lru_cache
 PREFIX = "bo:"
 # Events with live state in Redis, for the sweeper and the worker to find.
 EVENTS = f"{PREFIX}events"
+# Pub/sub channel: every create announces its event id here (service/eventids.py).
+EVENT_CREATED = f"{PREFIX}events:created"
 # One sweeper at a time across all workers.
 SWEEPER_LOCK = f"{PREFIX}sweeper:lock"
 # The consumer group of the write-behind workers on every outbox stream.
@@ -155,9 +157,10 @@ def parse_restock_channel(channel: str) -> str | None:
 
 
 def address_rate(policy: str, address: str) -> str:
-    """string: a client address's requests under a per-address limit ("address" or
-    "admin"; lua/rate.lua), with a TTL. Apart from any event: on a slot of its own."""
-    return f"{PREFIX}rl:{policy}:{address}"
+    """string: a client address's count under a per-address limit ("address", "joins",
+    "tickets" or "admin"; lua/rate.lua), with a TTL. Apart from any event; the limits of
+    one address share a slot (its hash tag), so that one script call counts them all."""
+    return f"{PREFIX}rl:{{{address}}}:{policy}"
 
 
 def global_idempotency(key_digest: str) -> str:

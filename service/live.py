@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from service import errors, ledger
 from service.context import Services
 from service.db import categories, events, seats
-from service.keys import EVENTS, event_keys
+from service.keys import EVENT_CREATED, EVENTS, event_keys
 from service.scripts import NO_ORDER, NOT_LOADED, RETRY, Idempotency, raise_for_error
 from service.timefmt import to_ms
 
@@ -235,6 +235,13 @@ async def in_postgres(svc: Services, event_id: str) -> bool:
         return found.first() is not None
 
 
+async def announce(svc: Services, event_id: str) -> None:
+    """Tell every API process that the event exists (service/eventids.py): after its
+    PostgreSQL commit, before it is loaded (a process that misses it reads PostgreSQL)."""
+    svc.event_ids.add(event_id)
+    await svc.redis.publish(EVENT_CREATED, event_id)
+
+
 async def unload(svc: Services, event_id: str) -> None:
     """Delete the event's live state (its keys share one slot: one command)."""
     k = event_keys(event_id)
@@ -302,7 +309,7 @@ async def restore(svc: Services, event_id: str) -> None:
     """Load an event that PostgreSQL has and Redis lost (or never had). Its bookings are
     adopted first, so that the load counts them as sold: never more stock than
     PostgreSQL allows."""
-    if MISSES.missing(event_id):
+    if MISSES.missing(event_id) or not await svc.event_ids.may_exist(svc, event_id):
         raise errors.EventNotFound(f"no event {event_id!r}")
     async with svc.engine.connect() as conn:
         ev = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import NamedTuple, Protocol
 
@@ -97,52 +98,109 @@ def _trusted(address: str, trusted: tuple[IPv4Network | IPv6Network, ...]) -> bo
 
 
 class KeyedScripts(Protocol):
-    async def call_keyed(self, name: str, key: str, *args: str | bytes | int) -> bytes: ...
+    async def call_keyed(
+        self, name: str, key: str | tuple[str, ...], *args: str | bytes | int
+    ) -> bytes: ...
+
+
+class Policy(NamedTuple):
+    name: str
+    quota: int
+    window: int
+
+
+# The routes that take something scarce: a place in a waiting room, tickets.
+_JOIN = re.compile(r"/events/[^/]+/queue")
+_HOLD = re.compile(r"/events/[^/]+/holds")
 
 
 class AddressLimits:
-    """Requests per client address per window: the public routes share one limit, the
-    admin routes (`/admin/…`) have another. Counted by lua/rate.lua (the GCRA of the
-    customer limit, lib.lua) through the hot path's own script pipe: one pipelined call
-    per request, atomic, so exact across API processes; one key per address, so a
-    cluster routes it like any other."""
+    """Per client address: requests on the public routes (one limit for all of them); of
+    those, joins of a waiting room, and the tickets that holds ask for (a hold of n tickets
+    counts n), each with a limit of its own beside it; the admin routes (`/admin/…`) apart.
+    Counted by lua/rate.lua (the GCRA of the customer limit, lib.lua) through the hot
+    path's own script pipe: one pipelined call per request, whatever limits apply, atomic,
+    so exact across API processes; the keys of one address share a slot, so a cluster
+    routes the call like any other."""
 
     def __init__(self, settings: Settings, scripts: KeyedScripts) -> None:
         self._scripts = scripts
         self._trusted = parse_networks(settings.trusted_proxies)
-        self._policies = {
-            False: _policy(
-                "address", settings.rate_limit_address, settings.rate_limit_address_window_seconds
-            ),
-            True: _policy(
-                "admin", settings.rate_limit_admin, settings.rate_limit_admin_window_seconds
-            ),
-        }
-        self.enabled = any(self._policies.values())
+        window = settings.rate_limit_address_window_seconds
+        public = _policy("address", settings.rate_limit_address, window)
+        self._public = public
+        # Apart from the public limit, never without it: 0 there turns every one off.
+        self._joins = public and _policy("joins", settings.rate_limit_address_joins, window)
+        self._tickets = public and _policy("tickets", settings.rate_limit_address_tickets, window)
+        self._admin = _policy(
+            "admin", settings.rate_limit_admin, settings.rate_limit_admin_window_seconds
+        )
+        self.enabled = bool(self._public or self._admin)
 
-    async def check(self, scope: Scope) -> Quota | None:
-        """Count the request against its address's limit: what is left of it (None: no
-        limit applies); or raise RateLimited."""
-        path: str = scope["path"]
-        policy = self._policies[path == "/admin" or path.startswith("/admin/")]
-        if policy is None:
-            return None
-        name, quota, window = policy
-        who = client_address(scope, self._trusted)
+    def counts_tickets(self, scope: Scope) -> bool:
+        """Whether check() wants the tickets this request asks for (a hold's)."""
+        return bool(self._tickets) and scope.get("method") == "POST" and _is(_HOLD, scope)
+
+    async def check(self, scope: Scope, tickets: int = 1) -> list[Quota]:
+        """Count the request against its address's limits: what is left of each that
+        applies; or raise RateLimited. `tickets`: what a hold asks for."""
+        policies = self._policies(scope, tickets)
+        if not policies:
+            return []
+        # No peer (a Unix socket): one address all the same, never an empty hash tag (which
+        # Redis would not take for one: the keys would fall on several slots).
+        who = client_address(scope, self._trusted) or "unknown"
+        args: list[int] = []
+        for policy, cost in policies:
+            args += [policy.quota, policy.window * 1000, cost]
         reply = await self._scripts.call_keyed(
-            "rate", keys.address_rate(name, who), quota, window * 1000
+            "rate", tuple(keys.address_rate(p.name, who) for p, _ in policies), *args
         )
-        left, _, reset = reply.partition(b" ")
-        if left != b"-":
-            return Quota(name, quota, window, int(left), int(reset))
-        retry_after = int(reset)
-        err = errors.RateLimited(
-            f"at most {quota} requests per {window} s from one address;"
-            f" try again in {retry_after} s"
-        )
-        err.headers = refusal_headers(name, quota, window, retry_after)
-        raise err
+        parts = reply.split(b" ")
+        if parts[0] == b"-":
+            refused = policies[int(parts[2]) - 1][0]
+            raise _refusal(refused, int(parts[1]))
+        return [
+            Quota(p.name, p.quota, p.window, int(parts[2 * i]), int(parts[2 * i + 1]))
+            for i, (p, _) in enumerate(policies)
+        ]
+
+    def _policies(self, scope: Scope, tickets: int) -> list[tuple[Policy, int]]:
+        path: str = scope["path"]
+        if path == "/admin" or path.startswith("/admin/"):
+            return [(self._admin, 1)] if self._admin else []
+        if not self._public:
+            return []
+        found = [(self._public, 1)]
+        if scope.get("method") == "POST":
+            if self._joins and _is(_JOIN, scope):
+                found.append((self._joins, 1))
+            elif self._tickets and _is(_HOLD, scope):
+                found.append((self._tickets, max(1, tickets)))
+        return found
 
 
-def _policy(name: str, quota: int, window: int) -> tuple[str, int, int] | None:
-    return (name, quota, window) if quota > 0 else None
+def _is(route: re.Pattern[str], scope: Scope) -> bool:
+    return route.fullmatch(scope["path"]) is not None
+
+
+_COUNTED = {
+    "address": "requests",
+    "joins": "joins of a waiting room",
+    "tickets": "tickets asked for in holds",
+    "admin": "admin requests",
+}
+
+
+def _refusal(policy: Policy, retry_after: int) -> errors.BoxofficeError:
+    what = _COUNTED[policy.name]
+    err = errors.RateLimited(
+        f"at most {policy.quota} {what} per {policy.window} s from one address;"
+        f" try again in {retry_after} s"
+    )
+    err.headers = refusal_headers(policy.name, policy.quota, policy.window, retry_after)
+    return err
+
+
+def _policy(name: str, quota: int, window: int) -> Policy | None:
+    return Policy(name, quota, window) if quota > 0 else None

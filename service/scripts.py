@@ -227,13 +227,15 @@ class Scripts:
             " Idempotency-Key to get its answer"
         )
 
-    async def call_keyed(self, name: str, key: str, *args: str | bytes | int) -> bytes:
-        """A script of one key and no event (lua/rate.lua), through the same pipe,
-        routed by its key's slot."""
-        encoded = key.encode()
-        slot = key_slot(encoded)
-        tail = bulk(b"1", encoded, *(_bytes(a) for a in args))
-        head = b"*%d\r\n" % (4 + len(args))
+    async def call_keyed(
+        self, name: str, key: str | tuple[str, ...], *args: str | bytes | int
+    ) -> bytes:
+        """A script of one key, or of several in one slot, and no event (lua/rate.lua),
+        through the same pipe, routed by the (first) key's slot."""
+        encoded = [k.encode() for k in ((key,) if isinstance(key, str) else key)]
+        slot = key_slot(encoded[0])
+        tail = bulk(b"%d" % len(encoded), *encoded, *(_bytes(a) for a in args))
+        head = b"*%d\r\n" % (3 + len(encoded) + len(args))
         for _ in range(2):
             script = self._scripts[name]
             try:

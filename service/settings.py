@@ -82,11 +82,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # window/limit). A human makes a few a minute; a bot thousands.
     rate_limit_customer_holds: Annotated[int, msgspec.Meta(ge=0)] = 20
     rate_limit_customer_window_seconds: Count = 60
-    # Requests per client address per window on the public routes, and apart from them on
-    # the admin routes (0: no limit, the default of both: a trusted backend in front may
-    # send every buyer's request from one address).
-    rate_limit_address: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Requests per client address per window on the public routes (0: no per-address limit
+    # at all, for a trusted backend in front that sends every buyer's request from one
+    # address); of those, joins of a waiting room, and tickets asked for in holds (a hold of
+    # n tickets counts n), each limited beside it in the same window (0: that one off).
+    # Sized for an office behind one address: 30 buyers at a drop's peak (README, Rate
+    # limits); a bot flood from one address gets its burst, then a trickle.
+    rate_limit_address: Annotated[int, msgspec.Meta(ge=0)] = 600
+    rate_limit_address_joins: Annotated[int, msgspec.Meta(ge=0)] = 30
+    rate_limit_address_tickets: Annotated[int, msgspec.Meta(ge=0)] = 40
     rate_limit_address_window_seconds: Count = 60
+    # Requests per client address per window on the admin routes (0: no limit, the default).
     rate_limit_admin: Annotated[int, msgspec.Meta(ge=0)] = 0
     rate_limit_admin_window_seconds: Count = 60
     # Proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed:

@@ -39,13 +39,16 @@ def _test_settings() -> Settings:
         hide_password=False
     )
     # The per-customer hold-attempt limit off: tests race one customer against itself
-    # hundreds of times (max_per_customer); tests/test_rate_limits.py turns it on.
+    # hundreds of times (max_per_customer); tests/test_rate_limits.py turns it on. The
+    # per-address limits (on by default) off too: every test client sends from 127.0.0.1,
+    # as a trusted backend in front does; tests/test_rate_limits.py tests them.
     return Settings(
         redis_url=redis_url,
         database_url=database_url,
         admin_token=ADMIN_TOKEN,
         pass_secret=PASS_SECRET,
         rate_limit_customer_holds=0,
+        rate_limit_address=0,
     )
 
 
@@ -59,9 +62,13 @@ def settings() -> Settings:
 
 def on_redis(settings: Settings, redis_url: str) -> Settings:
     """The test database and admin token on another Redis (a server or cluster of the
-    test's own); every other setting its default, the per-customer hold limit too."""
+    test's own); every other setting its default, the per-customer hold limit too, but
+    the per-address limits off (every test client is 127.0.0.1)."""
     return Settings(
-        redis_url=redis_url, database_url=settings.database_url, admin_token=settings.admin_token
+        redis_url=redis_url,
+        database_url=settings.database_url,
+        admin_token=settings.admin_token,
+        rate_limit_address=0,
     )
 
 
@@ -72,6 +79,7 @@ def server_env(settings: Settings) -> dict[str, str]:
         "BOXOFFICE_ADMIN_TOKEN": settings.admin_token,
         "BOXOFFICE_PASS_SECRET": settings.pass_secret,
         "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(settings.rate_limit_customer_holds),
+        "BOXOFFICE_RATE_LIMIT_ADDRESS": str(settings.rate_limit_address),
     }
 
 

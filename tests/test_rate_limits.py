@@ -295,6 +295,9 @@ def _address_server(settings: Settings, trusted: str) -> ApiServer:
         "BOXOFFICE_RATE_LIMIT_ADMIN_WINDOW_SECONDS": str(WINDOW),
         "BOXOFFICE_TRUSTED_PROXIES": trusted,
         "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": str(LIMIT),
+        # The general limit alone here; joins and tickets: tests/test_flood_defaults.py.
+        "BOXOFFICE_RATE_LIMIT_ADDRESS_JOINS": "0",
+        "BOXOFFICE_RATE_LIMIT_ADDRESS_TICKETS": "0",
     }
     return ApiServer(env, workers=2)
 
