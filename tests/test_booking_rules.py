@@ -201,22 +201,27 @@ async def test_a_forged_entry_never_puts_sold_tickets_back_on_sale(own: Own) -> 
     assert await availability(client, event_id) == {"GA": 40 - 15}
 
 
-async def _legacy_row(svc: Services, event_id: str, quantity: int) -> uuid.UUID:
+Legacy = tuple[uuid.UUID, list[tuple[str, str]]]
+
+
+async def _legacy_row(svc: Services, event_id: str, quantity: int) -> Legacy:
     """A booking PostgreSQL took before it had the constraints (as the probe's forged
     entry was): written with them lifted, then put back NOT VALID, as migration 0005
-    leaves them on a database that holds such a row."""
+    leaves them on a database that holds such a row. Returns the booking's id and the
+    constraints that were valid before."""
     booking_id = uuid.uuid4()
     async with svc.engine.begin() as conn:
         checks = (
             await conn.execute(
                 sa.text(
-                    "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)"
+                    "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid),"
+                    " convalidated"
                     " FROM pg_constraint WHERE contype = 'c' AND conname LIKE 'ck_booking%'"
                     " AND conname <> 'ck_bookings_status'"
                 )
             )
         ).all()
-        for table, name, _ in checks:
+        for table, name, _, _ in checks:
             await conn.execute(sa.text(f"ALTER TABLE {table} DROP CONSTRAINT {name}"))
         row = _booking_row(event_id, booking_id=booking_id, total=100 * quantity)
         await _insert(conn, "bookings", **row)
@@ -229,24 +234,20 @@ async def _legacy_row(svc: Services, event_id: str, quantity: int) -> uuid.UUID:
             quantity=quantity,
             tickets=quantity,
         )
-        for table, name, definition in checks:
+        for table, name, definition, _ in checks:
+            check = definition.removesuffix(" NOT VALID")
             await conn.execute(
-                sa.text(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID")
+                sa.text(f"ALTER TABLE {table} ADD CONSTRAINT {name} {check} NOT VALID")
             )
-    return booking_id
+    return booking_id, [(table, name) for table, name, _, valid in checks if valid]
 
 
-async def _remove(svc: Services, booking_id: uuid.UUID) -> None:
-    """The legacy row gone, every constraint is valid again (for the tests after)."""
+async def _remove(svc: Services, legacy: Legacy) -> None:
+    """The legacy row gone, the constraints valid before are valid again."""
+    booking_id, valid = legacy
     async with svc.engine.begin() as conn:
         await conn.execute(sa.text("DELETE FROM bookings WHERE booking_id = :b"), {"b": booking_id})
-        checks = await conn.execute(
-            sa.text(
-                "SELECT conrelid::regclass::text, conname FROM pg_constraint"
-                " WHERE contype = 'c' AND NOT convalidated AND conname LIKE 'ck_booking%'"
-            )
-        )
-        for table, name in checks.all():
+        for table, name in valid:
             await conn.execute(sa.text(f"ALTER TABLE {table} VALIDATE CONSTRAINT {name}"))
 
 
@@ -259,7 +260,7 @@ async def test_repair_never_counts_stock_from_a_bad_record(own: Own) -> None:
     await eventually(lambda: _drained(svc, event_id))
     legacy = await _legacy_row(svc, event_id, -5)
     try:
-        await _bad_record_is_reported_and_left_out(client, svc, env, event_id, str(legacy))
+        await _bad_record_is_reported_and_left_out(client, svc, env, event_id, str(legacy[0]))
     finally:
         await _remove(svc, legacy)
 
