@@ -141,7 +141,8 @@ class Replicas:
             except (RedisError, OSError):
                 needed = self.wanted  # not known: as under refuse
             if acknowledged >= needed:
-                shortfall_counter().inc()
+                if acknowledged < self.wanted:
+                    shortfall_counter().inc()
                 return
         raise errors.Unavailable(
             f"{acknowledged} of {self.wanted} Redis replicas acknowledged in time: the write"

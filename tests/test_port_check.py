@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ _TIME_WAIT = textwrap.dedent(
     client = socket.socket()
     if sys.argv[1] == "reuseport":
         client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    client.bind(("127.0.0.1", 0))  # a port no other socket has (connect() may share one)
     client.connect(server.getsockname())
     port = client.getsockname()[1]
     accepted, _ = server.accept()
@@ -45,10 +47,19 @@ def time_wait_port(options: str) -> int:
         [sys.executable, "-c", _TIME_WAIT, options], capture_output=True, text=True, check=True
     )
     port = int(out.stdout)
-    states = subprocess.run(["ss", "-tanH", f"sport = :{port}"], capture_output=True, text=True)
-    assert "TIME-WAIT" in states.stdout, states.stdout
-    assert "LISTEN" not in states.stdout
+    states = tcp_states(port)
+    assert "06" in states and "0A" not in states, states  # TIME_WAIT; nothing listens
     return port
+
+
+def tcp_states(port: int) -> set[str]:
+    """The states of the IPv4 TCP sockets whose local port is `port` (/proc/net/tcp)."""
+    states = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            states.add(fields[3])
+    return states
 
 
 def test_a_port_held_by_a_time_wait_connection_that_lets_servers_in_is_free() -> None:

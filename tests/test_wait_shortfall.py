@@ -152,6 +152,25 @@ async def test_accept_acknowledges_with_the_replicas_there_are(
             assert shortfalls((await client.get("/metrics")).text) == counted
 
 
+async def test_accept_waits_for_a_replica_that_is_there(
+    settings: Settings, lone_primary: RedisServer
+) -> None:
+    """The first confirmation on a primary not counted yet: it has a replica, so it is
+    acknowledged once the replica has it, and that is no shortfall."""
+    primary = lone_primary
+    with RedisServer(args=["--replicaof", "127.0.0.1", str(primary.port)]) as replica:
+        wait_synced(primary, replica)
+        async with served(_env(settings, primary.url, "accept")) as client:
+            event_id = await create_event(client)
+            for i in range(3):
+                hold_id = await _hold(client, event_id, f"c{i}")
+                r = await client.post(f"/events/{event_id}/holds/{hold_id}/confirm")
+                assert r.status_code == 200, r.text
+                with redis.Redis(port=replica.port) as rr:
+                    assert rr.hexists(event_keys(event_id).bookings, r.json()["booking_id"])
+            assert shortfalls((await client.get("/metrics")).text) == 0
+
+
 async def test_the_setting_takes_only_its_two_values() -> None:
     from service.settings import SettingError
 
