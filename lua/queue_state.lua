@@ -4,7 +4,9 @@
 -- of the frontier, and once the ladder of the pre-queue.
 -- KEYS: the event keys (lib.lua), [17..21] the waiting room's keys (lib.lua, queue_keys)
 -- ARGV: common [1..4] (lib.lua), [5] leaves the process has (the last leave number), [6]
---       corners it has (how many since the room began), [7] "1" to get the ladder
+--       corners it has (how many since the room began), [7] "1" to get the ladder, [8]
+--       JSON [[arrival number, customer], ...]: tickets polled with a number the room
+--       has not reached (their joins were lost with a primary): put back in their place
 -- Returns JSON {room = lib.lua's room_snapshot, left = ["<place> <customer>", 4 x leave
 -- number + flags, ...] (at most LEFT_BATCH: more = 1 when there are more), corners =
 -- ["t f", ...] from corner number `from` on, from, ladder = "rank k ..." (when asked and
@@ -16,6 +18,15 @@ if not rm.apm then return '{"room":{"none":1}}' end
 local q = queue_keys()
 local now = now_ms()
 local room = advance(q, rm, now)
+for _, lost in ipairs(cjson.decode(ARGV[8])) do
+  local number, customer = lost[1], lost[2]
+  local n = tonumber(redis.call('HGET', q.state, 'n') or '0')
+  if room.opened and number > n and not redis.call('ZSCORE', q.order, customer)
+      and not redis.call('ZSCORE', q.left, 'a' .. number .. ' ' .. customer) then
+    redis.call('ZADD', q.order, 1 + number, customer)
+    redis.call('HSET', q.state, 'n', number) -- later arrivals go behind it
+  end
+end
 local out = {room = room_snapshot(q, rm, room, now)}
 local left = redis.call('ZRANGEBYSCORE', q.left, (tonumber(ARGV[5]) + 1) * 4, '+inf',
   'WITHSCORES', 'LIMIT', 0, LEFT_BATCH)

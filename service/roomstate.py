@@ -87,6 +87,9 @@ class RoomState:
         self.read_at = -math.inf  # monotonic time the last read was sent
         self.reading: asyncio.Task[None] | None = None
         self.more = False
+        # Arrivals polled with a number the room has not reached: joins lost with a
+        # primary, put back by the next read (customer -> arrival number).
+        self.lost: dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -159,6 +162,12 @@ class RoomState:
             del self.corner_t[:drop], self.corner_f[:drop]
 
     # --- a ticket, from the state alone ----------------------------------------------
+
+    def check_lost(self, t: Ticket) -> None:
+        """An arrival the room has not counted was lost with a primary: its ticket says
+        where it goes, and the next read puts it back there."""
+        if t.kind == "a" and t.number > self.snap.n and self.snap.o and len(self.lost) < 1000:
+            self.lost[t.customer] = t.number  # with the next read, not sooner
 
     def admitted(self, t: Ticket) -> bool:
         fk = self.snap.fk
@@ -249,6 +258,7 @@ async def _read(svc: Services, event_id: str, state: RoomState) -> None:
         for _ in range(3):
             started = time.monotonic()
             want_ladder = "0" if state.has_ladder else "1"
+            lost, state.lost = state.lost, {}
             reply = await call(
                 svc,
                 "queue_state",
@@ -256,6 +266,7 @@ async def _read(svc: Services, event_id: str, state: RoomState) -> None:
                 str(state.left_seq),
                 str(state.corner_next),
                 want_ladder,
+                msgspec.json.encode([[n, c] for c, n in lost.items()]),
                 extra_keys=event_keys(event_id).queue,
             )
             if state.apply(_decode_state(reply)):

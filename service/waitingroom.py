@@ -233,6 +233,7 @@ async def poll(
     snap = state.snap
     if snap.none or t.generation != snap.g or f"{t.place} {t.customer}" in state.left:
         raise errors.TicketNotFound(_NOT_FOUND)
+    state.check_lost(t)
     return _view(svc, event_id, state, t, ticket)
 
 
