@@ -109,6 +109,7 @@ async def test_10000_polls_from_two_processes_cost_only_the_rooms_reads(
     # The commands those reads run, and nothing else (no script call per poll, no read).
     assert sum(grown.values()) <= 40 * bound, grown
     assert {"waiting", "admitted"} >= set(statuses)
+    print(f"\n10,000 polls in {elapsed:.1f} s: {reads} room reads (bound {bound:.0f}), {grown}")
 
 
 async def test_forged_tampered_other_event_and_left_tickets(
