@@ -317,7 +317,9 @@ local function queue_keys()
                               --   last corner, n = arrivals since the opening, P = the
                               --   pre-queue's size at the opening, hb = corners dropped,
                               --   ls = leaves so far, c = the order's size when last
-                              --   looked at with stock left
+                              --   looked at with stock left, nl = the arrival number
+                              --   after which joins were lost with a primary (once any
+                              --   were put back: queue_state.lua)
     hist = KEYS[NKEYS + 5],   -- list: "t f" corners of the frontier (where its slope
                               --   changed), as old as a pass lives: when each rank was
                               --   admitted, for the pass's expiry and the active passes
@@ -463,13 +465,14 @@ end
 -- time t; fk = the pre-queue place k admitted through, "all" once all of it is, "" none
 -- yet; fa = the arrival number admitted through), the sizes, the settings.
 local function room_snapshot(q, rm, room, now)
-  local st = redis.call('HMGET', q.state, 'g', 'f', 't', 'n', 'P', 'hb', 'ls')
+  local st = redis.call('HMGET', q.state, 'g', 'f', 't', 'n', 'P', 'hb', 'ls', 'nl')
   local s = {
     g = tonumber(st[1]), now = now, o = room.opened and 1 or 0,
     closed = rm.status == 'closed' and 1 or 0, stock = room.stock and 1 or 0,
     apm = rm.apm, ttl = rm.ttl, on = rm.on_sale_at, f = tostring(st[2] or '0'),
     t = tonumber(st[3] or '0'), n = tonumber(st[4] or '0'), P = tonumber(st[5] or '0'),
-    hb = tonumber(st[6] or '0'), ls = tonumber(st[7] or '0'), fk = '', fa = 0,
+    hb = tonumber(st[6] or '0'), ls = tonumber(st[7] or '0'), nl = tonumber(st[8] or '0'),
+    fk = '', fa = 0,
   }
   local card = redis.call('ZCARD', q.order)
   local through = room.through

@@ -6,7 +6,8 @@
 -- ARGV: common [1..4] (lib.lua), [5] leaves the process has (the last leave number), [6]
 --       corners it has (how many since the room began), [7] "1" to get the ladder, [8]
 --       JSON [[arrival number, customer], ...]: tickets polled with a number the room
---       has not reached (their joins were lost with a primary): put back in their place
+--       had not reached (their joins were lost with a primary): put back in their place
+--       unless there already, or left
 -- Returns JSON {room = lib.lua's room_snapshot, left = ["<place> <customer>", 4 x leave
 -- number + flags, ...] (at most LEFT_BATCH: more = 1 when there are more), corners =
 -- ["t f", ...] from corner number `from` on, from, ladder = "rank k ..." (when asked and
@@ -18,13 +19,19 @@ if not rm.apm then return '{"room":{"none":1}}' end
 local q = queue_keys()
 local now = now_ms()
 local room = advance(q, rm, now)
+local n = tonumber(redis.call('HGET', q.state, 'n') or '0')
 for _, lost in ipairs(cjson.decode(ARGV[8])) do
   local number, customer = lost[1], lost[2]
-  local n = tonumber(redis.call('HGET', q.state, 'n') or '0')
-  if room.opened and number > n and not redis.call('ZSCORE', q.order, customer)
+  if room.opened and not redis.call('ZSCORE', q.order, customer)
       and not redis.call('ZSCORE', q.left, 'a' .. number .. ' ' .. customer) then
+    -- nl: the arrival number the lost ones start after, so API processes know which
+    -- tickets to offer back once n has moved past them.
+    if not redis.call('HGET', q.state, 'nl') then redis.call('HSET', q.state, 'nl', n) end
     redis.call('ZADD', q.order, 1 + number, customer)
-    redis.call('HSET', q.state, 'n', number) -- later arrivals go behind it
+    if number > n then -- later arrivals go behind it
+      n = number
+      redis.call('HSET', q.state, 'n', n)
+    end
   end
 end
 local out = {room = room_snapshot(q, rm, room, now)}

@@ -58,6 +58,7 @@ class Snapshot(msgspec.Struct):
     P: int = 0
     hb: int = 0
     ls: int = 0
+    nl: int = 0
     fk: str = ""
     fa: int = 0
 
@@ -90,6 +91,7 @@ class RoomState:
         # Arrivals polled with a number the room has not reached: joins lost with a
         # primary, put back by the next read (customer -> arrival number).
         self.lost: dict[str, int] = {}
+        self.offered: set[tuple[str, int]] = set()  # of those past nl, sent once
         self._reset()
 
     def _reset(self) -> None:
@@ -166,8 +168,17 @@ class RoomState:
     def check_lost(self, t: Ticket) -> None:
         """An arrival the room has not counted was lost with a primary: its ticket says
         where it goes, and the next read puts it back there."""
-        if t.kind == "a" and t.number > self.snap.n and self.snap.o and len(self.lost) < 1000:
+        snap = self.snap
+        if t.kind != "a" or not snap.o or len(self.lost) >= 1000:
+            return
+        if t.number > snap.n:
             self.lost[t.customer] = t.number  # with the next read, not sooner
+        elif snap.nl and t.number > snap.nl and (t.customer, t.number) not in self.offered:
+            # Lost too, though n has moved past it (others were put back first).
+            if len(self.offered) > 100_000:
+                self.offered.clear()
+            self.offered.add((t.customer, t.number))
+            self.lost[t.customer] = t.number
 
     def admitted(self, t: Ticket) -> bool:
         fk = self.snap.fk
