@@ -87,9 +87,8 @@ def _wrk(args: argparse.Namespace, url: str, event_id: str, path: str) -> dict[s
         "--latency",
         "-s",
         str(WRK_DIR / "poll.lua"),
-        url,
+        f"{url}/events/{event_id}/queue",
         "--",
-        event_id,
         path,
         str(args.threads),
     ]

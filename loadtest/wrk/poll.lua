@@ -1,18 +1,18 @@
--- poll.lua: GET /events/{event}/queue/{ticket} over a file of tickets (loadtest/bench_room.py):
--- wrk ... -s poll.lua URL -- <event id> <tickets file>. Each thread takes every
--- nthreads-th ticket and polls them round and round (a poll changes nothing).
+-- poll.lua: GET /events/{id}/queue/{ticket}, cycling through this thread's tickets (a
+-- poll may repeat: buyers poll again and again). Arguments (after --): ticket file,
+-- thread count. The URL's path is the event's queue, /events/{id}/queue.
 dofile(debug.getinfo(1, "S").source:sub(2):match("^(.*/)") .. "common.lua")
 
+local requests, i = nil, 0
+
 function init(args)
-  local event, path = args[1], args[2]
-  requests = {}
-  for _, ticket in ipairs(load_pool(path, tonumber(args[3] or "1"))) do
-    requests[#requests + 1] = wrk.format("GET", "/events/" .. event .. "/queue/" .. ticket)
-  end
-  at = 0
+  local prefix = wrk.path .. "/"
+  requests = prepare(args[1], tonumber(args[2]), function(ticket)
+    return wrk.format("GET", prefix .. ticket)
+  end)
 end
 
 function request()
-  at = at % #requests + 1
-  return requests[at]
+  i = i % #requests + 1
+  return requests[i]
 end
