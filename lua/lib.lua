@@ -422,7 +422,10 @@ local function advance(q, rm, now)
   -- The rank one past the end admits the next arrival, but not into nothing: without
   -- stock, admission stops where the queue ended when there was some.
   local through = stock and math.floor(nf) or math.min(math.floor(nf), card)
-  return {opened = true, f = math.floor(nf), frac = nf, stock = stock, through = through}
+  return {
+    opened = true, f = math.floor(nf), frac = nf, stock = stock, through = through,
+    moving = selling and stock and nf < card + 1,
+  }
 end
 
 -- How far the frontier had got at time `at` (ms), from its corners and where it is now.
@@ -461,13 +464,14 @@ local function room_figures(rm, now)
 end
 
 -- What an API process needs to place any ticket (service/roomstate.py, RoomState): the
--- generation, whether the room is open, closed, selling, stocked, the frontier (rank f at
+-- generation, whether the room is open, closed, stocked, admitting (mv: the frontier
+-- moves at the rate, short of the queue's end), the frontier (rank f at
 -- time t; fk = the pre-queue place k admitted through, "all" once all of it is, "" none
 -- yet; fa = the arrival number admitted through), the sizes, the settings.
 local function room_snapshot(q, rm, room, now)
   local st = redis.call('HMGET', q.state, 'g', 'f', 't', 'n', 'P', 'hb', 'ls', 'nl')
   local s = {
-    g = tonumber(st[1]), now = now, o = room.opened and 1 or 0,
+    g = tonumber(st[1]), now = now, o = room.opened and 1 or 0, mv = room.moving and 1 or 0,
     closed = rm.status == 'closed' and 1 or 0, stock = room.stock and 1 or 0,
     apm = rm.apm, ttl = rm.ttl, on = rm.on_sale_at, f = tostring(st[2] or '0'),
     t = tonumber(st[3] or '0'), n = tonumber(st[4] or '0'), P = tonumber(st[5] or '0'),

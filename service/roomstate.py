@@ -36,6 +36,8 @@ from service.queuetickets import Ticket
 # How old a room's state may be when a poll is answered from it.
 REFRESH_SECONDS = 0.25
 ROOMS_KEPT = 10_000
+# How far ahead of its last read a process carries the frontier on, for positions.
+EXTRAPOLATE_MS = 500
 # A corner is kept this much longer than a pass lives (as lua/lib.lua, trim_corners).
 CORNER_SLACK_MS = 5000
 
@@ -47,6 +49,7 @@ class Snapshot(msgspec.Struct):
     g: int = 0
     now: int = 0
     o: int = 0
+    mv: int = 0
     closed: int = 0
     stock: int = 1
     apm: int = 1
@@ -108,6 +111,16 @@ class RoomState:
     @property
     def f(self) -> float:
         return float(self.snap.f)
+
+    def f_now(self, now_ms: int) -> float:
+        """The frontier now, carried on at the rate from the last read while it moves
+        (at most EXTRAPOLATE_MS): every process, whenever it read, shows a buyer about the
+        same position, so that moving between processes does not move them back."""
+        f = self.f
+        if not self.snap.mv:
+            return f
+        ahead = min(max(0, now_ms - self.snap.t), EXTRAPOLATE_MS)
+        return f + ahead * self.snap.apm / 60_000
 
     def fresh(self) -> bool:
         if self.more or (self.snap.o and not self.has_ladder):
@@ -204,6 +217,10 @@ class RoomState:
         if k1 == k0:
             return r0
         return r0 + round((r1 - r0) * (k - k0) / (k1 - k0))
+
+    def position(self, t: Ticket, now_ms: int) -> int:
+        """1 = next in line, for a ticket not admitted."""
+        return max(1, self.rank(t) - math.floor(self.f_now(now_ms)))
 
     def admitted_at(self, rank: int) -> float:
         """When the frontier passed `rank` (ms), from its corners: the line between the

@@ -113,12 +113,12 @@ def _view(
         secret = passes.secret_of(svc.settings)
         token_pass = passes.issue(secret, event_id, t.customer, expires)
     else:
-        rank = state.rank(t)
-        position = max(1, rank - math.floor(state.f))
+        now = now_ms()
+        position = state.position(t, now)
         if not snap.stock:
             status = "sold_out"
         else:
-            wait = max(1, math.ceil((rank - state.f) * 60 / snap.apm))
+            wait = max(1, math.ceil((state.rank(t) - state.f_now(now)) * 60 / snap.apm))
     return schemas.QueueTicket(
         ticket=token,
         status=status,  # type: ignore[arg-type]

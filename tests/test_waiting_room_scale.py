@@ -280,7 +280,7 @@ async def test_positions_against_the_exact_rank_over_100000_pre_queued(
         await asyncio.sleep(0.3)
         state = await states.current(svc, event_id)
         for t in watched:
-            p = 0 if state.admitted(t) else max(1, state.rank(t) - int(state.f))
+            p = 0 if state.admitted(t) else state.position(t, int(time.time() * 1000))
             assert p <= last[t], (t, p, last[t])
             last[t] = p
 
@@ -319,3 +319,31 @@ async def test_a_pass_lives_its_ttl_from_admission_and_active_passes_follow(
     assert (await hold(client, event_id, "al", token)).status_code == 403
     stats = (await client.get(f"/admin/events/{event_id}/queue", headers=ADMIN)).json()
     assert stats["active_passes"] == 0 and stats["admitted"] == 1
+
+
+async def test_a_position_never_goes_back_between_processes(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    """A buyer whose polls land on either process, while 100 a second are admitted: each
+    process carries the frontier on at the rate from its last read, so the position only
+    goes down, whichever answers."""
+    a, b = clients
+    event_id = await create_event(a, **ga(waiting_room={"admit_per_minute": 6000}))
+    await _join_all(a, event_id, ["m-first"])  # the room opens
+    paused = {"status": "paused"}  # nobody admitted while the queue fills
+    assert (await a.patch(f"/admin/events/{event_id}", json=paused, headers=ADMIN)).is_success
+    tickets = await _join_all(a, event_id, [f"m{i}" for i in range(600)])
+    watched = tickets[450]
+    selling = {"status": "on_sale"}
+    assert (await a.patch(f"/admin/events/{event_id}", json=selling, headers=ADMIN)).is_success
+    seen = []
+    until = time.monotonic() + 2.5
+    while time.monotonic() < until:
+        for client in (a, b):
+            r = await client.get(f"/events/{event_id}/queue/{watched}")
+            assert r.status_code == 200, r.text
+            t = r.json()
+            seen.append(0 if t["status"] == "admitted" else t["position"])
+        await asyncio.sleep(0.03)
+    assert seen == sorted(seen, reverse=True), seen
+    assert seen[0] - seen[-1] >= 100, seen  # it did move
