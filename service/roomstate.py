@@ -266,7 +266,12 @@ class Rooms:
             return state
         if state.reading is None:
             state.reading = asyncio.ensure_future(_read(svc, event_id, state))
-        await asyncio.shield(state.reading)
+        try:
+            await asyncio.shield(state.reading)
+        except BaseException:
+            if state.read_at == -math.inf and self._rooms.get(event_id) is state:
+                del self._rooms[event_id]  # never read (no such event?): not known
+            raise
         return state
 
     def merge(self, event_id: str, snap: Snapshot) -> RoomState:
