@@ -37,7 +37,7 @@ if ch.qapm ~= nil then
   local was = redis.call('HGET', K.meta, 'qapm')
   if ch.qapm == '' or not was or was == '' then
     local q = queue_keys()
-    redis.call('UNLINK', q.tickets, q.cust, q.order, q.state, q.passes)
+    redis.call('UNLINK', q.left, q.ladder, q.order, q.state, q.hist)
   end
 end
 for _, field in ipairs({'status', 'on_sale_at', 'name', 'qapm', 'qttl', 'qopens'}) do

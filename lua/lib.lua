@@ -294,18 +294,35 @@ local function rebuild(now)
 end
 
 -- --- the waiting room (queue_*.lua; configure.lua clears it) ------------------------------
--- Its keys follow the event's keys (service/keys.py, EventKeys.queue).
+-- Its keys follow the event's keys (service/keys.py, EventKeys.queue). Polls never reach
+-- Redis: a ticket is signed by the API (service/queuetickets.py) and carries its place;
+-- each API process reads the room's state (queue_state.lua) a few times a second and
+-- places tickets itself (service/roomstate.py). So the room keeps only what that needs.
+local PRE = 4503599627370496 -- 2^52: a pre-queue place k is the score k / 2^52, in [0, 1)
 local function queue_keys()
   return {
-    tickets = KEYS[NKEYS + 1], -- hash: ticket -> JSON {c = customer, x = pass expiry ms (set
-                               --   by the first look that finds it admitted), l = 1 once left}
-    cust = KEYS[NKEYS + 2],    -- hash: customer id -> ticket
-    order = KEYS[NKEYS + 3],   -- zset: ticket -> score: the pre-queue's a random number in
-                               --   [0, 1) from the caller, later arrivals 1 + arrival number
-    state = KEYS[NKEYS + 4],   -- hash: o = 1 once open (on sale seen), f = admitted up to this
-                               --   rank (fractional), t = when f was last advanced (ms),
-                               --   n = arrivals since the opening
-    passes = KEYS[NKEYS + 5],  -- zset: customer -> expiry ms of the pass handed out
+    left = KEYS[NKEYS + 1],   -- zset: "<place> <customer>" of every ticket that left ->
+                              --   4 x leave number + flags (1: taken out of the order,
+                              --   2: after the opening), read by the API a batch at a time
+    ladder = KEYS[NKEYS + 2], -- string: "rank k rank k ..." of the pre-queue at the opening:
+                              --   every rank of the first 1000, then one at least every 10
+                              --   places or 1% of the rank
+    order = KEYS[NKEYS + 3],  -- zset: customer -> place score: the pre-queue's k / 2^52 (k
+                              --   random from the caller), later arrivals 1 + arrival number;
+                              --   an admitted ticket that left keeps its score under
+                              --   "\0<place> <customer>", so that no rank moves
+    state = KEYS[NKEYS + 4],  -- hash: g = the room's generation (tickets carry it), o = 1
+                              --   once open, f = admitted up to this rank (fractional), t =
+                              --   when f was last advanced (ms), sl = f's slope since the
+                              --   last corner, n = arrivals since the opening, P = the
+                              --   pre-queue's size at the opening, hb = corners dropped,
+                              --   ls = leaves so far, c = the order's size when last
+                              --   looked at with stock left, nl = the arrival number
+                              --   after which joins were lost with a primary (once any
+                              --   were put back: queue_state.lua)
+    hist = KEYS[NKEYS + 5],   -- list: "t f" corners of the frontier (where its slope
+                              --   changed), as old as a pass lives: when each rank was
+                              --   admitted, for the pass's expiry and the active passes
   }
 end
 
@@ -325,20 +342,59 @@ local function in_stock()
   return false
 end
 
+-- The opening: the pre-queue's order is fixed from now on (later arrivals go behind it,
+-- leaves are told apart), so a ladder of its scores at known ranks lets an API process
+-- place any pre-queued ticket without asking: exactly among the first LADDER_EXACT, then
+-- within 10 places or 1% of its rank (the ladder's steps).
+local LADDER_EXACT = 1000
+local function open_room(q)
+  local size = redis.call('ZCARD', q.order)
+  local parts = {}
+  local head = redis.call('ZRANGE', q.order, 0, LADDER_EXACT - 1, 'WITHSCORES')
+  for i = 1, #head, 2 do
+    parts[#parts + 1] = (i + 1) / 2 .. ' ' .. string.format('%.0f', tonumber(head[i + 1]) * PRE)
+  end
+  local r = LADDER_EXACT
+  while r < size do
+    r = math.min(size, r + math.max(10, math.floor(r / 100)))
+    local e = redis.call('ZRANGE', q.order, r - 1, r - 1, 'WITHSCORES')
+    parts[#parts + 1] = r .. ' ' .. string.format('%.0f', tonumber(e[2]) * PRE)
+  end
+  redis.call('SET', q.ladder, table.concat(parts, ' '))
+  redis.call('HSET', q.state, 'o', 1, 'P', size)
+end
+
+-- Forget the corners a pass no longer needs: those before the one in force ttl ago.
+local function trim_corners(q, ttl, now)
+  for _ = 1, 100 do
+    local second = redis.call('LINDEX', q.hist, 1)
+    if not second or tonumber(string.match(second, '^(%S+)')) >= now - ttl * 1000 - 5000 then
+      return
+    end
+    redis.call('LPOP', q.hist)
+    redis.call('HINCRBY', q.state, 'hb', 1)
+  end
+end
+
 -- Advance the admission frontier to `now` by rate x elapsed time, only while the event
 -- sells and something is left: the room never admits into nothing. The first look at or
 -- after the on-sale moment opens the queue (the pre-queue's random scores then rank it)
 -- and admission counts from that moment. The frontier runs at most one rank past the
 -- queue's end, so an idle room admits the next arrival at once but stores no burst.
--- Returns {opened, f = admitted up to this rank, frac = the fractional frontier, stock}.
+-- Where its slope changes (a pause, a burst after idling, a new rate) the corner is kept:
+-- the line through the corners says when each rank was admitted.
+-- Returns {opened, f = admitted up to this rank, frac = the fractional frontier, stock,
+-- through = the rank admission has reached (f, less the spare rank while out of stock)}.
 local function advance(q, rm, now)
   local selling = rm.status == 'on_sale' and (not rm.on_sale_at or now >= rm.on_sale_at)
-  local st = redis.call('HMGET', q.state, 'o', 'f', 't')
+  local st = redis.call('HMGET', q.state, 'o', 'f', 't', 'g', 'sl', 'c')
   local opened, f, t = st[1] == '1', tonumber(st[2] or '0'), tonumber(st[3] or '0')
+  if not st[4] then redis.call('HSET', q.state, 'g', now) end
   if not opened then
     if not selling then return {opened = false, f = 0, frac = 0, stock = true} end
     opened, f, t = true, 0, math.min(now, rm.on_sale_at or now)
-    redis.call('HSET', q.state, 'o', 1)
+    open_room(q)
+    redis.call('HSET', q.state, 'f', 0, 't', t)
   end
   local stock = in_stock()
   if not stock then
@@ -346,62 +402,97 @@ local function advance(q, rm, now)
     reclaim(now, RECLAIM_BATCH)
     stock = in_stock()
   end
-  if selling and stock and now > t then
-    local limit = redis.call('ZCARD', q.order) + 1
-    f = math.max(f, math.min(f + (now - t) * rm.apm / 60000, limit))
+  local nf, card = f, tonumber(st[6] or '0')
+  if stock then
+    card = redis.call('ZCARD', q.order)
+    redis.call('HSET', q.state, 'c', card)
   end
-  redis.call('HSET', q.state, 'f', f, 't', now)
-  return {opened = true, f = math.floor(f), frac = f, stock = stock}
+  if selling and stock and now > t then
+    nf = math.max(f, math.min(f + (now - t) * rm.apm / 60000, card + 1))
+  end
+  if now > t then
+    local slope, was = (nf - f) / (now - t), tonumber(st[5] or '')
+    if not was or math.abs(slope - was) > 1e-9 + 1e-7 * math.abs(was) then
+      redis.call('RPUSH', q.hist, t .. ' ' .. f)
+      redis.call('HSET', q.state, 'sl', slope)
+      trim_corners(q, rm.ttl, now)
+    end
+    redis.call('HSET', q.state, 'f', nf, 't', now)
+  end
+  -- The rank one past the end admits the next arrival, but not into nothing: without
+  -- stock, admission stops where the queue ended when there was some.
+  local through = stock and math.floor(nf) or math.min(math.floor(nf), card)
+  return {
+    opened = true, f = math.floor(nf), frac = nf, stock = stock, through = through,
+    moving = selling and stock and nf < card + 1,
+  }
+end
+
+-- How far the frontier had got at time `at` (ms), from its corners and where it is now.
+local function frontier_at(q, at)
+  local st = redis.call('HMGET', q.state, 'f', 't')
+  local pt, pf = nil, 0
+  for _, c in ipairs(redis.call('LRANGE', q.hist, 0, -1)) do
+    local ct, cf = string.match(c, '^(%S+) (%S+)$')
+    ct, cf = tonumber(ct), tonumber(cf)
+    if ct > at then
+      if not pt then return 0 end
+      return pf + (cf - pf) * (at - pt) / (ct - pt)
+    end
+    pt, pf = ct, cf
+  end
+  local t, f = tonumber(st[2] or '0'), tonumber(st[1] or '0')
+  if not pt or at >= t or t == pt then return pt and f or 0 end
+  return pf + (f - pf) * (at - pt) / (t - pt)
 end
 
 -- The room's figures for the admin (queue_view.lua) and the live view (live.lua), after
 -- advancing the frontier to now: waiting, admitted (ranks the frontier passed: tickets
--- admitted, whether they have looked yet or not), active (passes not expired), apm.
+-- admitted, whether they have looked yet or not), active (passes not expired: admitted
+-- ranks the frontier passed within the last pass_ttl_seconds, since a pass lives that
+-- long from its rank's admission), apm.
 local function room_figures(rm, now)
   local q = queue_keys()
   local room = advance(q, rm, now)
   local card = redis.call('ZCARD', q.order)
-  local admitted = math.min(room.f, card)
+  local admitted = room.opened and math.min(room.f, card) or 0
+  local before = math.floor(frontier_at(q, now - rm.ttl * 1000))
   return {
     waiting = card - admitted, admitted = admitted, apm = rm.apm,
-    active = redis.call('ZCOUNT', q.passes, '(' .. now, '+inf'),
+    active = math.max(0, admitted - math.min(admitted, before)),
   }
 end
 
--- A ticket as it reads now: {t = ticket, c = customer, s = status, p = position (1 =
--- next), e = estimated wait (s), x = pass expiry ms, u = on-sale moment ms (pre-queued),
--- now}. Its first look past the
--- frontier while tickets are left admits it: the pass's expiry is fixed then, and
--- counted among the passes.
-local function ticket_view(q, rm, room, ticket, rec, now)
-  local v = {t = ticket, c = rec.c, now = now}
-  if rm.status == 'closed' then
-    v.s = 'closed'
-    return v
+-- What an API process needs to place any ticket (service/roomstate.py, RoomState): the
+-- generation, whether the room is open, closed, stocked, admitting (mv: the frontier
+-- moves at the rate, short of the queue's end), the frontier (rank f at
+-- time t; fk = the pre-queue place k admitted through, "all" once all of it is, "" none
+-- yet; fa = the arrival number admitted through), the sizes, the settings.
+local function room_snapshot(q, rm, room, now)
+  local st = redis.call('HMGET', q.state, 'g', 'f', 't', 'n', 'P', 'hb', 'ls', 'nl')
+  local s = {
+    g = tonumber(st[1]), now = now, o = room.opened and 1 or 0, mv = room.moving and 1 or 0,
+    closed = rm.status == 'closed' and 1 or 0, stock = room.stock and 1 or 0,
+    apm = rm.apm, ttl = rm.ttl, on = rm.on_sale_at, f = tostring(st[2] or '0'),
+    t = tonumber(st[3] or '0'), n = tonumber(st[4] or '0'), P = tonumber(st[5] or '0'),
+    hb = tonumber(st[6] or '0'), ls = tonumber(st[7] or '0'), nl = tonumber(st[8] or '0'),
+    fk = '', fa = 0,
+  }
+  local card = redis.call('ZCARD', q.order)
+  local through = room.through
+  if not room.opened or through < 1 then return s end
+  local score
+  if through <= card then
+    score = tonumber(redis.call('ZRANGE', q.order, through - 1, through - 1, 'WITHSCORES')[2])
+  else
+    score = 1 + s.n + through - card -- all admitted, and the next arrivals as they come
   end
-  if not room.opened then
-    v.s, v.u = 'waiting', rm.on_sale_at -- pre-queued: no position until the opening
-    return v
+  if score < 1 then
+    s.fk = string.format('%.0f', score * PRE)
+  else
+    s.fk, s.fa = 'all', score - 1
   end
-  local rank = redis.call('ZRANK', q.order, ticket) + 1
-  -- Past the frontier, but first seen while nothing is on sale: not admitted (yet).
-  if rank <= room.f and (rec.x or room.stock) then
-    if not rec.x then
-      rec.x = now + rm.ttl * 1000
-      redis.call('HSET', q.tickets, ticket, cjson.encode(rec))
-      redis.call('ZADD', q.passes, rec.x, rec.c)
-    end
-    v.s, v.x = 'admitted', rec.x
-    return v
-  end
-  v.p = math.max(1, rank - room.f)
-  if not room.stock then
-    v.s = 'sold_out'
-    return v
-  end
-  v.s = 'waiting'
-  v.e = math.ceil((rank - room.frac) * 60 / rm.apm)
-  return v
+  return s
 end
 
 -- Rate limits (GCRA, the generic cell rate algorithm): `limit` attempts per `window_ms`,

@@ -1,12 +1,14 @@
--- queue_join.lua: join the event's waiting room; the same customer gets the same ticket.
+-- queue_join.lua: join the event's waiting room, for one buyer or for all the buyers that
+-- one API process saw join in one turn of its loop; the same customer keeps their place.
 -- KEYS: the event keys (lib.lua), [17..21] the waiting room's keys (lib.lua, queue_keys),
---       then the Idempotency-Key counts and record (optional, last)
--- ARGV: common [1..4] (lib.lua), [5] a new ticket (128 random bits from the caller),
---       [6] customer id, [7] a random whole number below 2^52 from the caller (a
---       script's math.random repeats itself): the ticket's place if it joins the pre-queue
--- Returns JSON: the ticket as it reads now (lib.lua, ticket_view), with new = 1 when this
--- call made it; or {err = code, ...}: no_waiting_room, not_on_sale (the event is
--- closed; adds status), queue_not_open (adds opens_at ms).
+--       then the Idempotency-Key counts and record (optional, last; only with one buyer)
+-- ARGV: common [1..4] (lib.lua), [5] JSON [[customer id, k], ...]: k a random whole
+--       number below 2^52 from the caller (a script's math.random repeats itself), the
+--       buyer's place if they join the pre-queue
+-- Returns JSON {places = [[kind, number, new], ...] in the order asked (kind "p": the
+-- pre-queue's k, "a": the arrival number; new = 1 when this call placed them), room =
+-- lib.lua's room_snapshot}; or {err = code, ...}: no_waiting_room, not_on_sale (the event
+-- is closed; adds status), queue_not_open (adds opens_at ms).
 local cached = replay()
 if cached then return cached end
 local rm = room_meta()
@@ -19,28 +21,37 @@ if rm.opens and now < rm.opens then
 end
 local q = queue_keys()
 local room = advance(q, rm, now)
-local customer = ARGV[6]
-local ticket = redis.call('HGET', q.cust, customer)
-if ticket then
-  local rec = cjson.decode(redis.call('HGET', q.tickets, ticket))
-  return unchanged(cjson.encode(ticket_view(q, rm, room, ticket, rec, now)))
+local function place_of(score)
+  if score < 1 then return {'p', string.format('%.0f', score * PRE)} end
+  return {'a', string.format('%.0f', score - 1)}
 end
-local full = idem_full()
-if full then return full end
-
-ticket = ARGV[5]
--- Before the opening: a uniformly random place among the pre-queue, decided now and
--- revealed at the opening as the rank. After it: arrival order, behind the pre-queue.
-local score
-if room.opened then
-  score = 1 + redis.call('HINCRBY', q.state, 'n', 1)
-else
-  score = tonumber(ARGV[7]) / 4503599627370496 -- 2^52
+local places, made = {}, false
+for i, buyer in ipairs(cjson.decode(ARGV[5])) do
+  local customer = buyer[1]
+  local score = tonumber(redis.call('ZSCORE', q.order, customer))
+  local p
+  if score then
+    p = place_of(score)
+    p[3] = 0
+  else
+    if not made then
+      local full = idem_full()
+      if full then return full end
+      made = true
+    end
+    -- Before the opening: a uniformly random place among the pre-queue, decided now and
+    -- revealed at the opening. After it: arrival order, behind the pre-queue.
+    if room.opened then
+      score = 1 + redis.call('HINCRBY', q.state, 'n', 1)
+    else
+      score = tonumber(buyer[2]) / PRE
+    end
+    redis.call('ZADD', q.order, score, customer)
+    p = place_of(score)
+    p[3] = 1
+  end
+  places[i] = p
 end
-local rec = {c = customer}
-redis.call('HSET', q.tickets, ticket, cjson.encode(rec))
-redis.call('HSET', q.cust, customer, ticket)
-redis.call('ZADD', q.order, score, ticket)
-local v = ticket_view(q, rm, room, ticket, rec, now)
-v.new = 1
-return finish(cjson.encode(v))
+local reply = cjson.encode({places = places, room = room_snapshot(q, rm, room, now)})
+if made then return finish(reply) end
+return unchanged(reply)

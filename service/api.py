@@ -653,7 +653,9 @@ async def poll_queue(
     request: Request[Any, Any, Any], event_id: EventIdParam, ticket: TicketParam
 ) -> Response[schemas.QueueTicket]:
     """The ticket now. Once `admitted` it carries the pass that holds need; ask again
-    after `poll_after_seconds` until then."""
+    after `poll_after_seconds` until then. Answered from the signed ticket and the API
+    process's view of the room (at most a quarter second old): a leave, a sell-out or
+    returned stock shows on every process within a second."""
     svc = _svc(request)
     try:
         found = await waitingroom.poll(svc, _known(svc, event_id), ticket, customers.of(request))

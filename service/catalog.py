@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors, live, schemas, waitingroom
+from service import errors, live, roomstate, schemas, waitingroom
 from service.context import Services
 from service.db import categories, events
 from service.keys import event_keys
@@ -356,6 +356,7 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
         raise
     finally:
         waitingroom.ROOMS.forget(event_id)
+        roomstate.ROOMS.stale(event_id)
     return await view_event(svc, event_id)
 
 

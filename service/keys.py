@@ -91,10 +91,11 @@ class EventKeys:
         self.idempotency_count = f"{self.tag}:idemcount"
         self.idempotency_refusals = f"{self.tag}:idemrefusals"
         # The waiting room (lua/lib.lua, queue_keys): what the queue scripts take after the
-        # event keys: tickets (hash), customers' tickets (hash), the order (zset), the
-        # admission state (hash) and the passes handed out (zset). Cleared with the room.
+        # event keys: the leave log (zset), the pre-queue's ladder (string), the order
+        # (zset), the admission state (hash) and the frontier's corners (list). Cleared
+        # with the room.
         self.queue: tuple[str, ...] = tuple(
-            f"{self.tag}:q:{name}" for name in ("tickets", "cust", "order", "state", "passes")
+            f"{self.tag}:q:{name}" for name in ("left", "ladder", "order", "state", "hist")
         )
 
     meta: str

@@ -21,7 +21,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import errors, replicas, schemas
+from service import errors, replicas, schemas, waitingroom
 from service.context import RedisClient, Services, execute_timed
 from service.expiry import notifications_enabled
 from service.keys import event_keys
@@ -230,13 +230,14 @@ async def _live(svc: Services) -> list[Metric]:
         oldest = outbox.oldest_ms
         lag.add_metric([event_id], 0 if oldest is None else max(0, now_ms - oldest) / 1000)
         dead.add_metric([event_id], outbox.dead_letters)
-    rooms = await _rooms(svc, event_ids, now_ms)
+    rooms = await _rooms(svc, event_ids)
     return [*gauges.values(), holds, refused, backlog, lag, dead, *rooms]
 
 
-async def _rooms(svc: Services, event_ids: list[str], now_ms: int) -> list[Metric]:
+async def _rooms(svc: Services, event_ids: list[str]) -> list[Metric]:
     """The waiting rooms: tickets waiting, admitted (ranks the frontier passed), passes
-    not expired; read as they are (the frontier as its last look left it)."""
+    not expired (derived from when each rank was admitted: lua/lib.lua, room_figures);
+    one read of each room's figures, as the admin's view gives them."""
     names = (
         ("waiting", "Tickets waiting in the event's waiting room"),
         ("admitted", "Tickets the waiting room has admitted"),
@@ -248,21 +249,14 @@ async def _rooms(svc: Services, event_ids: list[str], now_ms: int) -> list[Metri
     }
     pipe = svc.redis.pipeline(transaction=False)
     for event_id in event_ids:
-        k = event_keys(event_id)
-        _, _, order, state, passes = k.queue
-        pipe.hget(k.meta, "qapm")
-        pipe.hmget(state, ["o", "f"])
-        pipe.zcard(order)
-        pipe.zcount(passes, f"({now_ms}", "+inf")
+        pipe.hget(event_keys(event_id).meta, "qapm")
     replies = await pipe.execute() if event_ids else []
-    for i, event_id in enumerate(event_ids):
-        apm, (opened, frontier), card, active = replies[i * 4 : i * 4 + 4]
-        if not apm:
-            continue  # no waiting room
-        admitted = min(int(float(frontier or 0)), card) if opened else 0
-        gauges["waiting"].add_metric([event_id], card - admitted)
-        gauges["admitted"].add_metric([event_id], admitted)
-        gauges["active_passes"].add_metric([event_id], active)
+    rooms = [e for e, apm in zip(event_ids, replies, strict=True) if apm]
+    found = await asyncio.gather(*(waitingroom.figures(svc, e) for e in rooms))
+    for event_id, f in zip(rooms, found, strict=True):
+        gauges["waiting"].add_metric([event_id], f.waiting)
+        gauges["admitted"].add_metric([event_id], f.admitted)
+        gauges["active_passes"].add_metric([event_id], f.active_passes)
     return list(gauges.values())
 
 

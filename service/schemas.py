@@ -297,14 +297,33 @@ class CustomerQueueJoin(QueueJoin):
 
 
 class QueueTicket(Struct, kw_only=True):
-    ticket: Annotated[str, Meta(description="Unguessable: knowing it is what lets one poll.")]
+    ticket: Annotated[
+        str,
+        Meta(
+            description="Signed by the service and unguessable: knowing it is what lets one "
+            "poll. It carries the ticket's place in the order, so any API process answers a "
+            "poll from it without asking Redis."
+        ),
+    ]
     status: QueueStatus
     position: Annotated[
         int | None,
-        Meta(description="1 = next in line; null before the on-sale moment and once admitted"),
+        Meta(
+            description="1 = next in line; null before the on-sale moment and once admitted. "
+            "Exact among the first 1,000 of the pre-queue and for later arrivals; further "
+            "back in the pre-queue an estimate within 10 places or 1% of the exact rank. "
+            "It never moves backwards."
+        ),
     ]
     estimated_wait_seconds: int | None
-    poll_after_seconds: Annotated[int, Meta(description="When to ask again.")]
+    poll_after_seconds: Annotated[
+        int,
+        Meta(
+            description="When to ask again: a tenth of the estimated wait, from 2 s near the "
+            "front to 60 s far back (before the opening: until it, at most 30 s; 10 s while "
+            "sold out; 30 s once admitted or closed)."
+        ),
+    ]
     pass_: Annotated[
         str | None,
         Meta(description="The admission pass (while `admitted`): send it as `Boxoffice-Pass`."),
@@ -315,7 +334,13 @@ class QueueTicket(Struct, kw_only=True):
 class QueueStats(Struct, kw_only=True):
     waiting: int
     admitted: int
-    active_passes: int
+    active_passes: Annotated[
+        int,
+        Meta(
+            description="Admitted tickets whose pass has not expired: a pass lasts "
+            "pass_ttl_seconds from the moment admission reached its ticket."
+        ),
+    ]
     admit_per_minute: int | None
     last_admitted_position: int
 

@@ -35,7 +35,7 @@ NAMES = (
     "repair",
     "check_seats",
     "queue_join",
-    "queue_poll",
+    "queue_state",
     "queue_leave",
     "queue_view",
     "queue_tick",

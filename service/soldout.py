@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from service import errors
@@ -43,6 +43,9 @@ from service.scripts import Scripts, sold_out
 
 log = logging.getLogger("boxoffice.soldout")
 
+# Told the event id of every restock message heard (service/roomstate.py: the event's
+# waiting room may admit again, so its state is read anew).
+RESTOCK_LISTENERS: list[Callable[[str], None]] = []
 # Events a process keeps flags and subscriptions for, at most.
 MAX_EVENTS = 1024
 # Each subscriber connection is pinged this often; one whose answer has not come by the
@@ -256,11 +259,15 @@ class SoldOut:
             return
         kind = reply[0]
         event_id = parse_restock_channel(reply[1].decode(errors="replace"))
-        event = self._events.get(event_id) if event_id is not None else None
+        if event_id is None:
+            return
+        event = self._events.get(event_id)
         if event is None or event.address != link.address:
             return  # an event dropped since (its unsubscription follows)
         self.step += 1
         if kind == b"smessage":
+            for listener in RESTOCK_LISTENERS:
+                listener(event_id)
             event.cleared = self.step
             event.cats.clear()
             event.most = 0

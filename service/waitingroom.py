@@ -1,9 +1,12 @@
-"""The waiting room: join, poll and leave (one script call each), the admin's figures,
-the pass check before a hold, and the background step for quiet periods.
+"""The waiting room: join, poll and leave, the admin's figures, the pass check before a
+hold, and the background step for quiet periods.
 
-All of its state lives in Redis in the event's slot (lua/lib.lua, queue_keys): the
-ticket order, the admission frontier, the passes handed out. Passes are signed here
-(service/passes.py) and checked here, without a round trip.
+Its state lives in Redis in the event's slot (lua/lib.lua, queue_keys): the order, the
+admission frontier, the leave log. A join is a script call (the joins of one loop turn
+for one event share one); a poll is none: the ticket is signed here and carries its
+place (service/queuetickets.py), and the process keeps each room's state fresh within a
+quarter second (service/roomstate.py). Passes are signed here (service/passes.py) and
+checked here, without a round trip.
 """
 
 from __future__ import annotations
@@ -18,44 +21,38 @@ from collections import OrderedDict
 
 import msgspec
 
-from service import errors, passes, schemas
+from service import errors, passes, queuetickets, schemas
 from service.context import Services
 from service.keys import event_keys
 from service.live import call, ensure_loaded, live_event_ids
+from service.queuetickets import Ticket
+from service.roomstate import ROOMS as STATES
+from service.roomstate import RoomState, Snapshot
 from service.scripts import Idempotency
 from service.timefmt import from_ms, now_ms
 
 log = logging.getLogger("boxoffice.waitingroom")
 
-# When a buyer is told to look again: bounds, and the share of the estimated wait.
-POLL_MIN_SECONDS = 1
-POLL_MAX_SECONDS = 30
+# When a buyer is told to look again: a tenth of the estimated wait, between 2 s near the
+# front and a minute far back (README, "Waiting room": a room of 1,000,000 admitting
+# 10,000 a minute is then asked for about 23,000 polls a second, not 200,000).
+POLL_MIN_SECONDS = 2
+POLL_MAX_SECONDS = 60
+POLL_WAIT_SHARE = 10
+POLL_PRE_QUEUE_SECONDS = 30  # at most, before the opening: until it
 POLL_SOLD_OUT_SECONDS = 10
-POLL_WAIT_SHARE = 4  # a quarter of the estimated wait
+POLL_DONE_SECONDS = 30  # admitted or closed: nothing more to wait for
 # How long a process trusts what it read about an event's room (on or off) for the pass
 # check of a hold without a valid pass; a PATCH in this process forgets it at once.
 ROOM_CACHE_SECONDS = 1.0
 ROOMS_CACHED = 10_000
 # The background step's period: how late a quiet room's frontier may be; and how long it
-# leaves an event without a room alone (joins and polls advance a new room meanwhile).
+# leaves an event without a room alone (joins and reads advance a new room meanwhile).
 TICK_SECONDS = 1.0
 NO_ROOM_RECHECK_SECONDS = 10.0
-# The longest ticket this API hands out is 22 characters; anything much longer is none.
-MAX_TICKET_LENGTH = 64
-
-
-class _Ticket(msgspec.Struct):
-    """A reply of the queue scripts (lua/lib.lua, ticket_view)."""
-
-    t: str
-    c: str
-    s: str
-    now: int
-    p: int | None = None
-    e: int | None = None
-    x: int | None = None
-    u: int | None = None
-    new: int = 0
+# The most joins of one event that go to Redis in one script call.
+JOIN_BATCH = 500
+_NOT_FOUND = "no ticket with this id in this event's waiting room"
 
 
 class RoomFigures(msgspec.Struct):
@@ -67,74 +64,177 @@ class RoomFigures(msgspec.Struct):
     apm: int | None = None
 
 
-_decode_ticket = msgspec.json.Decoder(_Ticket).decode
+class _Joined(msgspec.Struct):
+    """queue_join.lua's reply."""
+
+    places: list[tuple[str, str, int]]
+    room: Snapshot
+
+
+_decode_joined = msgspec.json.Decoder(_Joined).decode
 _decode_figures = msgspec.json.Decoder(RoomFigures).decode
 
 
-def _poll_after(v: _Ticket) -> int:
-    if v.s == "sold_out":
+def poll_after(status: str, wait: int | None, until_open_ms: int | None = None) -> int:
+    """`poll_after_seconds` of a ticket: grows with its estimated wait."""
+    if status == "sold_out":
         return POLL_SOLD_OUT_SECONDS
-    if v.s != "waiting":
-        return POLL_MAX_SECONDS  # admitted or closed: nothing more to wait for
-    if v.e is not None:
-        seconds = v.e // POLL_WAIT_SHARE
-    elif v.u is not None:
-        seconds = math.ceil((v.u - v.now) / 1000)  # pre-queued: until the opening
+    if status != "waiting":
+        return POLL_DONE_SECONDS
+    if wait is None:  # pre-queued: until the opening
+        seconds = POLL_PRE_QUEUE_SECONDS
+        if until_open_ms is not None:
+            seconds = min(seconds, math.ceil(until_open_ms / 1000))
+        return max(POLL_MIN_SECONDS, seconds)
+    return max(POLL_MIN_SECONDS, min(POLL_MAX_SECONDS, math.ceil(wait / POLL_WAIT_SHARE)))
+
+
+def implied_poll_rate(buyers: int, admit_per_minute: int) -> float:
+    """Polls a second asked of a room with `buyers` waiting, each polling when told."""
+    per_second = admit_per_minute / 60
+    return sum(1 / poll_after("waiting", math.ceil(p / per_second)) for p in range(1, buyers + 1))
+
+
+def _view(
+    svc: Services, event_id: str, state: RoomState, t: Ticket, token: str
+) -> schemas.QueueTicket:
+    """The ticket as the room's state says it reads now."""
+    snap = state.snap
+    status, position, wait, token_pass, expires = "waiting", None, None, None, None
+    until_open = None
+    if snap.closed:
+        status = "closed"
+    elif not snap.o:
+        until_open = None if snap.on is None else snap.on - now_ms()
+    elif state.admitted(t):
+        status = "admitted"
+        at = state.admitted_at(state.rank(t)) + snap.ttl * 1000
+        expires = math.ceil(at / 1000) * 1000  # whole seconds: the same pass, read anywhere
+        secret = passes.secret_of(svc.settings)
+        token_pass = passes.issue(secret, event_id, t.customer, expires)
     else:
-        seconds = POLL_MAX_SECONDS // 2
-    return max(POLL_MIN_SECONDS, min(POLL_MAX_SECONDS, seconds))
-
-
-def _view(svc: Services, event_id: str, v: _Ticket) -> schemas.QueueTicket:
-    token = None
-    if v.s == "admitted" and v.x is not None:
-        token = passes.issue(passes.secret_of(svc.settings), event_id, v.c, v.x)
+        now = now_ms()
+        position = state.position(t, now)
+        if not snap.stock:
+            status = "sold_out"
+        else:
+            wait = max(1, math.ceil((state.rank(t) - state.f_now(now)) * 60 / snap.apm))
     return schemas.QueueTicket(
-        ticket=v.t,
-        status=v.s,  # type: ignore[arg-type]
-        position=v.p,
-        estimated_wait_seconds=v.e,
-        poll_after_seconds=_poll_after(v),
-        pass_=token,
-        pass_expires_at=None if token is None or v.x is None else from_ms(v.x),
+        ticket=token,
+        status=status,  # type: ignore[arg-type]
+        position=position,
+        estimated_wait_seconds=wait,
+        poll_after_seconds=poll_after(status, wait, until_open),
+        pass_=token_pass,
+        pass_expires_at=None if expires is None else from_ms(expires),
     )
+
+
+# --- join, poll, leave ----------------------------------------------------------------
+
+
+async def join_many(
+    svc: Services, event_id: str, buyers: list[tuple[str, int]], idem: Idempotency | None
+) -> _Joined:
+    reply = await call(
+        svc,
+        "queue_join",
+        event_id,
+        msgspec.json.encode(buyers),
+        extra_keys=event_keys(event_id).queue,
+        idempotency=idem,
+    )
+    return _decode_joined(reply)
+
+
+_Waiter = asyncio.Future[tuple[tuple[str, str, int], Snapshot]]
+
+
+class _Joins:
+    """The joins of one event that arrive in one turn of the loop, sent as one call: a
+    crowd's joins cost Redis one script run (and the room's shared work once) per turn."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, list[tuple[str, int, _Waiter]]] = {}
+        self._sending: set[asyncio.Task[None]] = set()  # kept until done (the loop won't)
+
+    def join(self, svc: Services, event_id: str, customer_id: str) -> _Waiter:
+        loop = asyncio.get_running_loop()
+        batch = self._pending.get(event_id)
+        if batch is None:
+            batch = self._pending[event_id] = []
+            loop.call_soon(self._flush, svc, event_id)
+        waiter: _Waiter = loop.create_future()
+        # The pre-queue's place: uniformly random, from the OS (a script's math.random
+        # repeats itself).
+        batch.append((customer_id, secrets.randbits(52), waiter))
+        return waiter
+
+    def _flush(self, svc: Services, event_id: str) -> None:
+        batch = self._pending.pop(event_id)
+        for i in range(0, len(batch), JOIN_BATCH):
+            task = asyncio.ensure_future(_send(svc, event_id, batch[i : i + JOIN_BATCH]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+
+async def _send(svc: Services, event_id: str, batch: list[tuple[str, int, _Waiter]]) -> None:
+    try:
+        joined = await join_many(svc, event_id, [(c, k) for c, k, _ in batch], None)
+    except Exception as e:
+        for _, _, waiter in batch:
+            if not waiter.done():
+                waiter.set_exception(e)
+        return
+    for place, (_, _, waiter) in zip(joined.places, batch, strict=True):
+        if not waiter.done():
+            waiter.set_result((place, joined.room))
+
+
+JOINS = _Joins()
 
 
 async def join(
     svc: Services, event_id: str, customer_id: str, idem: Idempotency | None
 ) -> tuple[schemas.QueueTicket, bool]:
     """The customer's ticket, and whether this call made it."""
-    reply = await call(
-        svc,
-        "queue_join",
-        event_id,
-        secrets.token_urlsafe(16),  # 128 random bits: knowing it is what lets one poll
-        customer_id,
-        secrets.randbits(52),  # the pre-queue's place: uniformly random, from the OS
-        extra_keys=event_keys(event_id).queue,
-        idempotency=idem,
-    )
-    v = _decode_ticket(reply)
-    return _view(svc, event_id, v), bool(v.new)
+    if idem is None:
+        place, snap = await JOINS.join(svc, event_id, customer_id)
+    else:  # its answer is remembered under its key: a call of its own
+        joined = await join_many(svc, event_id, [(customer_id, secrets.randbits(52))], idem)
+        place, snap = joined.places[0], joined.room
+    kind, number, new = place
+    state = STATES.merge(event_id, snap)
+    if not state.fresh():
+        state = await STATES.current(svc, event_id)
+    t = Ticket(snap.g, "p" if kind == "p" else "a", int(number), customer_id)
+    token = queuetickets.issue(passes.secret_of(svc.settings), event_id, t)
+    return _view(svc, event_id, state, t, token), bool(new)
 
 
-def _ticket(ticket: str) -> str:
-    if len(ticket) > MAX_TICKET_LENGTH:
-        raise errors.TicketNotFound("no ticket with this id in this event's waiting room")
-    return ticket
+async def _ticket(svc: Services, event_id: str, token: str, customer_id: str | None) -> Ticket:
+    """The ticket `token` signs, if it is this event's (and `customer_id`'s, when given);
+    else TicketNotFound, without a Redis call once this process knows the event."""
+    t = queuetickets.read(passes.secret_of(svc.settings), event_id, token)
+    if t is None or (customer_id is not None and t.customer != customer_id):
+        if STATES.known(event_id) is None:
+            await STATES.current(svc, event_id)  # an unknown event is event_not_found
+        raise errors.TicketNotFound(_NOT_FOUND)
+    return t
 
 
 async def poll(
     svc: Services, event_id: str, ticket: str, customer_id: str | None = None
 ) -> schemas.QueueTicket:
-    """`customer_id`: only this customer's ticket is found (None: anyone's who knows it)."""
-    reply = await call(
-        svc, "queue_poll", event_id, _ticket(ticket), extra_keys=event_keys(event_id).queue
-    )
-    v = _decode_ticket(reply)
-    if customer_id is not None and v.c != customer_id:
-        raise errors.TicketNotFound("no ticket with this id in this event's waiting room")
-    return _view(svc, event_id, v)
+    """`customer_id`: only this customer's ticket is found (None: anyone's who knows it).
+    No Redis call but the room's read, at most every quarter second per room."""
+    t = await _ticket(svc, event_id, ticket, customer_id)
+    state = await STATES.current(svc, event_id)
+    snap = state.snap
+    if snap.none or t.generation != snap.g or f"{t.place} {t.customer}" in state.left:
+        raise errors.TicketNotFound(_NOT_FOUND)
+    state.check_lost(t)
+    return _view(svc, event_id, state, t, ticket)
 
 
 async def leave(
@@ -145,15 +245,18 @@ async def leave(
     customer_id: str | None = None,
 ) -> None:
     """`customer_id`: only this customer's ticket is found (None: anyone's who knows it)."""
+    t = await _ticket(svc, event_id, ticket, customer_id)
     await call(
         svc,
         "queue_leave",
         event_id,
-        _ticket(ticket),
-        customer_id or "",
+        str(t.generation),
+        t.place,
+        t.customer,
         extra_keys=event_keys(event_id).queue,
         idempotency=idem,
     )
+    STATES.stale(event_id)
 
 
 async def figures(svc: Services, event_id: str) -> schemas.QueueStats:

@@ -61,14 +61,17 @@ def settings() -> Settings:
 
 
 def on_redis(settings: Settings, redis_url: str) -> Settings:
-    """The test database and admin token on another Redis (a server or cluster of the
-    test's own); every other setting its default, the per-customer hold limit too, but
-    the per-address limits off (every test client is 127.0.0.1)."""
+    """The test database, admin token and pass secret on another Redis (a server or
+    cluster of the test's own); every other setting its default, the per-customer hold
+    limit too, but the per-address limits off (every test client is 127.0.0.1). The same
+    secret: a queue ticket signed by the test's own Services (a join through waitingroom)
+    is then good on the test's API server."""
     return Settings(
         redis_url=redis_url,
         database_url=settings.database_url,
         admin_token=settings.admin_token,
         rate_limit_address=0,
+        pass_secret=settings.pass_secret,
     )
 
 
