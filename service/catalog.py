@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors, live, schemas, waitingroom
+from service import archive, errors, live, schemas, waitingroom
 from service.context import Services
-from service.db import categories, events
+from service.db import booking_items, bookings, categories, events
 from service.keys import event_keys
 from service.timefmt import from_ms, now_ms, to_ms
 
@@ -226,7 +226,10 @@ def event_status(status: str, on_sale_at_ms: int | None, now: int) -> schemas.Ev
 
 
 async def view_event(svc: Services, event_id: str) -> schemas.Event:
-    v = _decode_view(await live.call(svc, "view", event_id))
+    try:
+        v = _decode_view(await live.call(svc, "view", event_id))
+    except errors.EventArchived:
+        return await view_archived(svc, event_id)
     m = v.meta
     on_sale_at = int(m["on_sale_at"]) if m["on_sale_at"] else None
     cats = []
@@ -252,7 +255,67 @@ async def view_event(svc: Services, event_id: str) -> schemas.Event:
         max_per_order=int(m["mpo"]),
         max_per_customer=int(m["mpc"]) if m["mpc"] else None,
         categories=cats,
+        archived=False,
         waiting_room=_room_view(m),
+    )
+
+
+async def _sold(conn: AsyncConnection, event_id: str) -> dict[str, int]:
+    """Tickets sold per category, as PostgreSQL's confirmed bookings say."""
+    rows = await conn.execute(
+        sa.select(booking_items.c.category, sa.func.sum(booking_items.c.tickets).label("n"))
+        .join(bookings, bookings.c.booking_id == booking_items.c.booking_id)
+        .where(bookings.c.event_id == event_id, bookings.c.status == "confirmed")
+        .group_by(booking_items.c.category)
+    )
+    return {r.category: int(r.n) for r in rows}
+
+
+async def view_archived(svc: Services, event_id: str) -> schemas.Event:
+    """An archived event as PostgreSQL has it, without loading it into Redis: nothing is
+    held once it is archived, so what is available is the capacity less what is sold."""
+    async with svc.engine.connect() as conn:
+        ev = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
+        if ev is None:
+            raise errors.EventNotFound(f"no event {event_id!r}")
+        cats = (
+            await conn.execute(
+                sa.select(categories)
+                .where(categories.c.event_id == event_id)
+                .order_by(categories.c.position)
+            )
+        ).all()
+        taken = await _sold(conn, event_id)
+    on_sale_at = None if ev.on_sale_at is None else to_ms(ev.on_sale_at)
+    room = live.room_of(ev)
+    return schemas.Event(
+        id=event_id,
+        name=ev.name,
+        starts_at=from_ms(to_ms(ev.starts_at)),
+        status=event_status(ev.status, on_sale_at, now_ms()),
+        on_sale_at=None if on_sale_at is None else from_ms(on_sale_at),
+        hold_ttl_seconds=ev.hold_ttl_seconds,
+        max_per_order=ev.max_per_order,
+        max_per_customer=ev.max_per_customer,
+        categories=[
+            schemas.Category(
+                name=c.name,
+                price=c.price,
+                currency=ev.currency,
+                seated=c.seated,
+                capacity=c.capacity,
+                available=c.capacity - taken.get(c.name, 0),
+            )
+            for c in cats
+        ],
+        archived=ev.archived_at is not None,
+        waiting_room=None
+        if room is None
+        else schemas.WaitingRoomView(
+            admit_per_minute=room.admit_per_minute,
+            pass_ttl_seconds=room.pass_ttl_seconds,
+            opens_at=None if room.opens_at is None else from_ms(to_ms(room.opens_at)),
+        ),
     )
 
 
@@ -318,6 +381,8 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
         raise errors.ValidationError("a category appears at most once")
     if caps:
         changes["caps"] = caps
+    if body.status == "on_sale":
+        await _reopen(svc, event_id)
     configured: dict[str, Any] | None = None
     try:
         async with svc.engine.begin() as conn:
@@ -329,23 +394,10 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
             ).first()
             if found is None:
                 raise errors.EventNotFound(f"no event {event_id!r}")
-            if values:
-                await conn.execute(events.update().where(events.c.id == event_id).values(**values))
-            rows = await conn.execute(
-                sa.select(categories.c.name, categories.c.capacity).where(
-                    categories.c.event_id == event_id, categories.c.name.in_(caps)
-                )
-            )
-            old_caps = {r.name: r.capacity for r in rows}
-            for name, cap in caps.items():
-                await conn.execute(
-                    categories.update()
-                    .where(categories.c.event_id == event_id, categories.c.name == name)
-                    .values(capacity=cap)
-                )
-            # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
-            await _configure(svc, event_id, changes)
-            configured = _undo_changes(found, changes, old_caps)
+            if found.archived_at is not None:  # and this PATCH does not reopen it
+                await _patch_archived(conn, event_id, values, caps)
+            else:
+                configured = await _patch_live(svc, conn, found, values, caps, changes)
     except BaseException:
         if configured is not None:
             # Redis took the change and PostgreSQL did not (the commit failed): put Redis
@@ -356,6 +408,94 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
     finally:
         waitingroom.ROOMS.forget(event_id)
     return await view_event(svc, event_id)
+
+
+async def _patch_live(
+    svc: Services,
+    conn: AsyncConnection,
+    found: sa.Row[Any],
+    values: dict[str, Any],
+    caps: dict[str, int],
+    changes: dict[str, Any],
+) -> dict[str, Any]:
+    """PostgreSQL in the caller's transaction, then Redis; the changes that undo Redis's."""
+    event_id = found.id
+    if values:
+        await conn.execute(events.update().where(events.c.id == event_id).values(**values))
+    rows = await conn.execute(
+        sa.select(categories.c.name, categories.c.capacity).where(
+            categories.c.event_id == event_id, categories.c.name.in_(caps)
+        )
+    )
+    old_caps = {r.name: r.capacity for r in rows}
+    for name, cap in caps.items():
+        await conn.execute(
+            categories.update()
+            .where(categories.c.event_id == event_id, categories.c.name == name)
+            .values(capacity=cap)
+        )
+    # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
+    await _configure(svc, event_id, changes)
+    return _undo_changes(found, changes, old_caps)
+
+
+async def _reopen(svc: Services, event_id: str) -> None:
+    """Before a PATCH puts an event on sale: one that is over starts its time afresh (so
+    that the worker does not take it straight back out of Redis), and one that is archived
+    is archived no more, committed first, so that the PATCH's own call loads it from
+    PostgreSQL as any event Redis lacks is loaded."""
+    async with svc.engine.begin() as conn:
+        row = (
+            await conn.execute(sa.select(events).where(events.c.id == event_id).with_for_update())
+        ).first()
+        if row is None:
+            raise errors.EventNotFound(f"no event {event_id!r}")
+        now = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
+        if row.archived_at is None and not archive.is_over(
+            row, now, svc.settings.archive_after_seconds
+        ):
+            return
+        await conn.execute(
+            events.update()
+            .where(events.c.id == event_id)
+            .values(archived_at=None, archive_asked_at=None, reopened_at=now)
+        )
+
+
+async def _patch_archived(
+    conn: AsyncConnection, event_id: str, values: dict[str, Any], caps: dict[str, int]
+) -> None:
+    """A PATCH of an archived event that leaves it archived: PostgreSQL alone, checked as
+    Redis would check it (nothing is held: what is committed is what is sold)."""
+    if values:
+        await conn.execute(events.update().where(events.c.id == event_id).values(**values))
+    if not caps:
+        return
+    found = {
+        r.name: r.seated
+        for r in await conn.execute(
+            sa.select(categories.c.name, categories.c.seated).where(
+                categories.c.event_id == event_id
+            )
+        )
+    }
+    sold = await _sold(conn, event_id)
+    for name, cap in caps.items():
+        if name not in found:
+            raise errors.UnknownCategory(f"no category {name!r} in this event")
+        if found[name]:
+            raise errors.ValidationError(
+                f"category {name!r} is seated: its capacity is its seat count"
+            )
+        if cap < sold.get(name, 0):
+            raise errors.CapacityBelowCommitted(
+                f"category {name!r} has {sold.get(name, 0)} tickets held or sold"
+            )
+        await conn.execute(
+            categories.update()
+            .where(categories.c.event_id == event_id, categories.c.name == name)
+            .values(capacity=cap)
+        )
 
 
 async def _configure(svc: Services, event_id: str, changes: dict[str, Any]) -> None:

@@ -250,6 +250,9 @@ class Event(Struct, kw_only=True, omit_defaults=True):
     max_per_order: int
     max_per_customer: int | None
     categories: list[Category]
+    # True once the event is over and its live state has left Redis (served from
+    # PostgreSQL; PATCH status on_sale brings it back).
+    archived: bool
     # Left out when the event has none (then holds need no pass).
     waiting_room: WaitingRoomView | None = None
 
@@ -318,6 +321,20 @@ class QueueStats(Struct, kw_only=True):
     active_passes: int
     admit_per_minute: int | None
     last_admitted_position: int
+
+
+# What an archive waits for: live holds (or, for the worker's own step, ended ones within
+# their retention), outbox entries not yet written behind, dead letters, a load under way.
+ArchiveWait = Literal["holds", "outbox", "dead_letters", "busy"]
+
+
+class ArchiveState(Struct, kw_only=True):
+    """Where an archive stands: done (`archived`), or what it waits for (then the worker
+    finishes it as soon as nothing of the event is unfinished)."""
+
+    event_id: str
+    archived: bool
+    waiting_for: ArchiveWait | None
 
 
 # --- operations ---------------------------------------------------------------------
