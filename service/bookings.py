@@ -8,9 +8,9 @@ import uuid
 import msgspec
 import sqlalchemy as sa
 
-from service import errors, ledger, schemas
+from service import archived, errors, ledger, schemas
 from service.context import Services
-from service.db import bookings, events
+from service.db import bookings
 from service.keys import event_keys
 from service.live import call, ensure_loaded
 from service.records import BookingRecord, decode_booking
@@ -89,7 +89,7 @@ async def cancel_booking(
     fallback = b""
     if not await svc.redis.hexists(event_keys(event_id).bookings, booking_id):
         await ensure_loaded(svc, event_id)  # event_not_found comes before booking_not_found
-        if await _cancel_archived(svc, event_id, booking_id):
+        if await archived.cancel_booking(svc, event_id, booking_id):
             return
         # Redis no longer has it (trimmed or restored): PostgreSQL tells the script what
         # the booking holds, so its tickets still come back.
@@ -97,34 +97,3 @@ async def cancel_booking(
         if stored is not None:
             fallback = msgspec.json.encode(stored)
     await call(svc, "cancel", event_id, booking_id, fallback, idempotency=idem, durable=True)
-
-
-async def _cancel_archived(svc: Services, event_id: str, booking_id: str) -> bool:
-    """Cancel a booking of an archived event in PostgreSQL alone, without loading the
-    event: its tickets count as on sale again when it is reopened (a load counts only
-    confirmed bookings). False when the event is not archived (then Redis does it). The
-    event's row is share-locked: a reopening waits, and never loads it half-way."""
-    bid = _uuid(booking_id, errors.BookingNotFound(f"no booking {booking_id!r} in this event"))
-    async with svc.engine.begin() as conn:
-        archived = (
-            await conn.execute(
-                sa.select(events.c.archived_at)
-                .where(events.c.id == event_id)
-                .with_for_update(read=True)
-            )
-        ).scalar_one_or_none()
-        if archived is None:
-            return False
-        found = await conn.execute(
-            sa.select(bookings.c.status).where(
-                bookings.c.event_id == event_id, bookings.c.booking_id == bid
-            )
-        )
-        if found.first() is None:
-            raise errors.BookingNotFound(f"no booking {booking_id!r} in this event")
-        await conn.execute(
-            bookings.update()
-            .where(bookings.c.booking_id == bid, bookings.c.status == "confirmed")
-            .values(status="cancelled", cancelled_at=sa.func.now())
-        )
-    return True

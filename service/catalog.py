@@ -11,10 +11,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import archive, errors, live, schemas, waitingroom
+from service import archive, archived, errors, live, schemas, waitingroom
 from service.context import Services
-from service.db import booking_items, bookings, categories, events
+from service.db import categories, events
 from service.keys import event_keys
+from service.schemas import event_status
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
@@ -219,17 +220,11 @@ _decode_view = msgspec.json.Decoder(_View).decode
 _decode_cat = msgspec.json.Decoder(_Cat).decode
 
 
-def event_status(status: str, on_sale_at_ms: int | None, now: int) -> schemas.EventStatus:
-    if status == "on_sale" and on_sale_at_ms is not None and now < on_sale_at_ms:
-        return "scheduled"
-    return status  # type: ignore[return-value]
-
-
 async def view_event(svc: Services, event_id: str) -> schemas.Event:
     try:
         v = _decode_view(await live.call(svc, "view", event_id))
     except errors.EventArchived:
-        return await view_archived(svc, event_id)
+        return await archived.view(svc, event_id)
     m = v.meta
     on_sale_at = int(m["on_sale_at"]) if m["on_sale_at"] else None
     cats = []
@@ -257,65 +252,6 @@ async def view_event(svc: Services, event_id: str) -> schemas.Event:
         categories=cats,
         archived=False,
         waiting_room=_room_view(m),
-    )
-
-
-async def _sold(conn: AsyncConnection, event_id: str) -> dict[str, int]:
-    """Tickets sold per category, as PostgreSQL's confirmed bookings say."""
-    rows = await conn.execute(
-        sa.select(booking_items.c.category, sa.func.sum(booking_items.c.tickets).label("n"))
-        .join(bookings, bookings.c.booking_id == booking_items.c.booking_id)
-        .where(bookings.c.event_id == event_id, bookings.c.status == "confirmed")
-        .group_by(booking_items.c.category)
-    )
-    return {r.category: int(r.n) for r in rows}
-
-
-async def view_archived(svc: Services, event_id: str) -> schemas.Event:
-    """An archived event as PostgreSQL has it, without loading it into Redis: nothing is
-    held once it is archived, so what is available is the capacity less what is sold."""
-    async with svc.engine.connect() as conn:
-        ev = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
-        if ev is None:
-            raise errors.EventNotFound(f"no event {event_id!r}")
-        cats = (
-            await conn.execute(
-                sa.select(categories)
-                .where(categories.c.event_id == event_id)
-                .order_by(categories.c.position)
-            )
-        ).all()
-        taken = await _sold(conn, event_id)
-    on_sale_at = None if ev.on_sale_at is None else to_ms(ev.on_sale_at)
-    room = live.room_of(ev)
-    return schemas.Event(
-        id=event_id,
-        name=ev.name,
-        starts_at=from_ms(to_ms(ev.starts_at)),
-        status=event_status(ev.status, on_sale_at, now_ms()),
-        on_sale_at=None if on_sale_at is None else from_ms(on_sale_at),
-        hold_ttl_seconds=ev.hold_ttl_seconds,
-        max_per_order=ev.max_per_order,
-        max_per_customer=ev.max_per_customer,
-        categories=[
-            schemas.Category(
-                name=c.name,
-                price=c.price,
-                currency=ev.currency,
-                seated=c.seated,
-                capacity=c.capacity,
-                available=c.capacity - taken.get(c.name, 0),
-            )
-            for c in cats
-        ],
-        archived=ev.archived_at is not None,
-        waiting_room=None
-        if room is None
-        else schemas.WaitingRoomView(
-            admit_per_minute=room.admit_per_minute,
-            pass_ttl_seconds=room.pass_ttl_seconds,
-            opens_at=None if room.opens_at is None else from_ms(to_ms(room.opens_at)),
-        ),
     )
 
 
@@ -395,7 +331,7 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
             if found is None:
                 raise errors.EventNotFound(f"no event {event_id!r}")
             if found.archived_at is not None:  # and this PATCH does not reopen it
-                await _patch_archived(conn, event_id, values, caps)
+                await archived.patch(conn, event_id, values, caps)
             else:
                 configured = await _patch_live(svc, conn, found, values, caps, changes)
     except BaseException:
@@ -459,42 +395,6 @@ async def _reopen(svc: Services, event_id: str) -> None:
             events.update()
             .where(events.c.id == event_id)
             .values(archived_at=None, archive_asked_at=None, reopened_at=now)
-        )
-
-
-async def _patch_archived(
-    conn: AsyncConnection, event_id: str, values: dict[str, Any], caps: dict[str, int]
-) -> None:
-    """A PATCH of an archived event that leaves it archived: PostgreSQL alone, checked as
-    Redis would check it (nothing is held: what is committed is what is sold)."""
-    if values:
-        await conn.execute(events.update().where(events.c.id == event_id).values(**values))
-    if not caps:
-        return
-    found = {
-        r.name: r.seated
-        for r in await conn.execute(
-            sa.select(categories.c.name, categories.c.seated).where(
-                categories.c.event_id == event_id
-            )
-        )
-    }
-    sold = await _sold(conn, event_id)
-    for name, cap in caps.items():
-        if name not in found:
-            raise errors.UnknownCategory(f"no category {name!r} in this event")
-        if found[name]:
-            raise errors.ValidationError(
-                f"category {name!r} is seated: its capacity is its seat count"
-            )
-        if cap < sold.get(name, 0):
-            raise errors.CapacityBelowCommitted(
-                f"category {name!r} has {sold.get(name, 0)} tickets held or sold"
-            )
-        await conn.execute(
-            categories.update()
-            .where(categories.c.event_id == event_id, categories.c.name == name)
-            .values(capacity=cap)
         )
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple, NoReturn
 
 import msgspec
 
-from service import errors, ratelimit, schemas
+from service import archived, errors, ratelimit, schemas
 from service.context import Services, execute_timed
 from service.keys import event_keys
 from service.live import call, ensure_loaded, restore
@@ -275,6 +275,15 @@ async def list_seats(
     """One page of the seat map: `limit` positions of the seat order examined, in short
     script calls (a status filter may leave fewer seats than that)."""
     first = _seat_cursor(cursor)
+    try:
+        return await _live_seats(svc, event_id, category, status, limit, first)
+    except errors.EventArchived:
+        return await archived.list_seats(svc, event_id, category, status, limit, first)
+
+
+async def _live_seats(
+    svc: Services, event_id: str, category: str | None, status: str | None, limit: int, first: int
+) -> schemas.SeatList:
     left = limit
     order = (event_keys(event_id).seat_order,)
     seats: list[schemas.Seat] = []

@@ -67,6 +67,14 @@ BookingStatus = Literal["confirmed", "cancelled"]
 SeatStatus = Literal["available", "held", "sold"]
 
 
+def event_status(status: str, on_sale_at_ms: int | None, now: int) -> EventStatus:
+    """The status a client sees of the one stored: on sale before its on-sale time reads
+    as scheduled."""
+    if status == "on_sale" and on_sale_at_ms is not None and now < on_sale_at_ms:
+        return "scheduled"
+    return status  # type: ignore[return-value]
+
+
 class Request(Struct, kw_only=True, forbid_unknown_fields=True):
     """Request bodies: unknown fields are an error, not silently ignored."""
 

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
-from service import archive, bookings, catalog, live, reconcile, sales, schemas
+from service import archive, bookings, catalog, errors, live, reconcile, sales, schemas
 from service.context import Services
 from service.db import events
 from service.keys import EVENTS, event_keys
@@ -34,7 +34,7 @@ from tests.conftest import (
     services_with,
     worker_env,
 )
-from tests.servers import RedisServer
+from tests.servers import LocalCluster, RedisServer
 
 
 async def hold(
@@ -130,6 +130,22 @@ async def test_an_archived_event_is_read_from_postgresql_without_loading_it(
     assert r.status_code == 404 and r.json()["code"] == "hold_not_found"
     r = await hold(client, event_id, [{"category": "GA", "quantity": 1}])
     assert r.status_code == 409 and r.json()["code"] == "not_on_sale"
+    r = await client.get(f"/events/{event_id}/seats", params={"category": "VIP"})
+    assert r.status_code == 200, r.text
+    seats = {s["label"]: s["status"] for s in r.json()["seats"]}
+    assert len(seats) == 12 and sorted(k for k, v in seats.items() if v == "sold") == sorted(
+        second["seats"]
+    )
+    r = await client.get(f"/events/{event_id}/seats", params={"status": "sold", "limit": 5})
+    page = r.json()
+    assert [s["label"] for s in page["seats"]] == [x for x in second["seats"] if x < "A-6"]
+    assert page["next_cursor"] is not None
+    r = await client.get(
+        f"/admin/events/{event_id}/live", headers={**ADMIN, "accept": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    figures = {c["name"]: (c["available"], c["held"], c["sold"]) for c in r.json()["categories"]}
+    assert figures == {"GA": (47, 0, 3), "VIP": (9, 0, 3)}
     r = await client.get(f"/admin/events/{event_id}/reconcile", headers=ADMIN)
     report = r.json()
     assert report["consistent"] is True, report
@@ -425,3 +441,33 @@ async def test_reads_of_an_archived_event_do_not_load_it(svc: Services, settings
     with pytest.raises(Exception) as raised:
         await sales.get_hold(svc, event_id, "x" * 22)
     assert getattr(raised.value, "code", None) == "hold_not_found"
+
+
+async def test_on_a_cluster_archived_events_leave_every_primary(
+    settings: Settings, cluster: LocalCluster
+) -> None:
+    """The registry sits on a node of its own: every event, whichever primary has it,
+    leaves that primary whole and the registry too; reopened, it sells what is left."""
+    own = msgspec.structs.replace(on_redis(settings, cluster.url), rate_limit_customer_holds=0)
+    async with services_with(own) as svc:
+        await svc.start()
+        ids = [event_id for per in cluster.event_ids(1).values() for event_id in per]
+        for event_id in ids:
+            await catalog.create_event(svc, _small_event(event_id))
+            await _sell(svc, event_id, 2)
+            await catalog.patch_event(svc, event_id, schemas.EventPatch(status="closed"))
+            assert (await archive.ask(svc, event_id)).archived
+        for event_id in ids:
+            assert await in_redis(svc, event_id) == []  # SCAN visits every primary
+            assert event_id not in await live.live_event_ids(svc)
+            report = await reconcile.reconcile(svc, event_id)
+            assert report.consistent and report.events[0].archived, reconcile.render(report)
+        reopened = ids[0]
+        await catalog.patch_event(svc, reopened, schemas.EventPatch(status="on_sale"))
+        assert reopened in await live.live_event_ids(svc)
+        body = schemas.HoldCreate(
+            customer_id="late", items=[schemas.HoldItem(category="GA", quantity=18)]
+        )
+        await sales.create_hold(svc, reopened, body, None)
+        with pytest.raises(errors.SoldOut):
+            await sales.create_hold(svc, reopened, body, None)
