@@ -271,6 +271,13 @@ class WriteBehind:
                 await self.step()
                 backoff.reset()
             except Exception as e:
+                if isinstance(e, redis.exceptions.ResponseError) and "UNBLOCKED" in str(e):
+                    # A stream deleted while the read waited on it: its event was archived
+                    # (lua/archive.lua, only once drained). Not an outage: no pause.
+                    log.info("write-behind: %s (an archived event); finding the streams again", e)
+                    self._streams.clear()
+                    next_discover = 0.0
+                    continue
                 if isinstance(e, redis.exceptions.ResponseError) and "NOGROUP" in str(e):
                     # A stream or its group vanished (Redis flushed or restarted empty):
                     # finding the streams again creates the groups again.
