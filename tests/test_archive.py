@@ -538,3 +538,20 @@ async def test_sales_racing_the_archive_are_never_lost_nor_oversold(svc: Service
     report = await reconcile.reconcile(svc, event_id)
     assert report.consistent, reconcile.render(report)
     assert report.events[0].bookings_in_postgres == len(booked)
+
+
+async def test_dead_letters_keep_the_event_until_an_operator_acts(svc: Services) -> None:
+    """A dead letter is never dropped: the event stays in Redis with it, and goes once it
+    is replayed or discarded."""
+    event_id = new_event_id()
+    await catalog.create_event(svc, _small_event(event_id))
+    await _sell(svc, event_id, 1)
+    await catalog.patch_event(svc, event_id, schemas.EventPatch(status="closed"))
+    dead = event_keys(event_id).deadletter
+    entry = await svc.redis.xadd(dead, {"op": "confirm", "error": "refused by the test"})
+    outcome = await archive.ask(svc, event_id)
+    assert outcome.waiting_for == "dead_letters"
+    assert await svc.redis.xlen(dead) == 1 and await svc.redis.exists(event_keys(event_id).meta)
+    await svc.redis.xdel(dead, entry)  # as a discard does
+    assert (await archive.ask(svc, event_id)).archived
+    assert await in_redis(svc, event_id) == []
