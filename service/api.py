@@ -39,6 +39,7 @@ from litestar.utils import normalize_path
 
 from service import (
     answers,
+    archive,
     bodies,
     bookings,
     catalog,
@@ -803,6 +804,36 @@ async def reconcile_event(
     return report
 
 
+@post(
+    "/admin/events/{event_id:str}/archive",
+    tags=["admin"],
+    status_code=202,
+    guards=[admin_guard],
+    responses=_problems(
+        errors.Unauthorized,
+        errors.EventNotFound,
+        errors.EventNotOver,
+        errors.IdempotencyInProgress,
+        errors.IdempotencyKeyReused,
+    ),
+)
+async def archive_event(
+    request: Request[Any, Any, Any], event_id: EventIdParam
+) -> Response[schemas.ArchiveState]:
+    """Take an event that is over (closed, or started more than
+    `BOXOFFICE_ARCHIVE_AFTER_SECONDS` ago, or reopened that long ago) out of Redis now:
+    its outbox is written to PostgreSQL here, and its live state goes at once if no hold
+    is live; else `waiting_for` says what it waits for, and the worker finishes it as soon
+    as it may. Repeats answer `202` too. Afterwards the event, its bookings and reconcile
+    are read from PostgreSQL without loading it back; `PATCH` `{"status": "on_sale"}`
+    brings it back. Hold records of an archived event are gone (`hold_not_found`);
+    Idempotency-Key records stay until their TTL."""
+    svc = _svc(request)
+    return await idempotency.once(
+        svc, await _idempotency(request), 202, lambda: archive.ask(svc, _event(event_id))
+    )
+
+
 @get(
     "/admin/events/{event_id:str}/queue",
     tags=["admin"],
@@ -1163,6 +1194,7 @@ def create_app(settings: Settings) -> Litestar:
             list_bookings,
             cancel_booking,
             reconcile_event,
+            archive_event,
             queue_figures,
             list_dead_letters,
             replay_dead_letter,

@@ -8,7 +8,7 @@ import uuid
 import msgspec
 import sqlalchemy as sa
 
-from service import errors, ledger, schemas
+from service import archived, errors, ledger, schemas
 from service.context import Services
 from service.db import bookings
 from service.keys import event_keys
@@ -89,6 +89,8 @@ async def cancel_booking(
     fallback = b""
     if not await svc.redis.hexists(event_keys(event_id).bookings, booking_id):
         await ensure_loaded(svc, event_id)  # event_not_found comes before booking_not_found
+        if await archived.cancel_booking(svc, event_id, booking_id):
+            return
         # Redis no longer has it (trimmed or restored): PostgreSQL tells the script what
         # the booking holds, so its tickets still come back.
         stored = await _from_postgres(svc, event_id, booking_id)

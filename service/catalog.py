@@ -11,10 +11,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import errors, live, roomstate, schemas, waitingroom
+from service import archive, archived, errors, live, roomstate, schemas, waitingroom
 from service.context import Services
 from service.db import categories, events
 from service.keys import event_keys
+from service.schemas import event_status
 from service.timefmt import from_ms, now_ms, to_ms
 
 MAX_SEATS = 200_000
@@ -220,14 +221,11 @@ _decode_view = msgspec.json.Decoder(_View).decode
 _decode_cat = msgspec.json.Decoder(_Cat).decode
 
 
-def event_status(status: str, on_sale_at_ms: int | None, now: int) -> schemas.EventStatus:
-    if status == "on_sale" and on_sale_at_ms is not None and now < on_sale_at_ms:
-        return "scheduled"
-    return status  # type: ignore[return-value]
-
-
 async def view_event(svc: Services, event_id: str) -> schemas.Event:
-    v = _decode_view(await live.call(svc, "view", event_id))
+    try:
+        v = _decode_view(await live.call(svc, "view", event_id))
+    except errors.EventArchived:
+        return await archived.view(svc, event_id)
     m = v.meta
     on_sale_at = int(m["on_sale_at"]) if m["on_sale_at"] else None
     cats = []
@@ -253,6 +251,7 @@ async def view_event(svc: Services, event_id: str) -> schemas.Event:
         max_per_order=int(m["mpo"]),
         max_per_customer=int(m["mpc"]) if m["mpc"] else None,
         categories=cats,
+        archived=False,
         waiting_room=_room_view(m),
     )
 
@@ -319,6 +318,8 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
         raise errors.ValidationError("a category appears at most once")
     if caps:
         changes["caps"] = caps
+    if body.status == "on_sale":
+        await _reopen(svc, event_id)
     configured: dict[str, Any] | None = None
     try:
         async with svc.engine.begin() as conn:
@@ -330,23 +331,10 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
             ).first()
             if found is None:
                 raise errors.EventNotFound(f"no event {event_id!r}")
-            if values:
-                await conn.execute(events.update().where(events.c.id == event_id).values(**values))
-            rows = await conn.execute(
-                sa.select(categories.c.name, categories.c.capacity).where(
-                    categories.c.event_id == event_id, categories.c.name.in_(caps)
-                )
-            )
-            old_caps = {r.name: r.capacity for r in rows}
-            for name, cap in caps.items():
-                await conn.execute(
-                    categories.update()
-                    .where(categories.c.event_id == event_id, categories.c.name == name)
-                    .values(capacity=cap)
-                )
-            # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
-            await _configure(svc, event_id, changes)
-            configured = _undo_changes(found, changes, old_caps)
+            if found.archived_at is not None:  # and this PATCH does not reopen it
+                await archived.patch(conn, event_id, values, caps)
+            else:
+                configured = await _patch_live(svc, conn, found, values, caps, changes)
     except BaseException:
         if configured is not None:
             # Redis took the change and PostgreSQL did not (the commit failed): put Redis
@@ -358,6 +346,58 @@ async def patch_event(svc: Services, event_id: str, body: schemas.EventPatch) ->
         waitingroom.ROOMS.forget(event_id)
         roomstate.ROOMS.stale(event_id)
     return await view_event(svc, event_id)
+
+
+async def _patch_live(
+    svc: Services,
+    conn: AsyncConnection,
+    found: sa.Row[Any],
+    values: dict[str, Any],
+    caps: dict[str, int],
+    changes: dict[str, Any],
+) -> dict[str, Any]:
+    """PostgreSQL in the caller's transaction, then Redis; the changes that undo Redis's."""
+    event_id = found.id
+    if values:
+        await conn.execute(events.update().where(events.c.id == event_id).values(**values))
+    rows = await conn.execute(
+        sa.select(categories.c.name, categories.c.capacity).where(
+            categories.c.event_id == event_id, categories.c.name.in_(caps)
+        )
+    )
+    old_caps = {r.name: r.capacity for r in rows}
+    for name, cap in caps.items():
+        await conn.execute(
+            categories.update()
+            .where(categories.c.event_id == event_id, categories.c.name == name)
+            .values(capacity=cap)
+        )
+    # Redis refuses (and PostgreSQL rolls back) a capacity below what is committed.
+    await _configure(svc, event_id, changes)
+    return _undo_changes(found, changes, old_caps)
+
+
+async def _reopen(svc: Services, event_id: str) -> None:
+    """Before a PATCH puts an event on sale: one that is over starts its time afresh (so
+    that the worker does not take it straight back out of Redis), and one that is archived
+    is archived no more, committed first, so that the PATCH's own call loads it from
+    PostgreSQL as any event Redis lacks is loaded."""
+    async with svc.engine.begin() as conn:
+        row = (
+            await conn.execute(sa.select(events).where(events.c.id == event_id).with_for_update())
+        ).first()
+        if row is None:
+            raise errors.EventNotFound(f"no event {event_id!r}")
+        now = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
+        if row.archived_at is None and not archive.is_over(
+            row, now, svc.settings.archive_after_seconds
+        ):
+            return
+        await conn.execute(
+            events.update()
+            .where(events.c.id == event_id)
+            .values(archived_at=None, archive_asked_at=None, reopened_at=now)
+        )
 
 
 async def _configure(svc: Services, event_id: str, changes: dict[str, Any]) -> None:

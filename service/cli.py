@@ -1,4 +1,4 @@
-"""The `boxoffice` command: serve, worker, migrate, reconcile, dead-letters.
+"""The `boxoffice` command: serve, worker, migrate, reconcile, archive, dead-letters.
 
 A setting that cannot be used, or a server the command cannot do without, is one line on
 stderr and exit status 2. A command is a Command (settings, args) -> exit status, registered
@@ -252,7 +252,7 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # Commands that use Redis: each checks at start-up that Redis has the URL's database.
-USES_REDIS = frozenset({"serve", "worker", "reconcile", "dead-letters"})
+USES_REDIS = frozenset({"serve", "worker", "reconcile", "dead-letters", "archive"})
 # Redis's replies to SELECT of a database it does not have (a standalone server past its
 # `databases`, any but 0 on a cluster node): every connection would fail alike.
 _NO_SUCH_DATABASE = ("DB index is out of range", "SELECT is not allowed in cluster mode")
@@ -305,6 +305,51 @@ def unreachable(settings: Settings, exc: BaseException) -> str:
     url = make_url(settings.database_url)
     where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
     return f"cannot reach PostgreSQL at {where} (BOXOFFICE_DATABASE_URL): {reason}"
+
+
+ARCHIVE_EXIT = """\
+exit status:
+  0  every event named is out of Redis
+  1  archiving has begun for some, which wait for live holds, the outbox or dead
+     letters (the worker finishes them as soon as it may)
+  2  could not run: a setting cannot be used, Redis or PostgreSQL unreachable, no such
+     event, or the event is not over
+"""
+
+
+def archive(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    import msgspec
+
+    from service import errors
+    from service.archive import ask, ask_all_over
+    from service.context import Services
+    from service.schemas import ArchiveState
+
+    async def run() -> list[ArchiveState]:
+        svc = Services.open(settings)
+        try:
+            await svc.start()
+            await svc.scripts.load()
+            if args.all_over:
+                return await ask_all_over(svc)
+            return [await ask(svc, args.event)]
+        finally:
+            await svc.close()
+
+    try:
+        outcomes = asyncio.run(run())
+    except (errors.EventNotFound, errors.EventNotOver) as e:
+        print(f"boxoffice archive: {e.detail}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(outcomes)).decode() + "\n")
+    for o in [] if args.json else outcomes:
+        print(f"{o.event_id}: " + ("archived" if o.archived else f"waiting for {o.waiting_for}"))
+    if not outcomes and not args.json:
+        print("no event is over that is not archived already")
+    return 0 if all(o.archived for o in outcomes) else 1
 
 
 def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
@@ -378,6 +423,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--json", action="store_true", help="the report as JSON (docs/reconciliation.md)"
     )
+    out = command(
+        "archive",
+        archive,
+        "take events that are over out of Redis now (PostgreSQL keeps everything)",
+        epilog=ARCHIVE_EXIT,
+    )
+    which = out.add_mutually_exclusive_group(required=True)
+    which.add_argument("--event", help="this event (it must be over: closed, or long past)")
+    which.add_argument("--all-over", action="store_true", help="every event that is over")
+    out.add_argument("--json", action="store_true", help="the outcomes as JSON")
     _dead_letters_arguments(
         command("dead-letters", dead_letters, "list, replay or discard dead letters")
     )

@@ -40,6 +40,13 @@ events = sa.Table(
     sa.Column("waiting_room_admit_per_minute", sa.Integer, nullable=True),
     sa.Column("waiting_room_pass_ttl_seconds", sa.Integer, nullable=True),
     sa.Column("waiting_room_opens_at", sa.DateTime(timezone=True), nullable=True),
+    # Set while the event's live state is out of Redis (service/archive.py): reads come
+    # from here then, and only selling it again loads it. `archive_asked_at`: an operator
+    # asked for it (then it goes as soon as it is drained). `reopened_at`: when it was last
+    # put back on sale; the time rule of "over" counts from then too.
+    sa.Column("archived_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("archive_asked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("reopened_at", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("status IN ('on_sale', 'paused', 'closed')", name="status"),
     sa.CheckConstraint(
         "(waiting_room_admit_per_minute IS NULL) = (waiting_room_pass_ttl_seconds IS NULL)"

@@ -92,6 +92,7 @@ NoWaitingRoom = _error(409, "no_waiting_room", "No waiting room")
 QueueNotOpen = _error(409, "queue_not_open", "Waiting room not open")
 EventExists = _error(409, "event_exists", "Event exists")
 CapacityBelowCommitted = _error(409, "capacity_below_committed", "Capacity below committed")
+EventNotOver = _error(409, "event_not_over", "Event not over")
 IdempotencyInProgress = _error(409, "idempotency_in_progress", "Request in progress", _RETRY)
 HoldExpired = _error(410, "hold_expired", "Hold expired")
 # The body did not arrive in time (BOXOFFICE_HTTP_BODY_TIMEOUT_SECONDS); the rest of it
@@ -109,6 +110,13 @@ ALL: tuple[type[BoxofficeError], ...] = tuple(
     if isinstance(obj, type) and issubclass(obj, BoxofficeError) and obj is not BoxofficeError
 )
 BY_CODE: dict[str, type[BoxofficeError]] = {cls.code: cls for cls in ALL}
+
+
+class EventArchived(NotOnSale):  # type: ignore[valid-type,misc]
+    """The event's live state is out of Redis (service/archive.py) and only a reopening
+    brings it back: a sale is `not_on_sale`; a read catches it and asks PostgreSQL. Kept
+    out of ALL and BY_CODE: its code is not_on_sale's."""
+
 
 # Errors of the drivers that mean "Redis or PostgreSQL is unreachable": answered with 503.
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (

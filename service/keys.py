@@ -49,6 +49,7 @@ EVENT_KEY_NAMES = (
 class EventKeys:
     __slots__ = (
         "all",
+        "archive",
         "deadletter",
         "event_id",
         "idempotency_count",
@@ -97,6 +98,10 @@ class EventKeys:
         self.queue: tuple[str, ...] = tuple(
             f"{self.tag}:q:{name}" for name in ("left", "ladder", "order", "state", "hist")
         )
+        # What lua/archive.lua takes after the event keys: every other key of the event's
+        # live state, so that an archived event leaves nothing behind but the records
+        # that expire by themselves (Idempotency-Keys, customers' rate limits, hold TTLs).
+        self.archive: tuple[str, ...] = (*self.load_keys, *self.queue, self.deadletter)
 
     meta: str
     cats: str

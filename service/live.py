@@ -4,6 +4,7 @@ overdue holds, and the loading itself (from PostgreSQL, which holds the catalog)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -192,9 +193,11 @@ async def load_seat_order(svc: Services, event_id: str) -> None:
 
 
 async def ensure_loaded(svc: Services, event_id: str) -> None:
-    """Raise EventNotFound for an unknown event; load one that Redis lost."""
+    """Raise EventNotFound for an unknown event; load one that Redis lost. An archived
+    event exists and stays out of Redis: its readers ask PostgreSQL."""
     if not await svc.redis.exists(event_keys(event_id).meta):
-        await restore(svc, event_id)
+        with contextlib.suppress(errors.EventArchived):
+            await restore(svc, event_id)
 
 
 # --- the registry of live events ----------------------------------------------------
@@ -214,6 +217,15 @@ async def unregister(svc: Services, event_id: str) -> None:
     it again once loaded, too)."""
     await svc.redis.srem(EVENTS, event_id)
     if await in_postgres(svc, event_id):
+        await svc.redis.sadd(EVENTS, event_id)
+
+
+async def unregister_archived(svc: Services, event_id: str) -> None:
+    """Take an archived event's id out of the registry, unless Redis has the event again
+    (a reader that loaded it just before the archive was committed): looked at after the
+    removal, and a load registers once more when it ends, so no loaded event is left out."""
+    await svc.redis.srem(EVENTS, event_id)
+    if await svc.redis.exists(event_keys(event_id).meta):
         await svc.redis.sadd(EVENTS, event_id)
 
 
@@ -308,7 +320,8 @@ MISSES = _Misses(MISSES_CACHED)
 async def restore(svc: Services, event_id: str) -> None:
     """Load an event that PostgreSQL has and Redis lost (or never had). Its bookings are
     adopted first, so that the load counts them as sold: never more stock than
-    PostgreSQL allows."""
+    PostgreSQL allows. An archived event is not loaded (EventArchived): only a reopening
+    brings it back (catalog.patch_event)."""
     if MISSES.missing(event_id) or not await svc.event_ids.may_exist(svc, event_id):
         raise errors.EventNotFound(f"no event {event_id!r}")
     async with svc.engine.connect() as conn:
@@ -316,6 +329,10 @@ async def restore(svc: Services, event_id: str) -> None:
         if ev is None:
             MISSES.add(event_id, svc.settings.unknown_event_cache_seconds)
             raise errors.EventNotFound(f"no event {event_id!r}")
+        if ev.archived_at is not None:
+            raise errors.EventArchived(
+                f"event {event_id!r} is over and archived; reopen it (status on_sale) to sell"
+            )
         cats = (
             await conn.execute(
                 sa.select(categories)

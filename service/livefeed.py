@@ -26,12 +26,11 @@ from litestar.response.sse import ServerSentEventMessage
 from msgspec import Meta, Struct
 from prometheus_client import Gauge
 
-from service import errors, live
-from service.catalog import event_status
+from service import archived, errors, live
 from service.context import Services
 from service.keys import EVENTS, OUTBOX_GROUP, event_keys
-from service.schemas import EventStatus, Timestamp
-from service.timefmt import from_ms
+from service.schemas import Event, EventStatus, Timestamp, event_status
+from service.timefmt import from_ms, now_ms
 from service.waitingroom import RoomFigures
 
 log = logging.getLogger("boxoffice.livefeed")
@@ -280,12 +279,34 @@ def figures(event_id: str, reply: _Reply, before: Before | None) -> LiveFigures:
 
 
 async def read(svc: Services, event_id: str) -> _Reply:
-    """One reading: one script call (loading the event first if Redis lost it)."""
+    """One reading: one script call (loading the event first if Redis lost it). An
+    archived event is read from PostgreSQL, and not loaded."""
     k = event_keys(event_id)
-    reply = await live.call(
-        svc, "live", event_id, OUTBOX_GROUP, extra_keys=(*k.queue, k.deadletter)
-    )
+    try:
+        reply = await live.call(
+            svc, "live", event_id, OUTBOX_GROUP, extra_keys=(*k.queue, k.deadletter)
+        )
+    except errors.EventArchived:
+        return archived_reply(await archived.view(svc, event_id))
     return _decode_reply(reply)
+
+
+def archived_reply(view: Event) -> _Reply:
+    """An archived event's reading, as lua/live.lua would give it: nothing held, nothing
+    on its way to PostgreSQL, no counters (they left Redis with the event), no room."""
+    enc = msgspec.json.encode
+    names = [c.name for c in view.categories]
+    return _Reply(
+        now=now_ms(),
+        meta=_Meta(status=view.status, order=enc(names).decode()),
+        cats={c.name: enc({"s": int(c.seated)}).decode() for c in view.categories},
+        cap={c.name: str(c.capacity) for c in view.categories},
+        avail={c.name: str(c.available) for c in view.categories},
+        held=dict.fromkeys(names, "0"),
+        sold={c.name: str(c.capacity - c.available) for c in view.categories},
+        stats={},
+        outbox=_Outbox(),
+    )
 
 
 # --- readers and watchers ---------------------------------------------------------------

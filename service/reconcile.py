@@ -104,6 +104,8 @@ class EventReport(msgspec.Struct):
     problem_counts: dict[str, int]
     problems: list[Finding]
     repairs: list[str] = msgspec.field(default_factory=list)
+    # Over and out of Redis (service/archive.py): checked against PostgreSQL alone.
+    archived: bool = False
 
 
 class Report(msgspec.Struct):
@@ -292,7 +294,11 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
                 .order_by(categories.c.position)
             )
         }
+        archived_at = (
+            await conn.execute(sa.select(events.c.archived_at).where(events.c.id == event_id))
+        ).scalar_one_or_none()
     in_redis = bool(await svc.redis.exists(keys.meta))
+    archived = archived_at is not None and not in_redis
     sold: Counter[str] = Counter()
     held: Counter[str] = Counter()
     changes = await _outbox_bookings(svc, event_id, found)
@@ -325,6 +331,20 @@ async def check_event(svc: Services, event_id: str) -> EventReport:
                 svc, event_id, sold_seats, "seat_not_sold_in_redis", found, from_redis=False
             )
     outbox = await _outbox(svc, event_id, now, found)
+    if archived:
+        # Out of Redis on purpose: PostgreSQL's figures are the event's.
+        figures = {
+            "capacity": dict(cats),
+            "available": {name: cap - sold[name] for name, cap in cats.items()},
+            "held": dict.fromkeys(cats, 0),
+            "sold": {name: sold[name] for name in cats},
+        }
+        report = _report(
+            event_id, found, cats, figures, sold, held, len(in_postgres), outbox, 0, None
+        )
+        report.in_redis = False
+        report.archived = True
+        return report
     if not in_redis:
         found.add("event_missing_in_redis", "PostgreSQL has the event, Redis has none of it")
         return _report(event_id, found, cats, None, sold, held, len(in_postgres), outbox, 0, None)
@@ -580,7 +600,10 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
     keys = event_keys(event_id)
     done: list[str] = []
     if not await svc.redis.exists(keys.meta):
-        await live.restore(svc, event_id)
+        try:
+            await live.restore(svc, event_id)
+        except errors.EventArchived:
+            return ["none: the event is archived (out of Redis on purpose)"]
         return ["loaded the event from PostgreSQL (catalog and bookings)"]
     added, refused = await ledger.adopt(svc, event_id)
     if added:
@@ -789,7 +812,8 @@ def render(report: Report) -> str:
     lines = []
     for e in report.events:
         verdict = "consistent" if e.consistent else "DRIFT"
-        lines.append(f"event {e.event_id}: {verdict}" + ("" if e.in_redis else " (not in Redis)"))
+        where = "" if e.in_redis else " (archived)" if e.archived else " (not in Redis)"
+        lines.append(f"event {e.event_id}: {verdict}{where}")
         lines.append(
             f"  {'category':<20} {'capacity':>9} {'available':>10} {'held':>7} {'sold':>7}"
             "   expected (available/held/sold)"

@@ -10,7 +10,7 @@ from typing import NamedTuple, NoReturn
 
 import msgspec
 
-from service import errors, ratelimit, schemas
+from service import archived, errors, ratelimit, schemas
 from service.context import Services, execute_timed
 from service.keys import event_keys
 from service.live import call, ensure_loaded, restore
@@ -153,18 +153,26 @@ async def confirm_hold(
     customer: str | None = None,
 ) -> schemas.Booking:
     """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
-    reply = await call(
-        svc,
-        "confirm",
-        event_id,
-        hold_id,
-        uuid7(),
-        body.payment_ref or "",
-        customer or "",
-        idempotency=idem,
-        durable=True,
-    )
+    try:
+        reply = await call(
+            svc,
+            "confirm",
+            event_id,
+            hold_id,
+            uuid7(),
+            body.payment_ref or "",
+            customer or "",
+            idempotency=idem,
+            durable=True,
+        )
+    except errors.EventArchived:
+        raise _archived_hold(hold_id) from None
     return booking_view(event_id, decode_booking(reply))
+
+
+def _archived_hold(hold_id: str) -> errors.BoxofficeError:
+    """An archived event has no hold records left (it had no live hold when archived)."""
+    return errors.HoldNotFound(f"no hold {hold_id!r} in this event: it is over and archived")
 
 
 async def release_hold(
@@ -175,7 +183,10 @@ async def release_hold(
     customer: str | None = None,
 ) -> None:
     """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
-    await call(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
+    try:
+        await call(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
+    except errors.EventArchived:
+        raise _archived_hold(hold_id) from None
 
 
 async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[bytes | None, int]:
@@ -188,7 +199,10 @@ async def _read(svc: Services, event_id: str, key: str, field: str) -> tuple[byt
         now, (loaded, raw) = await execute_timed(svc.redis, pipe, near=key)
         if loaded:
             return raw, now
-        await restore(svc, event_id)
+        try:
+            await restore(svc, event_id)
+        except errors.EventArchived:
+            return None, now  # no records left: not found
     raise errors.Unavailable("the event could not be loaded")
 
 
@@ -261,6 +275,15 @@ async def list_seats(
     """One page of the seat map: `limit` positions of the seat order examined, in short
     script calls (a status filter may leave fewer seats than that)."""
     first = _seat_cursor(cursor)
+    try:
+        return await _live_seats(svc, event_id, category, status, limit, first)
+    except errors.EventArchived:
+        return await archived.list_seats(svc, event_id, category, status, limit, first)
+
+
+async def _live_seats(
+    svc: Services, event_id: str, category: str | None, status: str | None, limit: int, first: int
+) -> schemas.SeatList:
     left = limit
     order = (event_keys(event_id).seat_order,)
     seats: list[schemas.Seat] = []

@@ -67,6 +67,14 @@ BookingStatus = Literal["confirmed", "cancelled"]
 SeatStatus = Literal["available", "held", "sold"]
 
 
+def event_status(status: str, on_sale_at_ms: int | None, now: int) -> EventStatus:
+    """The status a client sees of the one stored: on sale before its on-sale time reads
+    as scheduled."""
+    if status == "on_sale" and on_sale_at_ms is not None and now < on_sale_at_ms:
+        return "scheduled"
+    return status  # type: ignore[return-value]
+
+
 class Request(Struct, kw_only=True, forbid_unknown_fields=True):
     """Request bodies: unknown fields are an error, not silently ignored."""
 
@@ -250,6 +258,9 @@ class Event(Struct, kw_only=True, omit_defaults=True):
     max_per_order: int
     max_per_customer: int | None
     categories: list[Category]
+    # True once the event is over and its live state has left Redis (served from
+    # PostgreSQL; PATCH status on_sale brings it back).
+    archived: bool
     # Left out when the event has none (then holds need no pass).
     waiting_room: WaitingRoomView | None = None
 
@@ -343,6 +354,20 @@ class QueueStats(Struct, kw_only=True):
     ]
     admit_per_minute: int | None
     last_admitted_position: int
+
+
+# What an archive waits for: live holds (or, for the worker's own step, ended ones within
+# their retention), outbox entries not yet written behind, dead letters, a load under way.
+ArchiveWait = Literal["holds", "outbox", "dead_letters", "busy"]
+
+
+class ArchiveState(Struct, kw_only=True):
+    """Where an archive stands: done (`archived`), or what it waits for (then the worker
+    finishes it as soon as nothing of the event is unfinished)."""
+
+    event_id: str
+    archived: bool
+    waiting_for: ArchiveWait | None
 
 
 # --- operations ---------------------------------------------------------------------

@@ -41,6 +41,8 @@ NAMES = (
     "queue_tick",
     "rate",
     "live",
+    "archive",
+    "join_outbox",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'

@@ -106,6 +106,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     outbox_claim_idle_ms: Count = 30_000
     # Failures of one outbox entry before it moves to the dead-letter stream.
     outbox_max_attempts: Count = 3
+    # An event is over once closed, or once it started this long ago (or was reopened
+    # this long ago): then the worker takes its live state out of Redis, once drained
+    # (service/archive.py), looking for such events this often.
+    archive_after_seconds: Count = 86400
+    archive_interval_seconds: Seconds = 30.0
 
     # A worker that has not refreshed its liveness key this long is dead: another takes
     # over its pending entries at once, and forgets it.

@@ -1,5 +1,5 @@
-"""`boxoffice worker`: the write-behind, the expiry listener, the sweeper and the waiting
-rooms' background step, together."""
+"""`boxoffice worker`: the write-behind, the expiry listener, the sweeper, the waiting
+rooms' background step and the archiving of events that are over, together."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import socket
 
 from service import errors
+from service.archive import Archiver
 from service.context import Services
 from service.expiry import Listener, Sweeper
 from service.settings import Settings
@@ -44,6 +45,7 @@ async def run(settings: Settings) -> None:
             Listener(svc).run(stop),
             Sweeper(svc).run(stop),
             Ticker(svc).run(stop),
+            Archiver(svc).run(stop),
         )
     finally:
         await svc.close()

@@ -301,6 +301,13 @@ class WriteBehind:
                 await self.step()
                 backoff.reset()
             except Exception as e:
+                if isinstance(e, redis.exceptions.ResponseError) and "UNBLOCKED" in str(e):
+                    # A stream deleted while the read waited on it: its event was archived
+                    # (lua/archive.lua, only once drained). Not an outage: no pause.
+                    log.info("write-behind: %s (an archived event); finding the streams again", e)
+                    self._streams.clear()
+                    next_discover = 0.0
+                    continue
                 if isinstance(e, redis.exceptions.ResponseError) and "NOGROUP" in str(e):
                     # A stream or its group vanished (Redis flushed or restarted empty):
                     # finding the streams again creates the groups again.
@@ -316,19 +323,24 @@ class WriteBehind:
                 await backoff.pause()
 
     async def discover(self) -> None:
-        """Find the outbox streams of new events and make sure our group exists on each."""
-        for event_id in await live_event_ids(self.svc):
+        """Find the outbox streams of new events and make sure our group exists on each;
+        forget those of events no longer registered (archived: their streams are gone)."""
+        registered = await live_event_ids(self.svc)
+        for event_id in registered:
             if event_keys(event_id).outbox not in self._streams:
                 await self._join(event_id)
+        known = set(registered)
+        for stream, event_id in list(self._streams.items()):
+            if event_id not in known:
+                del self._streams[stream]
 
-    async def _join(self, event_id: str) -> None:
-        stream = event_keys(event_id).outbox
-        try:
-            await self.svc.redis.xgroup_create(stream, OUTBOX_GROUP, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        self._streams[stream] = event_id
+    async def _join(self, event_id: str) -> bool:
+        """Read the event's outbox from now on; False while the event is not loaded (its
+        stream is made with the group only for an event Redis has: lua/join_outbox.lua)."""
+        if await self.svc.scripts.call("join_outbox", event_id, OUTBOX_GROUP) != b"ok":
+            return False
+        self._streams[event_keys(event_id).outbox] = event_id
+        return True
 
     async def step(self) -> int:
         """Read one batch, write it, acknowledge it. Returns how many entries it handled."""
@@ -523,7 +535,8 @@ class WriteBehind:
         entries waiting for a worker and entries another consumer left pending. Returns
         how many entries it handled."""
         self._streams = {}
-        await self._join(event_id)
+        if not await self._join(event_id):
+            return 0  # not loaded: no outbox to drain
         handled = 0
         while True:
             claim: Any = await self.svc.redis.xautoclaim(

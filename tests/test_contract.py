@@ -30,6 +30,7 @@ EVENT_FIELDS = {
     "hold_ttl_seconds",
     "max_per_order",
     "max_per_customer",
+    "archived",
     "categories",
 }
 CATEGORY_FIELDS = {"name", "price", "currency", "seated", "capacity", "available"}
@@ -366,6 +367,7 @@ async def test_event_body(client: httpx.AsyncClient) -> None:
     assert set(event) == EVENT_FIELDS
     assert event["id"] == body["id"]
     assert event["status"] == "on_sale"
+    assert event["archived"] is False
     assert rfc3339(event["starts_at"]) == rfc3339("2030-12-01T19:00:00Z")
     assert rfc3339(event["on_sale_at"]) == rfc3339("2020-01-01T00:00:00Z")
     assert (event["hold_ttl_seconds"], event["max_per_order"], event["max_per_customer"]) == (
