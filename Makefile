@@ -1,17 +1,23 @@
-# Developer and CI entry points. `make run` starts everything locally; `make test` is what CI runs.
+# Developer and CI entry points. `make run` starts everything locally; `make test` is what CI
+# runs. A bare `make` lists the targets: the `## ` comment after a target's colon is its line.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
-.DEFAULT_GOAL := test
+.DEFAULT_GOAL := help
 
 BIN := .venv/bin
 BOXOFFICE := $(BIN)/boxoffice
 BOXOFFICE_ADMIN_TOKEN ?= dev-admin-token
 
-.PHONY: venv services services-stop cluster cluster-stop migrate run lint chromium docker test bench clean
+.PHONY: help venv services services-stop cluster cluster-stop migrate run lint chromium docker \
+	test test-fast bench clean
+
+help: ## list the targets (what a bare `make` does)
+	@echo "usage: make TARGET"
+	@sed -nE 's/^([a-z-]+):.*## (.*)/  \1\t\2/p' $(MAKEFILE_LIST) | expand -t 18
 
 # uv from PyPI when the machine lacks it: --user fails inside a virtualenv, plain fails on a
 # system Python (PEP 668), hence the chain. `python3 -m uv` works with pip's bin dir off PATH.
-venv:
+venv: ## create or update .venv from uv.lock (installs uv if it is missing)
 	@if command -v uv >/dev/null; then uv=uv; \
 	elif python3 -m uv --version >/dev/null 2>&1; then uv="python3 -m uv"; else \
 		echo "uv not found: installing it with pip"; \
@@ -21,22 +27,22 @@ venv:
 	fi; \
 	$$uv sync --frozen --quiet
 
-services: venv
+services: venv ## start Redis and PostgreSQL in .data/, or check the running ones
 	@.ci/services.sh
 
-services-stop:
+services-stop: ## stop the Redis and PostgreSQL that `make services` started
 	@.ci/services.sh stop
 
 # A local Redis Cluster (3 primaries with 2 replicas each, ports 7000-7008, .data/cluster;
 # CLUSTER_REPLICAS=1 for one each); any node's
 # URL names it: redis://127.0.0.1:7000/0.
-cluster:
+cluster: ## start a local Redis Cluster (ports 7000-7008)
 	@.ci/cluster.sh
 
-cluster-stop:
+cluster-stop: ## stop the local Redis Cluster
 	@.ci/cluster.sh stop
 
-migrate: venv services
+migrate: venv services ## create the database if missing and apply the migrations
 	$(BOXOFFICE) migrate
 
 # The waiting room's pass secret (docs/waiting-room.md): made once into .data/, so that a
@@ -55,7 +61,7 @@ run: export BOXOFFICE_ADMIN_TOKEN := $(BOXOFFICE_ADMIN_TOKEN)
 # X-Forwarded-For from this machine believed, so that loadtest/drop.sh's buyers (each
 # forwarding for an address of its own) are not one address to the per-address limits.
 run: export BOXOFFICE_TRUSTED_PROXIES ?= 127.0.0.1
-run: venv services migrate $(PASS_SECRET_FILE)
+run: venv services migrate $(PASS_SECRET_FILE) ## set up what is missing, then serve the API and run the worker
 	@export BOXOFFICE_PASS_SECRET="$${BOXOFFICE_PASS_SECRET:-$$(<$(PASS_SECRET_FILE))}"; \
 	pids=; stop() { trap '' INT TERM; kill $$pids 2>/dev/null || true; wait; exit 0; }; \
 	trap stop INT TERM; \
@@ -64,7 +70,7 @@ run: venv services migrate $(PASS_SECRET_FILE)
 	rc=0; wait -n || rc=$$?; \
 	kill $$pids 2>/dev/null || true; wait || true; exit $$rc
 
-lint: venv
+lint: venv ## ruff check, ruff format --check, mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -72,7 +78,7 @@ lint: venv
 # The dashboard's browser tests need Chromium: Debian's package, installed when missing and
 # apt-get can (as root, or with sudo that asks for no password). Otherwise those tests skip
 # and say why; the rest runs as ever.
-chromium:
+chromium: ## install Chromium for the browser tests (Debian, when it can)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 		export DEBIAN_FRONTEND=noninteractive; apt=apt-get; [ "$$(id -u)" = 0 ] || apt="sudo -n apt-get"; \
 		echo "installing chromium (Debian package) for the dashboard's browser tests"; \
@@ -84,7 +90,7 @@ chromium:
 # be pulled, debootstrap: Debian's docker.io and debootstrap, installed as chromium above when
 # missing. As root it starts a dockerd of its own when none answers; otherwise it skips and
 # says why. --no-remove: never replace another Docker (docker-ce) to make room for docker.io.
-docker:
+docker: ## install Docker and debootstrap for the image test
 	@missing=; \
 	command -v dockerd >/dev/null || timeout 20 docker info >/dev/null 2>&1 || missing=" docker.io"; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
@@ -96,12 +102,17 @@ docker:
 			>/dev/null 2>&1 || echo "could not install$$missing: the image test may skip"; \
 	}
 
-test: venv services lint chromium docker
+test: venv services lint chromium docker ## lint, then the whole test suite (what CI runs)
 	$(BIN)/pytest
 
-bench: venv services
+# All but the cluster, browser and slow tiers (the markers in pyproject.toml): the same
+# set-up and lint, then the tests a change most often needs, in a few minutes.
+test-fast: venv services lint ## lint, then all tests but the cluster, browser and slow ones
+	$(BIN)/pytest -m "not cluster and not browser and not slow"
+
+bench: venv services ## the benchmarks (docs/benchmarks.md)
 	$(BIN)/python -m loadtest.bench
 
-clean: services-stop cluster-stop
+clean: services-stop cluster-stop ## stop the servers, remove .data/ and the caches
 	rm -rf .data .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

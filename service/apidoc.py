@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service import errors
+from service import errors, packagedata
 
-DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "API.md"
+# The checkout's; an installed package has no docs/ of its own, so then the working
+# directory's (never a file inside site-packages).
+DOC_PATH = (packagedata.checkout() or Path.cwd()) / "docs" / "API.md"
 COMMAND = "python -m service.apidoc"
 _METHODS = ("get", "post", "put", "patch", "delete")
 _REF = "#/components/schemas/"

@@ -4,9 +4,9 @@ script and style inline: no build step, nothing fetched from elsewhere)."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+from importlib.resources import files
 
-PAGE = Path(__file__).resolve().with_name("dashboard.html")
+PAGE = files("service").joinpath("dashboard.html")
 
 # The page may talk to this service only, and runs only its own inline script and style:
 # no asset from the internet, and nothing injected into it could send the token away.

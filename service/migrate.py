@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import command
@@ -13,7 +12,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+from service import packagedata
+
+MIGRATIONS = packagedata.directory("migrations")
 
 
 def _config(database_url: str | None = None) -> Config:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import msgspec
@@ -12,14 +11,14 @@ from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
-from service import errors, ratelimit, retries
+from service import errors, packagedata, ratelimit, retries
 from service.keys import event_keys
 from service.replicas import Replicas
 from service.scriptpipe import NodePipe, ScriptPipe, bulk, command
 from service.settings import Settings
 from service.timefmt import from_ms
 
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+LUA_DIR = packagedata.directory("lua")
 NAMES = (
     "hold",
     "confirm",

@@ -20,8 +20,14 @@ BOXOFFICE = str(Path(sys.executable).parent / "boxoffice")
 
 
 class Process:
-    def __init__(self, command: str, env: dict[str, str]) -> None:
+    """`program command` (this environment's boxoffice unless told), in `cwd` if given."""
+
+    def __init__(
+        self, command: str, env: dict[str, str], program: str = BOXOFFICE, cwd: Path | None = None
+    ) -> None:
         self.command = command
+        self.program = program
+        self.cwd = cwd
         self._env = {**os.environ, **env}
         self._proc: subprocess.Popen[bytes] | None = None
         # A file, not a pipe: a pipe nobody reads would block the process once full.
@@ -29,8 +35,9 @@ class Process:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [BOXOFFICE, self.command],
+            [self.program, self.command],
             env=self._env,
+            cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=self.log_path.open("ab"),
         )
@@ -59,7 +66,13 @@ class Process:
 
 
 class ApiServer(Process):
-    def __init__(self, env: dict[str, str], workers: int = 2) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        workers: int = 2,
+        program: str = BOXOFFICE,
+        cwd: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
@@ -70,6 +83,8 @@ class ApiServer(Process):
                 "BOXOFFICE_PORT": str(self.port),
                 "BOXOFFICE_WORKERS": str(workers),
             },
+            program,
+            cwd,
         )
 
     def start(self, timeout: float = 30.0) -> None:
@@ -89,8 +104,10 @@ class ApiServer(Process):
 
 
 class Worker(Process):
-    def __init__(self, env: dict[str, str]) -> None:
-        super().__init__("worker", env)
+    def __init__(
+        self, env: dict[str, str], program: str = BOXOFFICE, cwd: Path | None = None
+    ) -> None:
+        super().__init__("worker", env, program, cwd)
 
 
 @asynccontextmanager

@@ -52,6 +52,16 @@ def _test_settings() -> Settings:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the `cluster` fixture, itself or through another fixture, is in the
+    cluster tier (`make test-fast` leaves it out); one that starts a LocalCluster itself says
+    so with @pytest.mark.cluster. Before -m deselects: hence tryfirst."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     s = _test_settings()

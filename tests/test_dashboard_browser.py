@@ -21,11 +21,14 @@ from tests.test_errors import hold
 from tests.test_liveview import CATEGORIES, category, watching
 
 CHROMIUM = chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium (Debian package `chromium`): `make test` installs it with apt-get"
-    " where it can; these browser tests need it",
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium (Debian package `chromium`): `make test` installs it with apt-get"
+        " where it can; these browser tests need it",
+    ),
+]
 
 MORE = {
     "name": "Balcony",

@@ -41,7 +41,7 @@ from tests.conftest import ADMIN, create_event, eventually, server_env
 from tests.dockerd import Dockerd
 from tests.servers import free_port
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "boxoffice:test"

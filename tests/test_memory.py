@@ -35,6 +35,7 @@ async def _unknown_calls(svc: Services, start: int, n: int) -> None:
         assert set(replies) == {scripts.NOT_LOADED}
 
 
+@pytest.mark.slow
 async def test_unknown_event_ids_do_not_grow_the_script_caller(svc: Services) -> None:
     """Every distinct id that reached a script used to stay in memory for good."""
     n = EVENT_KEYS_CACHED + 2000

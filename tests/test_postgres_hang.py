@@ -31,6 +31,9 @@ from tests.conftest import ADMIN_TOKEN, create_event, eventually
 from tests.servers import RedisServer, free_port
 from tests.test_writebehind import big_event, sell
 
+# A PostgreSQL of its own, paused for longer than the write-behind's timeouts: a minute.
+pytestmark = pytest.mark.slow
+
 
 class PostgresServer:
     """postgres on a free port in a temp dir (as the `postgres` user when run as root,

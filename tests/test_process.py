@@ -179,6 +179,7 @@ def assert_stopped_cleanly(run: MakeRun, status: int, stderr: str, signum: int) 
     assert not answers(f"{run.url}/health")
 
 
+@pytest.mark.slow
 def test_a_killed_api_process_is_replaced_and_the_rest_keep_serving(
     make_run: Callable[[int], MakeRun],
 ) -> None:
@@ -211,6 +212,7 @@ def test_a_killed_api_process_is_replaced_and_the_rest_keep_serving(
     assert not alive(worker) and not alive(serve)
 
 
+@pytest.mark.slow
 def test_an_api_process_killed_twice_in_a_row_does_not_stop_the_server(settings: Settings) -> None:
     """Granian exits on a "crash loop" when a respawned process dies within 5.5 s: a
     process killed (OOM killer, a crash) and then its replacement stops every process."""
@@ -286,6 +288,7 @@ def test_the_private_parts_of_granian_the_server_relies_on_are_there() -> None:
     assert "WorkerProcess(" in inspect.getsource(MPServer._spawn_worker)
 
 
+@pytest.mark.slow
 def test_make_run_stopped_with_ctrl_c_ends_cleanly(make_run: Callable[[int], MakeRun]) -> None:
     run = make_run(1)
     serve, worker = run.processes()
@@ -310,6 +313,7 @@ def more_open_files() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.slow
 def test_idle_and_slow_connections_do_not_take_the_api_offline(
     settings: Settings, more_open_files: None
 ) -> None:

@@ -166,6 +166,7 @@ async def test_a_redis_hung_from_the_start_costs_one_wait_too(
         assert r.status_code == 201, r.text
 
 
+@pytest.mark.cluster
 async def test_redis_py_on_a_cluster_waits_for_a_silent_node_once(settings: Settings) -> None:
     """The other calls (redis-py's cluster client): a command waits one timeout, a pipeline
     at most the cluster budget and one timeout (redis-py alone would try again 40 times,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, event
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -35,6 +36,9 @@ from service.keys import event_keys
 from service.records import decode_hold
 from service.settings import Settings
 from tests.conftest import event_body, expire_hold, new_event_id
+
+# Hundreds of generated runs, each with its own event: about a minute.
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 

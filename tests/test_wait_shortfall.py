@@ -347,6 +347,7 @@ def cluster_of_two_replicas() -> Iterator[LocalCluster]:
         yield c
 
 
+@pytest.mark.cluster
 async def test_two_replicas_per_primary_heal_a_failover_by_themselves(
     settings: Settings, cluster_of_two_replicas: LocalCluster
 ) -> None:

@@ -139,6 +139,7 @@ def stop_all(*workers: Worker) -> None:
 # --- 1. a worker killed mid-batch ---------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_worker_killed_mid_batch_another_claims_its_entries_and_writes_each_once(
     client: httpx.AsyncClient, svc: Services, settings: Settings, start_worker: StartWorker
 ) -> None:
@@ -504,6 +505,7 @@ def aof_redis() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.mark.slow
 async def test_confirmation_survives_a_redis_crash_with_appendfsync_always(
     svc: Services, settings: Settings, aof_redis: RedisServer, start_worker: StartWorker
 ) -> None:

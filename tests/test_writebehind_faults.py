@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import redis.exceptions
 import sqlalchemy as sa
 
@@ -145,6 +146,7 @@ async def _consumers(svc: Services, event_id: str) -> dict[str, int]:
     return {c["name"].decode(): c["pending"] for c in info}
 
 
+@pytest.mark.slow
 async def test_a_killed_workers_entries_are_taken_over_within_seconds(
     client: httpx.AsyncClient, svc: Services, settings: Settings, start_worker: StartWorker
 ) -> None:
