@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
@@ -73,11 +73,26 @@ EventIdParam = Annotated[
 ]
 
 
+class Asking(Protocol):
+    """What the hot routes' code reads of a request: Litestar's Request, or the lean
+    lane's (service/lane.py), which serves those routes without Litestar."""
+
+    @property
+    def scope(self) -> Any: ...
+    @property
+    def app(self) -> Litestar: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def url(self) -> Any: ...
+    async def body(self) -> bytes: ...
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
 def problem(
-    request: Request[Any, Any, Any],
+    request: Asking,
     exc: errors.BoxofficeError,
     answer: type[Answer[Any]] = Answer,
 ) -> Answer[Any]:
@@ -166,7 +181,7 @@ def on_client_gone(request: Request[Any, Any, Any], exc: bodies.ClientGone) -> R
     return Response(None, status_code=CLIENT_GONE)
 
 
-def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def on_crash(request: Asking, exc: Exception) -> Response[Any]:
     # Driver errors that escaped the boundary mean Redis or PostgreSQL is unreachable.
     if errors.unavailable(exc):
         log.warning("backend unavailable: %r", exc)
@@ -217,7 +232,7 @@ def _location(template: str) -> ResponseHeader:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def _svc(request: Request[Any, Any, Any]) -> Services:
+def _svc(request: Asking) -> Services:
     svc: Services = request.app.state.svc
     return svc
 
@@ -229,16 +244,17 @@ def _event(event_id: str) -> str:
     return event_id
 
 
-def _header(request: Request[Any, Any, Any], name: bytes) -> str | None:
+def _header(request: Asking, name: bytes) -> str | None:
     """A request header of the hot routes, found without Litestar's Headers (built per
     request, a twentieth of a hold's CPU). These headers are documented by document()."""
-    for key, value in request.scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for key, value in headers:
         if key == name:
             return value.decode("latin-1")
     return None
 
 
-async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
+async def _idempotency(request: Asking) -> Idempotency | None:
     key = _header(request, b"idempotency-key")
     if key is None:
         return None
@@ -251,7 +267,7 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
 _BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})
 
 
-def _json_media_type(content_type: bytes) -> bool:
+def json_media_type(content_type: bytes) -> bool:
     media = content_type.partition(b";")[0].strip().lower()
     return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
 
@@ -265,13 +281,17 @@ async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     """The per-address limits (when set), once per request and before anything else about
     it: in the admin guard (which Litestar runs before the door), else in the door, so
     that a wrong admin or customer token is counted too. A refusal costs one Redis call."""
-    scope: dict[str, Any] = connection.scope  # type: ignore[assignment]
+    limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
+    await count_address(connection.scope, limits)
+
+
+async def count_address(scope: Any, limits: ratelimit.AddressLimits | None) -> None:
+    """rate_limit() of a scope: the lean lane's, and the door's (see rate_limit)."""
     if _RATE_HEADERS_OF_SCOPE in scope:
         return
     scope[_RATE_HEADERS_OF_SCOPE] = {}
-    limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
     if limits is not None and limits.enabled:
-        quota = await limits.check(connection.scope)
+        quota = await limits.check(scope)
         if quota is not None:
             scope[_RATE_HEADERS_OF_SCOPE] = quota.headers()
 
@@ -312,7 +332,7 @@ async def entry(request: Request[Any, Any, Any]) -> None:
             chunked = True
     if declared == b"0" and not chunked:
         return
-    if content_type is not None and not _json_media_type(content_type):
+    if content_type is not None and not json_media_type(content_type):
         await request.body()  # 413 first when it is both; and nothing left unread
         media = content_type.decode("latin-1").partition(";")[0].strip()
         raise errors.UnsupportedMediaType(
@@ -414,9 +434,8 @@ _HOLD_ROUTE: dict[str, Any] = {
 }
 
 
-async def _hold(
-    request: Request[Any, Any, Any], event_id: str, data: schemas.HoldCreate
-) -> Response[schemas.Hold]:
+async def hold(request: Asking, event_id: str, data: schemas.HoldCreate) -> Response[schemas.Hold]:
+    """The hold route's work, for Litestar's handlers below and the lean lane alike."""
     customer = customers.body_customer(request, data.customer_id)
     if customer is not None:
         data.customer_id = customer
@@ -443,7 +462,7 @@ async def create_hold(
     event_id: EventIdParam,
     data: JSONBody[schemas.HoldCreate],
 ) -> Response[schemas.Hold]:
-    return await _hold(request, event_id, data)
+    return await hold(request, event_id, data)
 
 
 # The same route when customer tokens are on: the body may leave `customer_id` out.
@@ -453,7 +472,7 @@ async def create_customer_hold(
     event_id: EventIdParam,
     data: JSONBody[schemas.CustomerHoldCreate],
 ) -> Response[schemas.Hold]:
-    return await _hold(request, event_id, data)
+    return await hold(request, event_id, data)
 
 
 @get(
@@ -465,6 +484,10 @@ async def create_customer_hold(
 async def get_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
 ) -> Response[schemas.Hold]:
+    return await read_hold(request, event_id, hold_id)
+
+
+async def read_hold(request: Asking, event_id: str, hold_id: str) -> Response[schemas.Hold]:
     svc = _svc(request)
     return Answer(await sales.get_hold(svc, _event(event_id), hold_id, customers.of(request)))
 
@@ -490,6 +513,12 @@ async def confirm_hold(
     event_id: EventIdParam,
     hold_id: FromPath[str],
     data: JSONBody[schemas.HoldConfirm | None] = None,
+) -> Response[schemas.Booking]:
+    return await confirm(request, event_id, hold_id, data)
+
+
+async def confirm(
+    request: Asking, event_id: str, hold_id: str, data: schemas.HoldConfirm | None
 ) -> Response[schemas.Booking]:
     booking = await sales.confirm_hold(
         _svc(request),
@@ -518,6 +547,10 @@ async def confirm_hold(
 async def release_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
 ) -> None:
+    await release(request, event_id, hold_id)
+
+
+async def release(request: Asking, event_id: str, hold_id: str) -> None:
     await sales.release_hold(
         _svc(request),
         _event(event_id),
@@ -565,15 +598,16 @@ _JOIN_ROUTE: dict[str, Any] = {
 }
 
 
-async def _join(
-    request: Request[Any, Any, Any], event_id: str, data: schemas.QueueJoin
+async def join(
+    request: Asking, event_id: str, data: schemas.QueueJoin
 ) -> Response[schemas.QueueTicket]:
+    """The join route's work, for Litestar's handlers below and the lean lane alike."""
     customer = customers.body_customer(request, data.customer_id) or data.customer_id
     try:
         idem = await _idempotency(request)
         ticket, _new = await waitingroom.join(_svc(request), _event(event_id), customer, idem)
     except errors.BoxofficeError as e:
-        return problem(request, e)  # as a hold's refusals (see _hold)
+        return problem(request, e)  # as a hold's refusals (see hold)
     location = f"/events/{event_id}/queue/{ticket.ticket}"
     return Answer(ticket, 201, {"location": location})
 
@@ -585,7 +619,7 @@ async def join_queue(
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
     put in a uniformly random order at that moment, ahead of later arrivals."""
-    return await _join(request, event_id, data)
+    return await join(request, event_id, data)
 
 
 # The same route when customer tokens are on: the body may leave `customer_id` out.
@@ -598,7 +632,7 @@ async def join_customer_queue(
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
     put in a uniformly random order at that moment, ahead of later arrivals."""
-    return await _join(request, event_id, data)
+    return await join(request, event_id, data)
 
 
 @get(
@@ -612,11 +646,15 @@ async def poll_queue(
 ) -> Response[schemas.QueueTicket]:
     """The ticket now. Once `admitted` it carries the pass that holds need; ask again
     after `poll_after_seconds` until then."""
+    return await poll(request, event_id, ticket)
+
+
+async def poll(request: Asking, event_id: str, ticket: str) -> Response[schemas.QueueTicket]:
     svc = _svc(request)
     try:
         found = await waitingroom.poll(svc, _event(event_id), ticket, customers.of(request))
     except errors.BoxofficeError as e:
-        return problem(request, e)  # as a hold's refusals (see _hold)
+        return problem(request, e)  # as a hold's refusals (see hold)
     return Answer(found)
 
 
@@ -1060,7 +1098,10 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
         confirm.post.request_body.required = False
 
 
-def create_app(settings: Settings) -> Litestar:
+def create_app(settings: Settings, lean: bool | None = None) -> Litestar:
+    """`lean`: the hot routes go the lean lane (service/lane.py); by default as
+    settings.lean_lane says (the tests and benchmarks compare both)."""
+    lean = settings.lean_lane if lean is None else lean
     stats = metrics.HttpStats()
     tokens = bool(settings.customer_token_secret)
     verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
@@ -1153,7 +1194,10 @@ def create_app(settings: Settings) -> Litestar:
     # Around the whole app, not as route middleware: requests that match no route (404,
     # 405) are answered before any route's middleware runs, and they count too.
     # The body guard inside it, so that a 408 is counted as one.
-    guarded = bodies.guard(settings.http_body_timeout_seconds)(app.asgi_handler)
+    from service import lane  # it serves the route functions of this module: imported late
+
+    inner = lane.lane(app, settings)(app.asgi_handler) if lean else app.asgi_handler
+    guarded = bodies.guard(settings.http_body_timeout_seconds)(inner)
     app.asgi_handler = metrics.middleware(stats)(guarded)
     return app
 
