@@ -25,7 +25,7 @@ from litestar import Litestar, Response
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 
-from service import api, bodies, customers, errors, schemas, strictjson
+from service import api, bodies, customers, errors, ratelimit, schemas, strictjson
 from service.answers import Answer
 from service.settings import Settings
 
@@ -44,14 +44,22 @@ class Url(NamedTuple):
 class Call:
     """What service/api.py's route functions read of a request (api.Asking)."""
 
-    __slots__ = ("_body", "app", "method", "scope", "url")
+    __slots__ = ("_body", "app", "scope")
 
     def __init__(self, app: Litestar, scope: Any, body: bytes) -> None:
         self.app = app
         self.scope = scope
-        self.method: str = scope["method"]
-        self.url = Url(scope["path"])
         self._body = body
+
+    @property
+    def method(self) -> str:
+        method: str = self.scope["method"]
+        return method
+
+    @property
+    def url(self) -> Url:
+        # Litestar's request.url.path: root_path (the lane takes none) and path.
+        return Url(self.scope["path"])
 
     async def body(self) -> bytes:
         return self._body
@@ -155,6 +163,8 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
     table = routes(tokens)
     verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
     limit = settings.max_body_bytes
+    # The per-address limits, once the app's start-up has made them (service/api.py).
+    address_limits: list[ratelimit.AddressLimits | None] = []
 
     def wrap(litestar: ASGIApp) -> ASGIApp:
         async def handed_back(
@@ -191,10 +201,18 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                 return
             state: Any = scope
             state["path_template"] = route.template
-            state["path_params"] = dict(zip(route.names, params, strict=True))
+            state["path_params"] = (
+                {route.names[0]: params[0]}
+                if len(params) == 1
+                else {route.names[0]: params[0], route.names[1]: params[1]}
+            )
             call = Call(app, scope, b"")
+            if not address_limits:
+                address_limits.append(app.state.limits)
+            limits = address_limits[0]
             try:
-                await api.count_address(scope, getattr(app.state, "limits", None))
+                if limits is not None and limits.enabled:
+                    await api.count_address(scope, limits)
                 if verifier is not None:
                     verifier.check(scope)
                 data = None
