@@ -25,6 +25,7 @@ NAMES = (
     "cancel",
     "reclaim",
     "view",
+    "hold_read",
     "seats",
     "configure",
     "load",
