@@ -2,8 +2,8 @@
 
 A hold refused or made spends more CPU in Litestar (routing, the Request, before-request
 hooks, argument extraction, the handler call) than in its own work (README "Benchmarks").
-This dispatcher sits inside the app (inside the metrics and body-deadline middleware, and
-behind Litestar's `before_send`), recognises the hot routes' plain requests, and runs the
+This dispatcher gets every HTTP request first (api.App, inside the metrics and
+body-deadline middleware), recognises the hot routes' plain requests, and runs the
 very functions the Litestar handlers run (service/api.py: `hold`, `read_hold`, `confirm`,
 `release`, `join`, `poll`), with the same checks in the same order as the app's door:
 per-address limit, customer token, then the body. What it answers is what Litestar would.
@@ -158,7 +158,7 @@ def _body_head(scope: Scope) -> tuple[bytes | None, bytes | None, bool]:
 
 
 def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
-    """Wraps Litestar's ASGI handler (app.asgi_handler): the hot routes here, the rest there."""
+    """Wraps Litestar (its own __call__, api.App): the hot routes here, the rest there."""
     tokens = bool(settings.customer_token_secret)
     table = routes(tokens)
     verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
@@ -210,9 +210,11 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
             if not address_limits:
                 address_limits.append(app.state.limits)
             limits = address_limits[0]
+            raw_send = send  # for Litestar, should the lane hand the request on
             try:
                 if limits is not None and limits.enabled:
                     await api.count_address(scope, limits)
+                    send = api.sending_rate_headers(send, scope)
                 if verifier is not None:
                     verifier.check(scope)
                 data = None
@@ -224,14 +226,14 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                         or first.get("more_body", False)
                         or len(raw) > limit
                     ):
-                        await handed_back(scope, first, receive, send)
+                        await handed_back(scope, first, receive, raw_send)
                         return
                     try:
                         data = route.body.decode(raw)
                         strictjson.check_body(raw, data)
                     except (msgspec.MsgspecError, UnicodeDecodeError, errors.ValidationError):
                         # Litestar's words for it (the body's first message handed back).
-                        await handed_back(scope, first, receive, send)
+                        await handed_back(scope, first, receive, raw_send)
                         return
                     call._body = raw
                 elif route.body is not None:
