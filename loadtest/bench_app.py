@@ -6,7 +6,7 @@ no HTTP server, driven in one process.
 
 `make bench` measures whole requests, and on this shared 2-core machine its rows move by
 a fifth from one run to the next. Here the ASGI apps are called directly, as granian
-would call them (a scope, a `receive` giving the body in one message, a `send`), by
+would call them (a scope, a `receive` giving the body as granian does, a `send`), by
 `--concurrency` callers at once on uvloop; the figure is this process's CPU time per
 request (user + system), so what the server, wrk and the kernel cost is left out and what
 remains is the app: Litestar, the service's own code, and the script call's client side
@@ -80,13 +80,15 @@ async def request(
     app: Any, method: str, path: str, body: bytes = b"", headers: tuple[Any, ...] = ()
 ) -> tuple[int, bytes]:
     """One request through the ASGI app: its status and body."""
-    given = False
+    # As granian gives a body: in a message with more_body, then an empty last one.
+    given = [
+        {"type": "http.request", "body": body, "more_body": True},
+        {"type": "http.request", "body": b"", "more_body": False},
+    ]
 
     async def receive() -> Any:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if given:
+            return given.pop(0)
         await asyncio.Event().wait()  # the client stays: no disconnect
 
     answer: dict[str, Any] = {"body": b""}

@@ -9,8 +9,8 @@ very functions the Litestar handlers run (service/api.py: `hold`, `read_hold`, `
 per-address limit, customer token, then the body. What it answers is what Litestar would.
 
 Anything unusual goes to Litestar as it is: a query string, a path it would normalise, a
-body not JSON, not in one message, over the limit or not decodable (then with the part
-already read handed back): whatever Litestar answers there stays its answer. The per-address
+body not JSON, chunked, over the limit or not decodable (then with the messages already
+read handed back): whatever Litestar answers there stays its answer. The per-address
 limit counts a request once either way (the door skips a request the lane already counted).
 """
 
@@ -168,17 +168,14 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
 
     def wrap(litestar: ASGIApp) -> ASGIApp:
         async def handed_back(
-            scope: Scope, first: ReceiveMessage, receive: Receive, send: Send
+            scope: Scope, read: list[ReceiveMessage], receive: Receive, send: Send
         ) -> None:
-            """Litestar answers, the body's first message given to it again."""
-            given = False
+            """Litestar answers, the body's messages read so far given to it again."""
 
             async def again() -> ReceiveMessage:
-                nonlocal given
-                if given:
-                    return await receive()
-                given = True
-                return first
+                if read:
+                    return read.pop(0)
+                return await receive()
 
             await litestar(scope, again, send)
 
@@ -219,21 +216,26 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                     verifier.check(scope)
                 data = None
                 if has_body and route.body is not None:
-                    first: Any = await receive()
-                    raw = first.get("body", b"")
-                    if (
-                        first["type"] != "http.request"
-                        or first.get("more_body", False)
-                        or len(raw) > limit
-                    ):
-                        await handed_back(scope, first, receive, raw_send)
+                    # granian sends a body in a message with more_body, then an empty last one.
+                    read: list[Any] = []
+                    size, more = 0, True
+                    while more and size <= limit:
+                        message: Any = await receive()
+                        read.append(message)
+                        if message["type"] != "http.request":
+                            break
+                        size += len(message.get("body", b""))
+                        more = message.get("more_body", False)
+                    if more or size > limit:
+                        await handed_back(scope, read, receive, raw_send)
                         return
+                    raw = b"".join(m.get("body", b"") for m in read)
                     try:
                         data = route.body.decode(raw)
                         strictjson.check_body(raw, data)
                     except (msgspec.MsgspecError, UnicodeDecodeError, errors.ValidationError):
-                        # Litestar's words for it (the body's first message handed back).
-                        await handed_back(scope, first, receive, raw_send)
+                        # Litestar's words for it (the body's messages handed back).
+                        await handed_back(scope, read, receive, raw_send)
                         return
                     call._body = raw
                 elif route.body is not None:

@@ -51,7 +51,8 @@ async def running(app: Any) -> AsyncIterator[None]:
 
 
 class Client:
-    """ASGI requests as granian makes them: a body in one message (or in `parts`)."""
+    """ASGI requests as granian makes them: a body in one message (or in `parts`), then
+    an empty last message."""
 
     def __init__(self, app: Any, address: str) -> None:
         self.app = app
@@ -73,7 +74,8 @@ class Client:
         head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         raw = body or b""
         step = max(1, -(-len(raw) // parts))
-        chunks = [raw[i : i + step] for i in range(0, len(raw), step)] or [b""]
+        # As granian sends a body: its parts, each with more_body, then an empty last one.
+        chunks = [raw[i : i + step] for i in range(0, len(raw), step)] + [b""]
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
