@@ -6,7 +6,7 @@ no HTTP server, driven in one process.
 
 `make bench` measures whole requests, and on this shared 2-core machine its rows move by
 a fifth from one run to the next. Here the ASGI apps are called directly, as granian
-would call them (a scope, a `receive` giving the body in one message, a `send`), by
+would call them (a scope, a `receive` giving the body as granian does, a `send`), by
 `--concurrency` callers at once on uvloop; the figure is this process's CPU time per
 request (user + system), so what the server, wrk and the kernel cost is left out and what
 remains is the app: Litestar, the service's own code, and the script call's client side
@@ -14,7 +14,9 @@ remains is the app: Litestar, the service's own code, and the script call's clie
 not land on one only; the best round of each is reported, with the others beside it.
 
 Targets: twin (loadtest/twin.py), sold_out (a hold refused by the sold-out shortcut),
-hold (a hold made: one script call), join, poll (the waiting room). The service runs on
+hold (a hold made: one script call), read (a hold read), join, poll (the waiting room);
+each served by the lean lane (service/lane.py), and again with a `:ls` suffix by an app
+without it (every route through Litestar), side by side in the same rounds. The service runs on
 a Redis server of the run's own (tests/servers.py) and the bench's PostgreSQL database
 (`<name>_bench`, as `make bench`). `--profile TARGET` prints cProfile's top functions for
 one more round of that target.
@@ -47,7 +49,8 @@ from tests.servers import RedisServer
 HOLD = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'
 JOIN = b'{"customer_id":"bench"}'
 ADMIN_TOKEN = secrets.token_urlsafe(24)
-TARGETS = ("twin", "sold_out", "hold", "join", "poll")
+LANE_TARGETS = ("sold_out", "hold", "read", "join", "poll")
+TARGETS = ("twin", *LANE_TARGETS, *(f"{t}:ls" for t in LANE_TARGETS))
 
 Call = Callable[[], Awaitable[None]]
 
@@ -77,13 +80,15 @@ async def request(
     app: Any, method: str, path: str, body: bytes = b"", headers: tuple[Any, ...] = ()
 ) -> tuple[int, bytes]:
     """One request through the ASGI app: its status and body."""
-    given = False
+    # As granian gives a body: in a message with more_body, then an empty last one.
+    given = [
+        {"type": "http.request", "body": body, "more_body": True},
+        {"type": "http.request", "body": b"", "more_body": False},
+    ]
 
     async def receive() -> Any:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        if given:
+            return given.pop(0)
         await asyncio.Event().wait()  # the client stays: no disconnect
 
     answer: dict[str, Any] = {"body": b""}
@@ -140,13 +145,14 @@ async def _event(app: Any, capacity: int, **extra: Any) -> str:
     return event_id
 
 
-async def targets(app: Litestar) -> dict[str, Call]:
+async def targets(app: Litestar, suffix: str = "") -> dict[str, Call]:
     """Each target's request, ready to repeat; the events it needs made first."""
     gone = await _event(app, 1)
     await _expect(app, 201, "POST", f"/events/{gone}/holds", HOLD)  # now sold out
     hot = await _event(app, 10_000_000)
     room = await _event(app, 10, waiting_room={"admit_per_minute": 1, "pass_ttl_seconds": 600})
     ticket = json.loads(await _expect(app, 201, "POST", f"/events/{room}/queue", JOIN))["ticket"]
+    held = json.loads(await _expect(app, 201, "POST", f"/events/{hot}/holds", HOLD))["hold_id"]
 
     def repeat(target: Any, status: int, method: str, path: str, body: bytes = b"") -> Call:
         async def once() -> None:
@@ -157,11 +163,11 @@ async def targets(app: Litestar) -> dict[str, Call]:
         return once
 
     return {
-        "twin": repeat(twin.app, 201, "POST", "/events/bench-twin/holds", HOLD),
-        "sold_out": repeat(app, 409, "POST", f"/events/{gone}/holds", HOLD),
-        "hold": repeat(app, 201, "POST", f"/events/{hot}/holds", HOLD),
-        "join": repeat(app, 201, "POST", f"/events/{room}/queue", JOIN),  # the same ticket
-        "poll": repeat(app, 200, "GET", f"/events/{room}/queue/{ticket}"),
+        f"sold_out{suffix}": repeat(app, 409, "POST", f"/events/{gone}/holds", HOLD),
+        f"hold{suffix}": repeat(app, 201, "POST", f"/events/{hot}/holds", HOLD),
+        f"read{suffix}": repeat(app, 200, "GET", f"/events/{hot}/holds/{held}"),
+        f"join{suffix}": repeat(app, 201, "POST", f"/events/{room}/queue", JOIN),  # same ticket
+        f"poll{suffix}": repeat(app, 200, "GET", f"/events/{room}/queue/{ticket}"),
     }
 
 
@@ -179,9 +185,19 @@ async def cpu_per_request(once: Call, requests: int, concurrency: int) -> float:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> None:
-    app = create_app(settings)
-    async with running(app):
-        await measure(args, await targets(app))
+    lean, plain = create_app(settings), create_app(settings, lean=False)
+    async with running(lean), running(plain):
+        twin_call = {"twin": await _twin()}
+        await measure(args, {**twin_call, **await targets(lean), **await targets(plain, ":ls")})
+
+
+async def _twin() -> Call:
+    async def once() -> None:
+        got, answer = await request(twin.app, "POST", "/events/bench-twin/holds", HOLD)
+        if got != 201:
+            raise RuntimeError(f"twin: {got} {answer[:300]!r}")
+
+    return once
 
 
 async def measure(args: argparse.Namespace, calls: dict[str, Call]) -> None:
@@ -196,7 +212,7 @@ async def measure(args: argparse.Namespace, calls: dict[str, Call]) -> None:
     for name, figures in rounds.items():
         best = min(figures)
         print(
-            f"  {name:9} {best:6.1f}  x{best / twin_best:4.2f} of the twin   "
+            f"  {name:12} {best:6.1f}  x{best / twin_best:4.2f} of the twin   "
             + " ".join(f"{f:.1f}" for f in figures)
         )
     if args.profile:

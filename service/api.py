@@ -10,12 +10,13 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import MutableScopeHeaders, ResponseHeader
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -34,7 +35,16 @@ from litestar.openapi.spec import Parameter as OpenAPIParameter
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from litestar.types import Message, Scope
+from litestar.types import (
+    ASGIApp,
+    LifeSpanReceive,
+    LifeSpanScope,
+    LifeSpanSend,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 from litestar.utils import normalize_path
 
 from service import (
@@ -75,11 +85,26 @@ EventIdParam = Annotated[
 ]
 
 
+class Asking(Protocol):
+    """What the hot routes' code reads of a request: Litestar's Request, or the lean
+    lane's (service/lane.py), which serves those routes without Litestar."""
+
+    @property
+    def scope(self) -> Any: ...
+    @property
+    def app(self) -> Litestar: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def url(self) -> Any: ...
+    async def body(self) -> bytes: ...
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
 def problem(
-    request: Request[Any, Any, Any],
+    request: Asking,
     exc: errors.BoxofficeError,
     answer: type[Answer[Any]] = Answer,
 ) -> Answer[Any]:
@@ -168,7 +193,7 @@ def on_client_gone(request: Request[Any, Any, Any], exc: bodies.ClientGone) -> R
     return Response(None, status_code=CLIENT_GONE)
 
 
-def on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def on_crash(request: Asking, exc: Exception) -> Response[Any]:
     # Driver errors that escaped the boundary mean Redis or PostgreSQL is unreachable.
     if errors.unavailable(exc):
         log.warning("backend unavailable: %r", exc)
@@ -219,7 +244,7 @@ def _location(template: str) -> ResponseHeader:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def _svc(request: Request[Any, Any, Any]) -> Services:
+def _svc(request: Asking) -> Services:
     svc: Services = request.app.state.svc
     return svc
 
@@ -239,16 +264,17 @@ def _known(svc: Services, event_id: str) -> str:
     return event_id
 
 
-def _header(request: Request[Any, Any, Any], name: bytes) -> str | None:
+def _header(request: Asking, name: bytes) -> str | None:
     """A request header of the hot routes, found without Litestar's Headers (built per
     request, a twentieth of a hold's CPU). These headers are documented by document()."""
-    for key, value in request.scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for key, value in headers:
         if key == name:
             return value.decode("latin-1")
     return None
 
 
-async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
+async def _idempotency(request: Asking) -> Idempotency | None:
     key = _header(request, b"idempotency-key")
     if key is None:
         return None
@@ -261,7 +287,7 @@ async def _idempotency(request: Request[Any, Any, Any]) -> Idempotency | None:
 _BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})
 
 
-def _json_media_type(content_type: bytes) -> bool:
+def json_media_type(content_type: bytes) -> bool:
     media = content_type.partition(b";")[0].strip().lower()
     return media == b"application/json" or (b"/" in media and media.endswith(b"+json"))
 
@@ -275,16 +301,28 @@ async def rate_limit(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     """The per-address limits (when set), once per request and before anything else about
     it: in the admin guard (which Litestar runs before the door), else in the door, so
     that a wrong admin or customer token is counted too. A refusal costs one Redis call."""
-    scope: dict[str, Any] = connection.scope  # type: ignore[assignment]
+    limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
+    tickets = 1
+    if (
+        limits is not None
+        and _RATE_HEADERS_OF_SCOPE not in connection.scope
+        and isinstance(connection, Request)
+        and limits.counts_tickets(connection.scope)
+    ):
+        tickets = await _tickets_asked(connection)
+    await count_address(connection.scope, limits, tickets)
+
+
+async def count_address(
+    scope: Any, limits: ratelimit.AddressLimits | None, tickets: int = 1
+) -> None:
+    """rate_limit() of a scope: the lean lane's, and the door's (see rate_limit).
+    `tickets`: what a hold asks for (the per-address ticket limit)."""
     if _RATE_HEADERS_OF_SCOPE in scope:
         return
     scope[_RATE_HEADERS_OF_SCOPE] = {}
-    limits: ratelimit.AddressLimits | None = getattr(connection.app.state, "limits", None)
     if limits is not None and limits.enabled:
-        tickets = 1
-        if isinstance(connection, Request) and limits.counts_tickets(connection.scope):
-            tickets = await _tickets_asked(connection)
-        quotas = await limits.check(connection.scope, tickets)
+        quotas = await limits.check(scope, tickets)
         scope[_RATE_HEADERS_OF_SCOPE] = ratelimit.merge(*(q.headers() for q in quotas))
 
 
@@ -300,20 +338,28 @@ class _Asked(msgspec.Struct):
 _decode_asked = msgspec.json.Decoder(_Asked).decode
 
 
-async def _tickets_asked(request: Request[Any, Any, Any]) -> int:
+def tickets_in(body: bytes) -> int:
     """The tickets a hold's body asks for, for the per-address ticket limit: 1 when it
-    cannot tell (a body declared too large, or not a hold: the route answers 413 or 400
-    itself, and nothing is held). A chunked body is read too (Litestar's size limit
-    applies): else a bot would send its holds chunked to have each counted as one."""
+    cannot tell (not a hold: the route answers 400 itself, and nothing is held)."""
+    try:
+        asked = _decode_asked(body)
+    except (msgspec.DecodeError, ValueError):
+        return 1
+    return max(1, sum(max(0, i.quantity) for i in asked.items) + len(asked.seats))
+
+
+async def _tickets_asked(request: Request[Any, Any, Any]) -> int:
+    """tickets_in() of a request's body; 1 for a body declared too large (the route
+    answers 413). A chunked body is read too (Litestar's size limit applies): else a bot
+    would send its holds chunked to have each counted as one."""
     declared = _header(request, b"content-length")
     limit = _svc(request).settings.max_body_bytes
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return 1
     try:
-        asked = _decode_asked(await request.body())
-    except (msgspec.DecodeError, ValueError):
+        return tickets_in(await request.body())
+    except ValueError:
         return 1
-    return max(1, sum(max(0, i.quantity) for i in asked.items) + len(asked.seats))
 
 
 async def add_rate_headers(message: Message, scope: Scope) -> None:
@@ -326,6 +372,17 @@ async def add_rate_headers(message: Message, scope: Scope) -> None:
     for name, value in found.items():
         given = headers.get(name)
         headers[name] = f"{value}, {given}" if given else value
+
+
+def sending_rate_headers(send: Send, scope: Any) -> Send:
+    """`send`, adding the per-address limit's headers as add_rate_headers does: for the
+    lean lane, whose answers do not pass Litestar's before_send."""
+
+    async def sending(message: Message) -> None:
+        await add_rate_headers(message, scope)
+        await send(message)
+
+    return sending
 
 
 async def door(request: Request[Any, Any, Any]) -> None:
@@ -352,7 +409,7 @@ async def entry(request: Request[Any, Any, Any]) -> None:
             chunked = True
     if declared == b"0" and not chunked:
         return
-    if content_type is not None and not _json_media_type(content_type):
+    if content_type is not None and not json_media_type(content_type):
         await request.body()  # 413 first when it is both; and nothing left unread
         media = content_type.decode("latin-1").partition(";")[0].strip()
         raise errors.UnsupportedMediaType(
@@ -455,9 +512,8 @@ _HOLD_ROUTE: dict[str, Any] = {
 }
 
 
-async def _hold(
-    request: Request[Any, Any, Any], event_id: str, data: schemas.HoldCreate
-) -> Response[schemas.Hold]:
+async def hold(request: Asking, event_id: str, data: schemas.HoldCreate) -> Response[schemas.Hold]:
+    """The hold route's work, for Litestar's handlers below and the lean lane alike."""
     customer = customers.body_customer(request, data.customer_id)
     if customer is not None:
         data.customer_id = customer
@@ -484,7 +540,7 @@ async def create_hold(
     event_id: EventIdParam,
     data: JSONBody[schemas.HoldCreate],
 ) -> Response[schemas.Hold]:
-    return await _hold(request, event_id, data)
+    return await hold(request, event_id, data)
 
 
 # The same route when customer tokens are on: the body may leave `customer_id` out.
@@ -494,7 +550,7 @@ async def create_customer_hold(
     event_id: EventIdParam,
     data: JSONBody[schemas.CustomerHoldCreate],
 ) -> Response[schemas.Hold]:
-    return await _hold(request, event_id, data)
+    return await hold(request, event_id, data)
 
 
 @get(
@@ -506,6 +562,10 @@ async def create_customer_hold(
 async def get_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
 ) -> Response[schemas.Hold]:
+    return await read_hold(request, event_id, hold_id)
+
+
+async def read_hold(request: Asking, event_id: str, hold_id: str) -> Response[schemas.Hold]:
     svc = _svc(request)
     return Answer(await sales.get_hold(svc, _known(svc, event_id), hold_id, customers.of(request)))
 
@@ -531,6 +591,12 @@ async def confirm_hold(
     event_id: EventIdParam,
     hold_id: FromPath[str],
     data: JSONBody[schemas.HoldConfirm | None] = None,
+) -> Response[schemas.Booking]:
+    return await confirm(request, event_id, hold_id, data)
+
+
+async def confirm(
+    request: Asking, event_id: str, hold_id: str, data: schemas.HoldConfirm | None
 ) -> Response[schemas.Booking]:
     booking = await sales.confirm_hold(
         _svc(request),
@@ -559,6 +625,10 @@ async def confirm_hold(
 async def release_hold(
     request: Request[Any, Any, Any], event_id: EventIdParam, hold_id: FromPath[str]
 ) -> None:
+    await release(request, event_id, hold_id)
+
+
+async def release(request: Asking, event_id: str, hold_id: str) -> None:
     await sales.release_hold(
         _svc(request),
         _known(_svc(request), event_id),
@@ -607,16 +677,17 @@ _JOIN_ROUTE: dict[str, Any] = {
 }
 
 
-async def _join(
-    request: Request[Any, Any, Any], event_id: str, data: schemas.QueueJoin
+async def join(
+    request: Asking, event_id: str, data: schemas.QueueJoin
 ) -> Response[schemas.QueueTicket]:
+    """The join route's work, for Litestar's handlers below and the lean lane alike."""
     customer = customers.body_customer(request, data.customer_id) or data.customer_id
     try:
         idem = await _idempotency(request)
         svc = _svc(request)
         ticket, _new = await waitingroom.join(svc, _known(svc, event_id), customer, idem)
     except errors.BoxofficeError as e:
-        return problem(request, e)  # as a hold's refusals (see _hold)
+        return problem(request, e)  # as a hold's refusals (see hold)
     location = f"/events/{event_id}/queue/{ticket.ticket}"
     return Answer(ticket, 201, {"location": location})
 
@@ -628,7 +699,7 @@ async def join_queue(
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
     put in a uniformly random order at that moment, ahead of later arrivals."""
-    return await _join(request, event_id, data)
+    return await join(request, event_id, data)
 
 
 # The same route when customer tokens are on: the body may leave `customer_id` out.
@@ -641,7 +712,7 @@ async def join_customer_queue(
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
     put in a uniformly random order at that moment, ahead of later arrivals."""
-    return await _join(request, event_id, data)
+    return await join(request, event_id, data)
 
 
 @get(
@@ -657,11 +728,15 @@ async def poll_queue(
     after `poll_after_seconds` until then. Answered from the signed ticket and the API
     process's view of the room (at most a quarter second old): a leave, a sell-out or
     returned stock shows on every process within a second."""
+    return await poll(request, event_id, ticket)
+
+
+async def poll(request: Asking, event_id: str, ticket: str) -> Response[schemas.QueueTicket]:
     svc = _svc(request)
     try:
         found = await waitingroom.poll(svc, _known(svc, event_id), ticket, customers.of(request))
     except errors.BoxofficeError as e:
-        return problem(request, e)  # as a hold's refusals (see _hold)
+        return problem(request, e)  # as a hold's refusals (see hold)
     return Answer(found)
 
 
@@ -1139,7 +1214,30 @@ def document(app: Litestar, customer_tokens: bool = False) -> None:
         confirm.post.request_body.required = False
 
 
-def create_app(settings: Settings) -> Litestar:
+class App(Litestar):
+    """Litestar, with the lean lane (service/lane.py) in front of it when on: the lane,
+    inside the metrics and the body deadlines, gets every HTTP request first, and hands
+    what it does not serve to Litestar. A hot route's request then never enters Litestar
+    at all (its scope set-up and before_send wrapper cost a sold-out refusal a tenth)."""
+
+    lean: ASGIApp | None = None
+
+    async def __call__(
+        self,
+        scope: Scope | LifeSpanScope,
+        receive: Receive | LifeSpanReceive,
+        send: Send | LifeSpanSend,
+    ) -> None:
+        if self.lean is not None and scope["type"] == ScopeType.HTTP:
+            await self.lean(scope, receive, send)  # type: ignore[arg-type]
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings, lean: bool | None = None) -> Litestar:
+    """`lean`: the hot routes go the lean lane (service/lane.py); by default as
+    settings.lean_lane says (the tests and benchmarks compare both)."""
+    lean = settings.lean_lane if lean is None else lean
     stats = metrics.HttpStats()
     tokens = bool(settings.customer_token_secret)
     verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
@@ -1176,7 +1274,7 @@ def create_app(settings: Settings) -> Litestar:
             await app.state.feed.close()
             await svc.close()
 
-    app = Litestar(
+    app = App(
         route_handlers=[
             list_events,
             get_event,
@@ -1237,8 +1335,16 @@ def create_app(settings: Settings) -> Litestar:
     # Around the whole app, not as route middleware: requests that match no route (404,
     # 405) are answered before any route's middleware runs, and they count too.
     # The body guard inside it, so that a 408 is counted as one.
-    guarded = bodies.guard(settings.http_body_timeout_seconds)(app.asgi_handler)
-    app.asgi_handler = metrics.middleware(stats)(guarded)
+    around = metrics.middleware(stats), bodies.guard(settings.http_body_timeout_seconds)
+    if not lean:
+        app.asgi_handler = around[0](around[1](app.asgi_handler))
+        return app
+    from service import lane  # it serves the route functions of this module: imported late
+
+    async def litestar(scope: Scope, receive: Receive, send: Send) -> None:
+        await Litestar.__call__(app, scope, receive, send)
+
+    app.lean = around[0](around[1](lane.lane(app, settings)(litestar)))
     return app
 
 

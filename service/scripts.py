@@ -26,6 +26,7 @@ NAMES = (
     "cancel",
     "reclaim",
     "view",
+    "hold_read",
     "seats",
     "configure",
     "load",

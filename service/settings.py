@@ -77,6 +77,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How long ended holds stay readable (the contract promises at least 24 hours).
     hold_retention_seconds: Count = 86400
     max_body_bytes: Count = 64 * 1024
+    # The hot routes (hold, confirm, release, reading a hold, join, poll) served by the
+    # lean lane (service/lane.py) rather than through Litestar: the same answers, less CPU.
+    # Off: every route through Litestar (to compare, or should the lane misbehave).
+    lean_lane: bool = True
     # Hold attempts one customer_id may make per event per window (0: no limit), counted
     # inside the event's hold script (GCRA: a burst of this many, then one every
     # window/limit). A human makes a few a minute; a bot thousands.

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from service import migrate
 from service.context import Services
 from service.settings import Settings
+from tests import openapi_check
 from tests.apiserver import ApiServer, Worker
 from tests.servers import LocalCluster, RedisServer
 
@@ -114,9 +115,17 @@ async def svc(settings: Settings) -> AsyncIterator[Services]:
 
 
 @pytest.fixture
-async def client(api: ApiServer, svc: Services) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    api: ApiServer, svc: Services, request: pytest.FixtureRequest
+) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=api.url, timeout=30, limits=limits) as c:
+    # In the modules marked `openapi_checked`, every answer of the lean lane's routes is
+    # checked against the OpenAPI document's description of it (tests/openapi_check.py).
+    checked = request.node.get_closest_marker("openapi_checked") is not None
+    hooks = {"response": [openapi_check.check]} if checked else {}
+    async with httpx.AsyncClient(
+        base_url=api.url, timeout=30, limits=limits, event_hooks=hooks
+    ) as c:
         yield c
 
 

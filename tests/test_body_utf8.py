@@ -8,6 +8,9 @@ import pytest
 from tests.conftest import create_event
 from tests.test_errors import assert_problem, json_headers, unchanged
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 # Bytes that are not UTF-8: a stray 0xff, and a surrogate encoded as UTF-8 (CESU-8).
 NOT_UTF8 = {"0xff": b"\xff", "encoded surrogate": b"\xed\xa0\x80"}
 

@@ -18,6 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import ADMIN, create_event, event_body
 from tests.test_errors import hold
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 URL_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{22,}$")
 

@@ -23,6 +23,9 @@ from service.settings import SettingError, Settings
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, availability, create_event, server_env, snapshot
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 SECRET = "test-customer-secret-" + "x" * 48  # 69 bytes: enough for HS512 too (refused)
 GA1 = {"items": [{"category": "GA", "quantity": 1}]}
 

@@ -34,6 +34,9 @@ from tests.conftest import (
 )
 from tests.servers import RedisServer
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 PROBLEM_JSON = "application/problem+json"
 BIG_STRING = "x" * (70 * 1024)  # a JSON body over the 64 KiB limit
 

@@ -43,6 +43,9 @@ from tests.test_errors import (
     unchanged,
 )
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 # --- headers ------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ from service.settings import Settings
 from tests.apiserver import ApiServer
 from tests.conftest import availability, create_event, eventually, missing_database_env, server_env
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 BODY_TIMEOUT = 2.0
 
 

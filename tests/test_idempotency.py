@@ -16,6 +16,9 @@ import pytest
 from tests.conftest import ADMIN, availability, create_event, event_body, snapshot
 from tests.test_errors import assert_no_event, assert_problem, ga, hold, unchanged
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 
 def key() -> str:
     return f"idem-{uuid.uuid4()}"

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from service import catalog, live, reconcile, sales, schemas
+from service import catalog, errors, live, reconcile, sales, schemas
 from service.context import Services
 from service.keys import event_keys
 from service.records import BookingRecord
@@ -255,3 +255,20 @@ async def test_bookings_redis_kept_are_counted_in_short_calls(own: Services) -> 
     assert state == [None, b"b:b1", None]  # b0 was cancelled; past the bookings, free
     assert await own.redis.hget(keys.cust, "c1") == str(n // 100).encode()
     assert await own.redis.hget(keys.sold, "Stalls") == str(sold).encode()
+
+
+async def test_reading_a_hold_of_an_event_redis_lost_loads_it(svc: Services) -> None:
+    """A hold read (one script call, lua/hold_read.lua) finds the event gone: the event is
+    loaded again from PostgreSQL, and the hold, which lived in Redis only, is not found."""
+    body = msgspec.convert(event_body(), schemas.EventCreate)
+    await catalog.create_event(svc, body)
+    item = schemas.HoldItem(category=body.categories[0].name, quantity=1)
+    wanted = schemas.HoldCreate(customer_id="c", items=[item])
+    hold = await sales.create_hold(svc, body.id, wanted, None)
+    read = await sales.get_hold(svc, body.id, hold.hold_id)
+    assert (read.hold_id, read.status) == (hold.hold_id, "held")
+    keys = event_keys(body.id)
+    await svc.redis.delete(keys.meta, keys.holds)
+    with pytest.raises(errors.HoldNotFound):
+        await sales.get_hold(svc, body.id, hold.hold_id)
+    assert await svc.redis.exists(keys.meta) == 1

@@ -30,6 +30,9 @@ from tests.conftest import (
 )
 from tests.servers import LocalCluster
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 # Over HTTP: a window long enough that nothing comes back during a test (GCRA gives one
 # attempt back every WINDOW / LIMIT = 12 s).
 LIMIT, WINDOW = 5, 60

@@ -29,6 +29,9 @@ from tests.conftest import (
 from tests.servers import RedisServer
 from tests.test_cli import boxoffice
 
+# Every answer of the lean lane's routes agrees with the OpenAPI document.
+pytestmark = pytest.mark.openapi_checked
+
 # The contract: every API process hears of returned stock within 250 ms.
 WITHIN = 0.25
 GA = "GA"
