@@ -254,8 +254,8 @@ async def limited(c: Client, e: str, tag: str) -> list[Answer]:
 async def tokens(c: Client, e: str, tag: str) -> list[Answer]:
     """Customer tokens: none, a bad one, another customer's body, another's hold, a good one."""
     secret = c.app.state.svc.settings.customer_token_secret
-    mine = jwt.encode({"sub": f"{tag}-a", "exp": time.time() + 600}, secret, "HS256")
-    theirs = jwt.encode({"sub": f"{tag}-b", "exp": time.time() + 600}, secret, "HS256")
+    mine = jwt.encode({"sub": f"{tag}-a", "exp": int(time.time()) + 600}, secret, "HS256")
+    theirs = jwt.encode({"sub": f"{tag}-b", "exp": int(time.time()) + 600}, secret, "HS256")
     me = {"authorization": f"Bearer {mine}"}
     holds = f"/events/{e}/holds"
     customer_less = b'{"items":[{"category":"GA","quantity":1}]}'
