@@ -394,20 +394,26 @@ async def door(request: Request[Any, Any, Any]) -> None:
     await entry(request)
 
 
-async def entry(request: Request[Any, Any, Any]) -> None:
-    """The door's checks of the request itself (see door)."""
-    await check_params(request)
-    declared = b"0"
+def body_head(scope: Any) -> tuple[bytes | None, bytes | None, bool]:
+    """Content-Type, Content-Length and whether the body comes chunked (the door's and
+    the lean lane's first look at a body)."""
+    content_type = length = None
     chunked = False
-    content_type = None
-    for name, value in request.scope["headers"]:
+    for name, value in scope["headers"]:
         if name == b"content-type":
             content_type = value
         elif name == b"content-length":
-            declared = value
+            length = value
         elif name == b"transfer-encoding":
             chunked = True
-    if declared == b"0" and not chunked:
+    return content_type, length, chunked
+
+
+async def entry(request: Request[Any, Any, Any]) -> None:
+    """The door's checks of the request itself (see door)."""
+    await check_params(request)
+    content_type, declared, chunked = body_head(request.scope)
+    if declared in (None, b"0") and not chunked:
         return
     if content_type is not None and not json_media_type(content_type):
         await request.body()  # 413 first when it is both; and nothing left unread

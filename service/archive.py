@@ -65,9 +65,26 @@ def _over_clause(now: datetime, after_seconds: int) -> Any:
     )
 
 
+async def event_row(conn: Any, event_id: str, lock: bool = False) -> tuple[Any, datetime]:
+    """The event's row (FOR UPDATE when `lock`) and PostgreSQL's clock; EventNotFound."""
+    query = sa.select(events).where(events.c.id == event_id)
+    row = (await conn.execute(query.with_for_update() if lock else query)).first()
+    if row is None:
+        raise errors.EventNotFound(f"no event {event_id!r}")
+    return row, await _db_now(conn)
+
+
 async def _db_now(conn: Any) -> datetime:
     now: datetime = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
     return now
+
+
+def _require_over(row: Any, now: datetime, after_seconds: int) -> None:
+    if not is_over(row, now, after_seconds):
+        raise errors.EventNotOver(
+            f"event {row.id!r} is not over: it is not closed, and it starts (or was"
+            f" reopened) less than {after_seconds} s before now"
+        )
 
 
 async def archive(svc: Services, event_id: str, mode: Literal["now", "settled"]) -> Outcome:
@@ -76,17 +93,8 @@ async def archive(svc: Services, event_id: str, mode: Literal["now", "settled"])
     ended holds have outlived their retention (the worker's own step), so that hold
     records stay readable as long as the contract promises."""
     async with svc.engine.begin() as conn:
-        row = (
-            await conn.execute(sa.select(events).where(events.c.id == event_id).with_for_update())
-        ).first()
-        if row is None:
-            raise errors.EventNotFound(f"no event {event_id!r}")
-        now = await _db_now(conn)
-        if not is_over(row, now, svc.settings.archive_after_seconds):
-            raise errors.EventNotOver(
-                f"event {event_id!r} is not over: it is not closed, and it starts (or was"
-                f" reopened) less than {svc.settings.archive_after_seconds} s before now"
-            )
+        row, now = await event_row(conn, event_id, lock=True)
+        _require_over(row, now, svc.settings.archive_after_seconds)
         reply = await _script(svc, event_id, mode)
         if reply != ARCHIVED:
             return Outcome(event_id=event_id, archived=False, waiting_for=reply)  # type: ignore[arg-type]
@@ -118,14 +126,8 @@ async def ask(svc: Services, event_id: str) -> Outcome:
     remembered, so that the worker finishes it as soon as it may; tried now, after the
     event's outbox is written behind here (as reconcile --repair does)."""
     async with svc.engine.begin() as conn:
-        row = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
-        if row is None:
-            raise errors.EventNotFound(f"no event {event_id!r}")
-        if not is_over(row, await _db_now(conn), svc.settings.archive_after_seconds):
-            raise errors.EventNotOver(
-                f"event {event_id!r} is not over: it is not closed, and it starts (or was"
-                f" reopened) less than {svc.settings.archive_after_seconds} s before now"
-            )
+        row, now = await event_row(conn, event_id)
+        _require_over(row, now, svc.settings.archive_after_seconds)
         if row.archived_at is not None and not await _in_redis(svc, event_id):
             return Outcome(event_id=event_id, archived=True, waiting_for=None)
         await conn.execute(

@@ -383,12 +383,7 @@ async def _reopen(svc: Services, event_id: str) -> None:
     is archived no more, committed first, so that the PATCH's own call loads it from
     PostgreSQL as any event Redis lacks is loaded."""
     async with svc.engine.begin() as conn:
-        row = (
-            await conn.execute(sa.select(events).where(events.c.id == event_id).with_for_update())
-        ).first()
-        if row is None:
-            raise errors.EventNotFound(f"no event {event_id!r}")
-        now = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
+        row, now = await archive.event_row(conn, event_id, lock=True)
         if row.archived_at is None and not archive.is_over(
             row, now, svc.settings.archive_after_seconds
         ):

@@ -143,20 +143,6 @@ def _match(table: Table, scope: Any) -> tuple[Route, list[str]] | None:
     return route, params
 
 
-def _body_head(scope: Scope) -> tuple[bytes | None, bytes | None, bool]:
-    """Content-Type, Content-Length and whether the body comes chunked."""
-    content_type = length = None
-    chunked = False
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            content_type = value
-        elif name == b"content-length":
-            length = value
-        elif name == b"transfer-encoding":
-            chunked = True
-    return content_type, length, chunked
-
-
 def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
     """Wraps Litestar (its own __call__, api.App): the hot routes here, the rest there."""
     tokens = bool(settings.customer_token_secret)
@@ -185,7 +171,7 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                 await litestar(scope, receive, send)
                 return
             route, params = found
-            content_type, length, chunked = _body_head(scope)
+            content_type, length, chunked = api.body_head(scope)
             has_body = chunked or (length is not None and length != b"0")
             if (
                 chunked
