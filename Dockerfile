@@ -23,25 +23,24 @@ WORKDIR /app
 # The dependencies first, from the lock alone: this layer is rebuilt only when they change.
 COPY pyproject.toml uv.lock ./
 RUN /opt/uv/bin/uv sync --frozen --no-dev --no-install-project --no-cache
-# Then the project itself (editable: service/, lua/ and migrations/ are found beside each
-# other under /app, where the final stage puts them).
+# Then the project itself, installed as its wheel (not editable): service/ with lua/ and
+# migrations/ inside it as package data (pyproject.toml), so the final stage needs the
+# virtual environment alone.
 COPY README.md ./
 # pyproject.toml puts this .pth into the project's wheel: the build fails without it.
 COPY loadtest/boxoffice_locust.pth ./loadtest/
 COPY service ./service
-RUN /opt/uv/bin/uv sync --frozen --no-dev --no-cache
+COPY lua ./lua
+COPY migrations ./migrations
+RUN /opt/uv/bin/uv sync --frozen --no-dev --no-cache --no-editable
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 boxoffice \
     && useradd --system --uid 10001 --gid boxoffice --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin boxoffice
 WORKDIR /app
+# Compiled in the build stage (UV_COMPILE_BYTECODE): the service's user writes nothing here.
 COPY --from=build /app/.venv ./.venv
-COPY service ./service
-COPY lua ./lua
-COPY migrations ./migrations
-# Compiled here, as root: the service's user cannot write under /app.
-RUN .venv/bin/python -m compileall -q service migrations
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     BOXOFFICE_HOST=0.0.0.0 \
