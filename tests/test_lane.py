@@ -319,18 +319,24 @@ async def test_lane_answers_as_litestar(settings: Settings, case: str) -> None:
             assert got == want, f"request {i}"
 
 
+def routed(app: Any) -> list[str]:
+    """What reaches Litestar's router from now on, as "METHOD path"."""
+    seen: list[str] = []
+    router = app.asgi_router.handle_routing
+
+    def spy(path: str, method: str) -> Any:
+        seen.append(f"{method} {path}")
+        return router(path, method)
+
+    app.asgi_router.handle_routing = spy
+    return seen
+
+
 async def test_lane_serves_the_hot_routes(settings: Settings) -> None:
     """Requests the lane takes never reach Litestar's router; the others do."""
     app = create_app(settings)
     async with running(app):
-        seen: list[str] = []
-        router = app.asgi_router.handle_routing
-
-        def spy(path: str, method: str) -> Any:
-            seen.append(f"{method} {path}")
-            return router(path, method)
-
-        app.asgi_router.handle_routing = spy  # type: ignore[assignment]
+        seen = routed(app)
         c = Client(app, "127.0.0.8")
         event_id = f"lane-{secrets.token_hex(3)}"
         await make_event(c, event_id)
@@ -352,14 +358,7 @@ async def test_lane_off_by_setting(settings: Settings) -> None:
     """BOXOFFICE_LEAN_LANE=false: a hold goes through Litestar's router."""
     app = create_app(msgspec.structs.replace(settings, lean_lane=False))
     async with running(app):
-        seen: list[str] = []
-        router = app.asgi_router.handle_routing
-
-        def spy(path: str, method: str) -> Any:
-            seen.append(f"{method} {path}")
-            return router(path, method)
-
-        app.asgi_router.handle_routing = spy  # type: ignore[assignment]
+        seen = routed(app)
         c = Client(app, "127.0.0.8")
         event_id = f"lane-{secrets.token_hex(3)}"
         await make_event(c, event_id)
