@@ -38,10 +38,9 @@ from typing import Any
 
 import uvloop
 from litestar import Litestar
-from sqlalchemy.engine import make_url
 
 from loadtest import twin
-from service import migrate
+from loadtest.bench_worker import ready_bench_database
 from service.api import create_app
 from service.settings import Settings
 from tests.servers import RedisServer
@@ -233,10 +232,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=TARGETS)
     args = parser.parse_args()
     base = Settings.from_env()
-    db = make_url(base.database_url)
-    database_url = db.set(database=f"{db.database}_bench").render_as_string(False)
-    migrate.ensure_database(database_url)
-    migrate.upgrade(database_url)
+    database_url = ready_bench_database(base)
     with RedisServer() as redis:
         settings = Settings.from_env(
             {

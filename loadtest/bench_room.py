@@ -36,9 +36,9 @@ from typing import Any
 
 import httpx
 import uvloop
-from sqlalchemy.engine import make_url
 
-from service import migrate, passes, queuetickets, waitingroom
+from loadtest.bench_worker import ready_bench_database
+from service import passes, queuetickets, waitingroom
 from service.context import Services
 from service.settings import Settings
 from tests.apiserver import ApiServer
@@ -191,10 +191,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     args = parser.parse_args()
     base = Settings.from_env()
-    db = make_url(base.database_url)
-    database_url = db.set(database=f"{db.database}_bench").render_as_string(False)
-    migrate.ensure_database(database_url)
-    migrate.upgrade(database_url)
+    database_url = ready_bench_database(base)
     with RedisServer() as redis:
         env = {
             "BOXOFFICE_REDIS_URL": redis.url,

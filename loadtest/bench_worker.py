@@ -35,13 +35,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BOXOFFICE = str(Path(sys.executable).parent / "boxoffice")
 
 
+def bench_database_url(base: Settings) -> str:
+    """The benchmarks' own PostgreSQL database: `<name>_bench` beside the configured one."""
+    db = make_url(base.database_url)
+    return db.set(database=f"{db.database}_bench").render_as_string(False)
+
+
+def ready_bench_database(base: Settings) -> str:
+    """bench_database_url(), created and migrated when missing."""
+    url = bench_database_url(base)
+    migrate.ensure_database(url)
+    migrate.upgrade(url)
+    return url
+
+
 def bench_settings() -> Settings:
     base = Settings.from_env()
-    db = make_url(base.database_url)
     return msgspec.structs.replace(
         base,
         redis_url=base.redis_url.rsplit("/", 1)[0] + "/11",
-        database_url=db.set(database=f"{db.database}_bench").render_as_string(False),
+        database_url=bench_database_url(base),
     )
 
 
