@@ -543,7 +543,11 @@ class ScriptPipe:
         self._node: _NodePipe | None = None
         self._cluster: _Cluster | None = None
         self._detecting: asyncio.Future[None] | None = None
-        self._event_keys: dict[str, tuple[bytes, int]] = {}
+        # Ordered, so the oldest goes in O(1): next(iter(dict)) would walk past every slot
+        # an eviction emptied since the dict last resized (thousands, with unknown ids).
+        self._event_keys: collections.OrderedDict[str, tuple[bytes, int]] = (
+            collections.OrderedDict()
+        )
 
     def event_keys(self, event_id: str) -> tuple[bytes, int]:
         """The event's keys in RESP, and their slot: computed once per event."""
@@ -552,7 +556,7 @@ class ScriptPipe:
             keys = event_keys(event_id).all
             entry = (bulk(*keys), key_slot(keys[0]))
             if len(self._event_keys) >= EVENT_KEYS_CACHED:
-                del self._event_keys[next(iter(self._event_keys))]  # the oldest
+                self._event_keys.popitem(last=False)  # the oldest
             self._event_keys[event_id] = entry
         return entry
 

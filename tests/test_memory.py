@@ -42,10 +42,13 @@ async def test_unknown_event_ids_do_not_grow_the_script_caller(svc: Services) ->
     # Traced from the start: what a bounded cache drops was allocated while tracing.
     tracemalloc.start()
     try:
-        await _unknown_calls(svc, 0, n)  # the caches are full from here on
+        # Two rounds fill the caches and bring their tables to the size they keep: a full
+        # dict that keeps evicting and inserting still grows its table once (335 kB here),
+        # which landed in the measured round now and then.
+        await _unknown_calls(svc, 0, 2 * n)
         assert len(svc.scripts._pipe._event_keys) <= EVENT_KEYS_CACHED
         before = tracemalloc.take_snapshot()
-        await _unknown_calls(svc, n, n)
+        await _unknown_calls(svc, 2 * n, n)
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
