@@ -12,7 +12,7 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
 - sold_out the same request for an event sold out before the run: every answer is
-           `409 sold_out`, given by the API process itself (service/soldout.py); the
+           `409 sold_out`, given by the API process itself (service/hotpath/soldout.py); the
            script calls Redis served meanwhile are counted
 - hold_token  the same hold on a service with BOXOFFICE_CUSTOMER_TOKEN_SECRET set: each
            request carries a customer's HS256 token (1,000 customers taking turns: each
@@ -93,10 +93,10 @@ import jwt
 import redis
 from sqlalchemy.engine import make_url
 
-from service.keys import EVENTS, event_keys
-from service.sales import hold_call
-from service.scripts import LUA_DIR
-from service.settings import Settings
+from service.core.keys import EVENTS, event_keys
+from service.core.settings import Settings
+from service.hotpath.scripts import LUA_DIR
+from service.selling.sales import hold_call
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_DIR = ROOT / "loadtest" / "wrk"
@@ -375,7 +375,7 @@ def tool_version(argv: list[str]) -> str:
 
 
 def key_names(event_id: str) -> list[str]:
-    """The event's keys in the scripts' KEYS order (service/keys.py), as text."""
+    """The event's keys in the scripts' KEYS order (service/core/keys.py), as text."""
     return [k.decode() if isinstance(k, bytes) else k for k in event_keys(event_id).all]
 
 
@@ -1194,7 +1194,8 @@ class Bench:
 
     def hold_call(self, event_id: str, hold_id: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of one hold of 1 GA ticket by customer "bench", as the service
-        passes them (service/scripts.py Scripts.call, service/sales.py create_hold)."""
+        passes them (service/hotpath/scripts.py Scripts.call, service/selling/sales.py
+        create_hold)."""
         s = self.settings
         common = [
             "",  # no Idempotency-Key

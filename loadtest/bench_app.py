@@ -15,7 +15,7 @@ not land on one only; the best round of each is reported, with the others beside
 
 Targets: twin (loadtest/twin.py), sold_out (a hold refused by the sold-out shortcut),
 hold (a hold made: one script call), read (a hold read), join, poll (the waiting room);
-each served by the lean lane (service/lane.py), and again with a `:ls` suffix by an app
+each served by the lean lane (service/web/lane.py), and again with a `:ls` suffix by an app
 without it (every route through Litestar), side by side in the same rounds. The service runs on
 a Redis server of the run's own (tests/servers.py) and the bench's PostgreSQL database
 (`<name>_bench`, as `make bench`). `--profile TARGET` prints cProfile's top functions for
@@ -41,8 +41,8 @@ from litestar import Litestar
 
 from loadtest import twin
 from loadtest.bench_worker import ready_bench_database
-from service.api import create_app
-from service.settings import Settings
+from service.core.settings import Settings
+from service.web.api import create_app
 from tests.servers import RedisServer
 
 HOLD = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'

@@ -1,4 +1,4 @@
-"""Client CPU per hold script call through service/scriptpipe.py: one Redis node against a
+"""Client CPU per hold script call through service/hotpath/scriptpipe.py: one Redis node against a
 Redis Cluster of 3 primaries (+ 3 replicas), side by side in one run.
 
     .venv/bin/python -m loadtest.bench_cluster_pipe [--calls 50000] [--rounds 3]
@@ -7,7 +7,7 @@ Redis Cluster of 3 primaries (+ 3 replicas), side by side in one run.
 Both servers are the run's own (tests/servers.py: free ports, temp dirs, gone at the end).
 Each round loads the same number of events on each (on the cluster, spread over every
 primary), then `--concurrency` callers make `--calls` holds of 1 ticket in all through
-service.scripts.Scripts, as the service does; the figure is this process's CPU time per
+service.hotpath.scripts.Scripts, as the service does; the figure is this process's CPU time per
 call (user + system), on uvloop like `boxoffice serve`. Rounds alternate the two so that
 a busy moment of a shared machine does not land on one side only; the best round of each
 is reported (the least disturbed), with the others beside it. redis-py's RedisCluster
@@ -30,13 +30,15 @@ import msgspec
 import uvloop
 from redis.asyncio import Redis, RedisCluster
 
-from service import catalog, live, schemas
-from service.context import Services
-from service.db import create_engine
-from service.keys import event_keys
-from service.sales import hold_call
-from service.scripts import Scripts
-from service.settings import Settings
+from service.core import schemas
+from service.core.db import create_engine
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable import live
+from service.hotpath.context import Services
+from service.hotpath.scripts import Scripts
+from service.selling import catalog
+from service.selling.sales import hold_call
 from tests.servers import LocalCluster, RedisServer
 
 ITEMS = b'[["GA",1]]'

@@ -21,12 +21,13 @@ import time
 import msgspec
 
 from loadtest.bench_worker import BOXOFFICE, RESULTS, in_batches, open_bench_services
-from service import catalog, schemas
-from service.context import Services
-from service.keys import event_keys
-from service.sales import hold_call, uuid7
-from service.settings import Settings
-from service.writebehind import WriteBehind
+from service.core import schemas
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
+from service.selling import catalog
+from service.selling.sales import hold_call, uuid7
 
 ROW = 500  # seats per row
 

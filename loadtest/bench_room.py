@@ -38,9 +38,9 @@ import httpx
 import uvloop
 
 from loadtest.bench_worker import ready_bench_database
-from service import passes, queuetickets, waitingroom
-from service.context import Services
-from service.settings import Settings
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.selling import passes, queuetickets, waitingroom
 from tests.apiserver import ApiServer
 from tests.servers import RedisServer
 

@@ -25,11 +25,13 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from service import catalog, migrate, schemas
-from service.context import Services
-from service.keys import event_keys
-from service.sales import hold_call
-from service.settings import Settings
+from service.core import schemas
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable import migrate
+from service.hotpath.context import Services
+from service.selling import catalog
+from service.selling.sales import hold_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BOXOFFICE = str(Path(sys.executable).parent / "boxoffice")
@@ -103,7 +105,7 @@ async def hold(svc: Services, event_id: str) -> str:
 
 
 async def confirm(svc: Services, event_id: str, hold_id: str) -> None:
-    from service.sales import uuid7
+    from service.selling.sales import uuid7
 
     await svc.scripts.call("confirm", event_id, hold_id, uuid7(), "")
 

@@ -29,8 +29,8 @@ import msgspec
 from litestar import Litestar, Request, post
 from litestar.exceptions import HTTPException, ValidationException
 
-from service import schemas
-from service.timefmt import from_ms
+from service.core import schemas
+from service.core.timefmt import from_ms
 
 HOLD_TTL_MS = 300_000
 POOL_ENV = "BENCH_PG_POOL"

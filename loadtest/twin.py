@@ -3,8 +3,8 @@
     .venv/bin/python -m loadtest.twin [--port 8001] [--workers 2]
 
 A bare Litestar app with one route, `POST /events/{event_id}/holds`, that decodes the
-hold's request body strictly with msgspec (service.schemas.HoldCreate) and answers a
-hold-sized document (a service.schemas.Hold, 201): no Redis, no I/O, no middleware, no
+hold's request body strictly with msgspec (service.core.schemas.HoldCreate) and answers a
+hold-sized document (a service.core.schemas.Hold, 201): no Redis, no I/O, no middleware, no
 OpenAPI. What the service's hold costs on top of this is Redis, validation and whatever
 else it does per request.
 
@@ -23,7 +23,7 @@ import msgspec
 from litestar import Litestar, Request, post
 from litestar.exceptions import ValidationException
 
-from service import schemas
+from service.core import schemas
 
 _decode = msgspec.json.Decoder(schemas.HoldCreate, strict=True).decode
 _PRICE = 2500
@@ -65,7 +65,7 @@ def serve(target: str, port: int, workers: int) -> None:
     import msgspec.structs
 
     from service import cli
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     real = granian.Granian
 

@@ -6,7 +6,7 @@
 -- runs first makes this refuse; one that runs after finds the event not loaded.
 -- KEYS: the event keys (lib.lua), [17] the seat order list, [18] the load lease, [19..25]
 --       the load's staged keys (load.lua), [26..30] the waiting room's keys (lib.lua,
---       queue_keys), [31] the dead-letter stream (service/keys.py, EventKeys.archive)
+--       queue_keys), [31] the dead-letter stream (service/core/keys.py, EventKeys.archive)
 -- ARGV: common [1..4] (lib.lua), [5] the write-behind's consumer group, [6] "now" to
 --       archive at once, or "settled" to wait until every ended hold has outlived the
 --       ended-hold retention (so that hold records stay readable as long as promised)

@@ -1,5 +1,5 @@
 -- check_seats.lua: a chunk of the seat map checked where the data is (read-only).
--- KEYS: the event keys (lib.lua), [17] the seat order list (service/keys.py seat_order)
+-- KEYS: the event keys (lib.lua), [17] the seat order list (service/core/keys.py seat_order)
 -- ARGV: common [1..4] (lib.lua), [5] the chunk's first position in seat order, [6] seats
 --       per call at most, [7] hold or booking records read per call at most
 -- Every seat is in exactly one state (on sale, held, sold), and a held or sold seat is

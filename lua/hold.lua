@@ -76,7 +76,7 @@ if next(short) ~= nil then
   return unchanged(fail('sold_out', {available = short}))
 end
 -- After sold_out: an API process that knows the categories sold out answers sold_out
--- itself, without knowing the customer (service/soldout.py), and so must the script.
+-- itself, without knowing the customer (service/hotpath/soldout.py), and so must the script.
 if m[5] ~= '' then
   local has = tonumber(redis.call('HGET', K.cust, customer) or '0')
   if has + n > tonumber(m[5]) then

@@ -1,7 +1,7 @@
--- lib.lua: helpers shared by every event script. The loader (service/scripts.py)
+-- lib.lua: helpers shared by every event script. The loader (service/hotpath/scripts.py)
 -- prepends this file to each script, so a helper is written once and never copied.
 --
--- Every event script receives the event's keys first, in this order (service/keys.py):
+-- Every event script receives the event's keys first, in this order (service/core/keys.py):
 local K = {
   meta = KEYS[1],       -- hash: name, starts_at, on_sale_at (ms, "" = none), status, ttl, mpo, mpc, currency, order,
                         --   the waiting room's qapm (admit per minute, "" or absent = no room), qttl (pass s), qopens (ms, "" = at once)
@@ -23,7 +23,7 @@ local K = {
 }
 local NKEYS = 16
 
--- Every event script gets the same leading ARGV (service/scripts.py):
+-- Every event script gets the same leading ARGV (service/hotpath/scripts.py):
 --   [1] Idempotency-Key fingerprint ("" = no key; with one, KEYS ends with the event's
 --       two counts of remembered keys (answers that changed state, answers that changed
 --       nothing) and the key's record, and ARGV with the most records of each kind the
@@ -56,9 +56,9 @@ local function seat_position(label)
 end
 
 -- Tickets may be on sale again: tell every API process, which then forgets that the
--- event was sold out (service/soldout.py). At most once per call, on the event's shard
+-- event was sold out (service/hotpath/soldout.py). At most once per call, on the event's shard
 -- channel: SPUBLISH stays in the event's slot on a cluster, and works on a single node
--- too. Its name is the event's tag and ':restock' (service/keys.py restock_channel).
+-- too. Its name is the event's tag and ':restock' (service/core/keys.py restock_channel).
 local restock_told = false
 local function restocked()
   if restock_told then return end
@@ -294,10 +294,10 @@ local function rebuild(now)
 end
 
 -- --- the waiting room (queue_*.lua; configure.lua clears it) ------------------------------
--- Its keys follow the event's keys (service/keys.py, EventKeys.queue). Polls never reach
--- Redis: a ticket is signed by the API (service/queuetickets.py) and carries its place;
+-- Its keys follow the event's keys (service/core/keys.py, EventKeys.queue). Polls never reach
+-- Redis: a ticket is signed by the API (service/selling/queuetickets.py) and carries its place;
 -- each API process reads the room's state (queue_state.lua) a few times a second and
--- places tickets itself (service/roomstate.py). So the room keeps only what that needs.
+-- places tickets itself (service/selling/roomstate.py). So the room keeps only what that needs.
 local PRE = 4503599627370496 -- 2^52: a pre-queue place k is the score k / 2^52, in [0, 1)
 local function queue_keys()
   return {
@@ -463,7 +463,7 @@ local function room_figures(rm, now)
   }
 end
 
--- What an API process needs to place any ticket (service/roomstate.py, RoomState): the
+-- What an API process needs to place any ticket (service/selling/roomstate.py, RoomState): the
 -- generation, whether the room is open, closed, stocked, admitting (mv: the frontier
 -- moves at the rate, short of the queue's end), the frontier (rank f at
 -- time t; fk = the pre-queue place k admitted through, "all" once all of it is, "" none

@@ -2,10 +2,10 @@
 -- one call once a second by each API process that has someone watching the event.
 -- KEYS: the event keys (lib.lua), [17..21] the waiting room's keys (lib.lua, queue_keys),
 --       then the event's dead-letter stream, last
--- ARGV: common [1..4] (lib.lua), [5] the write-behind's consumer group (service/keys.py)
+-- ARGV: common [1..4] (lib.lua), [5] the write-behind's consumer group (service/core/keys.py)
 -- Returns JSON {now, meta = {status, on_sale_at, order}, cats = {name -> JSON}, cap,
 -- avail, held, sold = {category -> n}, stats = {counter -> n} (holds created, confirmed,
--- released, expired, cancelled, and refused:<code> from service/livefeed.py),
+-- released, expired, cancelled, and refused:<code> from service/web/livefeed.py),
 -- outbox = {pending, undelivered = entries no worker has read yet, oldest = the id of
 -- the oldest entry not yet written (absent when none), dead = dead letters},
 -- queue = the waiting room's figures (lib.lua, room_figures) (waiting, admitted,

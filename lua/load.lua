@@ -5,7 +5,7 @@
 -- KEYS: the event keys (lib.lua), [17] the seat order list, [18] the load lease,
 --       [19] [20] [21] the staged seat map, free seats and seat order, [22] [23] [24]
 --       the staged seat state, sold and per-customer counts, [25] the ids of the
---       bookings counted (load_bookings.lua; service/keys.py)
+--       bookings counted (load_bookings.lua; service/core/keys.py)
 -- ARGV: common [1..4] (lib.lua), [5] mode: "create" replaces whatever is there;
 --       "restore" loads an event Redis lost, with the confirmed bookings of the
 --       `bookings` hash counted as sold (the caller first adds those that PostgreSQL has,

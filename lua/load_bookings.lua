@@ -5,7 +5,7 @@
 -- KEYS: the event keys (lib.lua), [17] the seat order list, [18] the load lease,
 --       [19] [20] [21] the staged seat map, free seats and seat order, [22] [23] [24]
 --       the staged seat state, sold and per-customer counts (hashes as K.seatstate,
---       K.sold, K.cust), [25] the ids of the bookings counted (set) (service/keys.py)
+--       K.sold, K.cust), [25] the ids of the bookings counted (set) (service/core/keys.py)
 -- ARGV: common [1..4] (lib.lua), [5] this load's token, [6] lease ms, [7] HSCAN cursor
 --       of the `bookings` hash ("0" first)
 -- Returns the next cursor, "done" after the last batch, or "busy" when the lease is no

@@ -4,7 +4,7 @@
 -- KEYS: the event keys (lib.lua), [17] the seat order list (load.lua takes it),
 --       [18] the load lease (string: the token of the load in progress, with a TTL),
 --       [19] [20] [21] the staged seat map, free seats and seat order, [22...] the other
---       staged keys (load_bookings.lua; service/keys.py lists them all)
+--       staged keys (load_bookings.lua; service/core/keys.py lists them all)
 -- ARGV: common [1..4] (lib.lua), [5] mode: "create", "restore" or "order" (load.lua),
 --       [6] this load's token, [7] lease ms, [8] categories JSON [[name, lo, hi], ...]
 --       in seat order ("[]" for "order"), [9] "" to begin, else the position of the

@@ -1,4 +1,4 @@
--- queue_state.lua: the room's state as an API process keeps it (service/roomstate.py), read
+-- queue_state.lua: the room's state as an API process keeps it (service/selling/roomstate.py), read
 -- at most a few times a second per room and process, never per poll: the frontier (after
 -- advancing it to now), and what changed since the process last read: leaves, corners
 -- of the frontier, and once the ladder of the pre-queue.

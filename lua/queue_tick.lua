@@ -1,4 +1,4 @@
--- queue_tick.lua: the background step of a waiting room (service/waitingroom.py, Ticker):
+-- queue_tick.lua: the background step of a waiting room (service/selling/waitingroom.py, Ticker):
 -- in quiet periods no join or API process's read advances the frontier, and a stall of
 -- stock (sold out, then tickets back) would be seen late; this advances it about once a
 -- second (and forgets corners no pass needs any more).

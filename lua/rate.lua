@@ -1,7 +1,7 @@
 -- rate.lua: count one request against an address's rate limits (lib.lua, rate_take), in
 -- turn; the first that refuses ends it (the ones before it have counted the request).
 -- It shares lib.lua with the event scripts but takes no event keys: its keys are the
--- limits' own (service/keys.py, address_rate), all in the address's slot.
+-- limits' own (service/core/keys.py, address_rate), all in the address's slot.
 -- KEYS: the limits' keys, one per policy
 -- ARGV: per key, three: requests (or tickets) per window, the window in ms, and what this
 --       request costs (1; a hold: its tickets)

@@ -1,5 +1,5 @@
 -- seats.lua: one page of the seat map, in seat order, with each seat's state.
--- KEYS: the event keys (lib.lua), [17] the seat order list (service/keys.py seat_order)
+-- KEYS: the event keys (lib.lua), [17] the seat order list (service/core/keys.py seat_order)
 -- ARGV: common [1..4] (lib.lua), [5] first position, [6] positions per page (the work
 --       of one call is bounded by it, whatever the event's size), [7] category ("" =
 --       every seated one), [8] status letter ("" = any; a, h or b as below)

@@ -1,4 +1,4 @@
-"""Alembic environment: async engine, URL handed in by service.migrate (no alembic.ini)."""
+"""Alembic environment: async engine, URL handed in by service.durable.migrate (no alembic.ini)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.db import metadata
+from service.core.db import metadata
 
 config = context.config
 target_metadata = metadata

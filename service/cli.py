@@ -22,7 +22,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from service.settings import SettingError, Settings
+from service.core.settings import SettingError, Settings
 
 log = logging.getLogger("boxoffice.cli")
 
@@ -41,7 +41,8 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
 
-    from service.server import STARTED_DIR_ENV, Server
+    from service.server import Server
+    from service.web.started import STARTED_DIR_ENV
 
     check_port_free(settings.host, settings.port)
     connections = connection_limit(settings.http_max_connections)
@@ -55,7 +56,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     share_pass_secret(settings)
     try:
         Server(
-            "service.api:create_app_from_env",
+            "service.web.api:create_app_from_env",
             started_dir=state / "started",
             factory=True,
             address=settings.host,
@@ -184,7 +185,7 @@ def connection_limit(wanted: int) -> int:
 def migrate(settings: Settings, args: argparse.Namespace) -> int:
     # The summary below says what alembic's INFO lines would (some are logged on import).
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    from service.migrate import current_revision, ensure_database, head_revision, upgrade
+    from service.durable.migrate import current_revision, ensure_database, head_revision, upgrade
 
     name = ensure_database(settings.database_url)
     before = current_revision(settings.database_url)
@@ -220,8 +221,8 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from service.context import Services
-    from service.reconcile import Report, reconcile, render
+    from service.durable.reconcile import Report, reconcile, render
+    from service.hotpath.context import Services
 
     def progress(done: int, total: int, event_id: str) -> None:
         if total > 1 and sys.stderr.isatty():
@@ -294,7 +295,7 @@ def unreachable(settings: Settings, exc: BaseException) -> str:
     from redis.connection import parse_url
     from sqlalchemy.engine import make_url
 
-    from service.errors import server_of
+    from service.core.errors import server_of
 
     cause = getattr(exc, "orig", None) or exc
     reason = (str(cause) or type(cause).__name__).splitlines()[0]
@@ -322,10 +323,10 @@ def archive(settings: Settings, args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from service import errors
-    from service.archive import ask, ask_all_over
-    from service.context import Services
-    from service.schemas import ArchiveState
+    from service.core import errors
+    from service.core.schemas import ArchiveState
+    from service.durable.archive import ask, ask_all_over
+    from service.hotpath.context import Services
 
     async def run() -> list[ArchiveState]:
         svc = Services.open(settings)
@@ -353,13 +354,13 @@ def archive(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from service.deadletters import command
+    from service.durable.deadletters import command
 
     return command(settings, args.action, args.event, getattr(args, "ids", []), args.json)
 
 
 def _dead_letters_arguments(parser: argparse.ArgumentParser) -> None:
-    from service.deadletters import USAGE
+    from service.durable.deadletters import USAGE
 
     parser.epilog = USAGE
     parser.add_argument("--event", help="only this event (default: every live event)")
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service import errors
+    from service.core import errors
 
     name = f"boxoffice {args.command}"
     try:

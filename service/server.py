@@ -28,17 +28,8 @@ from granian.server.mp import WorkerProcess
 
 log = logging.getLogger("boxoffice.server")
 
-# Where each API process notes that it has started: set by `boxoffice serve`.
-STARTED_DIR_ENV = "BOXOFFICE_SERVE_STARTED_DIR"
 # Processes of one slot in a row that die before they finish starting: the app cannot start.
 START_FAILURES = 3
-
-
-def mark_started() -> None:
-    """Called by an API process once its app has started (nothing when not under serve)."""
-    directory = os.environ.get(STARTED_DIR_ENV)
-    if directory:
-        (Path(directory) / str(os.getpid())).touch()
 
 
 def forget_gauges(pid: int) -> None:

@@ -10,13 +10,13 @@ import secrets
 import signal
 import socket
 
-from service import errors
-from service.archive import Archiver
-from service.context import Services
-from service.expiry import Listener, Sweeper
-from service.settings import Settings
-from service.waitingroom import Ticker
-from service.writebehind import WriteBehind
+from service.core import errors
+from service.core.settings import Settings
+from service.durable.archive import Archiver
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
+from service.selling.expiry import Listener, Sweeper
+from service.selling.waitingroom import Ticker
 
 log = logging.getLogger("boxoffice.worker")
 

@@ -15,9 +15,9 @@ import msgspec
 import pytest
 from sqlalchemy.engine import make_url
 
-from service import migrate
-from service.context import Services
-from service.settings import Settings
+from service.core.settings import Settings
+from service.durable import migrate
+from service.hotpath.context import Services
 from tests import openapi_check
 from tests.apiserver import ApiServer, Worker
 from tests.servers import LocalCluster, RedisServer
@@ -195,7 +195,7 @@ async def expire_hold(
 ) -> None:
     """Move the hold's deadline into the past; with fire_ttl, its TTL key expires too (the
     keyspace event the listener hears), else only a sweep or a lazy reclaim can find it."""
-    from service.keys import event_keys
+    from service.core.keys import event_keys
 
     k = event_keys(event_id)
     await svc.redis.eval(

@@ -1,7 +1,7 @@
 """Does an answer of the lean lane's routes agree with the OpenAPI document?
 
 Used by the `client` fixture (tests/conftest.py) of the modules marked `openapi_checked`:
-each answer of a route the lane serves (service/lane.py) is checked against the
+each answer of a route the lane serves (service/web/lane.py) is checked against the
 document's description of that route and status: the status is documented, the body is
 of the documented media type and validates against its schema, a problem's `code` is one
 the status lists, and every header that a client reads (Location, Retry-After, the
@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from service import apidoc
+from service.web import apidoc
 
-# The routes the lean lane serves (service/lane.py), as the document names them.
+# The routes the lean lane serves (service/web/lane.py), as the document names them.
 LANE_ROUTES = {
     ("post", "/events/{event_id}/holds"),
     ("get", "/events/{event_id}/holds/{hold_id}"),

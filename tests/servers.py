@@ -17,7 +17,7 @@ from typing import Any, Literal, Self
 import redis
 from redis.crc import key_slot
 
-from service.keys import event_keys
+from service.core.keys import event_keys
 
 
 def free_port() -> int:

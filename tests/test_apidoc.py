@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from service import apidoc
+from service.web import apidoc
 
 
 async def served_document(client: httpx.AsyncClient) -> dict[str, Any]:

@@ -18,12 +18,14 @@ import pytest
 import redis.exceptions
 import sqlalchemy as sa
 
-from service import archive, bookings, catalog, errors, live, reconcile, sales, schemas
-from service.context import Services
-from service.db import events
-from service.keys import EVENTS, event_keys
-from service.settings import Settings
-from service.writebehind import WriteBehind
+from service.core import errors, schemas
+from service.core.db import events
+from service.core.keys import EVENTS, event_keys
+from service.core.settings import Settings
+from service.durable import archive, live, reconcile
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
+from service.selling import bookings, catalog, sales
 from tests.apiserver import BOXOFFICE
 from tests.conftest import (
     ADMIN,

@@ -21,11 +21,11 @@ from alembic import command
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from service import migrate
-from service.context import Services
-from service.keys import event_keys
-from service.settings import Settings
-from service.writebehind import WriteBehind, outbox_state
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable import migrate
+from service.durable.writebehind import WriteBehind, outbox_state
+from service.hotpath.context import Services
 from tests import test_reconcile
 from tests.conftest import availability, create_event, eventually
 from tests.test_reconcile import confirm, hold, kinds, run_cli

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.settings import SettingError, Settings
+from service.core.settings import SettingError, Settings
 from tests.apiserver import BOXOFFICE
 from tests.conftest import _test_settings, server_env
 from tests.servers import free_port

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.settings import SettingError, Settings
+from service.core.settings import SettingError, Settings
 from tests.servers import free_port
 from tests.test_cli import assert_refused, boxoffice
 

@@ -15,21 +15,23 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
-from service import catalog, live, schemas
-from service.context import Services
-from service.db import create_engine
-from service.keys import event_keys
-from service.retries import BUDGET_SECONDS as RETRY_SECONDS
-from service.sales import hold_call
-from service.scriptpipe import (
+from service.core import schemas
+from service.core.db import create_engine
+from service.core.keys import event_keys
+from service.core.retries import BUDGET_SECONDS as RETRY_SECONDS
+from service.core.settings import Settings
+from service.durable import live
+from service.hotpath.context import Services
+from service.hotpath.scriptpipe import (
     EVENT_KEYS_CACHED,
     REPLY_TIMEOUT,
     ScriptPipe,
     bulk,
     command,
 )
-from service.scripts import Scripts, raise_for_error
-from service.settings import Settings
+from service.hotpath.scripts import Scripts, raise_for_error
+from service.selling import catalog
+from service.selling.sales import hold_call
 from tests.conftest import event_body
 from tests.servers import LocalCluster, RedisServer, free_port
 
@@ -149,7 +151,7 @@ async def load_event(
 
 
 async def test_real_scripts_race_on_every_primary(cluster: LocalCluster, rc: RedisCluster) -> None:
-    """service.scripts.Scripts on the cluster: 60 buyers for 20 tickets of an event on each
+    """service.hotpath.scripts.Scripts on the cluster: 60 buyers for 20 tickets of an event on each
     primary, exactly 20 win on each; the scripts were flushed from every node first, so
     each first call is refused NOSCRIPT and the script is loaded again on its node."""
     scripts = cluster_scripts(cluster, rc)

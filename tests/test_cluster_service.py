@@ -19,15 +19,17 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError
 
-from service import errors, outbox, sales, schemas
-from service.context import Services
-from service.expiry import Sweeper
-from service.keys import OUTBOX_GROUP, event_keys, restock_channel
-from service.live import live_event_ids
-from service.reconcile import reconcile
-from service.scripts import Scripts
-from service.settings import Settings
-from service.writebehind import WriteBehind
+from service.core import errors, schemas
+from service.core.keys import OUTBOX_GROUP, event_keys, restock_channel
+from service.core.settings import Settings
+from service.durable import outbox
+from service.durable.live import live_event_ids
+from service.durable.reconcile import reconcile
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
+from service.hotpath.scripts import Scripts
+from service.selling import sales
+from service.selling.expiry import Sweeper
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import (
     ADMIN,
@@ -732,7 +734,7 @@ async def test_a_killed_primary_is_named_by_ready_and_followed_after_failover(
     killed_at = time.monotonic()
     try:
         # Asked of the dead primary, answered once its replica has taken over, within the
-        # budget (one policy, service/retries.py): a hold (the pipe), a read of one
+        # budget (one policy, service/core/retries.py): a hold (the pipe), a read of one
         # (redis-py's cluster pipeline and TIME on the key's node), a plain command.
         holding = _timed(cclient.post(path, json={"customer_id": "f", **ga(1)}), killed_at)
         reading = _timed(cclient.get(f"{path}/{held['hold_id']}"), killed_at)

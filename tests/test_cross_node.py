@@ -19,11 +19,13 @@ import redis
 import sqlalchemy as sa
 from redis.crc import key_slot
 
-from service import catalog, errors, live, sales, schemas
-from service.context import Services
-from service.db import events
-from service.keys import EVENTS, event_keys
-from service.settings import Settings
+from service.core import errors, schemas
+from service.core.db import events
+from service.core.keys import EVENTS, event_keys
+from service.core.settings import Settings
+from service.durable import live
+from service.hotpath.context import Services
+from service.selling import catalog, sales
 from tests.conftest import event_body, new_event_id
 from tests.servers import LocalCluster, RedisServer
 

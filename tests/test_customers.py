@@ -18,8 +18,9 @@ import httpx
 import jwt
 import pytest
 
-from service import customers, errors
-from service.settings import SettingError, Settings
+from service.core import errors
+from service.core.settings import SettingError, Settings
+from service.web import customers
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, availability, create_event, server_env, snapshot
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.apiserver import ApiServer
 from tests.browser import Browser, Dashboard, chromium, dump_dom
 from tests.conftest import ADMIN, ADMIN_TOKEN, create_event, server_env

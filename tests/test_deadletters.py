@@ -23,14 +23,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service import reconcile
-from service.context import Services
-from service.db import bookings
-from service.keys import event_keys
-from service.records import decode_booking
-from service.settings import Settings
-from service.timefmt import to_ms
-from service.writebehind import WriteBehind
+from service.core.db import bookings
+from service.core.keys import event_keys
+from service.core.records import decode_booking
+from service.core.settings import Settings
+from service.core.timefmt import to_ms
+from service.durable import reconcile
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
 from tests.apiserver import BOXOFFICE
 from tests.conftest import ADMIN, create_event, server_env
 from tests.test_reconcile import confirm, hold, kinds
@@ -310,7 +310,7 @@ async def test_repair_writes_a_booking_whose_outbox_entry_was_damaged(
         confirmed_at = await conn.scalar(
             sa.select(bookings.c.confirmed_at).where(bookings.c.event_id == event_id)
         )
-    assert confirmed_at is not None and to_ms(confirmed_at) == record.ca
+    assert confirmed_at is not None and to_ms(confirmed_at) == record.created_ms
 
 
 async def test_repair_of_an_entry_nothing_can_write_exits_1_not_2(
@@ -351,7 +351,7 @@ async def test_repair_writes_a_lost_cancellation_with_its_own_time(
     cancelled_ms = json.loads(
         await svc.redis.hget(event_keys(event_id).bookings, booking_id)  # type: ignore[arg-type]
     )["xa"]
-    assert cancelled_ms - record.ca > 1000
+    assert cancelled_ms - record.created_ms > 1000
 
     report = await reconcile.reconcile(svc, event_id, repair=True)
     assert report.consistent, report
@@ -364,7 +364,7 @@ async def test_repair_writes_a_lost_cancellation_with_its_own_time(
             )
         ).one()
     assert row.status == "cancelled"
-    assert to_ms(row.confirmed_at) == record.ca
+    assert to_ms(row.confirmed_at) == record.created_ms
     assert to_ms(row.cancelled_at) == cancelled_ms, (
         "the cancellation's time, not the confirmation's"
     )

@@ -1,7 +1,7 @@
 """The API reference pages in a real browser with no outside network: headless Chromium
 (Debian's package) that can reach nothing but loopback, against `boxoffice serve`. Swagger
 UI (/schema/swagger) and Redoc (/schema, /schema/redoc) render every operation of the
-OpenAPI document from scripts and styles the service serves itself (service/docsui.py);
+OpenAPI document from scripts and styles the service serves itself (service/web/docsui.py);
 with Litestar's defaults, which load them from public CDNs, both pages stay blank here."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.apiserver import ApiServer
 from tests.browser import Browser, chromium
 from tests.conftest import server_env

@@ -10,8 +10,8 @@ import httpx
 import msgspec
 import pytest
 
-from service import schemas
-from service.strictjson import check_body
+from service.core import schemas
+from service.web.strictjson import check_body
 from tests.conftest import ADMIN, create_event, event_body, new_event_id
 from tests.test_errors import assert_no_event, assert_problem, hold, json_headers, unchanged
 

@@ -18,8 +18,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from service.context import Services
-from service.settings import Settings
+from service.core.settings import Settings
+from service.hotpath.context import Services
 from tests.apiserver import ApiServer
 from tests.conftest import (
     ADMIN,

@@ -12,10 +12,10 @@ import httpx
 import msgspec
 import pytest
 
-from service.context import Services
-from service.expiry import Listener, Sweeper, notifications_enabled
-from service.keys import event_keys
-from service.settings import Settings
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.selling.expiry import Listener, Sweeper, notifications_enabled
 from tests.apiserver import Worker
 from tests.conftest import availability, create_event, eventually, expire_hold, worker_env
 

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from service.context import Services
+from service.hotpath.context import Services
 from tests.conftest import availability, create_event, expire_hold
 
 

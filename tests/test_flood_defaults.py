@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, event_body, server_env
 

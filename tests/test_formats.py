@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service.sales import uuid7
-from service.timefmt import from_ms, to_ms
+from service.core.timefmt import from_ms, to_ms
+from service.selling.sales import uuid7
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -17,10 +17,11 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import errors, idempotency
-from service.context import Services
-from service.keys import event_keys, global_idempotency
-from service.settings import Settings
+from service.core import errors
+from service.core.keys import event_keys, global_idempotency
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.selling import idempotency
 from tests.apiserver import ApiServer
 from tests.conftest import (
     ADMIN,

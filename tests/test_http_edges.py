@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.apiserver import ApiServer
 from tests.conftest import availability, create_event, eventually, missing_database_env, server_env
 

@@ -34,9 +34,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from service.context import Services
-from service.db import bookings
-from service.settings import Settings
+from service.core.db import bookings
+from service.core.settings import Settings
+from service.hotpath.context import Services
 from tests.conftest import ADMIN, create_event, eventually, server_env
 from tests.dockerd import Dockerd
 from tests.servers import free_port

@@ -1,4 +1,4 @@
-"""The lean lane (service/lane.py) answers what Litestar answers.
+"""The lean lane (service/web/lane.py) answers what Litestar answers.
 
 Two apps of the same settings run in this process, one with the lane and one without it
 (`create_app(settings, lean=False)`: every route through Litestar). Each scenario's
@@ -23,9 +23,9 @@ import jwt
 import msgspec
 import pytest
 
-from service import passes
-from service.api import create_app
-from service.settings import Settings
+from service.core.settings import Settings
+from service.selling import passes
+from service.web.api import create_app
 from tests.conftest import ADMIN_TOKEN
 
 Head = list[tuple[bytes, bytes]]

@@ -23,11 +23,11 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import livefeed
-from service.context import Services
-from service.keys import event_keys
-from service.scripts import LUA_DIR
-from service.settings import Settings
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.hotpath.scripts import LUA_DIR
+from service.web import livefeed
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import (
     ADMIN,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, event_body, server_env
 from tests.servers import LocalCluster

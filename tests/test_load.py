@@ -16,14 +16,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from service import catalog, errors, live, reconcile, sales, schemas
-from service.context import Services
-from service.keys import event_keys
-from service.records import BookingRecord
-from service.sales import hold_call
-from service.scripts import LUA_DIR, NAMES, NOT_LOADED
-from service.settings import Settings
-from service.writebehind import WriteBehind
+from service.core import errors, schemas
+from service.core.keys import event_keys
+from service.core.records import BookingRecord
+from service.core.settings import Settings
+from service.durable import live, reconcile
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
+from service.hotpath.scripts import LUA_DIR, NAMES, NOT_LOADED
+from service.selling import catalog, sales
+from service.selling.sales import hold_call
 from tests.conftest import event_body, services_with
 from tests.servers import RedisServer
 
@@ -233,8 +235,9 @@ async def test_bookings_redis_kept_are_counted_in_short_calls(own: Services) -> 
     pipe = own.redis.pipeline(transaction=False)
     for i in range(n):
         record = BookingRecord(
-            id=f"b{i}", h=f"h{i}", c=f"c{i % 100}", q={"Stalls": 1}, n=1, t=1000, cu="EUR",
-            ca=1, s="confirmed" if i % 10 else "cancelled", st=[labels[i]],
+            id=f"b{i}", hold_id=f"h{i}", customer_id=f"c{i % 100}", quantities={"Stalls": 1},
+            quantity=1, total_cents=1000, currency="EUR", created_ms=1,
+            status="confirmed" if i % 10 else "cancelled", seats=[labels[i]],
         )  # fmt: skip
         pipe.hset(keys.bookings, record.id, msgspec.json.encode(record))
     await pipe.execute()

@@ -15,12 +15,16 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
-from service import catalog, errors, live, metrics, sales, schemas, scripts
-from service.context import Services
-from service.keys import event_keys
-from service.scriptpipe import EVENT_KEYS_CACHED
-from service.scripts import Idempotency
-from service.settings import Settings
+from service.core import errors, schemas
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable import live
+from service.hotpath import scripts
+from service.hotpath.context import Services
+from service.hotpath.scriptpipe import EVENT_KEYS_CACHED
+from service.hotpath.scripts import Idempotency
+from service.selling import catalog, sales
+from service.web import metrics
 from tests.conftest import create_event, event_body, new_event_id, services_with
 from tests.servers import RedisServer
 

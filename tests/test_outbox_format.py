@@ -1,4 +1,4 @@
-"""service/outbox.py, the one place the outbox entry format lives: what lua/confirm.lua and
+"""service/durable/outbox.py, the one place the outbox entry format lives: what lua/confirm.lua and
 lua/cancel.lua write decodes to the booking change they made, and what the repair builds
 is read back the same way."""
 
@@ -9,10 +9,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from service import bookings, outbox
-from service.context import Services
-from service.keys import event_keys
-from service.records import decode_booking
+from service.core.keys import event_keys
+from service.core.records import decode_booking
+from service.durable import outbox
+from service.hotpath.context import Services
+from service.selling import bookings
 from tests.conftest import create_event
 from tests.test_writebehind_failures import sell_in_process
 
@@ -26,9 +27,9 @@ async def test_entries_the_scripts_write_decode_to_their_changes(
     entries: Any = await svc.redis.xrange(event_keys(event_id).outbox)
     confirm, cancel = (outbox.decode(fields) for _, fields in entries)
     assert isinstance(confirm, outbox.Confirm) and confirm.booking.id == booking_id
-    assert confirm.booking.q == {"GA": 1}
+    assert confirm.booking.quantities == {"GA": 1}
     assert isinstance(cancel, outbox.Cancel) and cancel.booking_id == booking_id
-    assert cancel.at_ms >= confirm.booking.ca
+    assert cancel.at_ms >= confirm.booking.created_ms
     assert [outbox.booking_id(f) for _, f in entries] == [booking_id, booking_id]
     # What the repair builds from Redis's records reads back as the same changes.
     raw = await svc.redis.hget(event_keys(event_id).bookings, booking_id)

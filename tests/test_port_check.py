@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import check_port_free
-from service.settings import SettingError, Settings
+from service.core.settings import SettingError, Settings
 from tests.apiserver import BOXOFFICE
 from tests.conftest import server_env
 

@@ -21,11 +21,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service import migrate
-from service.context import Services
-from service.db import bookings
-from service.keys import event_keys
-from service.settings import Settings
+from service.core.db import bookings
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable import migrate
+from service.hotpath.context import Services
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import ADMIN_TOKEN, create_event, eventually
 from tests.servers import RedisServer, free_port

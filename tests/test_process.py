@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.apiserver import BOXOFFICE, ApiServer
 from tests.conftest import server_env
 from tests.servers import RedisServer, free_port

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from service.context import Services
-from service.keys import event_keys
+from service.core.keys import event_keys
+from service.hotpath.context import Services
 from tests.conftest import availability, create_event, expire_hold
 
 

@@ -13,11 +13,12 @@ import httpx
 import msgspec
 import pytest
 
-from service import catalog, errors, sales, schemas
-from service.context import Services
-from service.keys import event_keys
-from service.scripts import Idempotency
-from service.settings import Settings
+from service.core import errors, schemas
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.hotpath.scripts import Idempotency
+from service.selling import catalog, sales
 from tests.apiserver import ApiServer
 from tests.conftest import (
     ADMIN,

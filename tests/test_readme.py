@@ -38,8 +38,8 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from service import migrate
-from service.settings import Settings
+from service.core.settings import Settings
+from service.durable import migrate
 from tests.apiserver import ApiServer, Worker
 from tests.servers import RedisServer
 

@@ -15,14 +15,14 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 
-from service import reconcile
-from service.context import Services
-from service.db import bookings
-from service.keys import event_keys
-from service.records import decode_booking
-from service.sales import uuid7
-from service.settings import Settings
-from service.writebehind import WriteBehind, outbox_state
+from service.core.db import bookings
+from service.core.keys import event_keys
+from service.core.records import decode_booking
+from service.core.settings import Settings
+from service.durable import reconcile
+from service.durable.writebehind import WriteBehind, outbox_state
+from service.hotpath.context import Services
+from service.selling.sales import uuid7
 from tests.apiserver import BOXOFFICE, ApiServer, Worker
 from tests.conftest import (
     ADMIN,
@@ -378,7 +378,7 @@ async def test_repair_while_selling_oversells_nothing_and_loses_nothing(
 
     await eventually(lambda: drained(svc, event_id))
     records = [decode_booking(raw) for raw in await svc.redis.hvals(event_keys(event_id).bookings)]
-    sold = sum(r.n for r in records if r.s == "confirmed")
+    sold = sum(r.quantity for r in records if r.status == "confirmed")
     assert sold <= capacity
     assert {r.id for r in records} == set(confirmed)
     async with svc.engine.connect() as conn:

@@ -15,12 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from service import reconcile, sales, schemas
-from service.catalog import create_event
-from service.context import Services
-from service.keys import event_keys
-from service.settings import Settings
-from service.writebehind import WriteBehind
+from service.core import schemas
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable import reconcile
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
+from service.selling import sales
+from service.selling.catalog import create_event
 from tests.conftest import create_event as create_event_over_http
 from tests.conftest import services_with
 from tests.servers import RedisServer

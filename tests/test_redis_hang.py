@@ -14,8 +14,8 @@ import pytest
 import redis.exceptions
 from redis.crc import key_slot
 
-from service.context import Services
-from service.settings import Settings
+from service.core.settings import Settings
+from service.hotpath.context import Services
 from tests.apiserver import served
 from tests.conftest import create_event, server_env
 from tests.servers import LocalCluster, RedisServer

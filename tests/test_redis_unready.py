@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis.asyncio
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.apiserver import ApiServer
 from tests.conftest import create_event, server_env
 from tests.servers import RedisServer, free_port

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from service.context import Services
-from service.settings import Settings
+from service.core.settings import Settings
+from service.hotpath.context import Services
 from tests.apiserver import served
 from tests.conftest import ADMIN, availability, create_event, server_env
 from tests.servers import RedisServer

@@ -1,4 +1,4 @@
-"""service/retries.py: the one policy by which Redis calls wait out a failover or a move."""
+"""service/core/retries.py: the one policy by which Redis calls wait out a failover or a move."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from urllib.parse import urlsplit
 import pytest
 from redis.exceptions import ConnectionError, ResponseError, TryAgainError
 
-from service import context, retries
-from service.settings import Settings
+from service.core import retries
+from service.core.settings import Settings
+from service.hotpath import context
 
 
 async def test_pauses_double_up_to_the_cap_within_the_budget() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import httpx
 
-from service import reconcile
-from service.context import Services
+from service.durable import reconcile
+from service.hotpath.context import Services
 from tests.conftest import ADMIN, create_event, event_body
 from tests.test_deadletters import Fix, refuse, two_dead_letters
 from tests.test_errors import assert_problem

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import redis
 
-from service.context import Services
-from service.keys import event_keys
-from service.settings import Settings
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.hotpath.context import Services
 from tests.apiserver import ApiServer
 from tests.conftest import create_event, server_env
 from tests.servers import RedisServer
@@ -232,7 +232,7 @@ async def test_200000_seats_page_by_page(big_api: ApiServer, slowlog_redis: Redi
 def _seats_script() -> str:
     """The seats script exactly as the service sends it (lib.lua first): its SHA names its
     calls in the SLOWLOG."""
-    from service.scripts import LUA_DIR
+    from service.hotpath.scripts import LUA_DIR
 
     lib = (LUA_DIR / "lib.lua").read_text()
     return lib + "\n" + (LUA_DIR / "seats.lua").read_text()

@@ -1,4 +1,4 @@
-"""The sold-out shortcut (service/soldout.py) across two real API processes, on a Redis of
+"""The sold-out shortcut (service/hotpath/soldout.py) across two real API processes, on a Redis of
 this module's own: the script calls that `INFO commandstats` counts are only theirs."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
-from service import sales, schemas, soldout
-from service.context import RedisClient, Services
-from service.errors import SoldOut
-from service.keys import event_keys, restock_channel
-from service.settings import Settings
+from service.core import schemas
+from service.core.errors import SoldOut
+from service.core.keys import event_keys, restock_channel
+from service.core.settings import Settings
+from service.hotpath import soldout
+from service.hotpath.context import RedisClient, Services
+from service.selling import sales
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import (
     ADMIN,

@@ -1,6 +1,6 @@
 """A Hypothesis state machine of holds, confirms, releases and the passing of time.
 
-It drives the service's Python API (service.sales, service.catalog) against the real
+It drives the service's Python API (service.selling.sales, service.selling.catalog) against the real
 Redis and PostgreSQL, keeps a model of every hold, predicts each outcome (success, or
 which domain error) from the model, and after every step reads the event's Redis hashes
 directly to check that the stock is conserved, every seat is in exactly one state, and
@@ -30,11 +30,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from service import catalog, errors, sales, schemas
-from service.context import Services
-from service.keys import event_keys
-from service.records import decode_hold
-from service.settings import Settings
+from service.core import errors, schemas
+from service.core.keys import event_keys
+from service.core.records import decode_hold
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.selling import catalog, sales
 from tests.conftest import event_body, expire_hold, new_event_id
 
 # Hundreds of generated runs, each with its own event: about a minute.
@@ -332,14 +333,17 @@ class HoldsMachine(RuleBasedStateMachine):
             r = records[hold_id]
             if h.status == EXPIRED:
                 # Overdue: reclaimed already, or waiting for the next script to notice.
-                assert r.s in (HELD, EXPIRED), (h, r)
-                assert r.ex <= now, (h, r)
+                assert r.status in (HELD, EXPIRED), (h, r)
+                assert r.expires_ms <= now, (h, r)
             else:
-                assert r.s == h.status, (h, r)
-            if r.s == HELD:
+                assert r.status == h.status, (h, r)
+            if r.status == HELD:
                 in_redis.append(h)
-            assert r.c == h.customer and r.st == h.seats and r.n == h.tickets, (h, r)
-            assert r.b == h.booking_id, (h, r)
+            assert r.customer_id == h.customer and r.seats == h.seats and r.quantity == h.tickets, (
+                h,
+                r,
+            )
+            assert r.booking_id == h.booking_id, (h, r)
         confirmed = [h for h in self.holds.values() if h.status == CONFIRMED]
 
         # The counters, exactly.

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from service.context import Services
-from service.settings import Settings
-from service.writebehind import WriteBehind
+from service.core.settings import Settings
+from service.durable.writebehind import WriteBehind
+from service.hotpath.context import Services
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN
 

@@ -1,5 +1,5 @@
 """Unknown event ids never reach PostgreSQL (issue 19, point 2): every API process knows
-the event ids PostgreSQL has (service/eventids.py), read once and kept current by the
+the event ids PostgreSQL has (service/hotpath/eventids.py), read once and kept current by the
 creates of every process; a request for any other id is answered 404 at once."""
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import sqlalchemy as sa
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from service import api, eventids, live
-from service.context import Services
-from service.settings import Settings
+from service.core.settings import Settings
+from service.durable import live
+from service.hotpath import eventids
+from service.hotpath.context import Services
+from service.web import api
 from tests.conftest import ADMIN, create_event, event_body, new_event_id, on_redis
 from tests.servers import LocalCluster
 

@@ -13,10 +13,11 @@ import msgspec
 import pytest
 import redis
 
-from service import catalog, sales, schemas
-from service.context import Services
-from service.keys import event_keys
-from service.settings import Settings
+from service.core import schemas
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.selling import catalog, sales
 from tests.apiserver import Worker, served
 from tests.conftest import (
     ADMIN,

@@ -19,11 +19,13 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.crc import key_slot
 
-from service import catalog, metrics, sales, schemas
-from service.context import Services
-from service.keys import event_keys
-from service.replicas import online_replicas, shortfall_counter
-from service.settings import Settings
+from service.core import schemas
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.hotpath.context import Services
+from service.hotpath.replicas import online_replicas, shortfall_counter
+from service.selling import catalog, sales
+from service.web import metrics
 from tests.apiserver import served
 from tests.conftest import create_event, event_body, server_env
 from tests.servers import LocalCluster, RedisServer
@@ -172,7 +174,7 @@ async def test_accept_waits_for_a_replica_that_is_there(
 
 
 async def test_the_setting_takes_only_its_two_values() -> None:
-    from service.settings import SettingError
+    from service.core.settings import SettingError
 
     with pytest.raises(SettingError, match="BOXOFFICE_CONFIRM_WAIT_SHORTFALL: 'maybe'"):
         Settings.from_env({"BOXOFFICE_CONFIRM_WAIT_SHORTFALL": "maybe"})

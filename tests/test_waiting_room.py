@@ -10,12 +10,13 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service import errors, passes, waitingroom
-from service.context import Services
-from service.db import events
-from service.keys import event_keys
-from service.live import unload
-from service.settings import SettingError, Settings
+from service.core import errors
+from service.core.db import events
+from service.core.keys import event_keys
+from service.core.settings import SettingError, Settings
+from service.durable.live import unload
+from service.hotpath.context import Services
+from service.selling import passes, waitingroom
 from tests.conftest import ADMIN, PASS_SECRET, create_event, eventually
 
 # Every answer of the lean lane's routes agrees with the OpenAPI document.

@@ -22,9 +22,9 @@ import httpx
 import redis
 from redis.crc import key_slot
 
-from service import waitingroom
-from service.context import Services
-from service.keys import EVENTS, event_keys
+from service.core.keys import EVENTS, event_keys
+from service.hotpath.context import Services
+from service.selling import waitingroom
 from tests.apiserver import Worker
 from tests.conftest import eventually
 from tests.servers import LocalCluster, RedisServer

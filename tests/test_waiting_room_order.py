@@ -20,9 +20,9 @@ from typing import Any
 
 import httpx
 
-from service import waitingroom
-from service.context import Services
-from service.keys import event_keys
+from service.core.keys import event_keys
+from service.hotpath.context import Services
+from service.selling import waitingroom
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, create_event, eventually
 from tests.test_waiting_room import LATER, admitted, ga, hold, join, poll

@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from service import passes, queuetickets, roomstate, waitingroom
-from service.context import Services
-from service.keys import event_keys
-from service.live import unload
-from service.settings import Settings
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable.live import unload
+from service.hotpath.context import Services
+from service.selling import passes, queuetickets, roomstate, waitingroom
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN, PASS_SECRET, create_event, eventually, server_env
 from tests.test_waiting_room import ga, hold

@@ -23,9 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service import migrate
-from service.db import bookings
-from service.settings import Settings
+from service.core.db import bookings
+from service.core.settings import Settings
+from service.durable import migrate
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import ADMIN, ADMIN_TOKEN, PASS_SECRET, event_body
 from tests.servers import RedisServer
@@ -95,7 +95,10 @@ def test_the_package_data_comes_from_the_installed_package(installed: Installed)
         [
             installed.python,
             "-c",
-            "from service import dashboard, migrate, packagedata, scripts\n"
+            "from service.core import packagedata\n"
+            "from service.durable import migrate\n"
+            "from service.hotpath import scripts\n"
+            "from service.web import dashboard\n"
             "print(packagedata.PACKAGE, packagedata.checkout(), scripts.LUA_DIR,"
             " migrate.MIGRATIONS, dashboard.PAGE, sep='\\n')",
         ],
@@ -107,7 +110,7 @@ def test_the_package_data_comes_from_the_installed_package(installed: Installed)
     assert str(checkout) == "None"
     assert lua == package / "lua" and (lua / "hold.lua").is_file()
     assert migrations == package / "migrations" and (migrations / "env.py").is_file()
-    assert page == package / "dashboard.html" and page.is_file()
+    assert page == package / "web" / "dashboard.html" and page.is_file()
 
 
 @pytest.fixture(scope="module")

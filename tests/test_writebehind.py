@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.context import Services
-from service.db import bookings
-from service.keys import event_keys
-from service.settings import Settings
-from service.writebehind import WriteBehind, write
+from service.core.db import bookings
+from service.core.keys import event_keys
+from service.core.settings import Settings
+from service.durable.writebehind import WriteBehind, write
+from service.hotpath.context import Services
 from tests.apiserver import Worker
 from tests.conftest import ADMIN, availability, create_event, eventually, worker_env
 

@@ -20,12 +20,13 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
-from service import sales, schemas
-from service.context import Services
-from service.db import booking_items, bookings
-from service.keys import OUTBOX_GROUP, event_keys
-from service.settings import Settings
-from service.writebehind import WriteBehind, original_fields
+from service.core import schemas
+from service.core.db import booking_items, bookings
+from service.core.keys import OUTBOX_GROUP, event_keys
+from service.core.settings import Settings
+from service.durable.writebehind import WriteBehind, original_fields
+from service.hotpath.context import Services
+from service.selling import sales
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import StartWorker, create_event, eventually, server_env, worker_env
 from tests.servers import RedisServer, free_port

@@ -16,9 +16,9 @@ import pytest
 import redis.exceptions
 import sqlalchemy as sa
 
-from service.context import Services
-from service.keys import OUTBOX_GROUP, event_keys
-from service.settings import Settings
+from service.core.keys import OUTBOX_GROUP, event_keys
+from service.core.settings import Settings
+from service.hotpath.context import Services
 from tests.apiserver import Worker
 from tests.conftest import StartWorker, create_event, eventually, worker_env
 from tests.test_writebehind import big_event, persisted_ids, sell

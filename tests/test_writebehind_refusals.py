@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from service.context import Services
-from service.errors import unavailable
-from service.settings import Settings
+from service.core.errors import unavailable
+from service.core.settings import Settings
+from service.hotpath.context import Services
 from tests.apiserver import Worker
 from tests.conftest import create_event, eventually, worker_env
 from tests.test_writebehind import big_event, sell

@@ -19,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Constraint names are spelled out (op.f) to match service.db's naming convention, which
+    # Constraint names are spelled out (op.f) to match service.core.db's naming convention, which
     # op.create_table does not apply.
     op.create_table(
         "events",

@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 
 log = logging.getLogger("alembic.runtime.migration")
 
-# (table, constraint, condition): as service.db declares them.
+# (table, constraint, condition): as service.core.db declares them.
 CHECKS = (
     ("bookings", "ck_bookings_total", "total >= 0"),
     ("bookings", "ck_bookings_seats", "array_position(seats, NULL) IS NULL"),
