@@ -8,7 +8,7 @@ replaced, and the others keep serving their connections meanwhile; only a proces
 whose processes die before they finish starting, START_FAILURES times in a row, stops the
 server, since then the app cannot start at all.
 
-It relies on granian's private parts (pinned by uv.lock; tests/test_server.py checks them):
+It relies on granian's private parts (pinned by uv.lock; tests/test_process.py checks them):
 the server's `respawned_wrks` (process index -> when it was respawned; granian takes a
 death within 5.5 s of that time for a crash loop) and a worker's `_watcher` (run in a
 thread, it waits for the process to end, then reports it to the server's loop).
