@@ -2,7 +2,7 @@
 
     .venv/bin/python -m loadtest.bench [--seconds 15] [--warmup 3] [--connections 64]
         [--threads 2] [--workers 2] [--pg-pool 16] [--wait-idle 30] [--retries 1]
-        [--only hold,twin,…] [--no-write] [--keep]
+        [--only hold,twin,…] [--room-buyers 100000] [--no-write] [--keep]
 
 One run, one machine, one after the other, each HTTP target on granian with the same
 options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loaded by wrk:
@@ -33,6 +33,10 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
            (admitting 1 a minute: a queue that only grows, as at a drop's opening)
 - poll     GET /events/{id}/queue/{ticket}: the same room, tickets of a pool joined
            just before (loadtest/wrk/poll.lua cycles through them)
+- room     GET /events/{id}/queue/{ticket} of a room with --room-buyers queued (100,000;
+           a million is the scale it is built for), opened, admitting 10,000 a minute:
+           Redis commands per poll, Redis memory per buyer, the admitted after 60 s
+           (loadtest/bench_room.py; a Redis server and a service of its own)
 - script   the hold script alone, `redis-benchmark` EVALSHA with 64 connections and a
            pipeline of 16, each call a new hold (__rand_int__ in the hold id)
 - pg       the PostgreSQL baseline (loadtest/pg_baseline.py): a guarded UPDATE and an
@@ -80,7 +84,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from loadtest import bench_ceilings, bench_cluster, bench_service
+from loadtest import bench_ceilings, bench_cluster, bench_room, bench_service
 from loadtest.bench_report import (
     chart,
     cluster_cpu_line,
@@ -90,6 +94,7 @@ from loadtest.bench_report import (
     note_lines,
     ratio_lines,
     ratios,
+    room_line,
     table,
     write_doc,
 )
@@ -148,6 +153,12 @@ def parse_args(argv: list[str] | None) -> Config:
         "--only",
         help="comma-separated targets: " + ",".join(TARGETS) + " (implies --no-write)",
     )
+    parser.add_argument(
+        "--room-buyers",
+        type=int,
+        default=100_000,
+        help="buyers queued in the room row (1000000: the waiting room's full scale)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only: no JSON, PNG, docs")
     parser.add_argument("--keep", action="store_true", help="keep the run's events in Redis")
     args = parser.parse_args(argv)
@@ -156,6 +167,8 @@ def parse_args(argv: list[str] | None) -> Config:
         parser.error(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
     if args.connections % args.threads:
         parser.error("--connections must be a multiple of --threads (wrk)")
+    if args.room_buyers < bench_room.MIN_BUYERS:
+        parser.error(f"--room-buyers: at least {bench_room.MIN_BUYERS:,} (two minutes' admissions)")
     return Config(
         seconds=args.seconds,
         warmup=args.warmup,
@@ -168,6 +181,7 @@ def parse_args(argv: list[str] | None) -> Config:
         only=only,
         write=not (args.no_write or args.only),
         keep=args.keep,
+        room_buyers=args.room_buyers,
     )
 
 
@@ -190,7 +204,9 @@ def run(cfg: Config) -> int:
     try:
         if bench.wanted("twin"):
             bench_ceilings.twin(bench)
-        if bench.wanted(*SERVICE_TARGETS, "spread", *CLUSTER_TARGETS, "hold_token", "script", "pg"):
+        if bench.wanted(
+            *SERVICE_TARGETS, "spread", *CLUSTER_TARGETS, "hold_token", "room", "script", "pg"
+        ):
             bench.migrate()
         if bench.wanted(*SERVICE_TARGETS, "script"):
             bench_service.service(bench)
@@ -198,6 +214,8 @@ def run(cfg: Config) -> int:
             bench_cluster.compared(bench)
         if bench.wanted("hold_token"):
             bench_service.service_with_tokens(bench)
+        if bench.wanted("room"):
+            bench_room.room(bench)
         if bench.wanted("script"):
             bench_ceilings.script(bench)
         if bench.wanted("pg"):
@@ -230,6 +248,8 @@ def run(cfg: Config) -> int:
         say(line)
     if cpu_line := cluster_cpu_line(results):
         say(cpu_line)
+    if room := room_line(results):
+        say(room)
     if notes := note_lines(results):
         say("")
         for line in notes:

@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from loadtest.bench_room import BATCH, RATE, SAMPLE
 from loadtest.bench_rows import (
     BENCH_DOC,
     CAPACITY,
@@ -33,21 +34,34 @@ from loadtest.bench_session import Bench
 from loadtest.bench_tools import tool_version
 
 
+def figure(r: Result, name: str) -> float:
+    """A figure of a row: a field of its Result (rps, p99_ms) or one of its extra figures."""
+    return float(r.extra[name] if name in r.extra else getattr(r, name))
+
+
 def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
     out = []
     for g in GOALS:
-        num, den = results.get(g.num[0]), results.get(g.den[0])
+        num = results.get(g.num[0])
+        den = results.get(g.den[0]) if g.den else num
         if num is None or den is None:
             continue
-        a, b = getattr(num, g.num[1]), getattr(den, g.den[1])
-        value = a / b if b else math.inf
-        met = value >= g.goal if g.op == ">=" else value <= g.goal
+        value = figure(num, g.num[1])
+        if g.den:
+            b = figure(den, g.den[1])
+            value = value / b if b else math.inf
+        if g.op == "within":
+            met, goal = abs(value - 1) <= g.goal, f"1 ± {g.goal:g}"
+        else:
+            met = value >= g.goal if g.op == ">=" else value <= g.goal
+            goal = f"{g.op} {g.goal:g}"
         out.append(
             {
                 "key": g.key,
                 "label": g.label,
-                "value": round(value, 3),
-                "goal": f"{g.op} {g.goal:g}",
+                "value": round(value, 6),
+                "shown": format(value, g.shown),
+                "goal": goal,
                 "met": met,
                 "trustworthy": num.valid and den.valid,
             }
@@ -106,12 +120,29 @@ def cluster_cpu_line(results: dict[str, Result]) -> str | None:
     return "CPU per hold, µs of server + Redis: " + ", ".join(parts)
 
 
+def room_line(results: dict[str, Result]) -> str | None:
+    """The room row's figures beyond a row's: its own Redis's memory and commands."""
+    if (r := results.get("room")) is None:
+        return None
+    x = r.extra
+    return (
+        f"Waiting room of {x['buyers']:,} queued buyers: {x['redis_bytes_per_buyer']:.0f} bytes"
+        f" of Redis memory each; {x['redis_commands']:,} Redis commands in {r.requests:,} polls"
+        f" ({x['redis_commands_per_poll']:.2g} a poll), {x['redis_script_calls']:,} of them"
+        f" script calls ({x['redis_script_calls_per_poll']:.2g}); {x['admitted']:,} admitted"
+        f" {x['admitted_after_seconds']:.0f} s after the opening, {x['admitted_expected']:,.0f}"
+        f" expected at {x['admit_per_minute']:,} a minute; the room asks for"
+        f" {x['implied_polls_per_second']:,} polls a second ({x['polls_per_second_at_5s']:,} at"
+        " one every 5 s)"
+    )
+
+
 def ratio_lines(rs: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in rs:
         verdict = "met" if r["met"] else "NOT met"
         doubt = "" if r["trustworthy"] else " (a figure behind it is marked !: see below)"
-        lines.append(f"{r['label']:<42} {r['value']:>7.3f}   goal {r['goal']:<6} {verdict}{doubt}")
+        lines.append(f"{r['label']:<42} {r['shown']:>7}   goal {r['goal']:<6} {verdict}{doubt}")
     return lines
 
 
@@ -135,6 +166,13 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
             f" started for the run ({SPREAD_EVENTS // CLUSTER_PRIMARIES} events on each primary,"
             " no replicas, the service given one node's URL; measured in alternation); Redis"
             " CPU is then every node's."
+        )
+    if "room" in cfg.only:
+        text += (
+            f" The room row: {cfg.room_buyers:,} buyers joined a waiting room's pre-queue through"
+            f" the join script ({BATCH:,} a call) on a Redis node started for the run, the room"
+            f" opened admitting {RATE:,} a minute, then wrk polled {min(SAMPLE, cfg.room_buyers):,}"
+            " of their tickets at random."
         )
     if pg := info.get("postgres"):
         text += (
@@ -160,9 +198,11 @@ def doc_block(
     lines += ["", "| ratio | value | goal | |", "|---|---:|---:|---|"]
     for ratio in rs:
         verdict = "met" if ratio["met"] else "not met"
-        lines.append(f"| {ratio['label']} | {ratio['value']:.3f} | {ratio['goal']} | {verdict} |")
+        lines.append(f"| {ratio['label']} | {ratio['shown']} | {ratio['goal']} | {verdict} |")
     if line := cluster_cpu_line(results):
         lines += ["", line + "."]
+    if line := room_line(results):
+        lines += ["", textwrap.fill(line + ".", 92, break_on_hyphens=False)]
     if notes := note_lines(results):
         lines += [
             "",

@@ -78,6 +78,11 @@ TARGETS: dict[str, Target] = {
     ),
     "join": Target("service `POST /events/{id}/queue`", "POST queue (join)", "service"),
     "poll": Target("service `GET …/queue/{ticket}`", "GET queue ticket (poll)", "service"),
+    "room": Target(
+        "service `GET …/queue/{ticket}`, a waiting room at scale, opened",
+        "GET queue ticket, room at scale",
+        "service",
+    ),
     "script": Target(
         f"hold script alone: `redis-benchmark` EVALSHA, pipeline {PIPELINE}",
         f"Redis: hold script (-P {PIPELINE})",
@@ -100,12 +105,16 @@ POLL_POOL = 2000  # tickets the poll row cycles through
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
+    """`num` ÷ `den` (or `num` alone) against `goal`: each a row's figure, a field of its
+    Result (rps, p99_ms) or one of its extra figures."""
+
     key: str
     label: str
-    num: tuple[str, str]  # (target, "rps" | "p99_ms")
-    den: tuple[str, str]
-    op: str  # ">=" or "<="
+    num: tuple[str, str]  # (target, figure)
+    den: tuple[str, str] | None
+    op: str  # ">=", "<=", or "within": at most `goal` away from 1
     goal: float
+    shown: str = ".3f"  # the value's format
 
 
 GOALS = (
@@ -183,6 +192,49 @@ GOALS = (
         ">=",
         0.9,
     ),
+    Goal(
+        "room_commands_per_poll",
+        "waiting room: Redis commands per poll (all, the scripts' own included)",
+        ("room", "redis_commands_per_poll"),
+        None,
+        "<=",
+        0.001,
+        ".2g",
+    ),
+    Goal(
+        "room_script_calls_per_poll",
+        "waiting room: Redis script calls per poll (the rooms' reads)",
+        ("room", "redis_script_calls_per_poll"),
+        None,
+        "<=",
+        0.001,
+        ".2g",
+    ),
+    Goal(
+        "room_bytes_per_buyer",
+        "waiting room: Redis memory per queued buyer, bytes",
+        ("room", "redis_bytes_per_buyer"),
+        None,
+        "<=",
+        150,
+        ".0f",
+    ),
+    Goal(
+        "room_admitted_vs_rate",
+        "waiting room: admitted in 60 s ÷ the rate's",
+        ("room", "admitted"),
+        ("room", "admitted_expected"),
+        "within",
+        0.02,
+    ),
+    Goal(
+        "room_poll_vs_twin_p99",
+        "waiting room poll ÷ twin, p99",
+        ("room", "p99_ms"),
+        ("twin", "p99_ms"),
+        "<=",
+        2,
+    ),
 )
 
 
@@ -198,6 +250,7 @@ class Config:
     retries: int
     only: tuple[str, ...]
     write: bool
+    room_buyers: int
     keep: bool
 
 

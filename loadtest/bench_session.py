@@ -135,11 +135,14 @@ class Bench:
         refused: str | None = None,
         nodes: Sequence[redis.Redis] = (),
         not_found: bool = False,
+        tally: Callable[[], dict[str, int]] | None = None,
     ) -> Result:
         """Warm-up, then the measured run; `stat` checked. `refused`: an event every
         request is refused for (sold_out): no hold may be created, and the script calls
         Redis served during the run are counted. `nodes`: the Redis servers whose CPU is
-        the row's (default: the service's). `not_found`: every answer must be a 404."""
+        the row's (default: the service's). `not_found`: every answer must be a 404.
+        `tally`: counts read just before and just after the measured run; what they grew
+        by goes into the row's extra figures."""
         cfg = self.cfg
         url = server.url + path
         if warmup and cfg.warmup:
@@ -153,6 +156,7 @@ class Bench:
         say(f"  {name}: measuring {cfg.seconds} s (machine {before}% busy before)")
         count = stat.read() if stat else 0
         created, calls = self.refusal_counts(refused)
+        counts = tally() if tally else {}
         with Meter(nodes or self.r, server.pid) as meter:
             try:
                 data = run_wrk(cfg, self.wrk, script, url, cfg.seconds, args)
@@ -160,6 +164,7 @@ class Bench:
                 server.check_alive()
         # Read as wrk ends: every response it counted was sent after the script ran.
         count = stat.read() - count if stat else 0
+        counts = {k: v - counts[k] for k, v in tally().items()} if tally else {}
         if refused is not None:
             # Every answer non-2xx by design: checked here instead of counted as errors.
             statuses = data.pop("errors_status", 0)
@@ -169,6 +174,7 @@ class Bench:
         if not_found:
             statuses = data.pop("errors_status", 0)
         result = wrk_result(name, data, meter.cpu)
+        result.extra.update(counts)
         if not_found and statuses < result.requests:
             result.valid = False
             result.notes.append(f"{result.requests - statuses:,} answers not 404")
