@@ -110,8 +110,10 @@ test: venv services lint chromium docker ## lint, then the whole test suite (wha
 test-fast: venv services lint ## lint, then all tests but the cluster, browser and slow ones
 	$(BIN)/pytest -m "not cluster and not browser and not slow"
 
+# BENCH_ARGS go to loadtest/bench.py: e.g. BENCH_ARGS="--room-buyers 1000000" for the waiting
+# room's row at its full scale (docs/benchmarks.md), or "--only twin,room".
 bench: venv services ## the benchmarks (docs/benchmarks.md)
-	$(BIN)/python -m loadtest.bench
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 clean: services-stop cluster-stop ## stop the servers, remove .data/ and the caches
 	rm -rf .data .mypy_cache .ruff_cache .pytest_cache .hypothesis

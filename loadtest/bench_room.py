@@ -1,210 +1,165 @@
-"""The waiting room at scale: a room of `--buyers` pre-queued buyers, opened, then polled
-over HTTP by wrk while admission runs.
+"""The waiting room at scale, the room row of `make bench`: a room of `--room-buyers`
+pre-queued buyers (100,000 by default; a million is the scale it is built for), opened,
+then polled over HTTP by wrk while admission runs.
 
-    .venv/bin/python -m loadtest.bench_room [--buyers 1000000] [--seconds 30]
-        [--rate 10000] [--admission-seconds 60] [--workers 2]
+    .venv/bin/python -m loadtest.bench --only twin,room --room-buyers 1000000
 
 The buyers join through the join script in batches of 1,000 (waitingroom.join_many, as an
-API process sends the joins of one loop turn), on a Redis server of the run's own
-(tests/servers.py) and the bench's PostgreSQL database (`<name>_bench`, as `make bench`);
-`boxoffice serve` answers the polls. Reported, with the issue's goals:
-- Redis commands per poll (INFO commandstats over the wrk run, every command counted, the
-  scripts' own included), and script calls per poll (the rooms' reads: each API process
-  reads a room at most 4 times a second, so these fall as the poll rate grows): goal at
-  most 0.001;
-- Redis memory per queued buyer (used_memory grown by the load, over the buyers): goal at
-  most 150 bytes;
-- admitted after `--admission-seconds` from the opening against the rate: goal within 2%;
-- poll throughput and latency (p50, p99) as wrk measured them;
+API process sends the joins of one loop turn), on a Redis server of the run's own;
+`boxoffice serve` answers the polls of a sample of their tickets. The row's figures, with
+their goals (bench_rows.GOALS):
+- Redis commands per poll (INFO commandstats over the measured run, every command counted,
+  the scripts' own included), and script calls per poll (the rooms' reads: each API
+  process reads a room at most 4 times a second, so these fall as the poll rate grows):
+  goal at most 0.001;
+- Redis memory per queued buyer (used_memory grown by the joins, over the buyers): goal
+  at most 150 bytes;
+- admitted `ADMISSION_SECONDS` after the opening against the rate: goal within 2%;
+- the polls' p99 against the twin's: goal at most twice as long;
 - the poll rate the room asks for (poll_after_seconds over the queue, waitingroom.
   implied_poll_rate) against a poll every 5 s.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
 import random
 import secrets
-import subprocess
-import tempfile
+import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import uvloop
 
-from loadtest.bench_worker import ready_bench_database
+from loadtest.bench_session import Bench
+from loadtest.bench_tools import BenchError, own_redis, say
 from service.core.settings import Settings
 from service.hotpath.context import Services
 from service.selling import passes, queuetickets, waitingroom
-from tests.apiserver import ApiServer
-from tests.servers import RedisServer
 
-WRK_DIR = Path(__file__).resolve().parent / "wrk"
-ADMIN_TOKEN = secrets.token_urlsafe(24)
-BATCH = 1000
+RATE = 10_000  # admissions a minute
+ADMISSION_SECONDS = 60.0  # the admitted are counted this long after the opening
+BATCH = 1000  # joins per script call
 SAMPLE = 100_000  # tickets wrk polls, round and round
+# Enough buyers that the queue outlasts the counted admissions twice over.
+MIN_BUYERS = round(2 * RATE * ADMISSION_SECONDS / 60)
 
 
-async def _calls(svc: Services) -> tuple[int, int]:
-    """Commands Redis ran (the scripts' own included), and script calls among them."""
-    stats: dict[str, Any] = await svc.redis.info("commandstats")
+def commands(r: redis.Redis) -> dict[str, int]:
+    """Commands Redis ran (the scripts' own included, INFO's left out: the bench's own
+    readings), and script calls among them."""
+    stats: dict[str, Any] = r.info("commandstats")
     every = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
-    return every, int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    scripts = int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return {"redis_commands": every, "redis_script_calls": scripts}
 
 
-async def _memory(svc: Services) -> int:
-    info: dict[str, Any] = await svc.redis.info("memory")
+def used_memory(r: redis.Redis) -> int:
+    info: dict[str, Any] = r.info("memory")
     return int(info["used_memory"])
 
 
-async def _load(svc: Services, event_id: str, buyers: int) -> list[str]:
-    """Join `buyers` to the pre-queue; a random sample of their tickets."""
-    secret = passes.secret_of(svc.settings)
-    rng = random.Random(buyers)
-    keep = set(rng.sample(range(buyers), min(SAMPLE, buyers)))
-    tickets = []
-    for start in range(0, buyers, BATCH):
-        ids = range(start, min(buyers, start + BATCH))
-        batch = [(f"b{i:07d}", secrets.randbits(52)) for i in ids]
-        joined = await waitingroom.join_many(svc, event_id, batch, None)
-        for i, ((customer, _), (kind, number, _)) in enumerate(
-            zip(batch, joined.places, strict=True), start
-        ):
-            if i in keep:
-                pre = kind == "p"
-                t = queuetickets.Ticket(joined.room.g, "p" if pre else "a", int(number), customer)
-                tickets.append(queuetickets.issue(secret, event_id, t))
-    return tickets
-
-
-def _wrk(args: argparse.Namespace, url: str, event_id: str, path: str) -> dict[str, float]:
-    argv = [
-        "wrk",
-        f"-t{args.threads}",
-        f"-c{args.connections}",
-        f"-d{args.seconds}s",
-        "--latency",
-        "-s",
-        str(WRK_DIR / "poll.lua"),
-        f"{url}/events/{event_id}/queue",
-        "--",
-        path,
-        str(args.threads),
-    ]
-    wait = args.seconds + 120
-    out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=wait)  # noqa: S603
-    for line in out.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            data: dict[str, float] = json.loads(line.removeprefix("BENCH_RESULT "))
-            return data
-    raise RuntimeError(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
-
-
-async def run(args: argparse.Namespace, settings: Settings, env: dict[str, str]) -> dict[str, Any]:
+async def load(settings: Settings, event_id: str, buyers: int) -> list[str]:
+    """Join `buyers` to the room's pre-queue; the tickets of a random sample of them."""
     svc = Services.open(settings)
-    await svc.scripts.load()
-    api = ApiServer(env, workers=args.workers)
-    api.start()
-    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
-        async with httpx.AsyncClient(base_url=api.url, timeout=60, headers=admin) as client:
-            event_id = f"bench-room-{secrets.token_hex(4)}"
-            body = {
-                "id": event_id,
-                "name": "bench_room",
-                "starts_at": "2030-01-01T00:00:00Z",
-                "on_sale_at": "2029-01-01T00:00:00Z",
-                "categories": [
-                    {"name": "GA", "price": 2500, "currency": "EUR", "capacity": 10_000_000}
-                ],
-                "waiting_room": {"admit_per_minute": args.rate, "pass_ttl_seconds": 600},
-            }
-            r = await client.post("/admin/events", json=body)
-            r.raise_for_status()
-            before = await _memory(svc)
-            started = time.monotonic()
-            tickets = await _load(svc, event_id, args.buyers)
-            loaded_s = time.monotonic() - started
-            per_buyer = (await _memory(svc) - before) / args.buyers
-            with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-                f.write("\n".join(tickets) + "\n")
-                path = f.name
-            r = await client.patch(f"/admin/events/{event_id}", json={"on_sale_at": None})
-            r.raise_for_status()
-            # The first look after the on-sale moment opens the room (and admission counts
-            # from it): the admin's figures, now, rather than wrk's first poll.
-            asked = time.monotonic()
-            (await client.get(f"/admin/events/{event_id}/queue")).raise_for_status()
-            opened = (asked + time.monotonic()) / 2
-            calls = await _calls(svc)
-            data = await asyncio.to_thread(_wrk, args, api.url, event_id, path)
-            after = await _calls(svc)
-            commands, scripts = after[0] - calls[0], after[1] - calls[1]
-            os.unlink(path)
-            await asyncio.sleep(max(0.0, opened + args.admission_seconds - time.monotonic()))
-            r = await client.get(f"/admin/events/{event_id}/queue")
-            elapsed = time.monotonic() - opened
-            admitted = r.json()["admitted"]
+        await svc.scripts.load()
+        secret = passes.secret_of(svc.settings)
+        rng = random.Random(buyers)
+        keep = set(rng.sample(range(buyers), min(SAMPLE, buyers)))
+        tickets = []
+        for start in range(0, buyers, BATCH):
+            ids = range(start, min(buyers, start + BATCH))
+            batch = [(f"b{i:07d}", secrets.randbits(52)) for i in ids]
+            joined = await waitingroom.join_many(svc, event_id, batch, None)
+            for i, ((customer, _), (kind, number, _)) in enumerate(
+                zip(batch, joined.places, strict=True), start
+            ):
+                if i in keep:
+                    pre = kind == "p"
+                    t = queuetickets.Ticket(
+                        joined.room.g, "p" if pre else "a", int(number), customer
+                    )
+                    tickets.append(queuetickets.issue(secret, event_id, t))
+        return tickets
     finally:
-        api.stop()
         await svc.close()
-    seconds = data["duration_us"] / 1e6
-    expected = args.rate / 60 * elapsed
-    errors = {k: v for k, v in data.items() if k.startswith("errors_") and v}
-    return {
-        "buyers": args.buyers,
-        "load_seconds": round(loaded_s, 1),
-        "redis_bytes_per_buyer": round(per_buyer, 1),
-        "polls": int(data["requests"]),
-        "polls_per_second": round(data["requests"] / seconds, 1),
-        "poll_p50_ms": round(data["p50_us"] / 1000, 2),
-        "poll_p99_ms": round(data["p99_us"] / 1000, 2),
-        "poll_errors": errors,
-        "redis_commands": commands,
-        "redis_commands_per_poll": round(commands / max(1, data["requests"]), 6),
-        "redis_script_calls": scripts,
-        "redis_script_calls_per_poll": round(scripts / max(1, data["requests"]), 6),
-        "admitted": admitted,
-        "admitted_expected": round(expected, 1),
-        "admitted_off_percent": round(100 * (admitted - expected) / expected, 2),
-        "admitted_after_seconds": round(elapsed, 1),
-        "implied_polls_per_second": round(waitingroom.implied_poll_rate(args.buyers, args.rate)),
-        "polls_per_second_at_5s": args.buyers / 5,
-    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def admin_call(admin: httpx.Client, method: str, path: str, **kw: Any) -> Any:
+    response = admin.request(method, path, **kw)
+    if response.status_code != 200:
+        raise BenchError(f"{method} {path}: {response.status_code} {response.text[:300]}")
+    return response.json()
+
+
+def open_room(admin: httpx.Client, event_id: str) -> float:
+    """Put the event on sale; when the room opened (time.monotonic()). The first look after
+    the on-sale moment opens it (and admission counts from it): the admin's, now, rather
+    than wrk's first poll."""
+    admin_call(admin, "PATCH", f"/admin/events/{event_id}", json={"on_sale_at": None})
+    asked = time.monotonic()
+    admin_call(admin, "GET", f"/admin/events/{event_id}/queue")
+    return (asked + time.monotonic()) / 2
+
+
+def room(bench: Bench) -> None:
+    server_bin = shutil.which("redis-server")
+    if server_bin is None:
+        say("room row skipped: redis-server not found (Debian: redis-server)")
+        return
+    buyers = bench.cfg.room_buyers
+    with own_redis(server_bin, bench.logs) as (port, r):
+        say(
+            f"waiting room of {buyers:,} queued buyers, admitting {RATE:,} a minute (service on"
+            f" a Redis node of its own, port {port})"
+        )
+        # The bench signs the buyers' tickets as the service would: the same pass secret.
+        env = {"BOXOFFICE_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        env["BOXOFFICE_PASS_SECRET"] = secrets.token_urlsafe(32)
+        with bench.served("room", **env) as (server, admin):
+            event_id = bench.create_event(
+                admin,
+                "bench-room",
+                track=False,  # the Redis goes as a whole
+                on_sale_at="2029-01-01T00:00:00Z",
+                waiting_room={"admit_per_minute": RATE, "pass_ttl_seconds": 600},
+            )
+            settings = Settings.from_env({**bench.service_env(), **env})
+            used, started = used_memory(r), time.monotonic()
+            tickets = uvloop.run(load(settings, event_id, buyers))
+            loaded = time.monotonic() - started
+            per_buyer = (used_memory(r) - used) / buyers
+            say(f"  room: {buyers:,} joined in {loaded:.1f} s, {per_buyer:.0f} bytes of Redis each")
+            path = bench.tmp / "room-tickets.txt"
+            path.write_text("\n".join(tickets) + "\n")
+            opened = open_room(admin, event_id)
+            queue = f"/events/{event_id}/queue"
+            args = [str(path), str(bench.cfg.threads)]
+            result = bench.measure(
+                "room", server, "poll.lua", queue, args=args, nodes=[r], tally=lambda: commands(r)
+            )
+            time.sleep(max(0.0, opened + ADMISSION_SECONDS - time.monotonic()))
+            admitted = int(admin_call(admin, "GET", f"/admin/events/{event_id}/queue")["admitted"])
+            elapsed = time.monotonic() - opened
+    polls = max(1, result.requests)
+    expected = RATE / 60 * elapsed
+    result.extra.update(
+        buyers=buyers,
+        load_seconds=round(loaded, 1),
+        redis_bytes_per_buyer=round(per_buyer, 1),
+        redis_commands_per_poll=round(result.extra["redis_commands"] / polls, 6),
+        redis_script_calls_per_poll=round(result.extra["redis_script_calls"] / polls, 6),
+        admit_per_minute=RATE,
+        admitted=admitted,
+        admitted_expected=round(expected, 1),
+        admitted_after_seconds=round(elapsed, 1),
+        implied_polls_per_second=round(waitingroom.implied_poll_rate(buyers, RATE)),
+        polls_per_second_at_5s=round(buyers / 5),
     )
-    parser.add_argument("--buyers", type=int, default=1_000_000)
-    parser.add_argument("--seconds", type=int, default=30, help="wrk's run")
-    parser.add_argument("--rate", type=int, default=10_000, help="admit_per_minute")
-    parser.add_argument("--admission-seconds", type=float, default=60.0)
-    parser.add_argument("--workers", type=int, default=2, help="API processes")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
-    args = parser.parse_args()
-    base = Settings.from_env()
-    database_url = ready_bench_database(base)
-    with RedisServer() as redis:
-        env = {
-            "BOXOFFICE_REDIS_URL": redis.url,
-            "BOXOFFICE_DATABASE_URL": database_url,
-            "BOXOFFICE_ADMIN_TOKEN": ADMIN_TOKEN,
-            "BOXOFFICE_PASS_SECRET": secrets.token_urlsafe(32),
-            # wrk polls from one address: no per-address limit.
-            "BOXOFFICE_RATE_LIMIT_ADDRESS": "0",
-        }
-        settings = Settings.from_env({**os.environ, **env})
-        result = uvloop.run(run(args, settings, env))
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    say(
+        f"  room: {result.extra['redis_commands']:,} Redis commands in {result.requests:,} polls;"
+        f" {admitted:,} admitted {elapsed:.0f} s after the opening ({expected:,.0f} expected)"
+    )
+    bench.keep("room", [result])

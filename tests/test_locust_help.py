@@ -15,12 +15,13 @@ from loadtest.locusthelp import asked_for_help, locustfiles
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+OPTIONS = ROOT / "loadtest" / "drop_scenario.py"  # where the locustfile's options are added
 LOCUST = str(Path(sys.executable).parent / "locust")
 
 
 def scenario_options() -> list[tuple[str, str]]:
     """(flag, environment variable) of every option the locustfile adds for its users."""
-    source = LOCUSTFILE.read_text()
+    source = OPTIONS.read_text()
     found = re.findall(r'option\(\s*"(--[a-z-]+)",.*?env_var="(DROP_[A-Z_]+)"', source, re.S)
     return [(flag, env) for flag, env in found]
 

@@ -1,0 +1,164 @@
+"""The ceilings and the baseline of `make bench`: the twin (bare HTTP, loadtest/twin.py),
+the hold script alone under redis-benchmark, and PostgreSQL's guarded UPDATE + INSERT
+(loadtest/pg_baseline.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+
+import redis
+
+from loadtest.bench_meter import Meter
+from loadtest.bench_pools import hold_script_call, hold_sha
+from loadtest.bench_rows import CAPACITY, PIPELINE, PYTHON, TARGETS, Result, Stat
+from loadtest.bench_session import Bench
+from loadtest.bench_tools import BenchError, Server, hold_answers, key_names, own_redis, say
+
+
+def twin(bench: Bench) -> None:
+    say("twin (loadtest/twin.py)")
+    server = Server(
+        "twin",
+        [PYTHON, "-m", "loadtest.twin", "--port", "{port}", "--workers", str(bench.cfg.workers)],
+        dict(os.environ),
+        bench.logs,
+    )
+    try:
+        server.start(hold_answers("/events/bench-twin/holds"))
+        bench.simple("twin", server, "hold.lua", "/events/bench-twin/holds")
+    finally:
+        server.stop()
+
+
+def script(bench: Bench) -> None:
+    say("hold script alone (redis-benchmark, on a Redis server of its own)")
+    tool, server_bin = shutil.which("redis-benchmark"), shutil.which("redis-server")
+    if tool is None or server_bin is None:
+        say("  skipped: redis-benchmark or redis-server not found (Debian: redis-tools)")
+        return
+    event_id = bench.script_event
+    if event_id is None:
+        raise BenchError("no event for the script: the service phase did not run")
+    with own_redis(server_bin, bench.logs) as (port, r):
+        # The event's live state as the service loaded it, copied over (DUMP/RESTORE):
+        # the service's data stays untouched, and nobody else's Redis data is near.
+        for key in key_names(event_id):
+            if (dump := bench.r.dump(key)) is not None:
+                r.restore(key, 0, dump, replace=True)
+        script_run(bench, tool, port, r, event_id)
+
+
+def script_run(bench: Bench, tool: str, port: int, r: redis.Redis, event_id: str) -> None:
+    sha = hold_sha(r)
+    # Each __rand_int__ gets its own 12-digit number: two of them make a hold id that
+    # no other call of the run has (the TTL key's number differs; it is only a SET).
+    keys, args = hold_script_call(bench.settings, event_id, "bench-__rand_int__-__rand_int__")
+    argv = [tool, "-h", "127.0.0.1", "-p", str(port), "-c", str(bench.cfg.connections)]
+    argv += ["-P", str(PIPELINE), "-r", "2000000000", "--csv"]
+    command = ["EVALSHA", sha, str(len(keys)), *keys, *args]
+
+    def benchmark(n: int) -> dict[str, str]:
+        out = subprocess.run(  # noqa: S603
+            [*argv, "-n", str(n), *command],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+        # The test's name (the whole command, quotes unescaped) comes first: read the
+        # header's figures from the right.
+        lines = [line for line in out.stdout.splitlines() if line.strip()]
+        if out.returncode or len(lines) < 2:
+            raise BenchError(f"redis-benchmark failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        names = [f.strip('"') for f in lines[0].split(",")][1:]
+        values = [f.strip('"') for f in lines[-1].rsplit(",", len(names))][1:]
+        return dict(zip(names, values, strict=True))
+
+    calibration = 20_000
+    say(f"  script: warm-up and calibration, {calibration:,} calls")
+    rps = float(benchmark(calibration)["rps"])
+    # Whole pipelines: redis-benchmark completes the last one of each connection.
+    n = max(calibration, round(rps * bench.cfg.seconds / PIPELINE) * PIPELINE)
+
+    def once(first: bool) -> Result:
+        before = bench.quiet()
+        say(
+            f"  script: measuring {n:,} calls, ~{bench.cfg.seconds} s"
+            f" (machine {before}% busy before)"
+        )
+        # Counted as made, not as held: holds of the calibration run expire meanwhile.
+        made = Stat(r, (event_id,), "created")
+        before_made = made.read()
+        started = time.monotonic()
+        with Meter(r, None) as meter:
+            row = benchmark(n)
+        elapsed = time.monotonic() - started
+        created = made.read() - before_made
+        result = Result(
+            target="script",
+            label=TARGETS["script"].label,
+            tool="redis-benchmark",
+            rps=round(float(row["rps"]), 1),
+            p50_ms=float(row["p50_latency_ms"]),
+            p99_ms=float(row["p99_latency_ms"]),
+            requests=n,
+            seconds=round(elapsed, 2),
+            errors={},
+            cpu=meter.cpu,
+            extra={"holds_created": created, "pipeline": PIPELINE},
+        )
+        bench.note_interference(result, before)
+        # At least one new hold per call (a connection's last pipeline may run over).
+        if created < n:
+            result.valid = False
+            result.notes.append(f"only {created:,} of {n:,} calls created a hold")
+        say(
+            f"  script: {result.rps:,.0f} calls/s, p50 {result.p50_ms} ms,"
+            f" p99 {result.p99_ms} ms; {created:,} holds created by {n:,} calls"
+        )
+        return result
+
+    bench.best_of("script", once)
+
+
+def pg(bench: Bench) -> None:
+    from loadtest import pg_baseline
+
+    say(
+        f"PostgreSQL baseline (loadtest/pg_baseline.py, {bench.db_name},"
+        f" pool of {bench.cfg.pg_pool} per worker)"
+    )
+    event_id = "bench-pg"
+    asyncio.run(pg_baseline.prepare(bench.pg_dsn, event_id, CAPACITY))
+    bench.info["postgres"] = asyncio.run(pg_settings(bench.pg_dsn))
+    env = {**os.environ, pg_baseline.DSN_ENV: bench.pg_dsn}
+    argv = [PYTHON, "-m", "loadtest.pg_baseline", "--port", "{port}"]
+    argv += ["--workers", str(bench.cfg.workers), "--pool", str(bench.cfg.pg_pool)]
+    server = Server("pg", argv, env, bench.logs)
+    try:
+        server.start(hold_answers(f"/events/{event_id}/holds"))
+        result = bench.simple("pg", server, "hold.lua", f"/events/{event_id}/holds")
+    finally:
+        server.stop()
+    holds, available = asyncio.run(pg_baseline.counts(bench.pg_dsn, event_id))
+    result.extra["holds_stored"] = holds
+    if holds != CAPACITY - available:
+        result.valid = False
+        result.notes.append(f"{holds} holds stored but {CAPACITY - available} tickets taken")
+
+
+async def pg_settings(dsn: str) -> dict[str, str]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {
+            name: str(await conn.fetchval(f"SHOW {name}"))
+            for name in ("server_version", "synchronous_commit", "fsync")
+        }
+    finally:
+        await conn.close()
