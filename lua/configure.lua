@@ -38,6 +38,9 @@ if ch.qapm ~= nil then
   if ch.qapm == '' or not was or was == '' then
     local q = queue_keys()
     redis.call('UNLINK', q.left, q.ladder, q.order, q.state, q.hist)
+    -- A room turned on is a new one: its generation now, so that no earlier ticket is
+    -- taken for a lost one of it (lib.lua, advance).
+    if ch.qapm ~= '' then redis.call('HSET', q.state, 'g', now_ms()) end
   end
 end
 for _, field in ipairs({'status', 'on_sale_at', 'name', 'qapm', 'qttl', 'qopens'}) do

@@ -319,7 +319,12 @@ local function queue_keys()
                               --   ls = leaves so far, c = the order's size when last
                               --   looked at with stock left, nl = the arrival number
                               --   after which joins were lost with a primary (once any
-                              --   were put back: queue_state.lua)
+                              --   were put back: queue_state.lua), r = 1 when the room
+                              --   began without the admin turning it on (with its event,
+                              --   or loaded again after Redis lost it): tickets of an
+                              --   earlier generation are its own, put back from their
+                              --   polls, lv = how often the pre-queue was ranked again
+                              --   after the opening (put-backs: the ladder changed)
     hist = KEYS[NKEYS + 5],   -- list: "t f" corners of the frontier (where its slope
                               --   changed), as old as a pass lives: when each rank was
                               --   admitted, for the pass's expiry and the active passes
@@ -345,12 +350,17 @@ end
 -- The opening: the pre-queue's order is fixed from now on (later arrivals go behind it,
 -- leaves are told apart), so a ladder of its scores at known ranks lets an API process
 -- place any pre-queued ticket without asking: exactly among the first LADDER_EXACT, then
--- within 10 places or 1% of its rank (the ladder's steps).
+-- within 10 places or 1% of its rank (the ladder's steps). Ranked again when lost
+-- pre-queued tickets are put back after the opening (queue_state.lua). P counts the
+-- pre-queue only: arrivals put back before a restored room opens are not of it.
 local LADDER_EXACT = 1000
-local function open_room(q)
-  local size = redis.call('ZCARD', q.order)
+local function rank_pre_queue(q)
+  local size = redis.call('ZCOUNT', q.order, '-inf', '(1')
   local parts = {}
-  local head = redis.call('ZRANGE', q.order, 0, LADDER_EXACT - 1, 'WITHSCORES')
+  local head = {}
+  if size > 0 then -- (ZRANGE 0 -1 is all of it)
+    head = redis.call('ZRANGE', q.order, 0, math.min(size, LADDER_EXACT) - 1, 'WITHSCORES')
+  end
   for i = 1, #head, 2 do
     parts[#parts + 1] = (i + 1) / 2 .. ' ' .. string.format('%.0f', tonumber(head[i + 1]) * PRE)
   end
@@ -361,7 +371,7 @@ local function open_room(q)
     parts[#parts + 1] = r .. ' ' .. string.format('%.0f', tonumber(e[2]) * PRE)
   end
   redis.call('SET', q.ladder, table.concat(parts, ' '))
-  redis.call('HSET', q.state, 'o', 1, 'P', size)
+  redis.call('HSET', q.state, 'P', size)
 end
 
 -- Forget the corners a pass no longer needs: those before the one in force ttl ago.
@@ -389,12 +399,16 @@ local function advance(q, rm, now)
   local selling = rm.status == 'on_sale' and (not rm.on_sale_at or now >= rm.on_sale_at)
   local st = redis.call('HMGET', q.state, 'o', 'f', 't', 'g', 'sl', 'c')
   local opened, f, t = st[1] == '1', tonumber(st[2] or '0'), tonumber(st[3] or '0')
-  if not st[4] then redis.call('HSET', q.state, 'g', now) end
+  -- No generation: not turned on by the admin (configure.lua gives it one), so new with
+  -- its event or lost with Redis: its lost tickets will be put back (r).
+  if not st[4] then redis.call('HSET', q.state, 'g', now, 'r', 1) end
   if not opened then
     if not selling then return {opened = false, f = 0, frac = 0, stock = true} end
-    opened, f, t = true, 0, math.min(now, rm.on_sale_at or now)
-    open_room(q)
-    redis.call('HSET', q.state, 'f', 0, 't', t)
+    -- Admission counts from the on-sale moment, or from now for a room that begins now:
+    -- one loaded again long after it must not let a burst through.
+    opened, f, t = true, 0, st[4] and math.min(now, rm.on_sale_at or now) or now
+    rank_pre_queue(q)
+    redis.call('HSET', q.state, 'o', 1, 'f', 0, 't', t)
   end
   local stock = in_stock()
   if not stock then
@@ -467,16 +481,17 @@ end
 -- generation, whether the room is open, closed, stocked, admitting (mv: the frontier
 -- moves at the rate, short of the queue's end), the frontier (rank f at
 -- time t; fk = the pre-queue place k admitted through, "all" once all of it is, "" none
--- yet; fa = the arrival number admitted through), the sizes, the settings.
+-- yet; fa = the arrival number admitted through), the sizes, the settings; r (tickets of
+-- an earlier generation are the room's: it was lost) and lv (the ladder's version).
 local function room_snapshot(q, rm, room, now)
-  local st = redis.call('HMGET', q.state, 'g', 'f', 't', 'n', 'P', 'hb', 'ls', 'nl')
+  local st = redis.call('HMGET', q.state, 'g', 'f', 't', 'n', 'P', 'hb', 'ls', 'nl', 'r', 'lv')
   local s = {
     g = tonumber(st[1]), now = now, o = room.opened and 1 or 0, mv = room.moving and 1 or 0,
     closed = rm.status == 'closed' and 1 or 0, stock = room.stock and 1 or 0,
     apm = rm.apm, ttl = rm.ttl, on = rm.on_sale_at, f = tostring(st[2] or '0'),
     t = tonumber(st[3] or '0'), n = tonumber(st[4] or '0'), P = tonumber(st[5] or '0'),
     hb = tonumber(st[6] or '0'), ls = tonumber(st[7] or '0'), nl = tonumber(st[8] or '0'),
-    fk = '', fa = 0,
+    r = tonumber(st[9] or '0'), lv = tonumber(st[10] or '0'), fk = '', fa = 0,
   }
   local card = redis.call('ZCARD', q.order)
   local through = room.through

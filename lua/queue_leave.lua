@@ -16,7 +16,10 @@ local q = queue_keys()
 local now = now_ms()
 if not rm.apm then return fail('ticket_not_found') end
 local room = advance(q, rm, now)
-if redis.call('HGET', q.state, 'g') ~= ARGV[5] then return fail('ticket_not_found') end
+local gr = redis.call('HMGET', q.state, 'g', 'r')
+if gr[1] ~= ARGV[5] and not (gr[2] == '1' and tonumber(ARGV[5]) < tonumber(gr[1])) then
+  return fail('ticket_not_found') -- another room's (an earlier one's is a lost ticket, r)
+end
 local place, customer = ARGV[6], ARGV[7]
 local entry = place .. ' ' .. customer
 if redis.call('ZSCORE', q.left, entry) then return unchanged('{"ok":1}') end

@@ -1,7 +1,8 @@
 """Queue tickets of the waiting room: signed by the API, read without a round trip.
 
 A ticket is `<generation>.<place>.<customer>.<signature>`: the room's generation (a new
-room, after the room was turned off and on again, has another), the ticket's place in the
+room, after the room was turned off and on again, has another; one that Redis lost comes
+back as another that takes the earlier tickets back), the ticket's place in the
 order (`p<k>`: the pre-queue's random k, its score k / 2^52; `a<n>`: the n-th arrival after
 the opening; both hex), the customer id (URL-safe base64) and an HMAC-SHA256 (first 128
 bits, URL-safe base64) over the event id and all of these with BOXOFFICE_PASS_SECRET, as

@@ -64,6 +64,8 @@ class Snapshot(msgspec.Struct):
     nl: int = 0
     fk: str = ""
     fa: int = 0
+    r: int = 0
+    lv: int = 0
 
 
 class _StateReply(msgspec.Struct):
@@ -91,10 +93,10 @@ class RoomState:
         self.read_at = -math.inf  # monotonic time the last read was sent
         self.reading: asyncio.Task[None] | None = None
         self.more = False
-        # Arrivals polled with a number the room has not reached: joins lost with a
-        # primary, put back by the next read (customer -> arrival number).
-        self.lost: dict[str, int] = {}
-        self.offered: set[tuple[str, int]] = set()  # of those past nl, sent once
+        # Tickets whose joins were lost with a primary, put back by the next read
+        # (customer -> kind, number).
+        self.lost: dict[str, tuple[str, int]] = {}
+        self.offered: set[tuple[str, str]] = set()  # (customer, place) sent once
         self._reset()
 
     def _reset(self) -> None:
@@ -107,6 +109,7 @@ class RoomState:
         self.ladder_k: list[int] = []
         self.ladder_r: list[int] = []
         self.has_ladder = False
+        self.ladder_lv = 0
 
     @property
     def f(self) -> float:
@@ -122,8 +125,11 @@ class RoomState:
         ahead = min(max(0, now_ms - self.snap.t), EXTRAPOLATE_MS)
         return f + ahead * self.snap.apm / 60_000
 
+    def needs_ladder(self) -> bool:
+        return not self.has_ladder or self.ladder_lv != self.snap.lv
+
     def fresh(self) -> bool:
-        if self.more or (self.snap.o and not self.has_ladder):
+        if self.more or (self.snap.o and self.needs_ladder()):
             return False
         return time.monotonic() < self.read_at + REFRESH_SECONDS
 
@@ -166,7 +172,7 @@ class RoomState:
             words = reply.ladder.split()
             self.ladder_r = [int(w) for w in words[0::2]]
             self.ladder_k = [int(w) for w in words[1::2]]
-            self.has_ladder = True
+            self.has_ladder, self.ladder_lv = True, snap.lv
         return True
 
     def _trim(self, before_ms: int) -> None:
@@ -178,20 +184,36 @@ class RoomState:
 
     # --- a ticket, from the state alone ----------------------------------------------
 
+    def ours(self, t: Ticket) -> bool:
+        """Whether `t` (signed by us) is of this room: of its generation, or of an earlier
+        one when this room began without the admin turning it on (r: Redis lost the room
+        and its event was loaded again; an earlier room turned off has no such tickets)."""
+        return t.generation == self.snap.g or bool(self.snap.r and t.generation < self.snap.g)
+
     def check_lost(self, t: Ticket) -> None:
-        """An arrival the room has not counted was lost with a primary: its ticket says
-        where it goes, and the next read puts it back there."""
+        """A ticket the room may not have (its join lost with a primary): its place is in
+        it, and the next read puts it back there. No Redis call here: an arrival past the
+        room's count, or (once each, per process) one past where losses began (nl) or of
+        the room Redis lost."""
         snap = self.snap
-        if t.kind != "a" or not snap.o or len(self.lost) >= 1000:
+        if len(self.lost) >= 1000:
             return
-        if t.number > snap.n:
-            self.lost[t.customer] = t.number  # with the next read, not sooner
-        elif snap.nl and t.number > snap.nl and (t.customer, t.number) not in self.offered:
-            # Lost too, though n has moved past it (others were put back first).
-            if len(self.offered) > 100_000:
-                self.offered.clear()
-            self.offered.add((t.customer, t.number))
-            self.lost[t.customer] = t.number
+        if t.generation != snap.g:
+            self._offer(t)
+        elif t.kind == "a" and snap.o:
+            if t.number > snap.n:
+                self.lost[t.customer] = ("a", t.number)  # with the next read, not sooner
+            elif snap.nl and t.number > snap.nl:
+                # Lost too, though n has moved past it (others were put back first).
+                self._offer(t)
+
+    def _offer(self, t: Ticket) -> None:
+        if (t.customer, t.place) in self.offered:
+            return
+        if len(self.offered) > 100_000:
+            self.offered.clear()
+        self.offered.add((t.customer, t.place))
+        self.lost[t.customer] = (t.kind, t.number)
 
     def admitted(self, t: Ticket) -> bool:
         fk = self.snap.fk
@@ -290,7 +312,7 @@ async def _read(svc: Services, event_id: str, state: RoomState) -> None:
     try:
         for _ in range(3):
             started = time.monotonic()
-            want_ladder = "0" if state.has_ladder else "1"
+            want_ladder = "1" if state.needs_ladder() else "0"
             lost, state.lost = state.lost, {}
             reply = await call(
                 svc,
@@ -299,7 +321,7 @@ async def _read(svc: Services, event_id: str, state: RoomState) -> None:
                 str(state.left_seq),
                 str(state.corner_next),
                 want_ladder,
-                msgspec.json.encode([[n, c] for c, n in lost.items()]),
+                msgspec.json.encode([[k, n, c] for c, (k, n) in lost.items()]),
                 extra_keys=event_keys(event_id).queue,
             )
             if state.apply(_decode_state(reply)):

@@ -232,7 +232,7 @@ async def poll(
     t = await _ticket(svc, event_id, ticket, customer_id)
     state = await STATES.current(svc, event_id)
     snap = state.snap
-    if snap.none or t.generation != snap.g or f"{t.place} {t.customer}" in state.left:
+    if snap.none or not state.ours(t) or f"{t.place} {t.customer}" in state.left:
         raise errors.TicketNotFound(_NOT_FOUND)
     state.check_lost(t)
     return _view(svc, event_id, state, t, ticket)
