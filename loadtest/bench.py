@@ -8,6 +8,11 @@ One run, one machine, one after the other, each HTTP target on granian with the 
 options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loaded by wrk:
 
 - twin     the HTTP ceiling for the hold's shape (loadtest/twin.py): no I/O, no middleware
+- bare_asgi  the ceiling of granian's ASGI interface for the same request: a plain ASGI
+           callable, msgspec decoding the body and encoding a hold-sized answer, no
+           framework (loadtest/bare.py); the interface the service is served on
+- bare_rsgi  the same on granian's RSGI interface (`__rsgi__`, the body awaited whole, the
+           answer handed over with response_bytes)
 - health   the service's GET /health
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
@@ -65,9 +70,10 @@ wrk comes from Debian's packages: installed with apt-get when missing.
 
 # The parts, beside this file: bench_rows (the rows, their goals, a row's result),
 # bench_session (a row's measured run, its retries, the servers and events it starts),
-# the rows in bench_ceilings (twin, script, pg), bench_service, bench_pools (confirm,
-# release) and bench_cluster; bench_report (table, docs block, chart); bench_tools (wrk,
-# Redis, the servers) and bench_meter (CPU accounting).
+# the rows in bench_ceilings (twin, bare_asgi, bare_rsgi, script, pg), bench_service,
+# bench_pools (confirm, release) and bench_cluster; bench_report (table, docs block,
+# chart); bench_tools (wrk, Redis, the servers) and bench_meter (CPU accounting); the
+# servers of the ceilings in twin.py and bare.py.
 
 from __future__ import annotations
 
@@ -87,8 +93,8 @@ from pathlib import Path
 from loadtest import bench_ceilings, bench_cluster, bench_room, bench_service
 from loadtest.bench_report import (
     chart,
-    cluster_cpu_line,
     conditions,
+    cpu_lines,
     doc_block,
     machine_info,
     note_lines,
@@ -202,8 +208,7 @@ def run(cfg: Config) -> int:
         say("note: service/ or lua/ have uncommitted changes: they are what is measured")
     failed = False
     try:
-        if bench.wanted("twin"):
-            bench_ceilings.twin(bench)
+        bench_ceilings.http_ceilings(bench)
         if bench.wanted(
             *SERVICE_TARGETS, "spread", *CLUSTER_TARGETS, "hold_token", "room", "script", "pg"
         ):
@@ -246,8 +251,8 @@ def run(cfg: Config) -> int:
     say("")
     for line in ratio_lines(rs):
         say(line)
-    if cpu_line := cluster_cpu_line(results):
-        say(cpu_line)
+    for line in cpu_lines(results):
+        say(line)
     if room := room_line(results):
         say(room)
     if notes := note_lines(results):

@@ -1,6 +1,6 @@
-"""The ceilings and the baseline of `make bench`: the twin (bare HTTP, loadtest/twin.py),
-the hold script alone under redis-benchmark, and PostgreSQL's guarded UPDATE + INSERT
-(loadtest/pg_baseline.py)."""
+"""The ceilings and the baseline of `make bench`: the twin (bare Litestar, loadtest/twin.py),
+bare granian on ASGI and on RSGI (loadtest/bare.py), the hold script alone under
+redis-benchmark, and PostgreSQL's guarded UPDATE + INSERT (loadtest/pg_baseline.py)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,25 @@ from loadtest.bench_session import Bench
 from loadtest.bench_tools import BenchError, Server, hold_answers, key_names, own_redis, say
 
 
-def twin(bench: Bench) -> None:
-    say("twin (loadtest/twin.py)")
-    server = Server(
-        "twin",
-        [PYTHON, "-m", "loadtest.twin", "--port", "{port}", "--workers", str(bench.cfg.workers)],
-        dict(os.environ),
-        bench.logs,
-    )
+def http_ceilings(bench: Bench) -> None:
+    """The twin, then bare granian on its ASGI and its RSGI interface, each wanted one."""
+    workers = ["--port", "{port}", "--workers", str(bench.cfg.workers)]
+    if bench.wanted("twin"):
+        say("twin (loadtest/twin.py)")
+        ceiling(bench, "twin", [PYTHON, "-m", "loadtest.twin", *workers])
+    for interface in ("asgi", "rsgi"):
+        if bench.wanted(name := f"bare_{interface}"):
+            say(f"{name}: bare granian, {interface.upper()} (loadtest/bare.py)")
+            argv = [PYTHON, "-m", "loadtest.bare", "--interface", interface, *workers]
+            ceiling(bench, name, argv)
+
+
+def ceiling(bench: Bench, name: str, argv: list[str]) -> None:
+    """A server answering the hold's request without I/O, loaded as the hold row is."""
+    server = Server(name, argv, dict(os.environ), bench.logs)
     try:
         server.start(hold_answers("/events/bench-twin/holds"))
-        bench.simple("twin", server, "hold.lua", "/events/bench-twin/holds")
+        bench.simple(name, server, "hold.lua", "/events/bench-twin/holds")
     finally:
         server.stop()
 

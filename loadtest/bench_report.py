@@ -50,7 +50,10 @@ def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
         if g.den:
             b = figure(den, g.den[1])
             value = value / b if b else math.inf
-        if g.op == "within":
+        met: bool | None
+        if not g.op:
+            met, goal = None, ""
+        elif g.op == "within":
             met, goal = abs(value - 1) <= g.goal, f"1 ± {g.goal:g}"
         else:
             met = value >= g.goal if g.op == ">=" else value <= g.goal
@@ -107,17 +110,28 @@ def note_lines(results: dict[str, Result]) -> list[str]:
     ]
 
 
-def cluster_cpu_line(results: dict[str, Result]) -> str | None:
-    """CPU per hold of the rows that compare one node with the cluster: requests/s on a
-    shared machine move with whatever else runs; CPU per request much less."""
-    parts = []
-    for name in ("spread", "cluster", "cluster_one"):
-        if (r := results.get(name)) is not None:
-            per = r.extra["cpu_us_per_request"]
-            parts.append(f"{name} {per['server']:.0f} + {per['redis']:.0f}")
-    if len(parts) < 2:
-        return None
-    return "CPU per hold, µs of server + Redis: " + ", ".join(parts)
+# CPU per request beside requests/s, which on a shared machine move with whatever else runs.
+CPU_LINES = (
+    (
+        "CPU per request of the hold and its ceilings, µs of server + Redis",
+        ("bare_rsgi", "bare_asgi", "twin", "hold"),
+    ),
+    ("CPU per hold, µs of server + Redis", ("spread", "cluster", "cluster_one")),
+)
+
+
+def cpu_lines(results: dict[str, Result]) -> list[str]:
+    """For each group of rows compared, their CPU per request (two of them measured at least)."""
+    lines = []
+    for title, names in CPU_LINES:
+        parts = []
+        for name in names:
+            if (r := results.get(name)) is not None:
+                per = r.extra["cpu_us_per_request"]
+                parts.append(f"{name} {per['server']:.0f} + {per['redis']:.0f}")
+        if len(parts) >= 2:
+            lines.append(f"{title}: " + ", ".join(parts))
+    return lines
 
 
 def room_line(results: dict[str, Result]) -> str | None:
@@ -140,9 +154,10 @@ def room_line(results: dict[str, Result]) -> str | None:
 def ratio_lines(rs: list[dict[str, Any]]) -> list[str]:
     lines = []
     for r in rs:
-        verdict = "met" if r["met"] else "NOT met"
         doubt = "" if r["trustworthy"] else " (a figure behind it is marked !: see below)"
-        lines.append(f"{r['label']:<42} {r['shown']:>7}   goal {r['goal']:<6} {verdict}{doubt}")
+        verdict = "met" if r["met"] else "NOT met"
+        goal = f"goal {r['goal']:<6} {verdict}" if r["goal"] else "(a figure, no goal)"
+        lines.append(f"{r['label']:<42} {r['shown']:>7}   {goal}{doubt}")
     return lines
 
 
@@ -197,10 +212,10 @@ def doc_block(
             lines.append(f"| {r.label}{mark(r)} | {r.rps:,.0f} | {ms(r.p50_ms)} | {ms(r.p99_ms)} |")
     lines += ["", "| ratio | value | goal | |", "|---|---:|---:|---|"]
     for ratio in rs:
-        verdict = "met" if ratio["met"] else "not met"
+        verdict = "" if ratio["met"] is None else "met" if ratio["met"] else "not met"
         lines.append(f"| {ratio['label']} | {ratio['shown']} | {ratio['goal']} | {verdict} |")
-    if line := cluster_cpu_line(results):
-        lines += ["", line + "."]
+    for cpu in cpu_lines(results):
+        lines += ["", cpu + "."]
     if line := room_line(results):
         lines += ["", textwrap.fill(line + ".", 92, break_on_hyphens=False)]
     if notes := note_lines(results):

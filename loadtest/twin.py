@@ -16,51 +16,35 @@ baseline (loadtest/pg_baseline.py) is served the same way.
 from __future__ import annotations
 
 import argparse
-import secrets
 from typing import Any
 
 import msgspec
+from granian.constants import Interfaces
 from litestar import Litestar, Request, post
 from litestar.exceptions import ValidationException
 
+from loadtest.bare import answer, decode
 from service.core import schemas
-
-_decode = msgspec.json.Decoder(schemas.HoldCreate, strict=True).decode
-_PRICE = 2500
-# Timestamps of the size and shape the service writes (milliseconds, `Z`).
-_CREATED_AT = "2030-01-01T00:00:00.000Z"
-_EXPIRES_AT = "2030-01-01T00:05:00.000Z"
 
 
 @post("/events/{event_id:str}/holds", status_code=201)
 async def create_hold(request: Request[Any, Any, Any], event_id: str) -> schemas.Hold:
     try:
-        body = _decode(await request.body())
+        body = decode(await request.body())
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ValidationException(str(e)) from e
-    count = sum(i.quantity for i in body.items) + len(body.seats)
-    return schemas.Hold(
-        hold_id=secrets.token_urlsafe(16),
-        event_id=event_id,
-        customer_id=body.customer_id,
-        status="held",
-        created_at=_CREATED_AT,
-        expires_at=_EXPIRES_AT,
-        items=body.items,
-        seats=body.seats,
-        total=count * _PRICE,
-        currency="EUR",
-    )
+    return answer(event_id, body)
 
 
 app = Litestar(route_handlers=[create_hold], openapi_config=None)
 
 
-def serve(target: str, port: int, workers: int) -> None:
+def serve(target: str, port: int, workers: int, interface: Interfaces | None = None) -> None:
     """Serve the ASGI app `target` ("module:attribute") on 127.0.0.1:`port` the way
     `boxoffice serve` serves the service: service.cli.serve() runs with granian's Granian
     replaced by a wrapper that swaps in `target`, so every option the service's server
-    gets, this one gets too (loadtest/bench.py checks that the app answering is `target`)."""
+    gets, this one gets too (loadtest/bench.py checks that the app answering is `target`).
+    `interface`: another of granian's (RSGI, for loadtest/bare.py), the options the same."""
     import granian
     import msgspec.structs
 
@@ -69,13 +53,15 @@ def serve(target: str, port: int, workers: int) -> None:
 
     real = granian.Granian
 
+    def swapped(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**kwargs, "factory": False, **({"interface": interface} if interface else {})}
+
     def same_server(*args: Any, **kwargs: Any) -> Any:
         if args:
             args = (target, *args[1:])
         else:
             kwargs["target"] = target
-        kwargs["factory"] = False
-        return real(*args, **kwargs)
+        return real(*args, **swapped(kwargs))
 
     setattr(granian, "Granian", same_server)  # noqa: B010  (cli imports it when serving)
     if hasattr(cli, "Granian"):  # in case cli.py ever imports it at module level
@@ -90,8 +76,7 @@ def serve(target: str, port: int, workers: int) -> None:
             args = (target, *args[1:])
         else:
             kwargs["target"] = target
-        kwargs["factory"] = False
-        return real_mp(*args, **kwargs)
+        return real_mp(*args, **swapped(kwargs))
 
     setattr(server, "Server", same_mp_server)  # noqa: B010
     settings = msgspec.structs.replace(
