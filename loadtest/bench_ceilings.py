@@ -21,14 +21,14 @@ from loadtest.bench_tools import BenchError, Server, hold_answers, key_names, ow
 
 def http_ceilings(bench: Bench) -> None:
     """The twin, then bare granian on its ASGI and its RSGI interface, each wanted one."""
-    workers = ["--port", "{port}", "--workers", str(bench.cfg.workers)]
+    options = ["--port", "{port}", "--workers", str(bench.cfg.workers)]
     if bench.wanted("twin"):
         say("twin (loadtest/twin.py)")
-        ceiling(bench, "twin", [PYTHON, "-m", "loadtest.twin", *workers])
+        ceiling(bench, "twin", [PYTHON, "-m", "loadtest.twin", *options])
     for interface in ("asgi", "rsgi"):
         if bench.wanted(name := f"bare_{interface}"):
             say(f"{name}: bare granian, {interface.upper()} (loadtest/bare.py)")
-            argv = [PYTHON, "-m", "loadtest.bare", "--interface", interface, *workers]
+            argv = [PYTHON, "-m", "loadtest.bare", "--interface", interface, *options]
             ceiling(bench, name, argv)
 
 
