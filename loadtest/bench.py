@@ -1194,8 +1194,8 @@ class Bench:
 
     def hold_call(self, event_id: str, hold_id: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of one hold of 1 GA ticket by customer "bench", as the service
-        passes them (service/hotpath/scripts.py Scripts.call, service/selling/sales.py
-        create_hold)."""
+        passes them (service/hotpath/scripts.py Scripts.call_event, service/selling/sales.py
+        create_hold_counted)."""
         s = self.settings
         common = [
             "",  # no Idempotency-Key

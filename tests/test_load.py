@@ -87,7 +87,7 @@ async def forget(svc: Services, event_id: str) -> None:
 
 async def hold(svc: Services, event_id: str, **body: Any) -> schemas.Hold:
     payload = msgspec.convert({"customer_id": "c", **body}, schemas.HoldCreate)
-    return await sales.create_hold(svc, event_id, payload, None)
+    return (await sales.create_hold_counted(svc, event_id, payload, None))[0]
 
 
 async def assert_complete(
@@ -145,7 +145,7 @@ async def raw_hold(svc: Services, event_id: str, seat: str) -> bytes:
     """The hold script itself, without the restore path: what a request meets in Redis."""
     hold_id = uuid.uuid4().hex
     hold = hold_call(event_id, hold_id, "racer", b"[]", f'["{seat}"]'.encode())
-    return await svc.scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
+    return await svc.scripts.call_event("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
 
 
 async def test_holds_racing_a_restore_never_see_a_half_loaded_event(
@@ -201,7 +201,7 @@ async def test_a_load_that_died_half_way_is_redone(own: Services) -> None:
     ranges = json.dumps([["Stalls", 0, len(labels) - 1], ["GA", len(labels), len(labels) - 1]])
 
     async def stage(first: str, chunk: list[str], token: str = "dead") -> bytes:
-        return await own.scripts.call(
+        return await own.scripts.call_event(
             "load_seats", event.id, "restore", token, 500, ranges, first, *chunk, extra_keys=keys
         )
 
@@ -267,7 +267,7 @@ async def test_reading_a_hold_of_an_event_redis_lost_loads_it(svc: Services) -> 
     await catalog.create_event(svc, body)
     item = schemas.HoldItem(category=body.categories[0].name, quantity=1)
     wanted = schemas.HoldCreate(customer_id="c", items=[item])
-    hold = await sales.create_hold(svc, body.id, wanted, None)
+    hold, _ = await sales.create_hold_counted(svc, body.id, wanted, None)
     read = await sales.get_hold(svc, body.id, hold.hold_id)
     assert (read.hold_id, read.status) == (hold.hold_id, "held")
     keys = event_keys(body.id)

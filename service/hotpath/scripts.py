@@ -16,8 +16,10 @@ from service.core.keys import event_keys
 from service.core.settings import Settings
 from service.core.timefmt import from_ms
 from service.hotpath import ratelimit
+from service.hotpath.connection import bulk, command
+from service.hotpath.nodepipe import NodePipe
 from service.hotpath.replicas import Replicas
-from service.hotpath.scriptpipe import NodePipe, ScriptPipe, bulk, command
+from service.hotpath.scriptpipe import ScriptPipe
 
 LUA_DIR = packagedata.directory("lua")
 NAMES = (
@@ -118,7 +120,7 @@ class Scripts:
         self.replicas = Replicas(
             settings.confirm_wait_replicas,
             settings.confirm_wait_shortfall,
-            lambda slot: self._pipe.call(command(b"ROLE"), slot),
+            lambda slot: self._pipe.execute(command(b"ROLE"), slot),
             self._node_of,
         )
         # WAIT for 0..n replicas (fewer than n: under accept, a primary that has fewer).
@@ -133,7 +135,7 @@ class Scripts:
         for script in self._scripts.values():
             await self._redis.script_load(script.script)
 
-    async def call(
+    async def call_event(
         self,
         name: str,
         event_id: str,
@@ -171,7 +173,7 @@ class Scripts:
                     field = _COUNTED.get(name, b"confirmed")
                     touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
                     return await self._durable(head + event_keys_resp + tail, slot, touch)
-                reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
+                reply: bytes = await self._pipe.execute(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
                 loads += 1
@@ -180,7 +182,7 @@ class Scripts:
                 # SCRIPT FLUSH, a restart or a promoted replica: load it again on the node
                 # that said so (through the pipe: routed as the call was), then call again.
                 source = cast(str, script.script).encode()  # registered from text, above
-                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                sha = await self._pipe.execute(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
             except TimeoutError as e:
                 # Redis did not answer in time: never sent again (service/core/retries.py).
@@ -206,11 +208,11 @@ class Scripts:
             return (touch, self._waits[sent[-1][1]])
 
         async def wait_again(n: int) -> int:
-            _, acked = await self._pipe.call(touch, slot, (self._waits[n],))
+            _, acked = await self._pipe.execute(touch, slot, (self._waits[n],))
             return cast(int, acked)
 
         answer: bytes
-        answer, acknowledged = await self._pipe.call(payload, slot, then)
+        answer, acknowledged = await self._pipe.execute(payload, slot, then)
         # An error reply (or a request to load the event first) is answered as it is: it
         # acknowledges nothing that a lost primary could take back.
         if b'"err":' not in answer:
@@ -242,13 +244,13 @@ class Scripts:
         for _ in range(2):
             script = self._scripts[name]
             try:
-                reply: bytes = await self._pipe.call(
+                reply: bytes = await self._pipe.execute(
                     head + bulk(b"EVALSHA", script.sha.encode()) + tail, slot
                 )
                 return reply
             except NoScriptError:
                 source = cast(str, script.script).encode()
-                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                sha = await self._pipe.execute(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
         raise ConnectionError("Redis kept refusing the script")
 
