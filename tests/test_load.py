@@ -23,7 +23,7 @@ from service.core.settings import Settings
 from service.durable import live, reconcile
 from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
-from service.hotpath.scripts import LUA_DIR, NAMES, NOT_LOADED
+from service.hotpath.scripts import LUA_DIR, NAMES, NOT_LOADED, script_text
 from service.selling import catalog, sales
 from service.selling.sales import hold_call
 from tests.conftest import event_body, services_with
@@ -59,10 +59,7 @@ def big_body(rows: list[str] = ROWS, per_row: int = PER_ROW) -> schemas.EventCre
 def _script_names() -> dict[str, str]:
     """Each script's SHA, as the service sends it (lib.lua first), to its name."""
     lib = (LUA_DIR / "lib.lua").read_text()
-    return {
-        hashlib.sha1((lib + "\n" + (LUA_DIR / f"{n}.lua").read_text()).encode()).hexdigest(): n
-        for n in NAMES
-    }
+    return {hashlib.sha1(script_text(lib, n).encode()).hexdigest(): n for n in NAMES}
 
 
 async def script_micros(svc: Services) -> list[tuple[int, str]]:

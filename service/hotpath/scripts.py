@@ -41,6 +41,7 @@ NAMES = (
     "queue_state",
     "queue_leave",
     "queue_view",
+    "queue_figures",
     "queue_tick",
     "rate",
     "live",
@@ -87,6 +88,16 @@ class _ErrorReply(msgspec.Struct):
 _decode_error = msgspec.json.Decoder(_ErrorReply).decode
 
 
+def script_text(lib: str, name: str) -> str:
+    """The script as Redis is sent it: lib.lua first, but a shebang (`#!lua flags=...`)
+    stays the first line, the only place Redis reads it."""
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    if text.startswith("#!"):
+        shebang, _, rest = text.partition("\n")
+        return f"{shebang}\n{lib}\n{rest}"
+    return lib + "\n" + text
+
+
 class Scripts:
     """The Lua scripts of one Redis connection pool, each with lua/lib.lua prepended."""
 
@@ -94,8 +105,7 @@ class Scripts:
         lib = (LUA_DIR / "lib.lua").read_text()
         self._redis = redis
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(lib + "\n" + (LUA_DIR / f"{name}.lua").read_text())
-            for name in NAMES
+            name: redis.register_script(script_text(lib, name)) for name in NAMES
         }
         self._common = bulk(
             str(settings.idempotency_ttl_seconds).encode(),
@@ -272,7 +282,7 @@ class Scripts:
 # something keeps flushing the scripts.
 _LOADS = 3
 # Scripts that change nothing.
-_READS = frozenset({"view", "seats", "check_seats"})
+_READS = frozenset({"view", "seats", "check_seats", "queue_figures"})
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 

@@ -57,7 +57,8 @@ _NOT_FOUND = "no ticket with this id in this event's waiting room"
 
 
 class RoomFigures(msgspec.Struct):
-    """room_figures() of lua/lib.lua, as queue_view.lua and live.lua give it."""
+    """room_figures() of lua/lib.lua, as queue_view.lua, queue_figures.lua and live.lua
+    give it."""
 
     waiting: int
     admitted: int
@@ -270,6 +271,16 @@ async def figures(svc: Services, event_id: str) -> schemas.QueueStats:
         admit_per_minute=f.apm,
         last_admitted_position=f.admitted,
     )
+
+
+async def read_figures(svc: Services, event_id: str) -> RoomFigures | None:
+    """The room's figures as figures() has them, read without moving the room on
+    (queue_figures.lua); None when the event has no room or is not in Redis (nothing is
+    loaded for it)."""
+    reply = await svc.scripts.call_event(
+        "queue_figures", event_id, extra_keys=event_keys(event_id).queue
+    )
+    return _decode_figures(reply) if reply else None
 
 
 # --- the pass check before a hold ----------------------------------------------------
