@@ -95,7 +95,7 @@ async def cpu_per_call(
 def via_scripts(scripts: Scripts) -> Callable[[str, str], Awaitable[bytes]]:
     async def call(event_id: str, hold_id: str) -> bytes:
         hold = hold_call(event_id, hold_id, "bench", ITEMS)
-        return await scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
+        return await scripts.call_event("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
 
     return call
 

@@ -22,8 +22,8 @@ def hold_script_call(
     settings: Settings, event_id: str, hold_id: str
 ) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of one hold of 1 GA ticket by customer "bench", as the service
-    passes them (service/hotpath/scripts.py Scripts.call, service/selling/sales.py
-    create_hold)."""
+    passes them (service/hotpath/scripts.py Scripts.call_event, service/selling/sales.py
+    create_hold_counted)."""
     s = settings
     common = [
         "",  # no Idempotency-Key

@@ -38,8 +38,8 @@ async def sell_seats(svc: Services, event_id: str, bookings: int) -> None:
     async def one() -> None:
         hold_id = secrets.token_urlsafe(16)
         hold = hold_call(event_id, hold_id, secrets.token_hex(4), b'[["VIP",1]]')
-        await svc.scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
-        await svc.scripts.call("confirm", event_id, hold_id, uuid7(), "")
+        await svc.scripts.call_event("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
+        await svc.scripts.call_event("confirm", event_id, hold_id, uuid7(), "")
 
     await in_batches(bookings, one)
 

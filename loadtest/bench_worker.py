@@ -100,14 +100,14 @@ async def new_event(svc: Services, capacity: int, ttl: int = 300) -> str:
 async def hold(svc: Services, event_id: str) -> str:
     hold_id = secrets.token_urlsafe(16)
     hold = hold_call(event_id, hold_id, "bench", b'[["GA",1]]')
-    await svc.scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
+    await svc.scripts.call_event("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
     return hold_id
 
 
 async def confirm(svc: Services, event_id: str, hold_id: str) -> None:
     from service.selling.sales import uuid7
 
-    await svc.scripts.call("confirm", event_id, hold_id, uuid7(), "")
+    await svc.scripts.call_event("confirm", event_id, hold_id, uuid7(), "")
 
 
 async def in_batches(n: int, make: Any, size: int = 500) -> list[Any]:

@@ -347,6 +347,25 @@ local function in_stock()
   return false
 end
 
+-- in_stock() once the overdue holds of one reclaim batch are back on sale (as advance()
+-- puts them back before it looks), without writing: what end_hold would add is counted.
+local function in_stock_after_reclaim(now)
+  if in_stock() then return true end
+  local back = {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0,
+      RECLAIM_BATCH)) do
+    local raw = redis.call('HGET', K.holds, id)
+    local h = raw and cjson.decode(raw)
+    if h and h.s == 'held' then
+      for cat, n in pairs(h.q) do back[cat] = (back[cat] or 0) + n end
+    end
+  end
+  for cat, n in pairs(back) do
+    if tonumber(redis.call('HGET', K.avail, cat) or '0') + n > 0 then return true end
+  end
+  return false
+end
+
 -- The opening: the pre-queue's order is fixed from now on (later arrivals go behind it,
 -- leaves are told apart), so a ladder of its scores at known ranks lets an API process
 -- place any pre-queued ticket without asking: exactly among the first LADDER_EXACT, then
@@ -386,6 +405,22 @@ local function trim_corners(q, ttl, now)
   end
 end
 
+-- The frontier's step, written by advance() and only computed by room_figures_read():
+-- from rank f at time t on to `now`, at the rate while `moving`, at most one rank past the
+-- queue's end (card). Returns the new frontier, and its slope since t when now > t and
+-- that slope is a corner (it differs from `was`, the slope in force).
+local function frontier_step(rm, moving, f, t, card, now, was)
+  local nf = f
+  if moving and now > t then
+    nf = math.max(f, math.min(f + (now - t) * rm.apm / 60000, card + 1))
+  end
+  if now <= t then return nf, nil end
+  local slope = (nf - f) / (now - t)
+  was = tonumber(was or '')
+  if not was or math.abs(slope - was) > 1e-9 + 1e-7 * math.abs(was) then return nf, slope end
+  return nf, nil
+end
+
 -- Advance the admission frontier to `now` by rate x elapsed time, only while the event
 -- sells and something is left: the room never admits into nothing. The first look at or
 -- after the on-sale moment opens the queue (the pre-queue's random scores then rank it)
@@ -416,19 +451,16 @@ local function advance(q, rm, now)
     reclaim(now, RECLAIM_BATCH)
     stock = in_stock()
   end
-  local nf, card = f, tonumber(st[6] or '0')
+  local card = tonumber(st[6] or '0')
   if stock then
     card = redis.call('ZCARD', q.order)
     redis.call('HSET', q.state, 'c', card)
   end
-  if selling and stock and now > t then
-    nf = math.max(f, math.min(f + (now - t) * rm.apm / 60000, card + 1))
-  end
+  local nf, corner = frontier_step(rm, selling and stock, f, t, card, now, st[5])
   if now > t then
-    local slope, was = (nf - f) / (now - t), tonumber(st[5] or '')
-    if not was or math.abs(slope - was) > 1e-9 + 1e-7 * math.abs(was) then
+    if corner then
       redis.call('RPUSH', q.hist, t .. ' ' .. f)
-      redis.call('HSET', q.state, 'sl', slope)
+      redis.call('HSET', q.state, 'sl', corner)
       trim_corners(q, rm.ttl, now)
     end
     redis.call('HSET', q.state, 'f', nf, 't', now)
@@ -442,11 +474,11 @@ local function advance(q, rm, now)
   }
 end
 
--- How far the frontier had got at time `at` (ms), from its corners and where it is now.
-local function frontier_at(q, at)
-  local st = redis.call('HMGET', q.state, 'f', 't')
+-- How far the frontier had got at time `at` (ms), from its corners ("t f", oldest first)
+-- and where it is now (rank f at time t).
+local function frontier_along(corners, t, f, at)
   local pt, pf = nil, 0
-  for _, c in ipairs(redis.call('LRANGE', q.hist, 0, -1)) do
+  for _, c in ipairs(corners) do
     local ct, cf = string.match(c, '^(%S+) (%S+)$')
     ct, cf = tonumber(ct), tonumber(cf)
     if ct > at then
@@ -455,9 +487,25 @@ local function frontier_at(q, at)
     end
     pt, pf = ct, cf
   end
-  local t, f = tonumber(st[2] or '0'), tonumber(st[1] or '0')
   if not pt or at >= t or t == pt then return pt and f or 0 end
   return pf + (f - pf) * (at - pt) / (t - pt)
+end
+
+local function frontier_at(q, at)
+  local st = redis.call('HMGET', q.state, 'f', 't')
+  local corners = redis.call('LRANGE', q.hist, 0, -1)
+  return frontier_along(corners, tonumber(st[2] or '0'), tonumber(st[1] or '0'), at)
+end
+
+-- `card`: the order's size, `f`: the rank the frontier passed (0 before the opening),
+-- `before`: the frontier a pass's lifetime ago.
+local function figures(rm, card, f, before)
+  local admitted = math.min(f, card)
+  before = math.floor(before)
+  return {
+    waiting = card - admitted, admitted = admitted, apm = rm.apm,
+    active = math.max(0, admitted - math.min(admitted, before)),
+  }
 end
 
 -- The room's figures for the admin (queue_view.lua) and the live view (live.lua), after
@@ -469,12 +517,31 @@ local function room_figures(rm, now)
   local q = queue_keys()
   local room = advance(q, rm, now)
   local card = redis.call('ZCARD', q.order)
-  local admitted = room.opened and math.min(room.f, card) or 0
-  local before = math.floor(frontier_at(q, now - rm.ttl * 1000))
-  return {
-    waiting = card - admitted, admitted = admitted, apm = rm.apm,
-    active = math.max(0, admitted - math.min(admitted, before)),
-  }
+  local before = frontier_at(q, now - rm.ttl * 1000)
+  return figures(rm, card, room.opened and room.f or 0, before)
+end
+
+-- room_figures() without a write (queue_figures.lua, for /metrics): where advance() would
+-- take the room (opened at the on-sale moment, the overdue holds it would reclaim back
+-- on sale, the frontier moved on to now, the corner it would keep) is computed, not
+-- stored: the same figures, and a scrape changes nothing.
+local function room_figures_read(rm, now)
+  local q = queue_keys()
+  local selling = rm.status == 'on_sale' and (not rm.on_sale_at or now >= rm.on_sale_at)
+  local st = redis.call('HMGET', q.state, 'o', 'f', 't', 'sl', 'c')
+  local card = redis.call('ZCARD', q.order)
+  local f, t = tonumber(st[2] or '0'), tonumber(st[3] or '0')
+  if st[1] ~= '1' then
+    if not selling then return figures(rm, card, 0, 0) end
+    f, t = 0, math.min(now, rm.on_sale_at or now)
+  end
+  local stock = in_stock_after_reclaim(now)
+  local known = stock and card or tonumber(st[5] or '0')
+  local nf, corner = frontier_step(rm, selling and stock, f, t, known, now, st[4])
+  local corners = redis.call('LRANGE', q.hist, 0, -1)
+  if corner then corners[#corners + 1] = t .. ' ' .. f end
+  if now > t then t, f = now, nf end
+  return figures(rm, card, math.floor(nf), frontier_along(corners, t, f, now - rm.ttl * 1000))
 end
 
 -- What an API process needs to place any ticket (service/selling/roomstate.py, RoomState): the

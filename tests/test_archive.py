@@ -244,7 +244,7 @@ async def _sell(svc: Services, event_id: str, n: int) -> list[str]:
         body = schemas.HoldCreate(
             customer_id=f"c{i}", items=[schemas.HoldItem(category="GA", quantity=1)]
         )
-        h = await sales.create_hold(svc, event_id, body, None)
+        h, _ = await sales.create_hold_counted(svc, event_id, body, None)
         b = await sales.confirm_hold(svc, event_id, h.hold_id, schemas.HoldConfirm(), None)
         ids.append(b.booking_id)
     return ids
@@ -343,10 +343,10 @@ async def _life(svc: Services, event_id: str) -> list[str]:
         body = schemas.HoldCreate(
             customer_id=f"fan-{i}", items=[schemas.HoldItem(category=item[0], quantity=item[1])]
         )
-        h = await sales.create_hold(svc, event_id, body, None)
+        h, _ = await sales.create_hold_counted(svc, event_id, body, None)
         b = await sales.confirm_hold(svc, event_id, h.hold_id, schemas.HoldConfirm(), None)
         sold.append(b.booking_id)
-    released = await sales.create_hold(
+    released, _ = await sales.create_hold_counted(
         svc,
         event_id,
         schemas.HoldCreate(customer_id="gone", items=[schemas.HoldItem(category="GA", quantity=2)]),
@@ -476,9 +476,9 @@ async def test_on_a_cluster_archived_events_leave_every_primary(
             )
             if n == 1:
                 with pytest.raises(errors.SoldOut):
-                    await sales.create_hold(svc, reopened, body, None)
+                    await sales.create_hold_counted(svc, reopened, body, None)
             else:
-                await sales.create_hold(svc, reopened, body, None)
+                await sales.create_hold_counted(svc, reopened, body, None)
 
 
 async def test_sales_racing_the_archive_are_never_lost_nor_oversold(svc: Services) -> None:
@@ -501,7 +501,7 @@ async def test_sales_racing_the_archive_are_never_lost_nor_oversold(svc: Service
             customer_id=f"b{i}", items=[schemas.HoldItem(category="GA", quantity=1)]
         )
         try:
-            h = await sales.create_hold(svc, event_id, body, None)
+            h, _ = await sales.create_hold_counted(svc, event_id, body, None)
         except errors.NotOnSale:
             refused.append(f"b{i}")
             return

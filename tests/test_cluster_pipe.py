@@ -21,14 +21,9 @@ from service.core.keys import event_keys
 from service.core.retries import BUDGET_SECONDS as RETRY_SECONDS
 from service.core.settings import Settings
 from service.durable import live
+from service.hotpath.connection import REPLY_TIMEOUT, bulk, command
 from service.hotpath.context import Services
-from service.hotpath.scriptpipe import (
-    EVENT_KEYS_CACHED,
-    REPLY_TIMEOUT,
-    ScriptPipe,
-    bulk,
-    command,
-)
+from service.hotpath.scriptpipe import EVENT_KEYS_CACHED, ScriptPipe
 from service.hotpath.scripts import Scripts, raise_for_error
 from service.selling import catalog
 from service.selling.sales import hold_call
@@ -66,12 +61,12 @@ class Counter:
         payload, slot = self.payload(event_id)
         for _ in range(3):
             try:
-                result: int = await self.pipe.call(payload, slot)
+                result: int = await self.pipe.execute(payload, slot)
                 return result
             except NoScriptError:
                 # A promoted replica has no scripts: load it there, through the pipe (the
                 # cluster client would first wait out the hung or dead node it still knows).
-                await self.pipe.call(command(b"SCRIPT", b"LOAD", COUNT.encode()), slot)
+                await self.pipe.execute(command(b"SCRIPT", b"LOAD", COUNT.encode()), slot)
         raise AssertionError("NOSCRIPT again and again")
 
 
@@ -122,7 +117,7 @@ async def test_single_node_is_not_taken_for_a_cluster() -> None:
     with RedisServer() as server:
         pipe = ScriptPipe(server.url)
         try:
-            assert await pipe.call(b"*1\r\n$4\r\nPING\r\n") == b"PONG"
+            assert await pipe.execute(b"*1\r\n$4\r\nPING\r\n") == b"PONG"
             assert pipe.cluster is False
         finally:
             pipe.close()
@@ -167,7 +162,9 @@ async def test_real_scripts_race_on_every_primary(cluster: LocalCluster, rc: Red
         async def buy(event_id: str, n: int) -> bool:
             hold_id = f"h{n}"
             hold = hold_call(event_id, hold_id, f"c{n}", b'[["GA",1]]')
-            reply = await scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
+            reply = await scripts.call_event(
+                "hold", event_id, *hold.args, extra_keys=hold.extra_keys
+            )
             if b'"err":"sold_out"' in reply:
                 return False
             raise_for_error(reply)

@@ -643,18 +643,18 @@ async def call_fails_within_one_budget(
     cluster: LocalCluster, csvc: Services, csettings: Settings, victim: RedisServer
 ) -> None:
     """One retry policy: a script call on a dead primary gives up once its budget is
-    spent, not once per layer that used to retry it (Scripts.call tried three budgets)."""
+    spent, not once per layer that used to retry it (Scripts.call_event tried three budgets)."""
     budget = 1.0
     scripts = Scripts(csvc.redis, replace(csettings, redis_cluster_retry_seconds=budget))  # type: ignore[arg-type]
     ids = cluster.event_ids(1, "budget")
     started = time.monotonic()
     try:
         alive = next(port for port in ids if port != victim.port)
-        await scripts.call("view", ids[alive][0])  # the cluster found: not timed
+        await scripts.call_event("view", ids[alive][0])  # the cluster found: not timed
         event_id = ids[victim.port][0]
         started = time.monotonic()
         with pytest.raises(ConnectionError):
-            await scripts.call("view", event_id)
+            await scripts.call_event("view", event_id)
     finally:
         scripts.close()
     took = time.monotonic() - started
@@ -675,7 +675,7 @@ async def test_a_release_clears_sold_out_flags_by_sharded_pub_sub(
 
     async def refused(event_id: str) -> None:
         with pytest.raises(errors.SoldOut):
-            await sales.create_hold(svc, event_id, one, None)
+            await sales.create_hold_counted(svc, event_id, one, None)
 
     async def subscribed(event_id: str) -> bool:
         return svc.sold_out.subscribed(event_id)
@@ -699,7 +699,7 @@ async def test_a_release_clears_sold_out_flags_by_sharded_pub_sub(
             while svc.sold_out.flagged(event_id):
                 assert time.monotonic() - since < 0.25, "the flag outlived the release"
                 await asyncio.sleep(0.005)
-            await sales.create_hold(svc, event_id, one, None)  # on sale again
+            await sales.create_hold_counted(svc, event_id, one, None)  # on sale again
     finally:
         await svc.close()
 

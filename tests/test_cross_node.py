@@ -78,7 +78,7 @@ async def agree(svc: Services, event_id: str) -> bool:
     assert in_postgres or not in_redis, "Redis has an event that PostgreSQL lacks"
     live.MISSES.forget(event_id)
     try:
-        hold = await sales.create_hold(svc, event_id, GA, None)
+        hold, _ = await sales.create_hold_counted(svc, event_id, GA, None)
     except errors.EventNotFound:
         assert not in_postgres
         assert not await svc.redis.sismember(EVENTS, event_id)

@@ -111,18 +111,18 @@ async def test_a_flood_of_keyed_refusals_is_bounded_and_locks_no_one_out(
     """A drop's own sold_out retries, each with a new key: answered (never 429), at most
     REFUSALS of them remembered, and state-changing keyed requests still go through."""
     event_id = await _one_ticket_event(capped)
-    first = await sales.create_hold(capped, event_id, _ga("winner"), _key(0))
+    first, _ = await sales.create_hold_counted(capped, event_id, _ga("winner"), _key(0))
     for n in range(1, 40):
         with pytest.raises(errors.SoldOut):
-            await sales.create_hold(capped, event_id, _ga(f"c{n}"), _key(n))
+            await sales.create_hold_counted(capped, event_id, _ga(f"c{n}"), _key(n))
     keys = event_keys(event_id)
     assert await _remembered(capped, event_id) == 1 + REFUSALS
     assert await capped.redis.get(keys.idempotency_count) == b"1"
     assert await capped.redis.get(keys.idempotency_refusals) == str(REFUSALS).encode()
     # A remembered refusal replays; the winner's hold replays.
     with pytest.raises(errors.SoldOut):
-        await sales.create_hold(capped, event_id, _ga("c1"), _key(1))
-    assert await sales.create_hold(capped, event_id, _ga("winner"), _key(0)) == first
+        await sales.create_hold_counted(capped, event_id, _ga("c1"), _key(1))
+    assert (await sales.create_hold_counted(capped, event_id, _ga("winner"), _key(0)))[0] == first
     # State-changing keyed requests are not locked out by the flood.
     await sales.release_hold(capped, event_id, first.hold_id, _key(1000))
     # The release of an ended hold changes nothing: answered, not counted as a change.
@@ -130,9 +130,9 @@ async def test_a_flood_of_keyed_refusals_is_bounded_and_locks_no_one_out(
     assert await capped.redis.get(keys.idempotency_count) == b"2"
     # A refusal that was remembered still replays, though stock is back...
     with pytest.raises(errors.SoldOut):
-        await sales.create_hold(capped, event_id, _ga("c2"), _key(2))
+        await sales.create_hold_counted(capped, event_id, _ga("c2"), _key(2))
     # ...while one past the allowance was not remembered: it runs again (docs/operations.md).
-    second = await sales.create_hold(capped, event_id, _ga("c39"), _key(39))
+    second, _ = await sales.create_hold_counted(capped, event_id, _ga("c39"), _key(39))
     assert second.customer_id == "c39"
     assert await capped.redis.get(keys.idempotency_count) == b"3"
     assert await _remembered(capped, event_id) <= 2 * (CHANGES + REFUSALS)
@@ -140,13 +140,13 @@ async def test_a_flood_of_keyed_refusals_is_bounded_and_locks_no_one_out(
 
 async def test_refusals_past_the_change_budget_are_answered_not_429(capped: Services) -> None:
     event_id = await _one_ticket_event(capped)
-    first = await sales.create_hold(capped, event_id, _ga("a"), _key(0))
+    first, _ = await sales.create_hold_counted(capped, event_id, _ga("a"), _key(0))
     await sales.release_hold(capped, event_id, first.hold_id, _key(1))
-    held = await sales.create_hold(capped, event_id, _ga("b"), _key(2))
+    held, _ = await sales.create_hold_counted(capped, event_id, _ga("b"), _key(2))
     # The budget of changes is used up: a new change is refused...
     with pytest.raises(errors.RateLimited):
         await sales.release_hold(capped, event_id, held.hold_id, _key(3))
     # ...but a refusal with a new key is still the refusal, whatever the budget.
     for n in range(4, 20):
         with pytest.raises(errors.SoldOut):
-            await sales.create_hold(capped, event_id, _ga(f"c{n}"), _key(n))
+            await sales.create_hold_counted(capped, event_id, _ga(f"c{n}"), _key(n))

@@ -23,7 +23,7 @@ from service.core.settings import Settings
 from service.durable import live, reconcile
 from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
-from service.hotpath.scripts import LUA_DIR, NAMES, NOT_LOADED
+from service.hotpath.scripts import LUA_DIR, NAMES, NOT_LOADED, script_text
 from service.selling import catalog, sales
 from service.selling.sales import hold_call
 from tests.conftest import event_body, services_with
@@ -59,10 +59,7 @@ def big_body(rows: list[str] = ROWS, per_row: int = PER_ROW) -> schemas.EventCre
 def _script_names() -> dict[str, str]:
     """Each script's SHA, as the service sends it (lib.lua first), to its name."""
     lib = (LUA_DIR / "lib.lua").read_text()
-    return {
-        hashlib.sha1((lib + "\n" + (LUA_DIR / f"{n}.lua").read_text()).encode()).hexdigest(): n
-        for n in NAMES
-    }
+    return {hashlib.sha1(script_text(lib, n).encode()).hexdigest(): n for n in NAMES}
 
 
 async def script_micros(svc: Services) -> list[tuple[int, str]]:
@@ -87,7 +84,7 @@ async def forget(svc: Services, event_id: str) -> None:
 
 async def hold(svc: Services, event_id: str, **body: Any) -> schemas.Hold:
     payload = msgspec.convert({"customer_id": "c", **body}, schemas.HoldCreate)
-    return await sales.create_hold(svc, event_id, payload, None)
+    return (await sales.create_hold_counted(svc, event_id, payload, None))[0]
 
 
 async def assert_complete(
@@ -145,7 +142,7 @@ async def raw_hold(svc: Services, event_id: str, seat: str) -> bytes:
     """The hold script itself, without the restore path: what a request meets in Redis."""
     hold_id = uuid.uuid4().hex
     hold = hold_call(event_id, hold_id, "racer", b"[]", f'["{seat}"]'.encode())
-    return await svc.scripts.call("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
+    return await svc.scripts.call_event("hold", event_id, *hold.args, extra_keys=hold.extra_keys)
 
 
 async def test_holds_racing_a_restore_never_see_a_half_loaded_event(
@@ -201,7 +198,7 @@ async def test_a_load_that_died_half_way_is_redone(own: Services) -> None:
     ranges = json.dumps([["Stalls", 0, len(labels) - 1], ["GA", len(labels), len(labels) - 1]])
 
     async def stage(first: str, chunk: list[str], token: str = "dead") -> bytes:
-        return await own.scripts.call(
+        return await own.scripts.call_event(
             "load_seats", event.id, "restore", token, 500, ranges, first, *chunk, extra_keys=keys
         )
 
@@ -267,7 +264,7 @@ async def test_reading_a_hold_of_an_event_redis_lost_loads_it(svc: Services) -> 
     await catalog.create_event(svc, body)
     item = schemas.HoldItem(category=body.categories[0].name, quantity=1)
     wanted = schemas.HoldCreate(customer_id="c", items=[item])
-    hold = await sales.create_hold(svc, body.id, wanted, None)
+    hold, _ = await sales.create_hold_counted(svc, body.id, wanted, None)
     read = await sales.get_hold(svc, body.id, hold.hold_id)
     assert (read.hold_id, read.status) == (hold.hold_id, "held")
     keys = event_keys(body.id)

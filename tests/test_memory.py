@@ -34,7 +34,7 @@ from tests.servers import RedisServer
 async def _unknown_calls(svc: Services, start: int, n: int) -> None:
     for batch in range(start, start + n, 200):
         replies = await asyncio.gather(
-            *(svc.scripts.call("view", f"unknown-{i}") for i in range(batch, batch + 200))
+            *(svc.scripts.call_event("view", f"unknown-{i}") for i in range(batch, batch + 200))
         )
         assert set(replies) == {scripts.NOT_LOADED}
 
@@ -140,10 +140,13 @@ async def test_idempotency_keys_an_event_remembers_are_bounded(capped: Services)
     def ga(customer: str) -> schemas.HoldCreate:
         return schemas.HoldCreate(customer_id=customer, items=[schemas.HoldItem("GA", 1)])
 
-    first = [await sales.create_hold(capped, event_id, ga(f"c{n}"), _key(n)) for n in range(CAP)]
+    first = [
+        (await sales.create_hold_counted(capped, event_id, ga(f"c{n}"), _key(n)))[0]
+        for n in range(CAP)
+    ]
     before = await catalog.view_event(capped, event_id)
     with pytest.raises(errors.RateLimited) as refused:
-        await sales.create_hold(capped, event_id, ga("late"), _key(CAP))
+        await sales.create_hold_counted(capped, event_id, ga("late"), _key(CAP))
     assert refused.value.status == 429
     assert refused.value.headers is not None
     assert 1 <= int(refused.value.headers["retry-after"]) <= capped.settings.idempotency_ttl_seconds
@@ -153,9 +156,9 @@ async def test_idempotency_keys_an_event_remembers_are_bounded(capped: Services)
         await sales.release_hold(capped, event_id, first[0].hold_id, _key(CAP + 1))
     assert await catalog.view_event(capped, event_id) == before
     # What is remembered still answers; requests without a key are not limited.
-    again = await sales.create_hold(capped, event_id, ga("c0"), _key(0))
+    again, _ = await sales.create_hold_counted(capped, event_id, ga("c0"), _key(0))
     assert again == first[0]
-    await sales.create_hold(capped, event_id, ga("no-key"), None)
+    await sales.create_hold_counted(capped, event_id, ga("no-key"), None)
 
     redis = capped.redis
     keys = event_keys(event_id)
@@ -165,7 +168,7 @@ async def test_idempotency_keys_an_event_remembers_are_bounded(capped: Services)
     # Another event has its own allowance.
     other = new_event_id("idem")
     await catalog.create_event(capped, msgspec.convert(event_body(other), schemas.EventCreate))
-    await sales.create_hold(capped, other, ga("c0"), _key(0))
+    await sales.create_hold_counted(capped, other, ga("c0"), _key(0))
 
 
 # --- eviction -----------------------------------------------------------------------------

@@ -185,7 +185,7 @@ async def test_a_429_changes_nothing(short: Services) -> None:
     event_id = await _event_in_process(short)
     keys = event_keys(event_id)
     for _ in range(SHORT_LIMIT):
-        await sales.create_hold(short, event_id, _ga("eager"), None)
+        await sales.create_hold_counted(short, event_id, _ga("eager"), None)
 
     async def state() -> tuple[object, ...]:
         r = short.redis
@@ -203,16 +203,18 @@ async def test_a_429_changes_nothing(short: Services) -> None:
     before = await state()
     key = Idempotency("ab" * 32, "fingerprint-late")
     with pytest.raises(errors.RateLimited) as refused:
-        await sales.create_hold(short, event_id, _ga("eager"), key)
+        await sales.create_hold_counted(short, event_id, _ga("eager"), key)
     assert refused.value.headers is not None
     assert refused.value.headers["ratelimit"].startswith('"customer";r=0;')
     assert await state() == before
     # The same request with the same key, once the limit allows it, is a new hold: the
     # 429 was not remembered as the key's answer.
     await asyncio.sleep(int(refused.value.headers["retry-after"]) + 0.1)
-    hold = await sales.create_hold(short, event_id, _ga("eager"), key)
+    hold, _ = await sales.create_hold_counted(short, event_id, _ga("eager"), key)
     assert hold.status == "held"
-    assert await sales.create_hold(short, event_id, _ga("eager"), key) == hold  # a replay
+    assert (await sales.create_hold_counted(short, event_id, _ga("eager"), key))[
+        0
+    ] == hold  # a replay
 
 
 async def test_a_loop_that_does_not_wait_stays_limited(short: Services) -> None:
@@ -220,35 +222,35 @@ async def test_a_loop_that_does_not_wait_stays_limited(short: Services) -> None:
     gets nothing; once it waits as told, it gets an attempt."""
     event_id = await _event_in_process(short)
     for _ in range(SHORT_LIMIT):
-        await sales.create_hold(short, event_id, _ga("looper"), None)
+        await sales.create_hold_counted(short, event_id, _ga("looper"), None)
     interval = SHORT_WINDOW / SHORT_LIMIT
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 2 * interval  # long enough for two attempts to come back
     refusals = 0
     while loop.time() < deadline:
         with pytest.raises(errors.RateLimited) as refused:
-            await sales.create_hold(short, event_id, _ga("looper"), None)
+            await sales.create_hold_counted(short, event_id, _ga("looper"), None)
         refusals += 1
         await asyncio.sleep(0.01)
     assert refusals > 20
     assert refused.value.headers is not None
     await asyncio.sleep(int(refused.value.headers["retry-after"]) + 0.05)
-    hold = await sales.create_hold(short, event_id, _ga("looper"), None)
+    hold, _ = await sales.create_hold_counted(short, event_id, _ga("looper"), None)
     assert hold.status == "held"
 
 
 async def test_the_quota_comes_back_after_the_window(short: Services) -> None:
     event_id = await _event_in_process(short)
     for _ in range(SHORT_LIMIT):
-        await sales.create_hold(short, event_id, _ga("patient"), None)
+        await sales.create_hold_counted(short, event_id, _ga("patient"), None)
     with pytest.raises(errors.RateLimited):
-        await sales.create_hold(short, event_id, _ga("patient"), None)
+        await sales.create_hold_counted(short, event_id, _ga("patient"), None)
     await asyncio.sleep(SHORT_WINDOW + 0.1)
     for left in range(SHORT_LIMIT - 1, -1, -1):
         _, quota = await sales.create_hold_counted(short, event_id, _ga("patient"), None)
         assert quota is not None and quota.remaining == left
     with pytest.raises(errors.RateLimited):
-        await sales.create_hold(short, event_id, _ga("patient"), None)
+        await sales.create_hold_counted(short, event_id, _ga("patient"), None)
 
 
 async def test_a_hold_called_again_after_a_reclaim_counts_once(settings: Settings) -> None:
@@ -256,8 +258,8 @@ async def test_a_hold_called_again_after_a_reclaim_counts_once(settings: Setting
     be in the way; the attempt is counted by the call that decides, not by both."""
     async with services_with(settings, reclaim_batch=1, rate_limit_customer_holds=LIMIT) as svc:
         event_id = await _event_in_process(svc, capacity=2)
-        a = await sales.create_hold(svc, event_id, _ga("a"), None)
-        b = await sales.create_hold(svc, event_id, _ga("b"), None)
+        a, _ = await sales.create_hold_counted(svc, event_id, _ga("a"), None)
+        b, _ = await sales.create_hold_counted(svc, event_id, _ga("b"), None)
         for h in (a, b):
             await expire_hold(svc, event_id, h.hold_id, fire_ttl=False)
         hold, quota = await sales.create_hold_counted(svc, event_id, _ga("c", 2), None)

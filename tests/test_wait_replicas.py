@@ -158,7 +158,7 @@ async def test_no_wait_without_the_setting(
         body = msgspec.convert(event_body(event_id), schemas.EventCreate)
         await catalog.create_event(svc, body)
         replica.pause()
-        hold = await sales.create_hold(
+        hold, _ = await sales.create_hold_counted(
             svc,
             event_id,
             schemas.HoldCreate(customer_id="c", items=[schemas.HoldItem("GA", 1)]),
@@ -214,7 +214,7 @@ async def test_acknowledged_confirmations_survive_a_primary_killed_under_load(
                 n += 1
                 asked = time.monotonic()
                 try:
-                    hold = await sales.create_hold(
+                    hold, _ = await sales.create_hold_counted(
                         svc,
                         event_id,
                         schemas.HoldCreate(customer_id=f"c{i}-{n}", items=[GA_ITEM]),

@@ -223,7 +223,7 @@ async def confirm_through_a_kill(
             n += 1
             asked = time.monotonic()
             try:
-                hold = await sales.create_hold(
+                hold, _ = await sales.create_hold_counted(
                     svc,
                     event_id,
                     schemas.HoldCreate(customer_id=f"c{i}-{n}", items=[GA_ITEM]),

@@ -15,16 +15,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
 from service.core.keys import event_keys
 from service.hotpath.context import Services
+from service.hotpath.scripts import LUA_DIR
 from service.selling import waitingroom
 from tests.apiserver import ApiServer
-from tests.conftest import ADMIN, create_event, eventually
+from tests.conftest import ADMIN, create_event, eventually, expire_hold
 from tests.test_waiting_room import LATER, admitted, ga, hold, join, poll
 
 PRE_QUEUE = 1000
@@ -258,3 +260,65 @@ async def test_metrics_show_the_room(client: httpx.AsyncClient) -> None:
         "active_passes": f["active_passes"],
     }
     assert values["active_passes"] >= 1 and values["waiting"] + values["admitted"] == 2
+
+
+# Both figures of the room at one instant: queue_figures.lua's (read-only, first) and
+# queue_view.lua's (the room advanced), in one script call.
+_BOTH = """
+local rm = room_meta()
+local now = now_ms()
+local read = room_figures_read(rm, now)
+return cjson.encode({read, room_figures(rm, now)})
+"""
+
+
+async def test_the_read_only_figures_are_the_advancing_ones(
+    client: httpx.AsyncClient, svc: Services
+) -> None:
+    """queue_figures.lua (/metrics) computes where the room would be, without writing: the
+    same figures as queue_view.lua, which moves it there, in every state the step passes
+    through: before the on-sale moment, the opening, admitting, out of stock with an
+    overdue hold not yet reclaimed, paused."""
+    room = {"admit_per_minute": 600, "pass_ttl_seconds": 10}
+    event_id = await create_event(client, **ga(1, on_sale_at=LATER, waiting_room=room))
+    k = event_keys(event_id)
+    keys: tuple[bytes | str, ...] = (*k.all, *k.queue)
+    lib = (LUA_DIR / "lib.lua").read_text()
+    common = ("", svc.settings.idempotency_ttl_seconds, svc.settings.reclaim_batch, 1000)
+
+    async def same() -> dict[str, int]:
+        reply = await svc.redis.eval(lib + _BOTH, len(keys), *keys, *common)
+        read, moved = json.loads(reply)
+        assert read == moved
+        return cast(dict[str, int], read)
+
+    async def unchanged_by_a_scrape() -> None:
+        before = [await svc.redis.dump(key) for key in keys]
+        reply = await svc.scripts.call_event("queue_figures", event_id, extra_keys=k.queue)
+        assert json.loads(reply)["apm"] == 600
+        assert [await svc.redis.dump(key) for key in keys] == before
+
+    for n in range(3):
+        await join(client, event_id, f"early{n}")
+    await unchanged_by_a_scrape()
+    assert await same() == {"waiting": 3, "admitted": 0, "active": 0, "apm": 600}
+    await patch(client, event_id, {"on_sale_at": None})  # the first look opens the room
+    await unchanged_by_a_scrape()
+    await same()
+    ticket = await admitted(client, event_id, "buyer")
+    r = await hold(client, event_id, "buyer", ticket["pass"])
+    assert r.status_code == 201, r.text  # the one ticket: out of stock
+    for n in range(5):
+        await join(client, event_id, f"late{n}")
+        await asyncio.sleep(0.05)
+        await same()
+    await expire_hold(svc, event_id, r.json()["hold_id"], fire_ttl=False)
+    await unchanged_by_a_scrape()
+    await same()  # the overdue hold counted back on sale, as advance() reclaims it
+    await asyncio.sleep(0.2)
+    await same()
+    await patch(client, event_id, {"status": "paused"})
+    await asyncio.sleep(0.1)
+    await same()
+    await asyncio.sleep(0.1)
+    assert (await same())["admitted"] >= 1

@@ -262,7 +262,7 @@ async def test_positions_against_the_exact_rank_over_100000_pre_queued(
     # 500 leave (taken out of the order): everyone behind them moves up, still within.
     leaving = rng.sample(places, 500)
     for t in leaving:
-        await svc.scripts.call(
+        await svc.scripts.call_event(
             "queue_leave",
             event_id,
             str(t.generation),

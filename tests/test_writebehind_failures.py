@@ -122,7 +122,7 @@ async def sell_in_process(svc: Services, event_id: str, n: int) -> list[str]:
 
     async def one(i: int) -> str:
         body = schemas.HoldCreate(customer_id=f"c{i}", items=ga)
-        hold = await sales.create_hold(svc, event_id, body, None)
+        hold, _ = await sales.create_hold_counted(svc, event_id, body, None)
         booking = await sales.confirm_hold(svc, event_id, hold.hold_id, schemas.HoldConfirm(), None)
         return booking.booking_id
 

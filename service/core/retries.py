@@ -3,9 +3,9 @@
 On a cluster a call waits out a failover or a slot migration: it is sent again after pauses
 that double from FIRST up to CAP, until the budget (BOXOFFICE_REDIS_CLUSTER_RETRY_SECONDS)
 is spent; only then does it fail (and the request answers 503). The hot path's pipe
-(service/hotpath/scriptpipe.py) follows this itself, redis-py's cluster client through cluster()
-and wait_out() (service/hotpath/context.py). Nothing retries on top of another: Scripts.call does
-not retry what the pipe gave up on.
+(service/hotpath/clusterpipe.py) follows this itself, redis-py's cluster client through
+cluster() and wait_out() (service/hotpath/context.py). Nothing retries on top of another:
+Scripts.call_event does not retry what the pipe gave up on.
 
 On a single node there is no replica to wait for, only a reconnect: a connection found dead
 (Redis restarted) is replaced and the call sent again within RECONNECT_SECONDS; Redis away

@@ -111,7 +111,7 @@ async def _script(svc: Services, event_id: str, mode: str) -> str:
     """lua/archive.lua, reclaiming overdue holds as long as it asks."""
     keys = event_keys(event_id)
     for _ in range(MAX_ROUNDS):
-        reply = await svc.scripts.call(
+        reply = await svc.scripts.call_event(
             "archive", event_id, OUTBOX_GROUP, mode, extra_keys=keys.archive
         )
         if reply == RETRY:  # more overdue holds than one batch

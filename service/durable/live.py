@@ -35,7 +35,7 @@ LOAD_LEASE_MS = 5000
 LOAD_WAIT_SECONDS = 30
 
 
-async def call(
+async def call_loaded(
     svc: Services,
     name: str,
     event_id: str,
@@ -44,11 +44,12 @@ async def call(
     idempotency: Idempotency | None = None,
     durable: bool = False,
 ) -> bytes:
-    """Call an event script, loading the event from PostgreSQL first when Redis lost it
-    and reclaiming overdue holds when the script says they may be in the way. `durable`:
-    see Scripts.call."""
+    """Call an event script and have the event loaded for it (Scripts.call_event gives the
+    reply as it is): loaded from PostgreSQL first when Redis lost it, overdue holds
+    reclaimed when the script says they may be in the way, an error reply raised as its
+    domain error. `durable`: see Scripts.call_event."""
     for _ in range(MAX_ROUNDS):
-        reply = await svc.scripts.call(
+        reply = await svc.scripts.call_event(
             name, event_id, *args, extra_keys=extra_keys, idempotency=idempotency, durable=durable
         )
         if reply == NOT_LOADED:
@@ -65,7 +66,7 @@ async def call(
 
 async def reclaim_all(svc: Services, event_id: str) -> None:
     """Expire every overdue hold of the event, a bounded batch per script call."""
-    while await svc.scripts.call("reclaim", event_id):
+    while await svc.scripts.call_event("reclaim", event_id):
         pass
 
 
@@ -152,7 +153,7 @@ async def _load_once(svc: Services, event_id: str, plan: Plan, mode: str, token:
     firsts = [""] + [str(i) for i in range(0, len(plan.labels), LOAD_CHUNK)]
     for first in firsts:
         chunk = plan.labels[int(first) : int(first) + LOAD_CHUNK] if first else []
-        reply = await svc.scripts.call(
+        reply = await svc.scripts.call_event(
             "load_seats",
             event_id,
             mode,
@@ -167,13 +168,13 @@ async def _load_once(svc: Services, event_id: str, plan: Plan, mode: str, token:
             return reply == b"loaded"
     cursor = b"0" if mode == "restore" else b"done"
     while cursor != b"done":
-        cursor = await svc.scripts.call(
+        cursor = await svc.scripts.call_event(
             "load_bookings", event_id, token, LOAD_LEASE_MS, cursor, extra_keys=keys
         )
         if cursor == b"busy":
             return False
     meta, cats = (enc(plan.meta), enc(plan.cats)) if mode != "order" else (b"", b"")
-    reply = await svc.scripts.call(
+    reply = await svc.scripts.call_event(
         "load", event_id, mode, token, len(plan.labels), meta, cats, extra_keys=keys
     )
     return reply != b"busy"

@@ -497,7 +497,7 @@ async def _check_seats(
     first, built = 0, False
     while first >= 0:
         args = (first, SEATS_PER_CALL, RECORDS_PER_CALL)
-        reply = await svc.scripts.call("check_seats", event_id, *args, extra_keys=order)
+        reply = await svc.scripts.call_event("check_seats", event_id, *args, extra_keys=order)
         if reply == NO_ORDER and not built:  # loaded by an earlier version: build the list
             await live.load_seat_order(svc, event_id)
             built = True
@@ -617,7 +617,7 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
         done.append(f"left out {_many(len(refused), 'booking')} that break the rules")
     done += await _redrive(svc, event_id)
     done += await _align_capacity(svc, event_id)
-    summary = msgspec.json.decode(await live.call(svc, "repair", event_id))
+    summary = msgspec.json.decode(await live.call_loaded(svc, "repair", event_id))
     for name, after in summary["categories"].items():
         before = summary["before"][name]
         if before != after:

@@ -338,7 +338,7 @@ class WriteBehind:
     async def _join(self, event_id: str) -> bool:
         """Read the event's outbox from now on; False while the event is not loaded (its
         stream is made with the group only for an event Redis has: lua/join_outbox.lua)."""
-        if await self.svc.scripts.call("join_outbox", event_id, OUTBOX_GROUP) != b"ok":
+        if await self.svc.scripts.call_event("join_outbox", event_id, OUTBOX_GROUP) != b"ok":
             return False
         self._streams[event_keys(event_id).outbox] = event_id
         return True

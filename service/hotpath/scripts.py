@@ -16,8 +16,10 @@ from service.core.keys import event_keys
 from service.core.settings import Settings
 from service.core.timefmt import from_ms
 from service.hotpath import ratelimit
+from service.hotpath.connection import bulk, command
+from service.hotpath.nodepipe import NodePipe
 from service.hotpath.replicas import Replicas
-from service.hotpath.scriptpipe import NodePipe, ScriptPipe, bulk, command
+from service.hotpath.scriptpipe import ScriptPipe
 
 LUA_DIR = packagedata.directory("lua")
 NAMES = (
@@ -39,6 +41,7 @@ NAMES = (
     "queue_state",
     "queue_leave",
     "queue_view",
+    "queue_figures",
     "queue_tick",
     "rate",
     "live",
@@ -85,6 +88,16 @@ class _ErrorReply(msgspec.Struct):
 _decode_error = msgspec.json.Decoder(_ErrorReply).decode
 
 
+def script_text(lib: str, name: str) -> str:
+    """The script as Redis is sent it: lib.lua first, but a shebang (`#!lua flags=...`)
+    stays the first line, the only place Redis reads it."""
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    if text.startswith("#!"):
+        shebang, _, rest = text.partition("\n")
+        return f"{shebang}\n{lib}\n{rest}"
+    return lib + "\n" + text
+
+
 class Scripts:
     """The Lua scripts of one Redis connection pool, each with lua/lib.lua prepended."""
 
@@ -92,8 +105,7 @@ class Scripts:
         lib = (LUA_DIR / "lib.lua").read_text()
         self._redis = redis
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(lib + "\n" + (LUA_DIR / f"{name}.lua").read_text())
-            for name in NAMES
+            name: redis.register_script(script_text(lib, name)) for name in NAMES
         }
         self._common = bulk(
             str(settings.idempotency_ttl_seconds).encode(),
@@ -118,7 +130,7 @@ class Scripts:
         self.replicas = Replicas(
             settings.confirm_wait_replicas,
             settings.confirm_wait_shortfall,
-            lambda slot: self._pipe.call(command(b"ROLE"), slot),
+            lambda slot: self._pipe.execute(command(b"ROLE"), slot),
             self._node_of,
         )
         # WAIT for 0..n replicas (fewer than n: under accept, a primary that has fewer).
@@ -133,7 +145,7 @@ class Scripts:
         for script in self._scripts.values():
             await self._redis.script_load(script.script)
 
-    async def call(
+    async def call_event(
         self,
         name: str,
         event_id: str,
@@ -171,7 +183,7 @@ class Scripts:
                     field = _COUNTED.get(name, b"confirmed")
                     touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
                     return await self._durable(head + event_keys_resp + tail, slot, touch)
-                reply: bytes = await self._pipe.call(head + event_keys_resp + tail, slot)
+                reply: bytes = await self._pipe.execute(head + event_keys_resp + tail, slot)
                 return reply
             except NoScriptError:
                 loads += 1
@@ -180,7 +192,7 @@ class Scripts:
                 # SCRIPT FLUSH, a restart or a promoted replica: load it again on the node
                 # that said so (through the pipe: routed as the call was), then call again.
                 source = cast(str, script.script).encode()  # registered from text, above
-                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                sha = await self._pipe.execute(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
             except TimeoutError as e:
                 # Redis did not answer in time: never sent again (service/core/retries.py).
@@ -206,11 +218,11 @@ class Scripts:
             return (touch, self._waits[sent[-1][1]])
 
         async def wait_again(n: int) -> int:
-            _, acked = await self._pipe.call(touch, slot, (self._waits[n],))
+            _, acked = await self._pipe.execute(touch, slot, (self._waits[n],))
             return cast(int, acked)
 
         answer: bytes
-        answer, acknowledged = await self._pipe.call(payload, slot, then)
+        answer, acknowledged = await self._pipe.execute(payload, slot, then)
         # An error reply (or a request to load the event first) is answered as it is: it
         # acknowledges nothing that a lost primary could take back.
         if b'"err":' not in answer:
@@ -242,13 +254,13 @@ class Scripts:
         for _ in range(2):
             script = self._scripts[name]
             try:
-                reply: bytes = await self._pipe.call(
+                reply: bytes = await self._pipe.execute(
                     head + bulk(b"EVALSHA", script.sha.encode()) + tail, slot
                 )
                 return reply
             except NoScriptError:
                 source = cast(str, script.script).encode()
-                sha = await self._pipe.call(command(b"SCRIPT", b"LOAD", source), slot)
+                sha = await self._pipe.execute(command(b"SCRIPT", b"LOAD", source), slot)
                 script.sha = sha.decode()
         raise ConnectionError("Redis kept refusing the script")
 
@@ -270,7 +282,7 @@ class Scripts:
 # something keeps flushing the scripts.
 _LOADS = 3
 # Scripts that change nothing.
-_READS = frozenset({"view", "seats", "check_seats"})
+_READS = frozenset({"view", "seats", "check_seats", "queue_figures"})
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 

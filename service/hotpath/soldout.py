@@ -39,7 +39,7 @@ from service.core import errors
 from service.core.keys import parse_restock_channel, restock_channel
 from service.core.schemas import HoldItem
 from service.core.settings import Address
-from service.hotpath.scriptpipe import Connection, command, dial
+from service.hotpath.connection import Connection, command, dial
 from service.hotpath.scripts import Scripts, sold_out
 
 log = logging.getLogger("boxoffice.soldout")

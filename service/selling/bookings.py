@@ -13,7 +13,7 @@ from service.core.db import bookings
 from service.core.keys import event_keys
 from service.core.records import BookingRecord, decode_booking
 from service.durable import archived, ledger
-from service.durable.live import call, ensure_loaded
+from service.durable.live import call_loaded, ensure_loaded
 from service.hotpath.context import Services
 from service.hotpath.scripts import Idempotency
 from service.selling.sales import booking_view
@@ -99,4 +99,4 @@ async def cancel_booking(
         stored = await _from_postgres(svc, event_id, booking_id)
         if stored is not None:
             fallback = msgspec.json.encode(stored)
-    await call(svc, "cancel", event_id, booking_id, fallback, idempotency=idem, durable=True)
+    await call_loaded(svc, "cancel", event_id, booking_id, fallback, idempotency=idem, durable=True)

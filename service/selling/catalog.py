@@ -225,7 +225,7 @@ _decode_cat = msgspec.json.Decoder(_Cat).decode
 
 async def view_event(svc: Services, event_id: str) -> schemas.Event:
     try:
-        v = _decode_view(await live.call(svc, "view", event_id))
+        v = _decode_view(await live.call_loaded(svc, "view", event_id))
     except errors.EventArchived:
         return await archived.view(svc, event_id)
     m = v.meta
@@ -399,7 +399,7 @@ async def _reopen(svc: Services, event_id: str) -> None:
 
 async def _configure(svc: Services, event_id: str, changes: dict[str, Any]) -> None:
     """lua/configure.lua: the event's live state changed as PATCH asks (or put back)."""
-    await live.call(
+    await live.call_loaded(
         svc,
         "configure",
         event_id,

@@ -28,7 +28,7 @@ from collections import OrderedDict
 import msgspec
 
 from service.core.keys import event_keys
-from service.durable.live import call
+from service.durable.live import call_loaded
 from service.hotpath import soldout
 from service.hotpath.context import Services
 from service.selling.queuetickets import Ticket
@@ -314,7 +314,7 @@ async def _read(svc: Services, event_id: str, state: RoomState) -> None:
             started = time.monotonic()
             want_ladder = "1" if state.needs_ladder() else "0"
             lost, state.lost = state.lost, {}
-            reply = await call(
+            reply = await call_loaded(
                 svc,
                 "queue_state",
                 event_id,

@@ -15,7 +15,7 @@ from service.core.keys import event_keys
 from service.core.records import BookingRecord, HoldRecord, decode_booking, decode_hold
 from service.core.timefmt import from_ms
 from service.durable import archived
-from service.durable.live import call, ensure_loaded
+from service.durable.live import call_loaded, ensure_loaded
 from service.hotpath import ratelimit
 from service.hotpath.context import Services
 from service.hotpath.scripts import Idempotency
@@ -99,13 +99,6 @@ async def _invalid(svc: Services, event_id: str, detail: str) -> NoReturn:
     raise errors.ValidationError(detail)
 
 
-async def create_hold(
-    svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
-) -> schemas.Hold:
-    hold, _ = await create_hold_counted(svc, event_id, body, idem)
-    return hold
-
-
 async def create_hold_counted(
     svc: Services, event_id: str, body: schemas.HoldCreate, idem: Idempotency | None
 ) -> tuple[schemas.Hold, ratelimit.Quota | None]:
@@ -130,7 +123,7 @@ async def create_hold_counted(
     items = _encode([(i.category, i.quantity) for i in body.items])
     hold = hold_call(event_id, hold_id, body.customer_id, items, _encode(body.seats), limit, window)
     try:
-        reply = await call(
+        reply = await call_loaded(
             svc, "hold", event_id, *hold.args, extra_keys=hold.extra_keys, idempotency=idem
         )
     except errors.SoldOut as e:
@@ -156,7 +149,7 @@ async def confirm_hold(
 ) -> schemas.Booking:
     """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
     try:
-        reply = await call(
+        reply = await call_loaded(
             svc,
             "confirm",
             event_id,
@@ -186,7 +179,7 @@ async def release_hold(
 ) -> None:
     """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
     try:
-        await call(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
+        await call_loaded(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
     except errors.EventArchived:
         raise _archived_hold(hold_id) from None
 
@@ -198,7 +191,7 @@ async def get_hold(
     # One script call (the script pipe's, as a hold's): a pipeline of redis-py's cost the
     # API process twice what the whole read costs through the pipe (README "Benchmarks").
     try:
-        reply = await call(svc, "hold_read", event_id, hold_id)
+        reply = await call_loaded(svc, "hold_read", event_id, hold_id)
     except errors.EventArchived:
         raise _archived_hold(hold_id) from None
     now, _, raw = reply.partition(b" ")
@@ -281,7 +274,7 @@ async def _live_seats(
     order = (event_keys(event_id).seat_order,)
     seats: list[schemas.Seat] = []
     while True:
-        reply = await call(
+        reply = await call_loaded(
             svc,
             "seats",
             event_id,

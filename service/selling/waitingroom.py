@@ -24,7 +24,7 @@ import msgspec
 from service.core import errors, schemas
 from service.core.keys import event_keys
 from service.core.timefmt import from_ms, now_ms
-from service.durable.live import call, ensure_loaded, live_event_ids
+from service.durable.live import call_loaded, ensure_loaded, live_event_ids
 from service.hotpath.context import Services
 from service.hotpath.scripts import Idempotency
 from service.selling import passes, queuetickets
@@ -57,7 +57,8 @@ _NOT_FOUND = "no ticket with this id in this event's waiting room"
 
 
 class RoomFigures(msgspec.Struct):
-    """room_figures() of lua/lib.lua, as queue_view.lua and live.lua give it."""
+    """room_figures() of lua/lib.lua, as queue_view.lua, queue_figures.lua and live.lua
+    give it."""
 
     waiting: int
     admitted: int
@@ -137,7 +138,7 @@ def _view(
 async def join_many(
     svc: Services, event_id: str, buyers: list[tuple[str, int]], idem: Idempotency | None
 ) -> _Joined:
-    reply = await call(
+    reply = await call_loaded(
         svc,
         "queue_join",
         event_id,
@@ -247,7 +248,7 @@ async def leave(
 ) -> None:
     """`customer_id`: only this customer's ticket is found (None: anyone's who knows it)."""
     t = await _ticket(svc, event_id, ticket, customer_id)
-    await call(
+    await call_loaded(
         svc,
         "queue_leave",
         event_id,
@@ -261,7 +262,7 @@ async def leave(
 
 
 async def figures(svc: Services, event_id: str) -> schemas.QueueStats:
-    reply = await call(svc, "queue_view", event_id, extra_keys=event_keys(event_id).queue)
+    reply = await call_loaded(svc, "queue_view", event_id, extra_keys=event_keys(event_id).queue)
     f = _decode_figures(reply)
     return schemas.QueueStats(
         waiting=f.waiting,
@@ -270,6 +271,16 @@ async def figures(svc: Services, event_id: str) -> schemas.QueueStats:
         admit_per_minute=f.apm,
         last_admitted_position=f.admitted,
     )
+
+
+async def read_figures(svc: Services, event_id: str) -> RoomFigures | None:
+    """The room's figures as figures() has them, read without moving the room on
+    (queue_figures.lua); None when the event has no room or is not in Redis (nothing is
+    loaded for it)."""
+    reply = await svc.scripts.call_event(
+        "queue_figures", event_id, extra_keys=event_keys(event_id).queue
+    )
+    return _decode_figures(reply) if reply else None
 
 
 # --- the pass check before a hold ----------------------------------------------------
@@ -339,7 +350,9 @@ async def require_pass(svc: Services, event_id: str, customer_id: str, token: st
 
 async def _step(svc: Services, event_id: str) -> bool:
     """Advance one event's room; whether it has one."""
-    reply = await svc.scripts.call("queue_tick", event_id, extra_keys=event_keys(event_id).queue)
+    reply = await svc.scripts.call_event(
+        "queue_tick", event_id, extra_keys=event_keys(event_id).queue
+    )
     return reply == b"1"
 
 

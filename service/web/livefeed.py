@@ -284,7 +284,7 @@ async def read(svc: Services, event_id: str) -> _Reply:
     archived event is read from PostgreSQL, and not loaded."""
     k = event_keys(event_id)
     try:
-        reply = await live.call(
+        reply = await live.call_loaded(
             svc, "live", event_id, OUTBOX_GROUP, extra_keys=(*k.queue, k.deadletter)
         )
     except errors.EventArchived:

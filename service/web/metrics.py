@@ -239,7 +239,8 @@ async def _live(svc: Services) -> list[Metric]:
 async def _rooms(svc: Services, event_ids: list[str]) -> list[Metric]:
     """The waiting rooms: tickets waiting, admitted (ranks the frontier passed), passes
     not expired (derived from when each rank was admitted: lua/lib.lua, room_figures);
-    one read of each room's figures, as the admin's view gives them."""
+    one read-only script call per event (queue_figures.lua, the admin's view's figures),
+    all of them in one write per Redis node."""
     names = (
         ("waiting", "Tickets waiting in the event's waiting room"),
         ("admitted", "Tickets the waiting room has admitted"),
@@ -249,16 +250,12 @@ async def _rooms(svc: Services, event_ids: list[str]) -> list[Metric]:
         name: GaugeMetricFamily(f"boxoffice_queue_{name}", help_, labels=["event"])
         for name, help_ in names
     }
-    pipe = svc.redis.pipeline(transaction=False)
-    for event_id in event_ids:
-        pipe.hget(event_keys(event_id).meta, "qapm")
-    replies = await pipe.execute() if event_ids else []
-    rooms = [e for e, apm in zip(event_ids, replies, strict=True) if apm]
-    found = await asyncio.gather(*(waitingroom.figures(svc, e) for e in rooms))
-    for event_id, f in zip(rooms, found, strict=True):
-        gauges["waiting"].add_metric([event_id], f.waiting)
-        gauges["admitted"].add_metric([event_id], f.admitted)
-        gauges["active_passes"].add_metric([event_id], f.active_passes)
+    found = await asyncio.gather(*(waitingroom.read_figures(svc, e) for e in event_ids))
+    for event_id, f in zip(event_ids, found, strict=True):
+        if f is not None:
+            gauges["waiting"].add_metric([event_id], f.waiting)
+            gauges["admitted"].add_metric([event_id], f.admitted)
+            gauges["active_passes"].add_metric([event_id], f.active)
     return list(gauges.values())
 
 
