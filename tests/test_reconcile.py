@@ -19,8 +19,9 @@ from service.core.db import bookings
 from service.core.keys import event_keys
 from service.core.records import decode_booking
 from service.core.settings import Settings
-from service.durable import reconcile
-from service.durable.writebehind import WriteBehind, outbox_state
+from service.durable import findings, reconcile
+from service.durable.outbox import outbox_state
+from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
 from service.selling.sales import uuid7
 from tests.apiserver import BOXOFFICE, ApiServer, Worker
@@ -48,13 +49,13 @@ def run_cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
     return done.returncode, report
 
 
-def kinds(report: reconcile.Report | dict[str, Any]) -> set[str]:
-    events = report.events if isinstance(report, reconcile.Report) else report["events"]
+def kinds(report: findings.Report | dict[str, Any]) -> set[str]:
+    events = report.events if isinstance(report, findings.Report) else report["events"]
     return {
         kind
         for e in events
         for kind in (
-            e.problem_counts if isinstance(e, reconcile.EventReport) else e["problem_counts"]
+            e.problem_counts if isinstance(e, findings.EventReport) else e["problem_counts"]
         )
     }
 
@@ -139,7 +140,7 @@ async def test_a_consistent_event_exits_0(
 # --- drift of each kind ---------------------------------------------------------------
 
 
-async def check(svc: Services, event_id: str) -> reconcile.Report:
+async def check(svc: Services, event_id: str) -> findings.Report:
     return await reconcile.reconcile(svc, event_id)
 
 

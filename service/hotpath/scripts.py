@@ -44,6 +44,7 @@ NAMES = (
     "live",
     "archive",
     "join_outbox",
+    "replay_dead_letter",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
