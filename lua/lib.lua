@@ -73,15 +73,19 @@ local function add_stock(cat, n)
   if a > 0 and a - n <= 0 then restocked() end
 end
 
--- Put a live hold's tickets back on sale and record how it ended.
-local function end_hold(h, status, now)
+-- Put a live hold's tickets back on sale and record how it ended. `guarded` (the repair,
+-- on state that may have drifted): a seat is freed only while it still names this hold,
+-- never one that a sale has.
+local function end_hold(h, status, now, guarded)
   for cat, n in pairs(h.q) do
     redis.call('HINCRBY', K.held, cat, -n)
     add_stock(cat, n)
   end
   for _, label in ipairs(h.st or {}) do
-    redis.call('HDEL', K.seatstate, label)
-    redis.call('ZADD', K.free, seat_position(label), label)
+    if not guarded or redis.call('HGET', K.seatstate, label) == 'h:' .. h.id then
+      redis.call('HDEL', K.seatstate, label)
+      redis.call('ZADD', K.free, seat_position(label), label)
+    end
   end
   if redis.call('HINCRBY', K.cust, h.c, -h.n) <= 0 then redis.call('HDEL', K.cust, h.c) end
   h.s = status
@@ -212,85 +216,6 @@ local function hset_all(key, t)
     end
   end
   if #args > 0 then redis.call('HSET', key, unpack(args)) end
-end
-
--- Recount the event's live state from its records: confirmed bookings (the sold tickets
--- and seats), then live holds (held), whatever the counters, the seat map and the
--- per-customer counts said before. A hold that wants a seat a booking has is released:
--- a sale is never undone for a hold. Available is what is neither held nor sold, never
--- below zero. Returns a summary {categories = {name = {available, held, sold}},
--- released = [hold ids], double_sold = [seat labels], overcommitted = [categories]}.
-local function rebuild(now)
-  local sold, held, cust, owner = {}, {}, {}, {}
-  local out = {released = {}, double_sold = {}, overcommitted = {}, categories = {}}
-  for _, raw in ipairs(redis.call('HVALS', K.bookings)) do
-    local b = cjson.decode(raw)
-    if b.s == 'confirmed' then
-      for cat, n in pairs(b.q) do sold[cat] = (sold[cat] or 0) + n end
-      cust[b.c] = (cust[b.c] or 0) + b.n
-      for _, label in ipairs(b.st or {}) do
-        if owner[label] then
-          out.double_sold[#out.double_sold + 1] = label
-        else
-          owner[label] = 'b:' .. b.id
-        end
-      end
-    end
-  end
-  for _, raw in ipairs(redis.call('HVALS', K.holds)) do
-    local h = cjson.decode(raw)
-    if h.s == 'held' then
-      local clash = false
-      for _, label in ipairs(h.st or {}) do clash = clash or owner[label] ~= nil end
-      if clash then
-        h.s, h.e = 'released', now
-        redis.call('HSET', K.holds, h.id, cjson.encode(h))
-        redis.call('ZREM', K.deadlines, h.id)
-        redis.call('ZADD', K.ended, now, h.id)
-        out.released[#out.released + 1] = h.id
-      else
-        for cat, n in pairs(h.q) do held[cat] = (held[cat] or 0) + n end
-        cust[h.c] = (cust[h.c] or 0) + h.n
-        for _, label in ipairs(h.st or {}) do owner[label] = 'h:' .. h.id end
-      end
-    end
-  end
-  redis.call('DEL', K.seatstate, K.free, K.cust)
-  local flat, state, free = redis.call('HGETALL', K.seatmap), {}, {}
-  for i = 1, #flat, 2 do
-    local label = flat[i]
-    if owner[label] then
-      state[label] = owner[label]
-    else
-      free[#free + 1] = tonumber(string.match(flat[i + 1], '^(%d+):'))
-      free[#free + 1] = label
-      if #free == 1000 then
-        redis.call('ZADD', K.free, unpack(free))
-        free = {}
-      end
-    end
-  end
-  if #free > 0 then redis.call('ZADD', K.free, unpack(free)) end
-  hset_all(K.seatstate, state)
-  hset_all(K.cust, cust)
-  local caps = redis.call('HGETALL', K.cap)
-  for i = 1, #caps, 2 do
-    local cat = caps[i]
-    local s, hd = sold[cat] or 0, held[cat] or 0
-    local avail = tonumber(caps[i + 1]) - s - hd
-    if avail < 0 then
-      out.overcommitted[#out.overcommitted + 1] = cat
-      avail = 0 -- never on sale what is held or sold
-    end
-    redis.call('HSET', K.avail, cat, avail)
-    redis.call('HSET', K.held, cat, hd)
-    redis.call('HSET', K.sold, cat, s)
-    out.categories[cat] = {available = avail, held = hd, sold = s}
-  end
-  out.released = nonempty(out.released)
-  out.double_sold = nonempty(out.double_sold)
-  out.overcommitted = nonempty(out.overcommitted)
-  return out
 end
 
 -- --- the waiting room (queue_*.lua; configure.lua clears it) ------------------------------

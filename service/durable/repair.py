@@ -19,6 +19,7 @@ from service.durable import ledger, live, outbox, scans
 from service.durable.bookingrows import Poison, write
 from service.durable.findings import many
 from service.durable.outbox import Entry
+from service.durable.recount import recount
 from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
 
@@ -40,16 +41,21 @@ async def repair_event(svc: Services, event_id: str) -> list[str]:
         done.append(f"left out {many(len(refused), 'booking')} that break the rules")
     done += await _redrive(svc, event_id)
     done += await _align_capacity(svc, event_id)
-    summary = msgspec.json.decode(await live.call(svc, "repair", event_id))
-    for name, after in summary["categories"].items():
-        before = summary["before"][name]
+    counted = await recount(svc, event_id)
+    for name, after in counted.after.items():
+        before = counted.before[name]
         if before != after:
             done.append(f"{name}: counters {before} -> {after}")
-    if summary["expired"]:
-        done.append(f"released {many(summary['expired'], 'hold')} past their deadline")
-    if summary.get("released"):
-        held = "hold" if len(summary["released"]) == 1 else "holds"
-        done.append(f"released {held} {', '.join(summary['released'])}: their seats are sold")
+    if counted.expired:
+        done.append(f"released {many(counted.expired, 'hold')} past their deadline")
+    if counted.released:
+        held = "hold" if len(counted.released) == 1 else "holds"
+        done.append(f"released {held} {', '.join(counted.released)}: their seats are sold")
+    if counted.unsure:
+        done.append(
+            f"left the count of {many(counted.unsure, 'customer')} buying meanwhile:"
+            " repair again to recount it"
+        )
     return done
 
 

@@ -33,7 +33,11 @@ NAMES = (
     "load",
     "load_seats",
     "load_bookings",
-    "repair",
+    "repair_expire",
+    "repair_claims",
+    "repair_seats",
+    "repair_read",
+    "repair_adjust",
     "check_seats",
     "queue_join",
     "queue_state",
@@ -271,7 +275,7 @@ class Scripts:
 # something keeps flushing the scripts.
 _LOADS = 3
 # Scripts that change nothing.
-_READS = frozenset({"view", "seats", "check_seats"})
+_READS = frozenset({"view", "seats", "check_seats", "repair_read"})
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 
