@@ -218,6 +218,66 @@ local function hset_all(key, t)
   if #args > 0 then redis.call('HSET', key, unpack(args)) end
 end
 
+-- The record a seat state ("h:<hold id>" or "b:<booking id>") names, when it is live (a
+-- held hold, a confirmed booking); else false. And whether a record has a seat.
+local function live_record(state)
+  local hold = string.sub(state, 1, 2) == 'h:'
+  local raw = redis.call('HGET', hold and K.holds or K.bookings, string.sub(state, 3))
+  local r = raw and cjson.decode(raw)
+  return r and r.s == (hold and 'held' or 'confirmed') and r or false
+end
+
+local function has_seat(r, label)
+  for _, l in ipairs(r and r.st or {}) do
+    if l == label then return true end
+  end
+  return false
+end
+
+-- A chunk of the seat map in seat order, for the scripts that walk it a bounded call at a
+-- time (check_seats.lua, repair_seats.lua): KEYS[NKEYS + 1] the seat order list, ARGV [5]
+-- the chunk's first position, [6] seats per call at most, [7] records read per call at
+-- most. Returns {first, most, reads, labels, states (K.seatstate), on_sale (K.free
+-- scores)}; or nil and the reply to give at once: `empty` past the last seat, {err =
+-- "no_order"} when the order list is missing (load.lua "order" builds it).
+local function seat_chunk(script, empty)
+  local first, most, reads = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+  if not (first and most and reads) or most < 1 or reads < 1 then
+    return nil, redis.error_reply(script .. ': bad arguments')
+  end
+  local labels = redis.call('LRANGE', KEYS[NKEYS + 1], first, first + most - 1)
+  if #labels == 0 then
+    if first == 0 and redis.call('HLEN', K.seatmap) > 0 then return nil, '{"err":"no_order"}' end
+    return nil, empty
+  end
+  return {
+    first = first, most = most, reads = reads, labels = labels,
+    states = redis.call('HMGET', K.seatstate, unpack(labels)),
+    on_sale = redis.call('ZMSCORE', K.free, unpack(labels)),
+  }
+end
+
+-- Visit the chunk's seats in order, each as visit(i, label, state, record), `record` the
+-- live record its state names (lib.lua live_record, read once per state) or false; stop
+-- before a seat whose record would be one more than the chunk may read. Returns where
+-- the next call starts: -1 after the last seat.
+local function walk_seats(c, visit)
+  local records, read, done = {}, 0, #c.labels
+  for i, label in ipairs(c.labels) do
+    local state = c.states[i]
+    if state and records[state] == nil then
+      if read >= c.reads then
+        done = i - 1 -- the next call starts at this seat
+        break
+      end
+      records[state] = live_record(state)
+      read = read + 1
+    end
+    visit(i, label, state, state and records[state])
+  end
+  return (done == c.most or done < #c.labels) and c.first + done or -1
+end
+
 -- --- the waiting room (queue_*.lua; configure.lua clears it) ------------------------------
 -- Its keys follow the event's keys (service/core/keys.py, EventKeys.queue). Polls never reach
 -- Redis: a ticket is signed by the API (service/selling/queuetickets.py) and carries its place;

@@ -19,14 +19,8 @@ local released = {}
 
 -- The live record a seat state names, when it has that seat; else false.
 local function claimant(state, label)
-  local hold = string.sub(state, 1, 2) == 'h:'
-  local raw = redis.call('HGET', hold and K.holds or K.bookings, string.sub(state, 3))
-  local r = raw and cjson.decode(raw)
-  if not r or r.s ~= (hold and 'held' or 'confirmed') then return false end
-  for _, l in ipairs(r.st or {}) do
-    if l == label then return r end
-  end
-  return false
+  local r = live_record(state)
+  return has_seat(r, label) and r
 end
 
 local function take(label, state)
