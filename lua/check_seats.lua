@@ -11,59 +11,33 @@
 -- held, sold, problems = [[kind, detail], ...], booked = [booking ids]} (the caller checks
 -- that the booked ones are durable: in PostgreSQL or the outbox); or {err = "no_order"}
 -- when the order list is missing (load.lua "order" builds it).
-local order = KEYS[NKEYS + 1]
-local first, most, reads = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if not (first and most and reads) or most < 1 or reads < 1 then
-  return redis.error_reply('check_seats: bad arguments')
-end
-local labels = redis.call('LRANGE', order, first, first + most - 1)
-if #labels == 0 then
-  if first == 0 and redis.call('HLEN', K.seatmap) > 0 then return '{"err":"no_order"}' end
-  return '{"next":-1,"total":0,"available":0,"held":0,"sold":0}'
-end
-local states = redis.call('HMGET', K.seatstate, unpack(labels))
-local on_sale = redis.call('ZMSCORE', K.free, unpack(labels))
+local c, reply = seat_chunk('check_seats', '{"next":-1,"total":0,"available":0,"held":0,"sold":0}')
+if not c then return reply end
 local out = {total = 0, available = 0, held = 0, sold = 0}
-local problems, booked, records, read = {}, {}, {}, 0
-local function owner(state)
-  if records[state] == nil then
-    local hash = string.sub(state, 1, 2) == 'h:' and K.holds or K.bookings
-    local raw = redis.call('HGET', hash, string.sub(state, 3))
-    local r = raw and cjson.decode(raw)
-    local live = r and ((hash == K.holds and r.s == 'held') or (hash == K.bookings and r.s == 'confirmed'))
-    records[state] = live and r or false
-    read = read + 1
-    if hash == K.bookings then booked[#booked + 1] = string.sub(state, 3) end
-  end
-  return records[state]
-end
-local done = #labels
-for i, label in ipairs(labels) do
-  local state = states[i]
-  if state and records[state] == nil and read >= reads then
-    done = i - 1 -- the next call starts at this seat
-    break
-  end
+local problems, booked, seen = {}, {}, {}
+out.next = walk_seats(c, function(i, label, state, record)
   out.total = out.total + 1
   if not state then
     out.available = out.available + 1
-    if not on_sale[i] then
+    if not c.on_sale[i] then
       problems[#problems + 1] = {'seat_in_no_state', 'seat ' .. label .. ': not on sale, held nor sold'}
     end
-  else
-    if string.sub(state, 1, 2) == 'h:' then out.held = out.held + 1 else out.sold = out.sold + 1 end
-    if on_sale[i] then
-      problems[#problems + 1] = {'seat_in_two_states', 'seat ' .. label .. ' is ' .. state .. ' and on sale'}
-    end
-    local r = owner(state)
-    local has = false
-    for _, l in ipairs(r and r.st or {}) do has = has or l == label end
-    if not has then
-      problems[#problems + 1] = {'seat_without_record', 'seat ' .. label .. ' is ' .. state .. ': no such record of it'}
-    end
+    return
   end
-end
-out.next = (done == most or done < #labels) and first + done or -1
+  if string.sub(state, 1, 2) == 'h:' then
+    out.held = out.held + 1
+  else
+    out.sold = out.sold + 1
+    if not seen[state] then booked[#booked + 1] = string.sub(state, 3) end
+    seen[state] = true
+  end
+  if c.on_sale[i] then
+    problems[#problems + 1] = {'seat_in_two_states', 'seat ' .. label .. ' is ' .. state .. ' and on sale'}
+  end
+  if not has_seat(record, label) then
+    problems[#problems + 1] = {'seat_without_record', 'seat ' .. label .. ' is ' .. state .. ': no such record of it'}
+  end
+end)
 out.problems = nonempty(problems)
 out.booked = nonempty(booked)
 return cjson.encode(out)

@@ -73,15 +73,19 @@ local function add_stock(cat, n)
   if a > 0 and a - n <= 0 then restocked() end
 end
 
--- Put a live hold's tickets back on sale and record how it ended.
-local function end_hold(h, status, now)
+-- Put a live hold's tickets back on sale and record how it ended. `guarded` (the repair,
+-- on state that may have drifted): a seat is freed only while it still names this hold,
+-- never one that a sale has.
+local function end_hold(h, status, now, guarded)
   for cat, n in pairs(h.q) do
     redis.call('HINCRBY', K.held, cat, -n)
     add_stock(cat, n)
   end
   for _, label in ipairs(h.st or {}) do
-    redis.call('HDEL', K.seatstate, label)
-    redis.call('ZADD', K.free, seat_position(label), label)
+    if not guarded or redis.call('HGET', K.seatstate, label) == 'h:' .. h.id then
+      redis.call('HDEL', K.seatstate, label)
+      redis.call('ZADD', K.free, seat_position(label), label)
+    end
   end
   if redis.call('HINCRBY', K.cust, h.c, -h.n) <= 0 then redis.call('HDEL', K.cust, h.c) end
   h.s = status
@@ -214,83 +218,64 @@ local function hset_all(key, t)
   if #args > 0 then redis.call('HSET', key, unpack(args)) end
 end
 
--- Recount the event's live state from its records: confirmed bookings (the sold tickets
--- and seats), then live holds (held), whatever the counters, the seat map and the
--- per-customer counts said before. A hold that wants a seat a booking has is released:
--- a sale is never undone for a hold. Available is what is neither held nor sold, never
--- below zero. Returns a summary {categories = {name = {available, held, sold}},
--- released = [hold ids], double_sold = [seat labels], overcommitted = [categories]}.
-local function rebuild(now)
-  local sold, held, cust, owner = {}, {}, {}, {}
-  local out = {released = {}, double_sold = {}, overcommitted = {}, categories = {}}
-  for _, raw in ipairs(redis.call('HVALS', K.bookings)) do
-    local b = cjson.decode(raw)
-    if b.s == 'confirmed' then
-      for cat, n in pairs(b.q) do sold[cat] = (sold[cat] or 0) + n end
-      cust[b.c] = (cust[b.c] or 0) + b.n
-      for _, label in ipairs(b.st or {}) do
-        if owner[label] then
-          out.double_sold[#out.double_sold + 1] = label
-        else
-          owner[label] = 'b:' .. b.id
-        end
+-- The record a seat state ("h:<hold id>" or "b:<booking id>") names, when it is live (a
+-- held hold, a confirmed booking); else false. And whether a record has a seat.
+local function live_record(state)
+  local hold = string.sub(state, 1, 2) == 'h:'
+  local raw = redis.call('HGET', hold and K.holds or K.bookings, string.sub(state, 3))
+  local r = raw and cjson.decode(raw)
+  return r and r.s == (hold and 'held' or 'confirmed') and r or false
+end
+
+local function has_seat(r, label)
+  for _, l in ipairs(r and r.st or {}) do
+    if l == label then return true end
+  end
+  return false
+end
+
+-- A chunk of the seat map in seat order, for the scripts that walk it a bounded call at a
+-- time (check_seats.lua, repair_seats.lua): KEYS[NKEYS + 1] the seat order list, ARGV [5]
+-- the chunk's first position, [6] seats per call at most, [7] records read per call at
+-- most. Returns {first, most, reads, labels, states (K.seatstate), on_sale (K.free
+-- scores)}; or nil and the reply to give at once: `empty` past the last seat, {err =
+-- "no_order"} when the order list is missing (load.lua "order" builds it).
+local function seat_chunk(script, empty)
+  local first, most, reads = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+  if not (first and most and reads) or most < 1 or reads < 1 then
+    return nil, redis.error_reply(script .. ': bad arguments')
+  end
+  local labels = redis.call('LRANGE', KEYS[NKEYS + 1], first, first + most - 1)
+  if #labels == 0 then
+    if first == 0 and redis.call('HLEN', K.seatmap) > 0 then return nil, '{"err":"no_order"}' end
+    return nil, empty
+  end
+  return {
+    first = first, most = most, reads = reads, labels = labels,
+    states = redis.call('HMGET', K.seatstate, unpack(labels)),
+    on_sale = redis.call('ZMSCORE', K.free, unpack(labels)),
+  }
+end
+
+-- Visit the chunk's seats in order, each as visit(i, label, state, record), `record` the
+-- live record its state names (lib.lua live_record, read once per state) or false; stop
+-- before a seat whose record would be one more than the chunk may read. Returns where
+-- the next call starts: -1 after the last seat.
+local function walk_seats(c, visit)
+  local records, read, done = {}, 0, #c.labels
+  for i, label in ipairs(c.labels) do
+    local state = c.states[i]
+    if state and records[state] == nil then
+      if read >= c.reads then
+        done = i - 1 -- the next call starts at this seat
+        break
       end
+      records[state] = live_record(state)
+      read = read + 1
     end
+    visit(i, label, state, state and records[state])
   end
-  for _, raw in ipairs(redis.call('HVALS', K.holds)) do
-    local h = cjson.decode(raw)
-    if h.s == 'held' then
-      local clash = false
-      for _, label in ipairs(h.st or {}) do clash = clash or owner[label] ~= nil end
-      if clash then
-        h.s, h.e = 'released', now
-        redis.call('HSET', K.holds, h.id, cjson.encode(h))
-        redis.call('ZREM', K.deadlines, h.id)
-        redis.call('ZADD', K.ended, now, h.id)
-        out.released[#out.released + 1] = h.id
-      else
-        for cat, n in pairs(h.q) do held[cat] = (held[cat] or 0) + n end
-        cust[h.c] = (cust[h.c] or 0) + h.n
-        for _, label in ipairs(h.st or {}) do owner[label] = 'h:' .. h.id end
-      end
-    end
-  end
-  redis.call('DEL', K.seatstate, K.free, K.cust)
-  local flat, state, free = redis.call('HGETALL', K.seatmap), {}, {}
-  for i = 1, #flat, 2 do
-    local label = flat[i]
-    if owner[label] then
-      state[label] = owner[label]
-    else
-      free[#free + 1] = tonumber(string.match(flat[i + 1], '^(%d+):'))
-      free[#free + 1] = label
-      if #free == 1000 then
-        redis.call('ZADD', K.free, unpack(free))
-        free = {}
-      end
-    end
-  end
-  if #free > 0 then redis.call('ZADD', K.free, unpack(free)) end
-  hset_all(K.seatstate, state)
-  hset_all(K.cust, cust)
-  local caps = redis.call('HGETALL', K.cap)
-  for i = 1, #caps, 2 do
-    local cat = caps[i]
-    local s, hd = sold[cat] or 0, held[cat] or 0
-    local avail = tonumber(caps[i + 1]) - s - hd
-    if avail < 0 then
-      out.overcommitted[#out.overcommitted + 1] = cat
-      avail = 0 -- never on sale what is held or sold
-    end
-    redis.call('HSET', K.avail, cat, avail)
-    redis.call('HSET', K.held, cat, hd)
-    redis.call('HSET', K.sold, cat, s)
-    out.categories[cat] = {available = avail, held = hd, sold = s}
-  end
-  out.released = nonempty(out.released)
-  out.double_sold = nonempty(out.double_sold)
-  out.overcommitted = nonempty(out.overcommitted)
-  return out
+  return (done == c.most or done < #c.labels) and c.first + done or -1
 end
 
 -- --- the waiting room (queue_*.lua; configure.lua clears it) ------------------------------

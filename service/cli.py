@@ -221,7 +221,8 @@ def reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from service.durable.reconcile import Report, reconcile, render
+    from service.durable.findings import Report
+    from service.durable.reconcile import reconcile, render
     from service.hotpath.context import Services
 
     def progress(done: int, total: int, event_id: str) -> None:

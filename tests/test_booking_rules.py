@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from service.core.keys import event_keys
 from service.core.settings import Settings
 from service.durable import migrate
-from service.durable.writebehind import WriteBehind, outbox_state
+from service.durable.outbox import outbox_state
+from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
 from tests import test_reconcile
 from tests.conftest import availability, create_event, eventually

@@ -19,8 +19,9 @@ from service.core.db import bookings
 from service.core.keys import event_keys
 from service.core.records import decode_booking
 from service.core.settings import Settings
-from service.durable import reconcile
-from service.durable.writebehind import WriteBehind, outbox_state
+from service.durable import findings, reconcile, repair
+from service.durable.outbox import outbox_state
+from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
 from service.selling.sales import uuid7
 from tests.apiserver import BOXOFFICE, ApiServer, Worker
@@ -48,13 +49,13 @@ def run_cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any]]:
     return done.returncode, report
 
 
-def kinds(report: reconcile.Report | dict[str, Any]) -> set[str]:
-    events = report.events if isinstance(report, reconcile.Report) else report["events"]
+def kinds(report: findings.Report | dict[str, Any]) -> set[str]:
+    events = report.events if isinstance(report, findings.Report) else report["events"]
     return {
         kind
         for e in events
         for kind in (
-            e.problem_counts if isinstance(e, reconcile.EventReport) else e["problem_counts"]
+            e.problem_counts if isinstance(e, findings.EventReport) else e["problem_counts"]
         )
     }
 
@@ -139,7 +140,7 @@ async def test_a_consistent_event_exits_0(
 # --- drift of each kind ---------------------------------------------------------------
 
 
-async def check(svc: Services, event_id: str) -> reconcile.Report:
+async def check(svc: Services, event_id: str) -> findings.Report:
     return await reconcile.reconcile(svc, event_id)
 
 
@@ -258,6 +259,33 @@ async def test_booking_in_postgres_that_redis_lost(
     assert await availability(client, event_id) == {"GA": 48, "VIP": 11}
     seats = (await client.get(f"/events/{event_id}/seats", params={"status": "sold"})).json()
     assert [s["label"] for s in seats["seats"]] == ["A-1"]
+
+
+async def test_customer_counts_and_a_hold_on_a_sold_seat(
+    client: httpx.AsyncClient, svc: Services
+) -> None:
+    """The repair recounts each customer's tickets (their max-per-customer allowance) and
+    releases a hold that wants a seat a booking has: the sale wins."""
+    event_id = await create_event(client)
+    keys = event_keys(event_id)
+    sold = await confirm(client, event_id, await hold(client, event_id, "buyer", seats=["A-1"]))
+    held = await hold(client, event_id, "holder", seats=["A-2"])
+    await svc.redis.hincrby(keys.cust, "buyer", 3)  # inflated
+    await svc.redis.hset(keys.cust, "nobody", 4)  # a customer with no tickets at all
+    # Redis lost the sold seat's state, and a hold took it meanwhile (its record says so).
+    raw: Any = await svc.redis.hget(keys.holds, held)
+    record = json.loads(raw)
+    record["st"] = ["A-1", "A-2"]
+    await svc.redis.hset(keys.holds, held, json.dumps(record))
+    await svc.redis.hset(keys.seatstate, "A-1", f"h:{held}")
+
+    done = await repair.repair_event(svc, event_id)
+    assert f"released hold {held}: their seats are sold" in done, done
+    assert await svc.redis.hgetall(keys.cust) == {b"buyer": b"1"}
+    assert await svc.redis.hget(keys.seatstate, "A-1") == f"b:{sold}".encode()
+    assert await svc.redis.hget(keys.seatstate, "A-2") is None
+    assert await svc.redis.zscore(keys.free, "A-2") is not None
+    assert (await check(svc, event_id)).consistent
 
 
 # --- Redis loses everything -----------------------------------------------------------------

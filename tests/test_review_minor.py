@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 
-from service.durable import reconcile
+from service.durable import repair
 from service.hotpath.context import Services
 from tests.conftest import ADMIN, create_event, event_body
 from tests.test_deadletters import Fix, refuse, two_dead_letters
@@ -66,6 +66,6 @@ async def test_repairs_say_one_entry_not_entr_y_ies(
     event_id = await create_event(client)
     items = [{"category": "GA", "quantity": 1}]
     await confirm(client, event_id, await hold(client, event_id, "c", items=items))
-    done = await reconcile.repair_event(svc, event_id)
+    done = await repair.repair_event(svc, event_id)
     assert "wrote 1 outbox entry to PostgreSQL" in done, done
     assert not [line for line in done if "(s)" in line or "(y/" in line], done

@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.core.db import bookings
 from service.core.keys import event_keys
 from service.core.settings import Settings
-from service.durable.writebehind import WriteBehind, write
+from service.durable.bookingrows import write
+from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
 from tests.apiserver import Worker
 from tests.conftest import ADMIN, availability, create_event, eventually, worker_env

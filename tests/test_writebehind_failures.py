@@ -24,7 +24,8 @@ from service.core import schemas
 from service.core.db import booking_items, bookings
 from service.core.keys import OUTBOX_GROUP, event_keys
 from service.core.settings import Settings
-from service.durable.writebehind import WriteBehind, original_fields
+from service.durable.outbox import original_fields
+from service.durable.writebehind import WriteBehind
 from service.hotpath.context import Services
 from service.selling import sales
 from tests.apiserver import ApiServer, Worker

@@ -18,7 +18,6 @@ from service.core.timefmt import from_ms
 from service.durable import outbox
 from service.durable.live import ensure_loaded, live_event_ids
 from service.hotpath.context import Services
-from service.hotpath.scripts import LUA_DIR
 
 # A stream entry id; anything else names no dead letter (and never reaches Redis).
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -77,12 +76,14 @@ async def _not_found(svc: Services, event_id: str, dead_letter_id: str) -> error
 
 async def replay(svc: Services, event_id: str, dead_letter_id: str) -> None:
     """Move the dead letter back to the outbox, as the entry it was."""
-    keys = event_keys(event_id)
-    if _ENTRY_ID.fullmatch(dead_letter_id):
-        script = svc.redis.register_script((LUA_DIR / "replay_dead_letter.lua").read_text())
-        args: list[str | bytes] = [dead_letter_id, *outbox.DEAD_LETTER_META]
-        if await script(keys=[keys.deadletter, keys.outbox, keys.bookings], args=args):
-            return
+    if _ENTRY_ID.fullmatch(dead_letter_id) and await svc.scripts.call(
+        "replay_dead_letter",
+        event_id,
+        dead_letter_id,
+        *outbox.DEAD_LETTER_META,
+        extra_keys=(event_keys(event_id).deadletter,),
+    ):
+        return
     raise await _not_found(svc, event_id, dead_letter_id)
 
 

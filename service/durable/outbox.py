@@ -10,6 +10,9 @@ reconcile's repair. Fields:
 - `op` = `cancel`: `booking` is the booking id, `at` when it was cancelled (epoch ms).
 
 A dead letter is an entry plus the fields DEAD_LETTER_META.
+
+Also here, for whoever watches the outbox (the API's metrics, reconcile) without running
+the write-behind (service/durable/writebehind.py): how much of it waits, and since when.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from typing import Any
 
 import msgspec
 
+from service.core.keys import OUTBOX_GROUP, event_keys
 from service.core.records import BookingRecord, decode_booking
+from service.hotpath.context import Services
 
 Fields = dict[bytes, bytes]
+Entry = tuple[str, bytes, Fields]  # (event id, stream entry id, fields)
 
 CONFIRM = b"confirm"
 CANCEL = b"cancel"
@@ -87,3 +93,48 @@ def dead_letter(
 def original_fields(dead_letter: Fields) -> Fields:
     """The outbox entry a dead letter keeps, without what the dead letter added."""
     return {k: v for k, v in dead_letter.items() if k not in DEAD_LETTER_META}
+
+
+# --- the stream's state -------------------------------------------------------------------
+
+
+class OutboxState(msgspec.Struct, frozen=True):
+    backlog: int  # entries not yet written and acknowledged
+    oldest_ms: int | None  # when the oldest of them was appended (its stream id's time)
+    dead_letters: int
+
+
+async def outbox_state(svc: Services, event_id: str) -> OutboxState:
+    keys = event_keys(event_id)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.xinfo_groups(keys.outbox)
+    pipe.xpending(keys.outbox, OUTBOX_GROUP)
+    pipe.xlen(keys.deadletter)
+    groups, pending, dead = await pipe.execute(raise_on_error=False)
+    if isinstance(groups, Exception) or isinstance(pending, Exception):
+        # No stream or no group yet: no worker has seen the event, and every entry waits.
+        entries: Any = await svc.redis.xrange(keys.outbox, count=1)
+        backlog = await svc.redis.xlen(keys.outbox)
+        first = stream_id(entries[0][0])[0] if entries else None
+        return OutboxState(backlog, first, int(dead))
+    group = our_group(groups)
+    last = text(group["last-delivered-id"])
+    undelivered: Any = await svc.redis.xrange(keys.outbox, min=f"({last}", count=1)
+    firsts = [stream_id(pending["min"])[0]] if pending["pending"] else []
+    firsts += [stream_id(undelivered[0][0])[0]] if undelivered else []
+    backlog = pending["pending"] + (group.get("lag") or 0)
+    return OutboxState(backlog, min(firsts) if firsts else None, int(dead))
+
+
+def our_group(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The write-behind's entry in an XINFO GROUPS reply."""
+    return next(g for g in groups if text(g["name"]) == OUTBOX_GROUP)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def stream_id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = text(value).partition("-")
+    return int(ms), int(seq or 0)

@@ -1,8 +1,7 @@
 """The write-behind worker: outbox streams in Redis -> bookings in PostgreSQL.
 
 At-least-once delivery (a consumer group; XACK only after the commit) plus idempotent
-writes (INSERT ... ON CONFLICT DO NOTHING on the booking id, cancellation as an UPDATE
-that only moves confirmed to cancelled) give an exactly-once effect.
+writes (service/durable/bookingrows.py) give an exactly-once effect.
 
 Failures are told apart by where they come from: an entry that cannot be converted to rows
 is its own fault (dead-lettered at once), one PostgreSQL refuses is dead-lettered after
@@ -15,32 +14,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections import defaultdict
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import redis.exceptions
 from redis.asyncio import RedisCluster
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.core import bookingrules, errors, retries
-from service.core.db import driver
+from service.core import errors, retries
 from service.core.keys import OUTBOX_GROUP, event_keys, worker_alive
-from service.core.records import BookingRecord
 from service.core.timefmt import now_ms
 from service.durable import outbox
+from service.durable.bookingrows import Poison, Rows, convert, write_rows
 from service.durable.live import live_event_ids
+from service.durable.outbox import Entry, our_group, stream_id, text
 from service.hotpath.context import Services
 from service.hotpath.scripts import LUA_DIR
 
-_encode = msgspec.json.encode
-
 log = logging.getLogger("boxoffice.writebehind")
-
-
-Entry = tuple[str, bytes, dict[bytes, bytes]]  # (event id, stream entry id, fields)
 
 
 # New events' streams are found, and dead workers' entries taken over, this often; idle
@@ -53,193 +44,6 @@ RETRY_SECONDS = 0.5
 HEARTBEAT_SECONDS = 1.0
 # On a cluster nothing blocks across streams: an empty read waits this long before the next.
 CLUSTER_POLL_SECONDS = 0.05
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _ts(ms: int | bytes) -> datetime:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC)
-
-
-# Whole batches as arrays, one statement per table: a round trip and a plan per batch,
-# however many rows, and no per-row work in the database driver.
-_INSERT_BOOKINGS = """
-INSERT INTO bookings (booking_id, event_id, hold_id, customer_id, status, total, currency,
-                      payment_ref, seats, confirmed_at)
-SELECT b, e, h, c, 'confirmed', t, cu, pr, ARRAY(SELECT jsonb_array_elements_text(s::jsonb)), ca
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::text[],
-            $8::text[], $9::timestamptz[]) AS u(b, e, h, c, t, cu, pr, s, ca)
-ON CONFLICT DO NOTHING
-"""
-_INSERT_ITEMS = """
-INSERT INTO booking_items (booking_id, category, position, quantity, tickets)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::int4[], $5::int4[])
-ON CONFLICT DO NOTHING
-"""
-# Only a confirmed booking becomes cancelled: a replayed cancellation changes nothing.
-_CANCEL = """
-UPDATE bookings SET status = 'cancelled', cancelled_at = u.at
-FROM unnest($1::uuid[], $2::timestamptz[]) AS u(b, at)
-WHERE booking_id = u.b AND status = 'confirmed'
-"""
-
-
-class Poison(Exception):
-    """An outbox entry that can never be written as it is: its own fault, not a server's."""
-
-
-class Rows(msgspec.Struct):
-    """One entry as the rows of the batch statements (and a confirmation's record, for
-    the catalog's check)."""
-
-    booking: tuple[Any, ...] | None = None
-    items: list[tuple[Any, ...]] = []
-    cancel: tuple[Any, ...] | None = None
-    event_id: str = ""
-    record: BookingRecord | None = None
-
-
-def _convert(fields: dict[bytes, bytes], event_id: str) -> Rows:
-    change = outbox.decode(fields)
-    if isinstance(change, outbox.Cancel):
-        return Rows(cancel=(uuid.UUID(change.booking_id), _ts(change.at_ms)))
-    b = change.booking
-    if (why := bookingrules.shape(b)) is not None:
-        raise ValueError(why)
-    booking_id = uuid.UUID(b.id)
-    booking = (
-        booking_id,
-        event_id,
-        b.hold_id,
-        b.customer_id,
-        b.total_cents,
-        b.currency,
-        b.payment_ref,
-        _encode(b.seats).decode(),
-        _ts(b.created_ms),
-    )
-    asked = dict(b.items)
-    order = [c for c, _ in b.items] + sorted(set(b.quantities) - set(asked))
-    items = [(booking_id, c, i, asked.get(c, 0), b.quantities[c]) for i, c in enumerate(order)]
-    return Rows(booking=booking, items=items, event_id=event_id, record=b)
-
-
-def convert(entry: Entry) -> Rows:
-    """The rows of one entry, before any server is asked: whatever fails here (malformed
-    JSON, a missing field, an unknown op, a time out of range) is the entry's own fault,
-    whatever Python type the failure has, and trying again cannot help."""
-    try:
-        return _convert(entry[2], entry[0])
-    except Exception as e:  # no I/O above: nothing here is a server's failure
-        # `from None`: an OSError inside must not make the chain look like a server away.
-        raise Poison(f"{type(e).__name__}: {e}") from None
-
-
-def _append(columns: list[list[Any]], values: tuple[Any, ...]) -> None:
-    for column, value in zip(columns, values, strict=True):
-        column.append(value)
-
-
-async def _refusals(raw: Any, batch: list[Rows]) -> list[str | None]:
-    """Why the catalog refuses each entry (bookingrules); None for one it allows."""
-    confirms = [(i, r.event_id, r.record) for i, r in enumerate(batch) if r.record is not None]
-    why = await bookingrules.refusals(raw, [(e, b) for _, e, b in confirms])
-    out: list[str | None] = [None] * len(batch)
-    for (i, _, _), reason in zip(confirms, why, strict=True):
-        out[i] = None if reason is None else f"refused: {reason}"
-    return out
-
-
-async def _insert(raw: Any, batch: list[Rows]) -> None:
-    rows: list[list[Any]] = [[] for _ in range(9)]
-    items: list[list[Any]] = [[] for _ in range(5)]
-    cancels: list[list[Any]] = [[], []]
-    for entry in batch:
-        if entry.booking is not None:
-            _append(rows, entry.booking)
-        for item in entry.items:
-            _append(items, item)
-        if entry.cancel is not None:
-            _append(cancels, entry.cancel)
-    if rows[0]:
-        await raw.execute(_INSERT_BOOKINGS, *rows)
-        await raw.execute(_INSERT_ITEMS, *items)
-    if cancels[0]:
-        await raw.execute(_CANCEL, *cancels)
-
-
-async def write_rows(conn: AsyncConnection, batch: list[Rows]) -> list[str | None]:
-    """Write converted entries in the caller's transaction, each that the event's catalog
-    allows; returns why each of the others was refused (None: written). One entry's
-    fault is that entry's alone: the rest of the batch is written."""
-    raw = await driver(conn)
-    # SQLAlchemy begins its transaction only when it runs a statement itself: the driver's
-    # statements alone would each commit on their own, and a crash between two of them
-    # would leave bookings without their items.
-    async with raw.transaction():
-        refused = await _refusals(raw, batch)
-        await _insert(raw, [r for r, why in zip(batch, refused, strict=True) if why is None])
-    return refused
-
-
-async def write(conn: AsyncConnection, entries: list[Entry]) -> None:
-    """Write a batch of outbox entries in the caller's transaction; Poison for an entry
-    that cannot be converted or that the catalog refuses (nothing is written then)."""
-    batch = [convert(e) for e in entries]
-    raw = await driver(conn)
-    async with raw.transaction():
-        refused = [why for why in await _refusals(raw, batch) if why is not None]
-        if refused:
-            raise Poison(refused[0])
-        await _insert(raw, batch)
-
-
-class OutboxState(msgspec.Struct, frozen=True):
-    backlog: int  # entries not yet written and acknowledged
-    oldest_ms: int | None  # when the oldest of them was appended (its stream id's time)
-    dead_letters: int
-
-
-async def outbox_state(svc: Services, event_id: str) -> OutboxState:
-    keys = event_keys(event_id)
-    pipe = svc.redis.pipeline(transaction=False)
-    pipe.xinfo_groups(keys.outbox)
-    pipe.xpending(keys.outbox, OUTBOX_GROUP)
-    pipe.xlen(keys.deadletter)
-    groups, pending, dead = await pipe.execute(raise_on_error=False)
-    if isinstance(groups, Exception) or isinstance(pending, Exception):
-        # No stream or no group yet: no worker has seen the event, and every entry waits.
-        entries: Any = await svc.redis.xrange(keys.outbox, count=1)
-        backlog = await svc.redis.xlen(keys.outbox)
-        first = stream_id(entries[0][0])[0] if entries else None
-        return OutboxState(backlog, first, int(dead))
-    group = _our_group(groups)
-    last = group["last-delivered-id"]
-    last = last.decode() if isinstance(last, bytes) else last
-    undelivered: Any = await svc.redis.xrange(keys.outbox, min=f"({last}", count=1)
-    firsts = [stream_id(pending["min"])[0]] if pending["pending"] else []
-    firsts += [stream_id(undelivered[0][0])[0]] if undelivered else []
-    backlog = pending["pending"] + (group.get("lag") or 0)
-    return OutboxState(backlog, min(firsts) if firsts else None, int(dead))
-
-
-def _our_group(groups: list[dict[str, Any]]) -> dict[str, Any]:
-    """The write-behind's entry in an XINFO GROUPS reply."""
-    return next(g for g in groups if g["name"] in (OUTBOX_GROUP, OUTBOX_GROUP.encode()))
-
-
-def stream_id(value: bytes | str) -> tuple[int, int]:
-    text = value.decode() if isinstance(value, bytes) else value
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-# Kept here too: older callers (and tests) import them from the write-behind.
-DEAD_LETTER_META = outbox.DEAD_LETTER_META
-original_fields = outbox.original_fields
-entry_booking_id = outbox.booking_id
 
 
 class _Failures(msgspec.Struct):
@@ -581,7 +385,7 @@ class WriteBehind:
         # reads in between lies above that id and is kept. Below both, every entry was
         # delivered and is no longer pending: acknowledged.
         groups: Any = await self.svc.redis.xinfo_groups(stream)
-        floor = stream_id(_our_group(groups)["last-delivered-id"])
+        floor = stream_id(our_group(groups)["last-delivered-id"])
         summary: Any = await self.svc.redis.xpending(stream, OUTBOX_GROUP)
         if summary["pending"]:
             floor = min(floor, stream_id(summary["min"]))

@@ -35,7 +35,11 @@ NAMES = (
     "load",
     "load_seats",
     "load_bookings",
-    "repair",
+    "repair_expire",
+    "repair_claims",
+    "repair_seats",
+    "repair_read",
+    "repair_adjust",
     "check_seats",
     "queue_join",
     "queue_state",
@@ -47,6 +51,7 @@ NAMES = (
     "live",
     "archive",
     "join_outbox",
+    "replay_dead_letter",
 )
 
 NOT_LOADED = b'{"err":"not_loaded"}'
@@ -282,7 +287,7 @@ class Scripts:
 # something keeps flushing the scripts.
 _LOADS = 3
 # Scripts that change nothing.
-_READS = frozenset({"view", "seats", "check_seats", "queue_figures"})
+_READS = frozenset({"view", "seats", "check_seats", "queue_figures", "repair_read"})
 # The stats field (lua/lib.lua) a durable script counts in.
 _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 

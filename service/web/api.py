@@ -49,7 +49,7 @@ from litestar.utils import normalize_path
 
 from service.core import errors, schemas
 from service.core.settings import Settings
-from service.durable import archive, deadletters, reconcile
+from service.durable import archive, deadletters, findings, reconcile
 from service.hotpath import ratelimit
 from service.hotpath.context import Services
 from service.hotpath.scripts import Idempotency
@@ -860,7 +860,7 @@ async def cancel_booking(
 )
 async def reconcile_event(
     request: Request[Any, Any, Any], event_id: EventIdParam
-) -> reconcile.Report:
+) -> findings.Report:
     """Does Redis agree with PostgreSQL? The report of `boxoffice reconcile --event ID
     --json`; read-only (repairing is the command's `--repair`)."""
     report = await reconcile.reconcile(_svc(request), _event(event_id))

@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.core import errors, schemas
 from service.core.keys import event_keys
 from service.durable.live import live_event_ids
-from service.durable.writebehind import outbox_state
+from service.durable.outbox import outbox_state
 from service.hotpath import replicas
 from service.hotpath.context import RedisClient, Services, execute_timed
 from service.selling import waitingroom
