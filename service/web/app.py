@@ -28,7 +28,7 @@ from service.core.settings import Settings
 from service.hotpath import ratelimit
 from service.hotpath.context import Services
 from service.web import bodies, customers, docsui, lane, livefeed, metrics, problems, started
-from service.web.asking import SERVICES
+from service.web.asking import Asked
 from service.web.door import add_rate_headers, customer_door, door
 from service.web.openapi import document
 from service.web.routes import admin, operations, queue, sales
@@ -128,13 +128,12 @@ def create_app(settings: Settings, lean: bool | None = None) -> Litestar:
             admin.router(),
             *operations.routers(),
         ],
-        dependencies=SERVICES,
         lifespan=[_lifespan(settings, stats)],
         on_startup=[document],
         before_request=door if verifier is None else customer_door(verifier),
         before_send=[add_rate_headers],
         dto=StrictJSON,
-        request_class=bodies.Request,
+        request_class=Asked,
         request_max_body_size=settings.max_body_bytes,
         exception_handlers=problems.handlers(settings.max_body_bytes),
         openapi_config=_openapi_config(),

@@ -1,4 +1,4 @@
-"""What a route reads of a request: the services, the event id, a header, the
+"""What a route reads of a request: the process's Services, the event id, a header, the
 Idempotency-Key. For the Litestar handlers (service/web/routes/) and the lean lane
 (service/web/lane.py) alike."""
 
@@ -7,16 +7,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Protocol
 
-from litestar import Litestar
-from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
-from litestar.params import Parameter, SkipValidation
+from litestar.params import Parameter
 
 from service.core import errors
 from service.hotpath.context import Services
 from service.hotpath.scripts import Idempotency
 from service.selling import idempotency
-from service.web import customers
+from service.web import bodies, customers
 
 _EVENT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
@@ -25,30 +22,38 @@ EventIdParam = Annotated[
 ]
 
 
-class Asking(Protocol):
-    """What the hot routes' code reads of a request: Litestar's Request, or the lean
-    lane's (service/web/lane.py), which serves those routes without Litestar."""
+class Scoped(Protocol):
+    """Any request: Litestar's, or the lean lane's (service/web/lane.py)."""
 
     @property
     def scope(self) -> Any: ...
-    @property
-    def app(self) -> Litestar: ...
+
+
+class Asking(Scoped, Protocol):
+    """What the hot routes' code reads of a request: Litestar's Request (Asked), or the
+    lean lane's, which serves those routes without Litestar."""
+
     @property
     def method(self) -> str: ...
     @property
     def url(self) -> Any: ...
+    @property
+    def svc(self) -> Services: ...
     async def body(self) -> bytes: ...
 
 
-def _services(state: State) -> Services:
-    svc: Services = state.svc  # opened by the app's lifespan (service/web/app.py)
-    return svc
+class Asked(bodies.Request):
+    """The app's Request (its request_class): bodies.Request, and the Services that the
+    app's lifespan opened (service/web/app.py) as `request.svc`. Not a Litestar dependency:
+    resolving one costs a route served by Litestar about 8 us of its 50-100 (measured with
+    loadtest/bench_app.py: sold_out, read, poll through Litestar)."""
 
+    __slots__ = ()
 
-# The app's one dependency: a handler's `svc: Svc` is the process's Services (taken as it
-# is: the signature model cannot convert it, and need not).
-SERVICES = {"svc": Provide(_services, sync_to_thread=False)}
-Svc = NamedDependency[SkipValidation[Services]]
+    @property
+    def svc(self) -> Services:
+        svc: Services = self.app.state.svc
+        return svc
 
 
 def event(event_id: str) -> str:
@@ -66,7 +71,7 @@ def known(svc: Services, event_id: str) -> str:
     return event_id
 
 
-def header(request: Asking, name: bytes) -> str | None:
+def header(request: Scoped, name: bytes) -> str | None:
     """A request header of the hot routes, found without Litestar's Headers (built per
     request, a twentieth of a hold's CPU). These headers are documented by
     service/web/openapi.py `document`."""

@@ -29,6 +29,7 @@ from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 from service.core import errors, schemas
 from service.core.settings import Settings
 from service.hotpath import ratelimit
+from service.hotpath.context import Services
 from service.web import bodies, customers, door, problems, strictjson
 from service.web.answers import Answer
 from service.web.routes import queue, sales
@@ -56,6 +57,11 @@ class Call:
         self._body = body
 
     @property
+    def svc(self) -> Services:
+        svc: Services = self.app.state.svc
+        return svc
+
+    @property
     def method(self) -> str:
         method: str = self.scope["method"]
         return method
@@ -70,8 +76,8 @@ class Call:
 
 
 # A route: its template (for the metrics), its path parameters' names, whether it reads a
-# body, and the route function that does its work (given the Services, the Call, the path
-# parameters and the body).
+# body, and the route function that does its work (given the Call, the path parameters and
+# the body).
 Work = Callable[..., Awaitable[Response[Any] | None]]
 
 
@@ -234,11 +240,10 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                         await handed_back(scope, read, receive, raw_send)
                         return
                     call._body = raw
-                svc = app.state.svc
                 if route.body is None:
-                    answer = await route.work(svc, call, *params)
+                    answer = await route.work(call, *params)
                 else:
-                    answer = await route.work(svc, call, *params, data)
+                    answer = await route.work(call, *params, data)
             except errors.BoxofficeError as e:
                 answer = problems.problem(call, e)
             except bodies.ClientGone:

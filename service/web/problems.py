@@ -15,7 +15,7 @@ from litestar.utils import normalize_path
 from service.core import errors
 from service.web import answers, bodies, metrics
 from service.web.answers import Answer, DrainFirst
-from service.web.asking import Asking
+from service.web.asking import Scoped
 from service.web.strictjson import plain
 
 log = logging.getLogger("boxoffice.api")
@@ -34,7 +34,7 @@ _HTTP_ERRORS: dict[int, type[errors.BoxofficeError]] = {
 
 
 def problem(
-    request: Asking,
+    request: Scoped,
     exc: errors.BoxofficeError,
     answer: type[Answer[Any]] = Answer,
 ) -> Answer[Any]:
@@ -120,7 +120,7 @@ def on_client_gone(request: Request[Any, Any, Any], exc: bodies.ClientGone) -> R
     return Response(None, status_code=CLIENT_GONE)
 
 
-def on_crash(request: Asking, exc: Exception) -> Response[Any]:
+def on_crash(request: Scoped, exc: Exception) -> Response[Any]:
     # Driver errors that escaped the boundary mean Redis or PostgreSQL is unreachable.
     if errors.unavailable(exc):
         log.warning("backend unavailable: %r", exc)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from litestar import Request, Response, Router, delete, get, patch, post
+from litestar import Response, Router, delete, get, patch, post
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
@@ -15,7 +15,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from service.core import errors, schemas
 from service.durable import archive, deadletters, reconcile
 from service.selling import bookings, catalog, idempotency, waitingroom
-from service.web.asking import EventIdParam, Svc, event, idempotency_of
+from service.web.asking import Asked, EventIdParam, event, idempotency_of
 from service.web.door import rate_limit
 from service.web.openapi import location, problems
 
@@ -69,8 +69,9 @@ def router() -> Router:
     ),
 )
 async def create_event(
-    request: Request[Any, Any, Any], svc: Svc, data: JSONBody[schemas.EventCreate]
+    request: Asked, data: JSONBody[schemas.EventCreate]
 ) -> Response[schemas.Event]:
+    svc = request.svc
     response = await idempotency.once(
         svc, await idempotency_of(request), 201, lambda: catalog.create_event(svc, data)
     )
@@ -92,11 +93,11 @@ async def create_event(
     ),
 )
 async def patch_event(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     data: JSONBody[schemas.EventPatch],
 ) -> Response[schemas.Event]:
+    svc = request.svc
     return await idempotency.once(
         svc,
         await idempotency_of(request),
@@ -107,7 +108,7 @@ async def patch_event(
 
 @get("/{event_id:str}/bookings", responses=problems(errors.Unauthorized, errors.EventNotFound))
 async def list_bookings(
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     status: FromQuery[schemas.BookingStatus | None] = None,
     customer_id: FromQuery[str | None] = None,
@@ -115,7 +116,9 @@ async def list_bookings(
     cursor: Annotated[str | None, Parameter(description="`next_cursor` of the page before")] = None,
 ) -> schemas.BookingPage:
     """Bookings as PostgreSQL has them, in booking (time) order."""
-    return await bookings.list_bookings(svc, event(event_id), status, customer_id, limit, cursor)
+    return await bookings.list_bookings(
+        request.svc, event(event_id), status, customer_id, limit, cursor
+    )
 
 
 @delete(
@@ -129,20 +132,21 @@ async def list_bookings(
     ),
 )
 async def cancel_booking(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     booking_id: FromPath[str],
 ) -> None:
     """Cancel (refund): the tickets are on sale again at once; PostgreSQL follows."""
-    await bookings.cancel_booking(svc, event(event_id), booking_id, await idempotency_of(request))
+    await bookings.cancel_booking(
+        request.svc, event(event_id), booking_id, await idempotency_of(request)
+    )
 
 
 @get("/{event_id:str}/reconcile", responses=problems(errors.Unauthorized, errors.EventNotFound))
-async def reconcile_event(svc: Svc, event_id: EventIdParam) -> reconcile.Report:
+async def reconcile_event(request: Asked, event_id: EventIdParam) -> reconcile.Report:
     """Does Redis agree with PostgreSQL? The report of `boxoffice reconcile --event ID
     --json`; read-only (repairing is the command's `--repair`)."""
-    report = await reconcile.reconcile(svc, event(event_id))
+    report = await reconcile.reconcile(request.svc, event(event_id))
     if not report.events:
         raise errors.EventNotFound(f"no event {event_id!r}")
     return report
@@ -159,9 +163,7 @@ async def reconcile_event(svc: Svc, event_id: EventIdParam) -> reconcile.Report:
         errors.IdempotencyKeyReused,
     ),
 )
-async def archive_event(
-    request: Request[Any, Any, Any], svc: Svc, event_id: EventIdParam
-) -> Response[schemas.ArchiveState]:
+async def archive_event(request: Asked, event_id: EventIdParam) -> Response[schemas.ArchiveState]:
     """Take an event that is over (closed, or started more than
     `BOXOFFICE_ARCHIVE_AFTER_SECONDS` ago, or reopened that long ago) out of Redis now:
     its outbox is written to PostgreSQL here, and its live state goes at once if no hold
@@ -170,16 +172,17 @@ async def archive_event(
     are read from PostgreSQL without loading it back; `PATCH` `{"status": "on_sale"}`
     brings it back. Hold records of an archived event are gone (`hold_not_found`);
     Idempotency-Key records stay until their TTL."""
+    svc = request.svc
     return await idempotency.once(
         svc, await idempotency_of(request), 202, lambda: archive.ask(svc, event(event_id))
     )
 
 
 @get("/{event_id:str}/queue", responses=problems(errors.Unauthorized, errors.EventNotFound))
-async def queue_figures(svc: Svc, event_id: EventIdParam) -> schemas.QueueStats:
+async def queue_figures(request: Asked, event_id: EventIdParam) -> schemas.QueueStats:
     """The waiting room now: tickets waiting, admitted (the frontier, in ranks), passes
     not yet expired. All zero, and `admit_per_minute` null, for an event without one."""
-    return await waitingroom.figures(svc, event(event_id))
+    return await waitingroom.figures(request.svc, event(event_id))
 
 
 _DEAD_LETTER_ERRORS = (
@@ -192,9 +195,9 @@ _DEAD_LETTER_ERRORS = (
 
 
 @get("/{event_id:str}/dead-letters", responses=problems(errors.Unauthorized, errors.EventNotFound))
-async def list_dead_letters(svc: Svc, event_id: EventIdParam) -> deadletters.DeadLetterList:
+async def list_dead_letters(request: Asked, event_id: EventIdParam) -> deadletters.DeadLetterList:
     """Outbox entries that failed to reach PostgreSQL again and again, oldest first."""
-    return await deadletters.list_dead_letters(svc, event(event_id))
+    return await deadletters.list_dead_letters(request.svc, event(event_id))
 
 
 @post(
@@ -203,13 +206,13 @@ async def list_dead_letters(svc: Svc, event_id: EventIdParam) -> deadletters.Dea
     responses=problems(*_DEAD_LETTER_ERRORS),
 )
 async def replay_dead_letter(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     dead_letter_id: FromPath[str],
 ) -> Response[None]:
     """Put the entry back in the outbox (after fixing its cause): the write-behind writes
     it again, and dead-letters it again if it still fails."""
+    svc = request.svc
     return await idempotency.once(
         svc,
         await idempotency_of(request),
@@ -222,13 +225,13 @@ async def replay_dead_letter(
     "/{event_id:str}/dead-letters/{dead_letter_id:str}", responses=problems(*_DEAD_LETTER_ERRORS)
 )
 async def discard_dead_letter(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     dead_letter_id: FromPath[str],
 ) -> Response[None]:
     """Drop the entry for good. Reconcile then reports its booking as drift until
     `boxoffice reconcile --repair` writes it from what Redis has (if PostgreSQL takes it)."""
+    svc = request.svc
     return await idempotency.once(
         svc,
         await idempotency_of(request),

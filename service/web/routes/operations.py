@@ -13,7 +13,7 @@ from litestar.types import ControllerRouterHandler
 
 from service.core import errors, schemas
 from service.web import dashboard, livefeed, metrics
-from service.web.asking import EventIdParam, Svc, event
+from service.web.asking import Asked, EventIdParam, event
 from service.web.openapi import problems
 from service.web.routes.admin import ADMIN
 
@@ -33,16 +33,16 @@ async def health() -> schemas.Health:
 
 
 @get("/ready", responses={**problems(backends=False), 503: ResponseSpec(schemas.Readiness)})
-async def ready(svc: Svc) -> Response[schemas.Readiness]:
-    state = await metrics.readiness(svc)
+async def ready(request: Asked) -> Response[schemas.Readiness]:
+    state = await metrics.readiness(request.svc)
     if state.missing:
         return Response(state, status_code=503, headers=dict(errors.Unavailable.always))
     return Response(state)
 
 
 @get("/metrics", media_type="text/plain; version=0.0.4", responses=problems(backends=False))
-async def metrics_route(svc: Svc) -> bytes:
-    return await metrics.render(svc)
+async def metrics_route(request: Asked) -> bytes:
+    return await metrics.render(request.svc)
 
 
 @get(

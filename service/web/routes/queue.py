@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Request, Response, Router, delete, get, post
+from litestar import Response, Router, delete, get, post
 from litestar.params import JSONBody, Parameter
 
 from service.core import errors, schemas
-from service.hotpath.context import Services
 from service.selling import waitingroom
 from service.web import customers
 from service.web.answers import Answer
-from service.web.asking import Asking, EventIdParam, Svc, idempotency_of, known
+from service.web.asking import Asked, Asking, EventIdParam, idempotency_of, known
 from service.web.openapi import location, problems
 from service.web.problems import problem
 
@@ -51,9 +50,10 @@ _JOIN_ROUTE: dict[str, Any] = {
 
 
 async def join(
-    svc: Services, request: Asking, event_id: str, data: schemas.QueueJoin
+    request: Asking, event_id: str, data: schemas.QueueJoin
 ) -> Response[schemas.QueueTicket]:
     """The join route's work, for Litestar's handlers below and the lean lane alike."""
+    svc = request.svc
     customer = customers.body_customer(request, data.customer_id) or data.customer_id
     try:
         idem = await idempotency_of(request)
@@ -66,29 +66,27 @@ async def join(
 
 @post(**_JOIN_ROUTE)
 async def join_queue(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     data: JSONBody[schemas.QueueJoin],
 ) -> Response[schemas.QueueTicket]:
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
     put in a uniformly random order at that moment, ahead of later arrivals."""
-    return await join(svc, request, event_id, data)
+    return await join(request, event_id, data)
 
 
 # The same route when customer tokens are on: the body may leave `customer_id` out.
 @post(**_JOIN_ROUTE)
 async def join_customer_queue(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     data: JSONBody[schemas.CustomerQueueJoin],
 ) -> Response[schemas.QueueTicket]:
     """Join the event's waiting room. The same customer joining again gets the same
     ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
     put in a uniformly random order at that moment, ahead of later arrivals."""
-    return await join(svc, request, event_id, data)
+    return await join(request, event_id, data)
 
 
 @get(
@@ -96,18 +94,17 @@ async def join_customer_queue(
     responses=problems(errors.Unauthorized, errors.EventNotFound, errors.TicketNotFound),
 )
 async def poll_queue(
-    request: Request[Any, Any, Any], svc: Svc, event_id: EventIdParam, ticket: TicketParam
+    request: Asked, event_id: EventIdParam, ticket: TicketParam
 ) -> Response[schemas.QueueTicket]:
     """The ticket now. Once `admitted` it carries the pass that holds need; ask again
     after `poll_after_seconds` until then. Answered from the signed ticket and the API
     process's view of the room (at most a quarter second old): a leave, a sell-out or
     returned stock shows on every process within a second."""
-    return await poll(svc, request, event_id, ticket)
+    return await poll(request, event_id, ticket)
 
 
-async def poll(
-    svc: Services, request: Asking, event_id: str, ticket: str
-) -> Response[schemas.QueueTicket]:
+async def poll(request: Asking, event_id: str, ticket: str) -> Response[schemas.QueueTicket]:
+    svc = request.svc
     try:
         found = await waitingroom.poll(svc, known(svc, event_id), ticket, customers.of(request))
     except errors.BoxofficeError as e:
@@ -125,11 +122,10 @@ async def poll(
         errors.RateLimited,
     ),
 )
-async def leave_queue(
-    request: Request[Any, Any, Any], svc: Svc, event_id: EventIdParam, ticket: TicketParam
-) -> None:
+async def leave_queue(request: Asked, event_id: EventIdParam, ticket: TicketParam) -> None:
     """Leave the waiting room (again: `204`, nothing changes). An admitted ticket's pass
     stays valid until it expires."""
+    svc = request.svc
     await waitingroom.leave(
         svc, known(svc, event_id), ticket, await idempotency_of(request), customers.of(request)
     )

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Request, Response, Router, delete, get, post
+from litestar import Response, Router, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 
 from service.core import errors, schemas
-from service.hotpath.context import Services
 from service.selling import bookings, catalog, sales, waitingroom
 from service.web import customers
 from service.web.answers import Answer
-from service.web.asking import Asking, EventIdParam, Svc, header, idempotency_of, known
+from service.web.asking import Asked, Asking, EventIdParam, header, idempotency_of, known
 from service.web.openapi import location, problems
 from service.web.problems import problem
 
@@ -52,18 +51,19 @@ def router(tokens: bool) -> Router:
 
 
 @get("/", responses=problems())
-async def list_events(svc: Svc) -> schemas.EventList:
-    return await catalog.list_events(svc)
+async def list_events(request: Asked) -> schemas.EventList:
+    return await catalog.list_events(request.svc)
 
 
 @get("/{event_id:str}", responses=problems(errors.EventNotFound))
-async def get_event(svc: Svc, event_id: EventIdParam) -> Response[schemas.Event]:
+async def get_event(request: Asked, event_id: EventIdParam) -> Response[schemas.Event]:
+    svc = request.svc
     return Answer(await catalog.view_event(svc, known(svc, event_id)))
 
 
 @get("/{event_id:str}/seats", responses=problems(errors.EventNotFound, errors.UnknownCategory))
 async def list_seats(
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     category: Annotated[
         str | None, Parameter(min_length=1, description="Only this category")
@@ -76,6 +76,7 @@ async def list_seats(
 ) -> schemas.SeatList:
     """The seat map in seat order, a page at a time. With `status`, a page may hold fewer
     than `limit` seats (even none) and still have a `next_cursor`: follow it to the end."""
+    svc = request.svc
     return await sales.list_seats(svc, known(svc, event_id), category, status, limit, cursor)
 
 
@@ -105,10 +106,9 @@ _HOLD_ROUTE: dict[str, Any] = {
 }
 
 
-async def hold(
-    svc: Services, request: Asking, event_id: str, data: schemas.HoldCreate
-) -> Response[schemas.Hold]:
+async def hold(request: Asking, event_id: str, data: schemas.HoldCreate) -> Response[schemas.Hold]:
     """The hold route's work, for Litestar's handlers below and the lean lane alike."""
+    svc = request.svc
     customer = customers.body_customer(request, data.customer_id)
     if customer is not None:
         data.customer_id = customer
@@ -130,23 +130,21 @@ async def hold(
 
 @post(**_HOLD_ROUTE)
 async def create_hold(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     data: JSONBody[schemas.HoldCreate],
 ) -> Response[schemas.Hold]:
-    return await hold(svc, request, event_id, data)
+    return await hold(request, event_id, data)
 
 
 # The same route when customer tokens are on: the body may leave `customer_id` out.
 @post(**_HOLD_ROUTE)
 async def create_customer_hold(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     data: JSONBody[schemas.CustomerHoldCreate],
 ) -> Response[schemas.Hold]:
-    return await hold(svc, request, event_id, data)
+    return await hold(request, event_id, data)
 
 
 @get(
@@ -154,14 +152,13 @@ async def create_customer_hold(
     responses=problems(errors.Unauthorized, errors.EventNotFound, errors.HoldNotFound),
 )
 async def get_hold(
-    request: Request[Any, Any, Any], svc: Svc, event_id: EventIdParam, hold_id: FromPath[str]
+    request: Asked, event_id: EventIdParam, hold_id: FromPath[str]
 ) -> Response[schemas.Hold]:
-    return await read_hold(svc, request, event_id, hold_id)
+    return await read_hold(request, event_id, hold_id)
 
 
-async def read_hold(
-    svc: Services, request: Asking, event_id: str, hold_id: str
-) -> Response[schemas.Hold]:
+async def read_hold(request: Asking, event_id: str, hold_id: str) -> Response[schemas.Hold]:
+    svc = request.svc
     return Answer(await sales.get_hold(svc, known(svc, event_id), hold_id, customers.of(request)))
 
 
@@ -180,18 +177,18 @@ async def read_hold(
     ),
 )
 async def confirm_hold(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     hold_id: FromPath[str],
     data: JSONBody[schemas.HoldConfirm | None] = None,
 ) -> Response[schemas.Booking]:
-    return await confirm(svc, request, event_id, hold_id, data)
+    return await confirm(request, event_id, hold_id, data)
 
 
 async def confirm(
-    svc: Services, request: Asking, event_id: str, hold_id: str, data: schemas.HoldConfirm | None
+    request: Asking, event_id: str, hold_id: str, data: schemas.HoldConfirm | None
 ) -> Response[schemas.Booking]:
+    svc = request.svc
     booking = await sales.confirm_hold(
         svc,
         known(svc, event_id),
@@ -214,13 +211,12 @@ async def confirm(
         errors.RateLimited,
     ),
 )
-async def release_hold(
-    request: Request[Any, Any, Any], svc: Svc, event_id: EventIdParam, hold_id: FromPath[str]
-) -> None:
-    await release(svc, request, event_id, hold_id)
+async def release_hold(request: Asked, event_id: EventIdParam, hold_id: FromPath[str]) -> None:
+    await release(request, event_id, hold_id)
 
 
-async def release(svc: Services, request: Asking, event_id: str, hold_id: str) -> None:
+async def release(request: Asking, event_id: str, hold_id: str) -> None:
+    svc = request.svc
     await sales.release_hold(
         svc, known(svc, event_id), hold_id, await idempotency_of(request), customers.of(request)
     )
@@ -234,11 +230,11 @@ async def release(svc: Services, request: Asking, event_id: str, hold_id: str) -
     responses=problems(errors.Unauthorized, errors.EventNotFound, errors.BookingNotFound),
 )
 async def get_booking(
-    request: Request[Any, Any, Any],
-    svc: Svc,
+    request: Asked,
     event_id: EventIdParam,
     booking_id: FromPath[str],
 ) -> Response[schemas.Booking]:
+    svc = request.svc
     booking = await bookings.get_booking(
         svc, known(svc, event_id), booking_id, customers.of(request)
     )
