@@ -42,7 +42,7 @@ from litestar import Litestar
 from loadtest import twin
 from loadtest.bench_worker import ready_bench_database
 from service.core.settings import Settings
-from service.web.api import create_app
+from service.web.app import create_app
 from tests.servers import RedisServer
 
 HOLD = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'

@@ -56,7 +56,7 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     share_pass_secret(settings)
     try:
         Server(
-            "service.web.api:create_app_from_env",
+            "service.web.app:create_app_from_env",
             started_dir=state / "started",
             factory=True,
             address=settings.host,

@@ -25,7 +25,7 @@ import pytest
 
 from service.core.settings import Settings
 from service.selling import passes
-from service.web.api import create_app
+from service.web.app import create_app
 from tests.conftest import ADMIN_TOKEN
 
 Head = list[tuple[bytes, bytes]]

@@ -39,7 +39,8 @@ def _imports(path: Path) -> set[str]:
     found: set[str] = set()
     for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("service"):
-            if node.module in ["service", *(f"service.{w}" for w in WINGS)]:
+            # `from <package> import <module>`: the module (a package's __init__ is empty).
+            if (SERVICE.parent / node.module.replace(".", "/")).is_dir():
                 found.update(f"{node.module}.{alias.name}" for alias in node.names)
             else:
                 found.add(node.module)

@@ -20,7 +20,7 @@ from service.core.settings import Settings
 from service.durable import live
 from service.hotpath import eventids
 from service.hotpath.context import Services
-from service.web import api
+from service.web.app import create_app
 from tests.conftest import ADMIN, create_event, event_body, new_event_id, on_redis
 from tests.servers import LocalCluster
 
@@ -44,7 +44,7 @@ class App:
 
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[App]:
-    litestar = api.create_app(settings)
+    litestar = create_app(settings)
     async with AsyncTestClient(litestar) as http:
         app = App(litestar, http)
         assert await app.svc.event_ids.wait_fresh(10), "the event ids were never read"
@@ -148,7 +148,7 @@ async def test_on_a_cluster(cluster: LocalCluster, settings: Settings) -> None:
     """The channel on a Redis Cluster: PUBLISH reaches every node, the subscriber listens
     on one; two processes' apps, one creates, the other knows the id at once."""
     csettings = on_redis(settings, cluster.url)
-    first, second = api.create_app(csettings), api.create_app(csettings)
+    first, second = create_app(csettings), create_app(csettings)
     async with AsyncTestClient(first) as one, AsyncTestClient(second) as two:
         svc_one: Services = first.state.svc
         svc_two: Services = second.state.svc

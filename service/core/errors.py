@@ -1,4 +1,4 @@
-"""The domain error tree. One handler (service/web/api.py) turns these into problem details."""
+"""The domain error tree. One handler (service/web/problems.py) turns these into problem details."""
 
 from __future__ import annotations
 

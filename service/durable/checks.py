@@ -374,7 +374,7 @@ async def _check_seats(
     first, built = 0, False
     while first >= 0:
         args = (first, SEATS_PER_CALL, RECORDS_PER_CALL)
-        reply = await svc.scripts.call("check_seats", event_id, *args, extra_keys=order)
+        reply = await svc.scripts.call_event("check_seats", event_id, *args, extra_keys=order)
         if reply == NO_ORDER and not built:  # loaded by an earlier version: build the list
             await live.load_seat_order(svc, event_id)
             built = True

@@ -76,7 +76,7 @@ async def _not_found(svc: Services, event_id: str, dead_letter_id: str) -> error
 
 async def replay(svc: Services, event_id: str, dead_letter_id: str) -> None:
     """Move the dead letter back to the outbox, as the entry it was."""
-    if _ENTRY_ID.fullmatch(dead_letter_id) and await svc.scripts.call(
+    if _ENTRY_ID.fullmatch(dead_letter_id) and await svc.scripts.call_event(
         "replay_dead_letter",
         event_id,
         dead_letter_id,

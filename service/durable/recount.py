@@ -62,7 +62,7 @@ class _Expired(msgspec.Struct):
 async def _expire(svc: Services, event_id: str) -> int:
     expired = 0
     while True:
-        reply = await live.call(svc, "repair_expire", event_id, EXPIRE_PER_CALL)
+        reply = await live.call_loaded(svc, "repair_expire", event_id, EXPIRE_PER_CALL)
         batch = msgspec.json.decode(reply, type=_Expired)
         expired += batch.expired
         if not batch.more:
@@ -89,7 +89,7 @@ async def _claims(svc: Services, event_id: str, kind: str, key: str) -> list[str
     async for pairs in scans.hscan(svc, key):
         ids = [k.decode() for k, raw in pairs if _decode_status(raw).s == live_status]
         for batch in _batches(ids, CLAIMS_PER_CALL):
-            reply = await live.call(svc, "repair_claims", event_id, kind, *batch)
+            reply = await live.call_loaded(svc, "repair_claims", event_id, kind, *batch)
             released += _decode_released(reply).released
     return released
 
@@ -104,7 +104,7 @@ async def _seats(svc: Services, event_id: str) -> None:
     first = 0
     while first >= 0:
         args = (first, SEATS_PER_CALL, RECORDS_PER_CALL)
-        reply = await live.call(svc, "repair_seats", event_id, *args, extra_keys=order)
+        reply = await live.call_loaded(svc, "repair_seats", event_id, *args, extra_keys=order)
         first = msgspec.json.decode(reply, type=_SeatsDone).next
 
 
@@ -156,12 +156,12 @@ async def _counters(
 ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]], int]:
     """Recount the category counters and the per-customer counts; returns Redis's and the
     records' figures per category, and how many customers were left uncounted."""
-    raw = await live.call(svc, "repair_read", event_id, "counters")
+    raw = await live.call_loaded(svc, "repair_read", event_id, "counters")
     counters = msgspec.json.decode(raw, type=_Counters)
     read: dict[str, tuple[int, int]] = {}  # customer -> (count, Redis time of the read)
     cursor, first, last = "0", 0, 0
     while True:
-        raw = await live.call(svc, "repair_read", event_id, cursor, CUSTOMERS_PER_CALL)
+        raw = await live.call_loaded(svc, "repair_read", event_id, cursor, CUSTOMERS_PER_CALL)
         chunk = msgspec.json.decode(raw, type=_Customers)
         first, last, cursor = first or chunk.at, chunk.at, chunk.cursor
         flat = chunk.customers
@@ -214,4 +214,4 @@ async def _adjust(
 ) -> None:
     if any(any(v) for v in cats.values()) or cust:
         moves = msgspec.json.encode({"cats": cats, "cust": cust})
-        await live.call(svc, "repair_adjust", event_id, moves)
+        await live.call_loaded(svc, "repair_adjust", event_id, moves)

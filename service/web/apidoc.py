@@ -53,10 +53,11 @@ The interactive forms of this reference are served at `/schema` (Redoc) and
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document exactly as `GET /schema/openapi.json` serves it."""
     from service.core.settings import Settings
-    from service.web import api
+    from service.web.app import create_app
+    from service.web.openapi import document
 
-    app = api.create_app(Settings())  # builds routes only: nothing is connected
-    api.document(app)
+    app = create_app(Settings())  # builds routes only: nothing is connected
+    document(app)
     return app.openapi_schema.to_schema()
 
 

@@ -3,14 +3,14 @@
 Without the secret the service trusts the body's `customer_id` (a trusted backend calls
 it). With it, a customer route needs `Authorization: Bearer <JWT>`: signed HS256 with the
 secret, `sub` the customer id, `exp` in the future. Verification is local (no round trip)
-and happens once per request, in the app's before-request hook (service/web/api.py), before
+and happens once per request, in the app's before-request hook (service/web/door.py), before
 the body is read: a caller without a valid token gets 401 whatever it sent.
 
 How a route takes part (the waiting room's routes too):
 
-- mark it: `@post(..., opt=customers.ROUTE)`; then the hook verifies the token of every
-  request to it (with the secret set) and the OpenAPI document declares the customer
-  bearer scheme on it (service/web/api.py `document`); add `errors.Unauthorized` and, when
+- register it in a router made with `customers.layer(tokens)`: marked `opt=ROUTE`, the
+  hook verifies the token of every request to it (with the secret set), and the OpenAPI
+  document declares the customer bearer scheme on it; add `errors.Unauthorized` and, when
   it takes a body's `customer_id`, `errors.CustomerMismatch` to its documented problems;
 - `customers.of(request)`: the token's customer id, or None when tokens are off;
 - `customers.body_customer(request, given)`: the customer a body acts for: `sub` when the
@@ -48,6 +48,12 @@ _CACHE_SIZE = 10_000
 
 def is_customer_route(opt: dict[str, Any]) -> bool:
     return bool(opt.get("customer"))
+
+
+def layer(tokens: bool) -> dict[str, Any]:
+    """The options of a router of customer routes (see above); `tokens`: the secret is set,
+    so the routes require the customer scheme (without it they require nothing)."""
+    return {"opt": ROUTE, "security": [{"customer": []}] if tokens else None}
 
 
 class Verifier:

@@ -16,7 +16,7 @@ from litestar.openapi.plugins import (
 from litestar.static_files import create_static_files_router
 from openapi_ui_bundles import redoc, swagger_ui
 
-# Under /schema, the OpenAPI router's own path (service.web.api adds these to it).
+# Under /schema, the OpenAPI router's own path (service/web/app.py adds these to it).
 ASSETS = "/assets"
 SWAGGER_ASSETS = f"{ASSETS}/swagger-ui"
 REDOC_ASSETS = f"{ASSETS}/redoc"

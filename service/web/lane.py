@@ -2,11 +2,12 @@
 
 A hold refused or made spends more CPU in Litestar (routing, the Request, before-request
 hooks, argument extraction, the handler call) than in its own work (README "Benchmarks").
-This dispatcher gets every HTTP request first (api.App, inside the metrics and
+This dispatcher gets every HTTP request first (app.App, inside the metrics and
 body-deadline middleware), recognises the hot routes' plain requests, and runs the
-very functions the Litestar handlers run (service/web/api.py: `hold`, `read_hold`, `confirm`,
-`release`, `join`, `poll`), with the same checks in the same order as the app's door:
-per-address limit, customer token, then the body. What it answers is what Litestar would.
+very functions the Litestar handlers run (service/web/routes/sales.py: `hold`, `read_hold`,
+`confirm`, `release`; routes/queue.py: `join`, `poll`), with the same checks in the same
+order as the app's door (service/web/door.py): per-address limit, customer token, then the
+body. What it answers is what Litestar would.
 
 Anything unusual goes to Litestar as it is: a query string, a path it would normalise, a
 body not JSON, chunked, over the limit or not decodable (then with the messages already
@@ -28,8 +29,10 @@ from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 from service.core import errors, schemas
 from service.core.settings import Settings
 from service.hotpath import ratelimit
-from service.web import api, bodies, customers, strictjson
+from service.hotpath.context import Services
+from service.web import bodies, customers, door, problems, strictjson
 from service.web.answers import Answer
+from service.web.routes import queue, sales
 
 # Path segments the lane takes: an event id as the API accepts it, and ids made of URL-safe
 # characters (the ids the service gives out). Anything else is Litestar's to answer.
@@ -44,7 +47,7 @@ class Url(NamedTuple):
 
 
 class Call:
-    """What service/web/api.py's route functions read of a request (api.Asking)."""
+    """What the route functions read of a request (asking.Asking)."""
 
     __slots__ = ("_body", "app", "scope")
 
@@ -52,6 +55,11 @@ class Call:
         self.app = app
         self.scope = scope
         self._body = body
+
+    @property
+    def svc(self) -> Services:
+        svc: Services = self.app.state.svc
+        return svc
 
     @property
     def method(self) -> str:
@@ -68,7 +76,8 @@ class Call:
 
 
 # A route: its template (for the metrics), its path parameters' names, whether it reads a
-# body, and the api function that does its work.
+# body, and the route function that does its work (given the Call, the path parameters and
+# the body).
 Work = Callable[..., Awaitable[Response[Any] | None]]
 
 
@@ -92,13 +101,13 @@ def routes(tokens: bool) -> Table:
     ids = ("event_id", "hold_id")
     return {
         ("POST", 4, "holds"): Route(
-            "/events/{event_id}/holds", ids[:1], _decoder(hold_body), False, 201, api.hold
+            "/events/{event_id}/holds", ids[:1], _decoder(hold_body), False, 201, sales.hold
         ),
         ("GET", 5, "holds"): Route(
-            "/events/{event_id}/holds/{hold_id}", ids, None, False, 200, api.read_hold
+            "/events/{event_id}/holds/{hold_id}", ids, None, False, 200, sales.read_hold
         ),
         ("DELETE", 5, "holds"): Route(
-            "/events/{event_id}/holds/{hold_id}", ids, None, False, 204, api.release
+            "/events/{event_id}/holds/{hold_id}", ids, None, False, 204, sales.release
         ),
         ("POST", 6, "holds"): Route(
             "/events/{event_id}/holds/{hold_id}/confirm",
@@ -106,10 +115,10 @@ def routes(tokens: bool) -> Table:
             _decoder(schemas.HoldConfirm | None),
             True,
             200,
-            api.confirm,
+            sales.confirm,
         ),
         ("POST", 4, "queue"): Route(
-            "/events/{event_id}/queue", ids[:1], _decoder(join_body), False, 201, api.join
+            "/events/{event_id}/queue", ids[:1], _decoder(join_body), False, 201, queue.join
         ),
         ("GET", 5, "queue"): Route(
             "/events/{event_id}/queue/{ticket}",
@@ -117,7 +126,7 @@ def routes(tokens: bool) -> Table:
             None,
             False,
             200,
-            api.poll,
+            queue.poll,
         ),
     }
 
@@ -146,12 +155,12 @@ def _match(table: Table, scope: Any) -> tuple[Route, list[str]] | None:
 
 
 def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
-    """Wraps Litestar (its own __call__, api.App): the hot routes here, the rest there."""
+    """Wraps Litestar (its own __call__, app.App): the hot routes here, the rest there."""
     tokens = bool(settings.customer_token_secret)
     table = routes(tokens)
     verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
     limit = settings.max_body_bytes
-    # The per-address limits, once the app's start-up has made them (service/web/api.py).
+    # The per-address limits, once the app's start-up has made them (service/web/app.py).
     address_limits: list[ratelimit.AddressLimits | None] = []
 
     def wrap(litestar: ASGIApp) -> ASGIApp:
@@ -173,13 +182,13 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                 await litestar(scope, receive, send)
                 return
             route, params = found
-            content_type, length, chunked = api.body_head(scope)
+            content_type, length, chunked = door.body_head(scope)
             has_body = chunked or (length is not None and length != b"0")
             if (
                 chunked
                 or (has_body and route.body is None)
                 or (route.body is not None and not has_body and not route.optional)
-                or (content_type is not None and not api.json_media_type(content_type))
+                or (content_type is not None and not door.json_media_type(content_type))
                 or (length is not None and not (length.isdigit() and int(length) <= limit))
             ):
                 await litestar(scope, receive, send)  # Litestar's answer (a 400, 413, 415)
@@ -215,11 +224,11 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                         return
                     raw = b"".join(m.get("body", b"") for m in read)
                 # Counted before the token is checked (a flood of bad tokens meets the limit
-                # too), and with the tickets a hold's body asks for (api.rate_limit's rule).
+                # too), and with the tickets a hold's body asks for (door.rate_limit's rule).
                 if limits is not None and limits.enabled:
-                    tickets = api.tickets_in(raw) if limits.counts_tickets(scope) else 1
-                    await api.count_address(scope, limits, tickets)
-                    send = api.sending_rate_headers(send, scope)
+                    tickets = door.tickets_in(raw) if limits.counts_tickets(scope) else 1
+                    await door.count_address(scope, limits, tickets)
+                    send = door.sending_rate_headers(send, scope)
                 if verifier is not None:
                     verifier.check(scope)
                 if has_body and route.body is not None:
@@ -236,12 +245,12 @@ def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
                 else:
                     answer = await route.work(call, *params, data)
             except errors.BoxofficeError as e:
-                answer = api.problem(call, e)
+                answer = problems.problem(call, e)
             except bodies.ClientGone:
-                await _send(send, api.CLIENT_GONE, _CLIENT_GONE_HEADERS, CLIENT_GONE_BODY)
+                await _send(send, problems.CLIENT_GONE, _CLIENT_GONE_HEADERS, CLIENT_GONE_BODY)
                 return
             except Exception as e:
-                answer = api.on_crash(call, e)
+                answer = problems.on_crash(call, e)
             if answer is None:
                 await _send(send, route.status, _NO_CONTENT, b"")
                 return
