@@ -74,6 +74,16 @@ def test_a_wing_imports_only_the_wings_below_it(module: str) -> None:
     assert not upward, f"{module} imports upward: {sorted(upward)}"
 
 
+@pytest.mark.parametrize("root", ["service", "loadtest"])
+def test_no_module_is_longer_than_a_reader_can_hold(root: str) -> None:
+    long = {
+        str(p.relative_to(SERVICE.parent)): n
+        for p in (SERVICE.parent / root).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long
+
+
 def test_no_import_cycles() -> None:
     modules = _modules()
     graph = {m: _imports(p) & modules.keys() for m, p in modules.items()}
