@@ -35,6 +35,11 @@ LOAD_LEASE_MS = 5000
 LOAD_WAIT_SECONDS = 30
 
 
+# Replies that ask for something first: the event loaded, overdue holds reclaimed, the
+# seat order loaded. Nothing was done; the call is made again once that is done.
+DETOURS = frozenset({NOT_LOADED, RETRY, NO_ORDER})
+
+
 async def call_loaded(
     svc: Services,
     name: str,
@@ -43,15 +48,23 @@ async def call_loaded(
     extra_keys: tuple[str, ...] = (),
     idempotency: Idempotency | None = None,
     durable: bool = False,
+    reply: bytes | None = None,
 ) -> bytes:
     """Call an event script and have the event loaded for it (Scripts.call_event gives the
     reply as it is): loaded from PostgreSQL first when Redis lost it, overdue holds
     reclaimed when the script says they may be in the way, an error reply raised as its
-    domain error. `durable`: see Scripts.call_event."""
+    domain error. `durable`: see Scripts.call_event. `reply`: the first call's, when the
+    caller made it (service/selling/sales.py, which comes here only for a detour)."""
     for _ in range(MAX_ROUNDS):
-        reply = await svc.scripts.call_event(
-            name, event_id, *args, extra_keys=extra_keys, idempotency=idempotency, durable=durable
-        )
+        if reply is None:
+            reply = await svc.scripts.call_event(
+                name,
+                event_id,
+                *args,
+                extra_keys=extra_keys,
+                idempotency=idempotency,
+                durable=durable,
+            )
         if reply == NOT_LOADED:
             await restore(svc, event_id)
         elif reply == RETRY:
@@ -61,6 +74,7 @@ async def call_loaded(
         else:
             raise_for_error(reply)
             return reply
+        reply = None
     raise errors.Unavailable("the event's live state kept changing; try again")
 
 

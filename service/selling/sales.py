@@ -15,10 +15,10 @@ from service.core.keys import event_keys
 from service.core.records import BookingRecord, HoldRecord, decode_booking, decode_hold
 from service.core.timefmt import from_ms
 from service.durable import archived
-from service.durable.live import call_loaded, ensure_loaded
+from service.durable.live import DETOURS, call_loaded, ensure_loaded
 from service.hotpath import ratelimit
 from service.hotpath.context import Services
-from service.hotpath.scripts import Idempotency
+from service.hotpath.scripts import Idempotency, raise_for_error
 
 _encode = msgspec.json.encode
 
@@ -93,6 +93,36 @@ def hold_call(
     )
 
 
+async def _call(
+    svc: Services,
+    name: str,
+    event_id: str,
+    *args: str | bytes | int,
+    extra_keys: tuple[str, ...] = (),
+    idempotency: Idempotency | None = None,
+    durable: bool = False,
+) -> bytes:
+    """live.call_loaded, with the script called here: a hold goes from its route through
+    this module and scripts.py to the script pipe and back, and only a reply that asks
+    for the event to be loaded (or holds reclaimed) first goes round by live.py."""
+    reply = await svc.scripts.call_event(
+        name, event_id, *args, extra_keys=extra_keys, idempotency=idempotency, durable=durable
+    )
+    if reply in DETOURS:
+        return await call_loaded(
+            svc,
+            name,
+            event_id,
+            *args,
+            extra_keys=extra_keys,
+            idempotency=idempotency,
+            durable=durable,
+            reply=reply,
+        )
+    raise_for_error(reply)
+    return reply
+
+
 async def _invalid(svc: Services, event_id: str, detail: str) -> NoReturn:
     """A body the event could never accept; but event_not_found comes first."""
     await ensure_loaded(svc, event_id)
@@ -123,7 +153,7 @@ async def create_hold_counted(
     items = _encode([(i.category, i.quantity) for i in body.items])
     hold = hold_call(event_id, hold_id, body.customer_id, items, _encode(body.seats), limit, window)
     try:
-        reply = await call_loaded(
+        reply = await _call(
             svc, "hold", event_id, *hold.args, extra_keys=hold.extra_keys, idempotency=idem
         )
     except errors.SoldOut as e:
@@ -149,7 +179,7 @@ async def confirm_hold(
 ) -> schemas.Booking:
     """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
     try:
-        reply = await call_loaded(
+        reply = await _call(
             svc,
             "confirm",
             event_id,
@@ -179,7 +209,7 @@ async def release_hold(
 ) -> None:
     """`customer`: the customer token's (tokens on); another's hold is hold_not_found."""
     try:
-        await call_loaded(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
+        await _call(svc, "release", event_id, hold_id, customer or "", idempotency=idem)
     except errors.EventArchived:
         raise _archived_hold(hold_id) from None
 
@@ -191,7 +221,7 @@ async def get_hold(
     # One script call (the script pipe's, as a hold's): a pipeline of redis-py's cost the
     # API process twice what the whole read costs through the pipe (README "Benchmarks").
     try:
-        reply = await call_loaded(svc, "hold_read", event_id, hold_id)
+        reply = await _call(svc, "hold_read", event_id, hold_id)
     except errors.EventArchived:
         raise _archived_hold(hold_id) from None
     now, _, raw = reply.partition(b" ")
@@ -274,7 +304,7 @@ async def _live_seats(
     order = (event_keys(event_id).seat_order,)
     seats: list[schemas.Seat] = []
     while True:
-        reply = await call_loaded(
+        reply = await _call(
             svc,
             "seats",
             event_id,
