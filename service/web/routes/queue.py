@@ -31,6 +31,9 @@ def router(tokens: bool) -> Router:
 
 
 # The join route, as each of its two handlers below declares it.
+# Join the event's waiting room. The same customer joining again gets the same ticket
+# (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is put in a
+# uniformly random order at that moment, ahead of later arrivals.
 _JOIN_ROUTE: dict[str, Any] = {
     "path": "/",
     "status_code": 201,
@@ -70,9 +73,6 @@ async def join_queue(
     event_id: EventIdParam,
     data: JSONBody[schemas.QueueJoin],
 ) -> Response[schemas.QueueTicket]:
-    """Join the event's waiting room. The same customer joining again gets the same
-    ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
-    put in a uniformly random order at that moment, ahead of later arrivals."""
     return await join(request, event_id, data)
 
 
@@ -83,9 +83,6 @@ async def join_customer_queue(
     event_id: EventIdParam,
     data: JSONBody[schemas.CustomerQueueJoin],
 ) -> Response[schemas.QueueTicket]:
-    """Join the event's waiting room. The same customer joining again gets the same
-    ticket (also `201`). Before the on-sale moment a ticket joins the pre-queue, which is
-    put in a uniformly random order at that moment, ahead of later arrivals."""
     return await join(request, event_id, data)
 
 
