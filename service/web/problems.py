@@ -54,6 +54,9 @@ def handlers(max_body_bytes: int) -> ExceptionHandlersMap:
         extra: dict[str, Any] = {}
         detail = None
         allow = (exc.headers or {}).get("allow")
+        if allow:
+            # Litestar joins a set: its order changed from one process to the next.
+            allow = ", ".join(sorted(m.strip() for m in allow.split(",")))
         if isinstance(exc, ValidationException):
             detail, extra = _validation(exc)
         elif cls is errors.NotFound:
