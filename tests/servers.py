@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import itertools
+import os
 import shutil
 import signal
 import socket
@@ -9,23 +12,81 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import IO, Any, Literal, Self
 
 import redis
 from redis.crc import key_slot
 
 from service.core.keys import event_keys
 
+# The ports of the tests' own servers: below Linux's ephemeral range (32768-60999), where no
+# outgoing connection takes one, and each claimed with a lock file before it is handed out.
+# Bind-and-release alone is not race-safe across processes: two xdist workers (or sessions)
+# could both find a port free before either's server binds it. A cluster node's bus port
+# (port + 10000) lands in 22000-31999, where free_port hands out none.
+PORTS = range(12000, 22000)
+BUS_OFFSET = 10000
+PORT_LOCKS = Path(tempfile.gettempdir()) / "boxoffice-test-ports"
+# The locks this process holds, oldest first. Beyond this many the oldest is let go: its
+# server has long since bound the port, and a bound port fails everyone's bind check.
+HELD_LOCKS = 256
+_held: dict[int, IO[bytes]] = {}
+
+
+def _search_order() -> Iterator[int]:
+    """PORTS round and round, from a start of each xdist worker's own (gw3: 3000 in), so
+    that workers seldom even contend for a lock."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = (int(worker) * 1000 if worker.isdigit() else 0) % len(PORTS)
+    return itertools.cycle([*PORTS[start:], *PORTS[:start]])
+
+
+_search = _search_order()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _claim(ports: Sequence[int]) -> bool:
+    """Lock every one of the ports, if nobody (this process included) has locked any and
+    each is free to bind; held until the process ends or HELD_LOCKS newer ones push it out."""
+    if any(port in _held for port in ports):
+        return False
+    PORT_LOCKS.mkdir(exist_ok=True)
+    locks: list[IO[bytes]] = []
+    for port in ports:
+        locks.append(lock := (PORT_LOCKS / str(port)).open("ab"))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            break
+        if not _bindable(port):
+            break
+    else:
+        _held.update(zip(ports, locks, strict=True))
+        while len(_held) > HELD_LOCKS:
+            _held.pop(next(iter(_held))).close()
+        return True
+    for unwanted in locks:
+        unwanted.close()
+    return False
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the usual race applies)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port on 127.0.0.1 free to bind, which no other test process will be handed."""
+    for _ in PORTS:
+        if _claim([port := next(_search)]):
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
 
 
 class Started:
@@ -176,19 +237,12 @@ class RedisServer(Started):
         return "\n".join(text.splitlines()[-lines:])
 
 
-def free_cluster_port(taken: set[int]) -> int:
-    """A free port below 55535 whose cluster bus port (port + 10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port >= 55535 or port in taken or port + 10000 in taken:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair (port, port + 10000) below 55535")
+def free_cluster_port() -> int:
+    """A port as free_port's whose cluster bus port (port + 10000) is claimed too."""
+    for _ in PORTS:
+        if _claim([port := next(_search), port + BUS_OFFSET]):
+            return port
+    raise RuntimeError(f"no free port pair (port, port + {BUS_OFFSET}) in {PORTS}")
 
 
 class LocalCluster(Started):
@@ -204,11 +258,9 @@ class LocalCluster(Started):
             raise RuntimeError("redis-cli is not on PATH")
         self._cli = executable
         self._replicas = replicas
-        taken: set[int] = set()
         self.nodes: list[RedisServer] = []
         for _ in range(primaries * (1 + replicas)):
-            port = free_cluster_port(taken)
-            taken.update((port, port + 10000))
+            port = free_cluster_port()
             args = [
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
@@ -363,3 +415,15 @@ class LocalCluster(Started):
             if not node.running:
                 node.start()
         self.wait_ok()
+
+    def reset(self) -> None:
+        """As if new, for the next module of a session's cluster: killed nodes back (heal),
+        no key, script or stat left, and the keyspace events a service switched on off."""
+        self.heal()
+        for node in self.nodes:
+            self.call(node, "CONFIG", "SET", "notify-keyspace-events", "")
+            self.call(node, "CONFIG", "RESETSTAT")
+            self.call(node, "SCRIPT", "FLUSH")
+        for node in self.primaries():
+            self.call(node, "FLUSHALL")
+            self.call(node, "WAIT", self._replicas, 5000)
