@@ -146,6 +146,7 @@ class RedisServer(Started):
             *args,
         ]  # fmt: skip
         self._proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
 
     @property
     def url(self) -> str:
@@ -175,10 +176,17 @@ class RedisServer(Started):
         """SIGSTOP: the server holds its connections but answers nothing, as a hung one."""
         if self._proc is not None:
             self._proc.send_signal(signal.SIGSTOP)
+            self.paused = True
 
     def resume(self) -> None:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    @property
+    def answering(self) -> bool:
+        """Running and not paused: a node to ask about the cluster."""
+        return self.running and not self.paused
 
     def restart(self, *, kill: bool = False) -> None:
         if kill:
@@ -193,6 +201,7 @@ class RedisServer(Started):
 
     def _signal(self, signum: signal.Signals) -> None:
         proc, self._proc = self._proc, None
+        self.paused = False
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signum)
@@ -258,6 +267,7 @@ class LocalCluster(Started):
             raise RuntimeError("redis-cli is not on PATH")
         self._cli = executable
         self._replicas = replicas
+        self._layout: dict[int, int] = {}
         self.nodes: list[RedisServer] = []
         for _ in range(primaries * (1 + replicas)):
             port = free_cluster_port()
@@ -290,6 +300,12 @@ class LocalCluster(Started):
             timeout=60,
         )
         self.wait_ok()
+        # The layout as created, which reset() puts back: replica port -> its primary's.
+        self._layout = {
+            node.port: int(info["master_port"])
+            for node in self.nodes
+            if (info := self.call(node, "INFO", "replication"))["role"] == "slave"
+        }
 
     def close(self) -> None:
         for node in self.nodes:
@@ -338,7 +354,7 @@ class LocalCluster(Started):
 
     def primaries(self) -> list[RedisServer]:
         """The running primaries, ordered by their first slot."""
-        node = next(n for n in self.nodes if n.running)
+        node = next(n for n in self.nodes if n.answering)
         with self.client(node) as client:
             owners = self._owners(client)
         by_port = {n.port: n for n in self.nodes}
@@ -347,7 +363,7 @@ class LocalCluster(Started):
 
     def owner(self, slot: int) -> RedisServer:
         """The primary that serves a slot, as the cluster sees it now."""
-        node = next(n for n in self.nodes if n.running)
+        node = next(n for n in self.nodes if n.answering)
         with self.client(node) as client:
             owners = self._owners(client)
         port = next(port for first, last, port in owners if first <= slot <= last)
@@ -360,7 +376,7 @@ class LocalCluster(Started):
     def replica_of(self, primary: RedisServer) -> RedisServer:
         primary_id = self.node_id(primary)
         for node in self.nodes:
-            if node is not primary and node.running:
+            if node is not primary and node.answering:
                 info = self.call(node, "INFO", "replication")
                 if info.get("role") == "slave" and info.get("master_port") == primary.port:
                     return node
@@ -392,7 +408,7 @@ class LocalCluster(Started):
 
     def event_ids(self, per_primary: int, prefix: str = "ev") -> dict[int, list[str]]:
         """Event ids whose hash slot ({ev:<id>}) is on each primary, by primary port."""
-        node = next(n for n in self.nodes if n.running)
+        node = next(n for n in self.nodes if n.answering)
         with self.client(node) as client:
             owners = self._owners(client)
         found: dict[int, list[str]] = {port: [] for _, _, port in owners}
@@ -418,8 +434,10 @@ class LocalCluster(Started):
 
     def reset(self) -> None:
         """As if new, for the next module of a session's cluster: killed nodes back (heal),
-        no key, script or stat left, and the keyspace events a service switched on off."""
+        each in its first role (_restore_layout), no key, script or stat left, and the
+        keyspace events a service switched on off."""
         self.heal()
+        self._restore_layout()
         for node in self.nodes:
             self.call(node, "CONFIG", "SET", "notify-keyspace-events", "")
             self.call(node, "CONFIG", "RESETSTAT")
@@ -427,3 +445,40 @@ class LocalCluster(Started):
         for node in self.primaries():
             self.call(node, "FLUSHALL")
             self.call(node, "WAIT", self._replicas, 5000)
+
+    def _restore_layout(self, timeout: float = 60.0) -> None:
+        """The primaries and replicas of start() again, after failovers swapped them: the
+        tests were written against that layout (tests/test_waiting_room_cluster.py's lost
+        primary failed, reproducibly, after the failovers of the modules before it). Tried
+        again until it holds: a node may not yet see a new primary as one."""
+        deadline = time.monotonic() + timeout
+        while not self._in_layout():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster's first layout did not come back in time")
+            time.sleep(0.5)
+        self.wait_ok()
+
+    def _in_layout(self) -> bool:
+        """Whether the layout of start() holds; if not, a step towards it (a manual failover
+        of a first primary now a replica, or a replica sent back to its first primary)."""
+        by_port = {node.port: node for node in self.nodes}
+        demoted = [
+            by_port[port]
+            for port in dict.fromkeys(self._layout.values())
+            if self.call(by_port[port], "ROLE")[0] != b"master"
+        ]
+        try:
+            if demoted:
+                for node in demoted:  # its current primary consents: nothing is lost
+                    self.call(node, "CLUSTER", "FAILOVER")
+                return False
+            for replica, primary in self._layout.items():
+                if self.call(by_port[replica], "INFO", "replication").get("master_port") != primary:
+                    self.wait_ok()
+                    self.call(
+                        by_port[replica], "CLUSTER", "REPLICATE", self.node_id(by_port[primary])
+                    )
+                    return False
+        except redis.ResponseError:  # a node does not yet see the new roles: next round
+            return False
+        return True
