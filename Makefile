@@ -102,13 +102,20 @@ docker: ## install Docker and debootstrap for the image test
 			>/dev/null 2>&1 || echo "could not install$$missing: the image test may skip"; \
 	}
 
+# In parallel (pytest-xdist): the tests mostly wait, on servers and on time, so more workers
+# than cores pay; each has a Redis and a test database of its own (tests/conftest.py).
+# --dist loadgroup: the tests on the session's Redis Cluster share one worker, one cluster.
+# TEST_WORKERS=0 runs them in one process, as a plain `$(BIN)/pytest` does.
+TEST_WORKERS ?= 4
+PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+
 test: venv services lint chromium docker ## lint, then the whole test suite (what CI runs)
-	$(BIN)/pytest
+	$(BIN)/pytest $(PARALLEL)
 
 # All but the cluster, browser and slow tiers (the markers in pyproject.toml): the same
 # set-up and lint, then the tests a change most often needs, in a few minutes.
 test-fast: venv services lint ## lint, then all tests but the cluster, browser and slow ones
-	$(BIN)/pytest -m "not cluster and not browser and not slow"
+	$(BIN)/pytest $(PARALLEL) -m "not cluster and not browser and not slow"
 
 # BENCH_ARGS go to loadtest/bench.py: e.g. BENCH_ARGS="--room-buyers 1000000" for the waiting
 # room's row at its full scale (docs/benchmarks.md), or "--only twin,room".

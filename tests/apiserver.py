@@ -87,7 +87,8 @@ class ApiServer(Process):
             cwd,
         )
 
-    def start(self, timeout: float = 30.0) -> None:
+    # Generous: under `make test` the xdist workers start theirs at once, on few cores.
+    def start(self, timeout: float = 90.0) -> None:
         super().start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -30,15 +30,16 @@ PASS_SECRET = "test-pass-secret-0123456789"
 
 def _test_settings() -> Settings:
     """The configured servers, but never the data of `make run`: Redis database 15 and a
-    PostgreSQL database named `<name>_test`."""
+    PostgreSQL database named `<name>_test`; under pytest-xdist, the worker's own database
+    (`<name>_test_gw0`, ...) and the worker's own Redis (pytest_configure)."""
     base = Settings.from_env()
     redis_url = (
         os.environ.get("BOXOFFICE_TEST_REDIS_URL") or base.redis_url.rsplit("/", 1)[0] + "/15"
     )
     db = make_url(base.database_url)
-    database_url = db.set(database=f"{db.database or 'boxoffice'}_test").render_as_string(
-        hide_password=False
-    )
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    name = f"{db.database or 'boxoffice'}_test" + (f"_{worker}" if worker else "")
+    database_url = db.set(database=name).render_as_string(hide_password=False)
     # The per-customer hold-attempt limit off: tests race one customer against itself
     # hundreds of times (max_per_customer); tests/test_rate_limits.py turns it on. The
     # per-address limits (on by default) off too: every test client sends from 127.0.0.1,
@@ -53,14 +54,39 @@ def _test_settings() -> Settings:
     )
 
 
+WORKER_REDIS = pytest.StashKey[RedisServer]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker runs a redis-server of its own for the tests' Redis (database 15 as
+    ever): tests FLUSHALL, kill every pub/sub client and count the server's commandstats,
+    which on a server shared by the workers would reach into each other's tests. Its
+    database is made here, as `make services` makes `<name>_test`: some tests run commands
+    on it without the `settings` fixture."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+    server = config.stash[WORKER_REDIS] = RedisServer()
+    server.start()
+    os.environ["BOXOFFICE_TEST_REDIS_URL"] = server.url.rsplit("/", 1)[0] + "/15"
+    migrate.ensure_database(_test_settings().database_url)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(WORKER_REDIS, None)
+    if server is not None:
+        server.close()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs the `cluster` fixture, itself or through another fixture, is in the
     cluster tier (`make test-fast` leaves it out); one that starts a LocalCluster itself says
-    so with @pytest.mark.cluster. Before -m deselects: hence tryfirst."""
+    so with @pytest.mark.cluster. Before -m deselects: hence tryfirst. Those on the fixture's
+    cluster share it: one xdist worker runs them all (`--dist loadgroup`), one cluster."""
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.fixture(scope="session")
@@ -263,11 +289,19 @@ def start_worker() -> Iterator[StartWorker]:
         print(f"--- worker {i} log ---\n{w.log()}")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    """A Redis Cluster of the module's own (3 primaries with a replica each)."""
+@pytest.fixture(scope="session")
+def session_cluster() -> Iterator[LocalCluster]:
+    """One Redis Cluster per session (per xdist worker): starting one takes seconds."""
     with LocalCluster() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def cluster(session_cluster: LocalCluster) -> LocalCluster:
+    """The session's Redis Cluster (3 primaries with a replica each), for each module as if
+    new: every node running, nothing stored, no stats (LocalCluster.reset)."""
+    session_cluster.reset()
+    return session_cluster
 
 
 @pytest.fixture(scope="module")

@@ -377,6 +377,13 @@ async def _read_back(svc: Services, sold: list[tuple[str, list[str]]]) -> None:
 _COLLECT_LUA_GARBAGE = "collectgarbage('collect') return 1"
 
 
+async def _hold_ttls_gone(svc: Services) -> bool:
+    """No hold's TTL key left (keys.hold_ttl): each expires by itself, 10 s after its hold."""
+    async for _ in svc.redis.scan_iter(match="*}:ttl:*", count=10_000):
+        return False
+    return True
+
+
 async def _used_memory(svc: Services) -> int:
     # Expired keys are reclaimed by Redis's active expiry; SCAN also expires what it meets.
     async for _ in svc.redis.scan_iter(count=10_000):
@@ -400,7 +407,7 @@ async def test_a_thousand_events_sold_and_archived_leave_redis_as_it_was(
             warm = [new_event_id(f"warm{i}") for i in range(CONCURRENCY)]
             lives = await asyncio.gather(*(_life(svc, event_id) for event_id in warm))
             await _read_back(svc, list(zip(warm, lives, strict=True)))
-            await asyncio.sleep(11)  # the warm-up's hold TTL keys expire
+            await eventually(lambda: _hold_ttls_gone(svc))  # the warm-up's, as they expire
             clients = len(await svc.redis.client_list())
             await svc.redis.dbsize()  # used below: its histogram made before the baseline
             start = await _used_memory(svc)
@@ -415,7 +422,7 @@ async def test_a_thousand_events_sold_and_archived_leave_redis_as_it_was(
             sold = await asyncio.gather(*(one(i) for i in range(EVENTS_SOLD)))
             took = time.monotonic() - started
             peak_keys = await svc.redis.dbsize()
-            await asyncio.sleep(11)  # the hold TTL keys, which expire by themselves
+            await eventually(lambda: _hold_ttls_gone(svc))  # they expire by themselves
             end = await _used_memory(svc)
             await _read_back(svc, sold)
             read = await _used_memory(svc)

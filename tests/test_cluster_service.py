@@ -58,13 +58,6 @@ from tests.test_writebehind_failures import (
 T = TypeVar("T")
 
 
-# conftest's, again here: tests/test_waiting_room_cluster.py imports it from this module.
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def csettings(cluster: LocalCluster, settings: Settings) -> Settings:
     return on_redis(settings, cluster.url)

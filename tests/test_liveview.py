@@ -589,12 +589,6 @@ async def test_the_grafana_dashboard_asks_for_metrics_that_exist(
     queued = await create_event(client, categories=CATEGORIES[:1], waiting_room=room)
     r = await client.post(f"/events/{queued}/queue", json={"customer_id": "q1"})
     assert r.status_code == 201, r.text
-    await asyncio.sleep(1.5)  # the refusal's tally reaches Redis
-    exposed = {
-        s.name
-        for family in text_string_to_metric_families((await client.get("/metrics")).text)
-        for s in family.samples
-    }
     queried = set()
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
@@ -603,4 +597,14 @@ async def test_the_grafana_dashboard_asks_for_metrics_that_exist(
         for target in panel["targets"]:
             queried |= set(re.findall(r"boxoffice_[a-z_]+", target["expr"]))
     assert queried, dashboard
+    exposed: set[str] = set()
+
+    async def all_exposed() -> bool:  # once the refusal's tally has reached Redis
+        text = (await client.get("/metrics")).text
+        exposed.clear()
+        exposed.update(s.name for f in text_string_to_metric_families(text) for s in f.samples)
+        return queried <= exposed
+
+    with contextlib.suppress(AssertionError):  # the assertion below names what is missing
+        await eventually(all_exposed, within=10)
     assert queried <= exposed, queried - exposed

@@ -93,6 +93,20 @@ async def script_calls(redis: RedisClient) -> int:
     )
 
 
+async def refusals_local(
+    redis: RedisClient, clients: list[httpx.AsyncClient], event_id: str
+) -> bool:
+    """A refusal from each process, and no script run meanwhile: every process has learnt
+    that the event is sold out (on a loaded machine, later than learn()'s few refusals),
+    and nothing else (a worker just started) is running scripts."""
+    before = await script_calls(redis)
+    for c in clients:
+        r = await c.post(f"/events/{event_id}/holds", json=ga(1, "late"))
+        assert refused(r), r.text
+    await asyncio.sleep(0.2)
+    return await script_calls(redis) == before
+
+
 def refused(r: httpx.Response) -> bool:
     return r.status_code == 409 and r.json()["code"] == "sold_out"
 
@@ -284,6 +298,7 @@ async def test_an_expiry_without_traffic_is_heard_within_250ms(
 
     await eventually(listening)
     event_id, holds = await sold_out_event(clients)
+    await eventually(lambda: refusals_local(psvc.redis, clients, event_id))
     await assert_refusals_stay_local(psvc.redis, clients, event_id)
     avail = event_keys(event_id).avail
     await expire_hold(psvc, event_id, holds[0])  # its TTL key goes: the listener hears it

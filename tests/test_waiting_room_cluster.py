@@ -31,7 +31,6 @@ from tests.servers import LocalCluster, RedisServer
 from tests.test_cluster_service import (  # noqa: F401 (fixtures)
     capi,
     cclient,
-    cluster,
     create,
     csettings,
     csvc,
@@ -48,7 +47,7 @@ RATE = 1200  # a minute: 20 a second
 
 
 async def rooms(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     client: httpx.AsyncClient,
     prefix: str,
     capacity: int = 50,
@@ -61,7 +60,7 @@ async def rooms(
     return events
 
 
-def on_its_primary(cluster: LocalCluster, node: RedisServer, event_id: str) -> int:  # noqa: F811
+def on_its_primary(cluster: LocalCluster, node: RedisServer, event_id: str) -> int:
     """How many of the room's keys the event's primary holds (a MOVED error if it did not
     serve their slot)."""
     n: int = cluster.call(node, "EXISTS", *event_keys(event_id).queue)
@@ -69,7 +68,7 @@ def on_its_primary(cluster: LocalCluster, node: RedisServer, event_id: str) -> i
 
 
 async def test_join_poll_leave_and_figures_on_every_primary(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     events = await rooms(cluster, cclient, "wrjoin", waiting_room={"admit_per_minute": 1})
@@ -105,7 +104,7 @@ async def test_join_poll_leave_and_figures_on_every_primary(
 
 
 async def test_pre_queue_shuffled_at_the_opening_then_fcfs_on_every_primary(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
     csvc: Services,  # noqa: F811
 ) -> None:
@@ -156,7 +155,7 @@ async def test_pre_queue_shuffled_at_the_opening_then_fcfs_on_every_primary(
 
 
 async def test_admission_at_the_rate_on_every_primary(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     """1,200 a minute on each primary at once, over 4 s: 80 ± 10% each, and at no sample
@@ -194,7 +193,7 @@ async def test_admission_at_the_rate_on_every_primary(
 
 
 async def test_holds_need_the_pass_on_every_primary(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     room = {"admit_per_minute": 60_000, "pass_ttl_seconds": 600}
@@ -223,7 +222,7 @@ async def test_holds_need_the_pass_on_every_primary(
 
 
 async def test_the_worker_advances_quiet_rooms_on_every_primary(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
     cworker: Worker,  # noqa: F811
 ) -> None:
@@ -253,7 +252,7 @@ async def test_the_worker_advances_quiet_rooms_on_every_primary(
 
 
 async def test_sold_out_then_back_to_waiting_on_every_primary(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     room = {"admit_per_minute": 6000}
@@ -289,7 +288,7 @@ async def test_sold_out_then_back_to_waiting_on_every_primary(
 
 
 async def test_a_queue_keeps_its_order_while_its_slot_moves(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     """The event's slot moves to another primary a key at a time while buyers join and
@@ -322,7 +321,7 @@ async def test_a_queue_keeps_its_order_while_its_slot_moves(
 
 
 async def test_a_queue_keeps_its_tickets_and_order_through_a_failover(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     """kill -9 the primary of an event with a pre-queue shuffled and arrivals behind it:
@@ -363,7 +362,7 @@ async def test_a_queue_keeps_its_tickets_and_order_through_a_failover(
 
 
 async def test_joins_acknowledged_then_lost_with_their_primary_keep_their_places(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     """Joins answered by a primary that dies before its replica has them: the replica
@@ -418,7 +417,7 @@ async def test_joins_acknowledged_then_lost_with_their_primary_keep_their_places
 
 
 async def test_a_primary_away_holds_up_no_other_primarys_rooms(
-    cluster: LocalCluster,  # noqa: F811
+    cluster: LocalCluster,
     cclient: httpx.AsyncClient,  # noqa: F811
     cworker: Worker,  # noqa: F811
 ) -> None:
