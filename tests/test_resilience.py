@@ -12,7 +12,7 @@ from service.core.settings import Settings
 from service.hotpath.context import Services
 from tests.apiserver import served
 from tests.conftest import ADMIN, availability, create_event, server_env
-from tests.servers import RedisServer, free_cluster_port
+from tests.servers import RedisServer
 
 
 async def test_scripts_survive_script_flush(client: httpx.AsyncClient, svc: Services) -> None:
@@ -30,7 +30,7 @@ async def test_scripts_survive_script_flush(client: httpx.AsyncClient, svc: Serv
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    with RedisServer(port=free_cluster_port(set())) as server:  # below 55535
+    with RedisServer() as server:  # a port of its own, below 55535 (tests/servers.py PORTS)
         yield server
 
 

@@ -4,12 +4,15 @@ this module's own: the script calls that `INFO commandstats` counts are only the
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from service.core import schemas
 from service.core.errors import SoldOut
@@ -17,6 +20,7 @@ from service.core.keys import event_keys, restock_channel
 from service.core.settings import Settings
 from service.hotpath import soldout
 from service.hotpath.context import RedisClient, Services
+from service.hotpath.scripts import LUA_DIR, script_text
 from service.selling import sales
 from tests.apiserver import ApiServer, Worker
 from tests.conftest import (
@@ -93,18 +97,38 @@ async def script_calls(redis: RedisClient) -> int:
     )
 
 
+HOLD_SHA = hashlib.sha1(script_text((LUA_DIR / "lib.lua").read_text(), "hold").encode())
+
+
+async def hold_calls(redis: RedisClient, event_id: str, work: Awaitable[None]) -> int:
+    """The hold script's calls on the event while `work` runs, as Redis's MONITOR sees them:
+    other scripts (a worker's, on this event or others) are not refusals."""
+    wanted = f"EVALSHA {HOLD_SHA.hexdigest()} "
+    tag = event_keys(event_id).tag
+    marker = f"end-{secrets.token_hex(8)}"
+    calls = 0
+    assert isinstance(redis, Redis)  # a server of the test's own
+    async with redis.monitor() as m:
+        await work
+        await redis.echo(marker)  # MONITOR gives the commands in order: this one comes last
+        while marker not in (command := (await m.next_command())["command"]):
+            calls += command.startswith(wanted) and tag in command
+    return calls
+
+
 async def refusals_local(
     redis: RedisClient, clients: list[httpx.AsyncClient], event_id: str
 ) -> bool:
-    """A refusal from each process, and no script run meanwhile: every process has learnt
-    that the event is sold out (on a loaded machine, later than learn()'s few refusals),
-    and nothing else (a worker just started) is running scripts."""
-    before = await script_calls(redis)
-    for c in clients:
-        r = await c.post(f"/events/{event_id}/holds", json=ga(1, "late"))
-        assert refused(r), r.text
-    await asyncio.sleep(0.2)
-    return await script_calls(redis) == before
+    """A refusal from each process, and no hold script run for it: every process has
+    learnt that the event is sold out (on a loaded machine, later than learn()'s few
+    refusals)."""
+
+    async def ask() -> None:
+        for c in clients:
+            r = await c.post(f"/events/{event_id}/holds", json=ga(1, "late"))
+            assert refused(r), r.text
+
+    return await hold_calls(redis, event_id, ask()) == 0
 
 
 def refused(r: httpx.Response) -> bool:
@@ -139,13 +163,15 @@ async def sold_out_event(clients: list[httpx.AsyncClient]) -> tuple[str, list[st
 async def assert_refusals_stay_local(
     redis: RedisClient, clients: list[httpx.AsyncClient], event_id: str, count: int = 50
 ) -> None:
-    before = await script_calls(redis)
-    for c in clients:
-        answers = await asyncio.gather(
-            *(c.post(f"/events/{event_id}/holds", json=ga(1, f"bot{i}")) for i in range(count))
-        )
-        assert all(refused(r) for r in answers)
-    assert await script_calls(redis) == before
+
+    async def ask() -> None:
+        for c in clients:
+            answers = await asyncio.gather(
+                *(c.post(f"/events/{event_id}/holds", json=ga(1, f"bot{i}")) for i in range(count))
+            )
+            assert all(refused(r) for r in answers)
+
+    assert await hold_calls(redis, event_id, ask()) == 0
 
 
 async def sellable_everywhere(
