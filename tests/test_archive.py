@@ -394,6 +394,7 @@ async def _used_memory(svc: Services) -> int:
     return int(info["used_memory"])
 
 
+@pytest.mark.slow  # a scale test: make test runs it, make test-fast not
 async def test_a_thousand_events_sold_and_archived_leave_redis_as_it_was(
     settings: Settings,
 ) -> None:

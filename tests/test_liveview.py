@@ -153,7 +153,8 @@ async def test_figures_after_holds_confirms_refusals_and_an_expiry(
         async for doc in docs:
             seen.append(doc)
             t = doc["totals"]
-            if t["expiries"] == 1 and t["refusals"].get("sold_out") == 2:
+            # Each process sends its refusals once a second: the two codes may come apart.
+            if t["expiries"] == 1 and t["refusals"] == {"sold_out": 2, "validation_error": 1}:
                 break
             assert len(seen) < 15, seen[-1]
         last = seen[-1]

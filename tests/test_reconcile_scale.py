@@ -28,6 +28,9 @@ from tests.conftest import services_with
 from tests.servers import RedisServer
 from tests.test_load import _script_names, big_body, hold
 
+# Scale tests (200,000 seats): make test runs them, make test-fast not.
+pytestmark = pytest.mark.slow
+
 # Redis time of each script call of the check, as SLOWLOG measures it. That is wall time:
 # a Redis that the OS deschedules mid-call (2 shared cores, other tests beside) shows
 # more than the call costs. So the check runs RUNS times, and each call (the same chunk

@@ -174,6 +174,7 @@ def _evalsha_micros(r: redis.Redis, sha: str) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # a scale test: make test runs it, make test-fast not
 async def test_200000_seats_page_by_page(big_api: ApiServer, slowlog_redis: RedisServer) -> None:
     rows = [f"R{i}" for i in range(BIG_ROWS)]
     body = {

@@ -20,6 +20,7 @@ import time
 from typing import Any, cast
 
 import httpx
+import pytest
 
 from service.core.keys import event_keys
 from service.hotpath.context import Services
@@ -199,6 +200,7 @@ async def test_sold_out_stops_admission_and_a_release_resumes_it(
     assert sum(t["status"] == "admitted" for t in seen) >= 10, seen
 
 
+@pytest.mark.slow  # a scale test: make test runs it, make test-fast not
 async def test_2000_concurrent_joins(api: ApiServer) -> None:
     n = 2000
     # Its own client: no pool timeout, on a machine that may be slow.

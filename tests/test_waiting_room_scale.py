@@ -74,6 +74,7 @@ async def _join_all(client: httpx.AsyncClient, event_id: str, customers: list[st
     return tickets
 
 
+@pytest.mark.slow  # a scale test: make test runs it, make test-fast not
 async def test_10000_polls_from_two_processes_cost_only_the_rooms_reads(
     clients: tuple[httpx.AsyncClient, httpx.AsyncClient], svc: Services
 ) -> None:
@@ -219,6 +220,7 @@ async def test_a_ticket_is_good_on_a_process_that_never_saw_its_join(
     assert (await hold(a, event_id, "p1", seen["pass"])).status_code == 403
 
 
+@pytest.mark.slow  # a scale test: make test runs it, make test-fast not
 async def test_positions_against_the_exact_rank_over_100000_pre_queued(
     client: httpx.AsyncClient, svc: Services
 ) -> None:
