@@ -37,13 +37,7 @@ async def view(svc: Services, event_id: str) -> schemas.Event:
         ev = (await conn.execute(sa.select(events).where(events.c.id == event_id))).first()
         if ev is None:
             raise errors.EventNotFound(f"no event {event_id!r}")
-        cats = (
-            await conn.execute(
-                sa.select(categories)
-                .where(categories.c.event_id == event_id)
-                .order_by(categories.c.position)
-            )
-        ).all()
+        cats = await live.event_categories(conn, event_id)
         taken = await sold(conn, event_id)
     on_sale_at = None if ev.on_sale_at is None else to_ms(ev.on_sale_at)
     room = live.room_of(ev)

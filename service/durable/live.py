@@ -8,11 +8,14 @@ import contextlib
 import secrets
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.core import errors
 from service.core.db import categories, events, seats
@@ -293,6 +296,12 @@ def room_of(row: Any) -> Room | None:
     )
 
 
+async def event_categories(conn: AsyncConnection, event_id: str) -> Sequence[Row[Any]]:
+    """The event's category rows, in their order."""
+    query = sa.select(categories).where(categories.c.event_id == event_id)
+    return (await conn.execute(query.order_by(categories.c.position))).all()
+
+
 # --- restore ------------------------------------------------------------------------
 
 
@@ -349,13 +358,7 @@ async def restore(svc: Services, event_id: str) -> None:
             raise errors.EventArchived(
                 f"event {event_id!r} is over and archived; reopen it (status on_sale) to sell"
             )
-        cats = (
-            await conn.execute(
-                sa.select(categories)
-                .where(categories.c.event_id == event_id)
-                .order_by(categories.c.position)
-            )
-        ).all()
+        cats = await event_categories(conn, event_id)
         seat_rows = (
             await conn.execute(
                 sa.select(seats.c.label, seats.c.category, seats.c.row)
