@@ -5,8 +5,10 @@ Idempotency-Key. For the Litestar handlers (service/web/routes/) and the lean la
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Protocol, TypeVar
 
+from litestar import Response
 from litestar.params import Parameter
 
 from service.core import errors
@@ -14,6 +16,8 @@ from service.hotpath.context import Services
 from service.hotpath.scripts import Idempotency
 from service.selling import idempotency
 from service.web import bodies, customers
+
+T = TypeVar("T")
 
 _EVENT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
@@ -89,3 +93,8 @@ async def idempotency_of(request: Asking) -> Idempotency | None:
     return idempotency.fingerprint(
         key, request.method, request.url.path, await request.body(), customers.of(request)
     )
+
+
+async def once(request: Asking, status: int, work: Callable[[], Awaitable[T]]) -> Response[T]:
+    """The admin routes' writes: `work` once per Idempotency-Key (selling/idempotency)."""
+    return await idempotency.once(request.svc, await idempotency_of(request), status, work)

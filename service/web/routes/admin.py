@@ -14,8 +14,8 @@ from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 
 from service.core import errors, schemas
 from service.durable import archive, deadletters, findings, reconcile
-from service.selling import bookings, catalog, idempotency, waitingroom
-from service.web.asking import Asked, EventIdParam, event, idempotency_of
+from service.selling import bookings, catalog, waitingroom
+from service.web.asking import Asked, EventIdParam, event, idempotency_of, once
 from service.web.door import rate_limit
 from service.web.openapi import location, problems
 
@@ -72,9 +72,7 @@ async def create_event(
     request: Asked, data: JSONBody[schemas.EventCreate]
 ) -> Response[schemas.Event]:
     svc = request.svc
-    response = await idempotency.once(
-        svc, await idempotency_of(request), 201, lambda: catalog.create_event(svc, data)
-    )
+    response = await once(request, 201, lambda: catalog.create_event(svc, data))
     if response.status_code == 201:  # a replay too: the same body names the same event
         response.headers["location"] = f"/events/{data.id}"
     return response
@@ -98,9 +96,8 @@ async def patch_event(
     data: JSONBody[schemas.EventPatch],
 ) -> Response[schemas.Event]:
     svc = request.svc
-    return await idempotency.once(
-        svc,
-        await idempotency_of(request),
+    return await once(
+        request,
         200,
         lambda: catalog.patch_event(svc, event(event_id), data),
     )
@@ -173,9 +170,7 @@ async def archive_event(request: Asked, event_id: EventIdParam) -> Response[sche
     brings it back. Hold records of an archived event are gone (`hold_not_found`);
     Idempotency-Key records stay until their TTL."""
     svc = request.svc
-    return await idempotency.once(
-        svc, await idempotency_of(request), 202, lambda: archive.ask(svc, event(event_id))
-    )
+    return await once(request, 202, lambda: archive.ask(svc, event(event_id)))
 
 
 @get("/{event_id:str}/queue", responses=problems(errors.Unauthorized, errors.EventNotFound))
@@ -213,9 +208,8 @@ async def replay_dead_letter(
     """Put the entry back in the outbox (after fixing its cause): the write-behind writes
     it again, and dead-letters it again if it still fails."""
     svc = request.svc
-    return await idempotency.once(
-        svc,
-        await idempotency_of(request),
+    return await once(
+        request,
         202,
         lambda: deadletters.replay(svc, event(event_id), dead_letter_id),
     )
@@ -232,9 +226,8 @@ async def discard_dead_letter(
     """Drop the entry for good. Reconcile then reports its booking as drift until
     `boxoffice reconcile --repair` writes it from what Redis has (if PostgreSQL takes it)."""
     svc = request.svc
-    return await idempotency.once(
-        svc,
-        await idempotency_of(request),
+    return await once(
+        request,
         204,
         lambda: deadletters.discard(svc, event(event_id), dead_letter_id),
     )
