@@ -482,3 +482,16 @@ class LocalCluster(Started):
         except redis.ResponseError:  # a node does not yet see the new roles: next round
             return False
         return True
+
+
+def wait_synced(primary: RedisServer, replica: RedisServer, timeout: float = 20.0) -> None:
+    """Until the replica's link to its primary is up and the primary counts it."""
+    deadline = time.monotonic() + timeout
+    with redis.Redis(port=replica.port) as r, redis.Redis(port=primary.port) as p:
+        while True:
+            link = r.info("replication").get("master_link_status")
+            if link == "up" and p.info("replication").get("connected_slaves") == 1:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("the replica did not sync in time")
+            time.sleep(0.05)

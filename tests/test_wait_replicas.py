@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import msgspec
@@ -28,23 +28,12 @@ from tests.conftest import (
     server_env,
     worker_env,
 )
-from tests.servers import LocalCluster, RedisServer
+from tests.servers import LocalCluster, RedisServer, wait_synced
+from tests.test_wait_shortfall import big_event, confirm_through_a_kill
 from tests.test_writebehind import persisted_ids
 
 GA = {"items": [{"category": "GA", "quantity": 1}]}
 GA_ITEM = schemas.HoldItem("GA", 1)
-
-
-def wait_synced(primary: RedisServer, replica: RedisServer, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    with redis.Redis(port=replica.port) as r, redis.Redis(port=primary.port) as p:
-        while True:
-            link = r.info("replication").get("master_link_status")
-            if link == "up" and p.info("replication").get("connected_slaves") == 1:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError("the replica did not sync in time")
-            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -194,74 +183,23 @@ async def test_acknowledged_confirmations_survive_a_primary_killed_under_load(
     try:
         port, (event_id,) = next(iter(cluster.event_ids(1).items()))
         primary = next(n for n in cluster.primaries() if n.port == port)
-        big = event_body(event_id, max_per_order=1)
-        big["categories"] = [{"name": "GA", "price": 100, "currency": "EUR", "capacity": 100_000}]
-        await catalog.create_event(svc, msgspec.convert(big, schemas.EventCreate))
+        await big_event(svc, event_id)
 
-        acknowledged: list[str] = []
-        failed = 0
-        killed_at = float("inf")
-        # After the kill: the first hold (the replica took over), and the first confirmation
-        # (WAIT 1 needs a replica again: the killed node, restarted, is the new one's).
-        held_at: float | None = None
-        confirmed_at: float | None = None
-        stop = asyncio.Event()
+        # The old primary comes back (empty: no persistence here) only once its replica has
+        # taken over, or the replica would resync from it, empty; back, it is the new
+        # primary's replica, which WAIT 1 needs before confirmations resume.
+        async def restart() -> None:
+            await asyncio.to_thread(primary.start)
 
-        async def buyer(i: int) -> None:
-            nonlocal failed, held_at, confirmed_at
-            n = 0
-            while not stop.is_set():
-                n += 1
-                asked = time.monotonic()
-                try:
-                    hold, _ = await sales.create_hold_counted(
-                        svc,
-                        event_id,
-                        schemas.HoldCreate(customer_id=f"c{i}-{n}", items=[GA_ITEM]),
-                        None,
-                    )
-                    # A hold asked before the kill and answered after proves nothing: the
-                    # old primary must not come back (empty: no persistence here) before
-                    # its replica has taken over, or the replica resyncs from it, empty.
-                    if asked > killed_at and held_at is None:
-                        held_at = time.monotonic()
-                    started = time.monotonic()
-                    booking = await sales.confirm_hold(
-                        svc, event_id, hold.hold_id, schemas.HoldConfirm(), None
-                    )
-                except Exception:
-                    failed += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                acknowledged.append(booking.booking_id)
-                if started > killed_at and confirmed_at is None:
-                    confirmed_at = time.monotonic()
-
-        async def until(check: Callable[[], bool], within: float) -> None:
-            deadline = time.monotonic() + within
-            while not check() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-
-        buyers = [asyncio.ensure_future(buyer(i)) for i in range(16)]
-        await asyncio.sleep(1.5)
-        before = len(acknowledged)
-        assert before > 0
-        cluster.kill(primary)
-        killed_at = time.monotonic()
-        await until(lambda: held_at is not None, 20)
-        assert held_at is not None, "holds did not resume after the failover"
-        assert held_at - killed_at < 10
-        restarted_at = time.monotonic()
-        await asyncio.to_thread(primary.start)
-        await until(lambda: confirmed_at is not None, 20)
-        stop.set()
-        await asyncio.gather(*buyers)
-        assert confirmed_at is not None, "confirmations did not resume"
+        resumed = await confirm_through_a_kill(
+            svc, cluster, primary, event_id, buyers=16, once_holds_resume=restart
+        )
+        acknowledged = resumed.acknowledged
+        assert resumed.held < 10
         print(
-            f"acknowledged {len(acknowledged)} ({before} before the kill), failed {failed};"
-            f" holds resumed {held_at - killed_at:.1f} s after the kill, confirmations"
-            f" {confirmed_at - killed_at:.1f} s after it (the old primary restarted"
-            f" {restarted_at - killed_at:.1f} s after it, a replica of the new one)"
+            f"acknowledged {len(acknowledged)}, failed {resumed.failed}; holds resumed"
+            f" {resumed.held:.1f} s after the kill (then the old primary restarted, a replica"
+            f" of the new one), confirmations {resumed.confirmed:.1f} s after it"
         )
 
         await asyncio.to_thread(cluster.wait_ok)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import msgspec
@@ -28,8 +28,7 @@ from service.selling import catalog, sales
 from service.web import metrics
 from tests.apiserver import served
 from tests.conftest import create_event, event_body, server_env
-from tests.servers import LocalCluster, RedisServer
-from tests.test_wait_replicas import wait_synced
+from tests.servers import LocalCluster, RedisServer, wait_synced
 
 GA = {"items": [{"category": "GA", "quantity": 1}]}
 GA_ITEM = schemas.HoldItem("GA", 1)
@@ -204,11 +203,17 @@ class Resumed(msgspec.Struct):
 
 
 async def confirm_through_a_kill(
-    svc: Services, cluster: LocalCluster, primary: RedisServer, event_id: str, buyers: int = 8
+    svc: Services,
+    cluster: LocalCluster,
+    primary: RedisServer,
+    event_id: str,
+    buyers: int = 8,
+    once_holds_resume: Callable[[], Awaitable[None]] | None = None,
 ) -> Resumed:
     """Buyers hold and confirm on the event without a pause; its primary is killed (-9)
-    once they are under way. Returns when confirmations are acknowledged again, or after
-    30 s, what happened."""
+    once they are under way. `once_holds_resume` runs when the first hold asked after the
+    kill is answered (the failover is done), or after 20 s. Returns when confirmations are
+    acknowledged again, or 30 s after that, what happened."""
     acknowledged: list[str] = []
     failed = 0
     killed_at = float("inf")
@@ -250,6 +255,11 @@ async def confirm_through_a_kill(
     assert acknowledged, "no confirmation before the kill"
     cluster.kill(primary)
     killed_at = time.monotonic()
+    if once_holds_resume is not None:
+        deadline = killed_at + 20
+        while held_at is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await once_holds_resume()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), 30)
     stop.set()
@@ -259,7 +269,7 @@ async def confirm_through_a_kill(
     return Resumed(held_at - killed_at, confirmed_at - killed_at, acknowledged, failed)
 
 
-async def _big_event(svc: Services, event_id: str) -> None:
+async def big_event(svc: Services, event_id: str) -> None:
     big = event_body(event_id, max_per_order=1)
     big["categories"] = [{"name": "GA", "price": 100, "currency": "EUR", "capacity": 100_000}]
     await catalog.create_event(svc, msgspec.convert(big, schemas.EventCreate))
@@ -285,7 +295,7 @@ async def test_accept_resumes_confirmations_within_seconds_of_a_failover(
     try:
         port, (event_id,) = next(iter(cluster.event_ids(1).items()))
         primary = next(n for n in cluster.primaries() if n.port == port)
-        await _big_event(svc, event_id)
+        await big_event(svc, event_id)
         before = shortfall_counter()._value.get()
         resumed = await confirm_through_a_kill(svc, cluster, primary, event_id)
         print(
@@ -361,7 +371,7 @@ async def test_two_replicas_per_primary_heal_a_failover_by_themselves(
     try:
         port, (event_id,) = next(iter(cluster.event_ids(1).items()))
         primary = next(n for n in cluster.primaries() if n.port == port)
-        await _big_event(svc, event_id)
+        await big_event(svc, event_id)
         resumed = await confirm_through_a_kill(svc, cluster, primary, event_id)
         print(
             f"two replicas, refuse: holds resumed {resumed.held:.1f} s after the kill,"
