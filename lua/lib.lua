@@ -420,13 +420,23 @@ end
 local STATE_FIELDS = {'o', 'f', 't', 'g', 'sl', 'c', 'n', 'P', 'hb', 'ls', 'nl', 'r', 'lv',
   'hc', 'fe', 'ft', 'rid', 'rt'}
 
--- `defer`: the frontier's own fields (f, t, c, sl, hc) are not written but left in
--- room.pending, for the caller's one HSET (room_step: with the snapshot).
-local function advance(q, rm, now, defer)
-  local selling = rm.status == 'on_sale' and (not rm.on_sale_at or now >= rm.on_sale_at)
-  local got = redis.call('HMGET', q.state, unpack(STATE_FIELDS))
+-- The room's state fields by name: STATE_FIELDS and `more`, in one HMGET.
+local function read_state(q, more)
+  local names = {unpack(STATE_FIELDS)}
+  for _, name in ipairs(more or {}) do names[#names + 1] = name end
+  local got = redis.call('HMGET', q.state, unpack(names))
   local st = {}
-  for i, name in ipairs(STATE_FIELDS) do st[name] = got[i] end
+  for i, name in ipairs(names) do st[name] = got[i] end
+  return st
+end
+
+-- `defer`: the frontier's own fields (f, t, c, sl, hc) are not written but left in
+-- room.pending, for the caller's one HSET (room_step: with the snapshot). `st`: the
+-- state as read_state() read it in this call, if it did.
+local function advance(q, rm, now, defer, st)
+  local selling = rm.status == 'on_sale' and (not rm.on_sale_at or now >= rm.on_sale_at)
+  st = st or read_state(q)
+  local had_g = st.g
   local opened, f, t = st.o == '1', tonumber(st.f or '0'), tonumber(st.t or '0')
   local pending = {}
   -- No generation: not turned on by the admin (configure.lua gives it one), so new with
@@ -439,7 +449,7 @@ local function advance(q, rm, now, defer)
     if not selling then return {opened = false, f = 0, frac = 0, stock = true, st = st, pending = pending} end
     -- Admission counts from the on-sale moment, or from now for a room that begins now:
     -- one loaded again long after it must not let a burst through.
-    opened, f, t = true, 0, got[4] and math.min(now, rm.on_sale_at or now) or now
+    opened, f, t = true, 0, had_g and math.min(now, rm.on_sale_at or now) or now
     rank_pre_queue(q)
     redis.call('HSET', q.state, 'o', 1, 'f', 0, 't', t)
     st.P = tostring(redis.call('HGET', q.state, 'P'))
@@ -573,9 +583,7 @@ local function room_snapshot(q, rm, room, now, fresh)
       redis.call('HSET', q.state, unpack(room.pending))
       room.pending = {}
     end
-    local got = redis.call('HMGET', q.state, unpack(STATE_FIELDS))
-    st = {}
-    for i, name in ipairs(STATE_FIELDS) do st[name] = got[i] end
+    st = read_state(q)
   end
   local s = {
     g = tonumber(st.g), now = now, o = room.opened and 1 or 0, mv = room.moving and 1 or 0,
@@ -639,8 +647,8 @@ end
 -- snapshot stored for the API processes (sj, and st = when) with every write in one HSET.
 -- `worker`: the worker's step (queue_tick.lua), marked w = 1 in the snapshot: the API
 -- processes then leave the next step to it, a little longer (roomstate.py, WORKER_MS).
-local function room_step(q, rm, now, between, worker)
-  local room = advance(q, rm, now, true)
+local function room_step(q, rm, now, between, worker, st)
+  local room = advance(q, rm, now, true, st)
   check_server(room.st, now, room.pending)
   local changed = between and between(room)
   local p = room.pending

@@ -34,12 +34,12 @@ for _, one in ipairs(cjson.decode(ARGV[8])) do
     lost[#lost + 1] = one
   end
 end
-local stored = redis.call('HMGET', q.state, 'sj', 'st', 'hb', 'ls', 'hc')
+local st = read_state(q, {'sj', 'st'})
 local snap
-if ARGV[9] ~= '1' and #lost == 0 and stored[1] and now - tonumber(stored[2] or '0') < STEP_MS then
-  snap = cjson.decode(stored[1]) -- the last step's; the logs' counts as they are now
-  snap.hb, snap.ls = tonumber(stored[3] or '0'), tonumber(stored[4] or '0')
-  snap.hc = tonumber(stored[5] or '0')
+if ARGV[9] ~= '1' and #lost == 0 and st.sj and now - tonumber(st.st or '0') < STEP_MS then
+  snap = cjson.decode(st.sj) -- the last step's; the logs' counts as they are now
+  snap.hb, snap.ls = tonumber(st.hb or '0'), tonumber(st.ls or '0')
+  snap.hc = tonumber(st.hc or '0')
 else
   snap = room_step(q, rm, now, function(room)
     local n = tonumber(room.st.n or '0')
@@ -68,7 +68,7 @@ else
       redis.call('HINCRBY', q.state, 'lv', 1)
     end
     return #lost > 0
-  end)
+  end, false, st)
 end
 local out = {room = snap}
 if tonumber(ARGV[5]) < snap.ls then
