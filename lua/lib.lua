@@ -309,7 +309,13 @@ local function queue_keys()
                               --   or loaded again after Redis lost it): tickets of an
                               --   earlier generation are its own, put back from their
                               --   polls, lv = how often the pre-queue was ranked again
-                              --   after the opening (put-backs: the ladder changed)
+                              --   after the opening (put-backs: the ladder changed),
+                              --   hc = corners kept so far, sj = the snapshot the API
+                              --   processes read (room_snapshot, JSON), st = when the
+                              --   room was last stepped (room_step), rid = the run id of
+                              --   the Redis process that stepped it, rt = when that was
+                              --   last asked, fe, ft = how often and when last the room
+                              --   found itself on another (check_server)
     hist = KEYS[NKEYS + 5],   -- list: "t f" corners of the frontier (where its slope
                               --   changed), as old as a pass lives: when each rank was
                               --   admitted, for the pass's expiry and the active passes
@@ -407,15 +413,6 @@ local function frontier_step(rm, moving, f, t, card, now, was)
   return nf, nil
 end
 
--- Advance the admission frontier to `now` by rate x elapsed time, only while the event
--- sells and something is left: the room never admits into nothing. The first look at or
--- after the on-sale moment opens the queue (the pre-queue's random scores then rank it)
--- and admission counts from that moment. The frontier runs at most one rank past the
--- queue's end, so an idle room admits the next arrival at once but stores no burst.
--- Where its slope changes (a pause, a burst after idling, a new rate) the corner is kept:
--- the line through the corners says when each rank was admitted.
--- Returns {opened, f = admitted up to this rank, frac = the fractional frontier, stock,
--- through = the rank admission has reached (f, less the spare rank while out of stock)}.
 -- The state fields advance() and the room's snapshot read, in one HMGET (room.st by name).
 local STATE_FIELDS = {'o', 'f', 't', 'g', 'sl', 'c', 'n', 'P', 'hb', 'ls', 'nl', 'r', 'lv',
   'hc', 'fe', 'ft', 'rid', 'rt'}
@@ -430,6 +427,15 @@ local function read_state(q, more)
   return st
 end
 
+-- Advance the admission frontier to `now` by rate x elapsed time, only while the event
+-- sells and something is left: the room never admits into nothing. The first look at or
+-- after the on-sale moment opens the queue (the pre-queue's random scores then rank it)
+-- and admission counts from that moment. The frontier runs at most one rank past the
+-- queue's end, so an idle room admits the next arrival at once but stores no burst.
+-- Where its slope changes (a pause, a burst after idling, a new rate) the corner is kept:
+-- the line through the corners says when each rank was admitted.
+-- Returns {opened, f = admitted up to this rank, frac = the fractional frontier, stock,
+-- through = the rank admission has reached (f, less the spare rank while out of stock)}.
 -- `defer`: the frontier's own fields (f, t, c, sl, hc) are not written but left in
 -- room.pending, for the caller's one HSET (room_step: with the snapshot). `st`: the
 -- state as read_state() read it in this call, if it did.
@@ -446,7 +452,9 @@ local function advance(q, rm, now, defer, st)
     st.g, st.r = tostring(now), '1'
   end
   if not opened then
-    if not selling then return {opened = false, f = 0, frac = 0, stock = true, st = st, pending = pending} end
+    if not selling then
+      return {opened = false, f = 0, frac = 0, stock = true, st = st, pending = pending}
+    end
     -- Admission counts from the on-sale moment, or from now for a room that begins now:
     -- one loaded again long after it must not let a burst through.
     opened, f, t = true, 0, had_g and math.min(now, rm.on_sale_at or now) or now

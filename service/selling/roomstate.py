@@ -5,7 +5,7 @@ poll that finds it older (the polls meanwhile wait for that one read, never make
 own), and a read is mostly one HMGET of the snapshot the room's last step stored (lua/
 lib.lua, room_step: the frontier advanced, written with it). The step itself is a script
 (lua/queue_state.lua), run by the read that finds the snapshot STEP_MS old, or by the
-worker's background step (about every second), so a room is stepped about once per
+worker's background step (every STEP_MS), so a room is stepped about once per
 STEP_MS whatever the number of processes. The script is called too when a process
 changed the room or heard stock come back (it steps at once), lacks leaves, corners or
 the ladder, or has tickets to offer for putting back. What a read brings:
