@@ -415,7 +415,7 @@ end
 
 -- The state fields advance() and the room's snapshot read, in one HMGET (room.st by name).
 local STATE_FIELDS = {'o', 'f', 't', 'g', 'sl', 'c', 'n', 'P', 'hb', 'ls', 'nl', 'r', 'lv',
-  'hc', 'fe', 'ft', 'rid', 'rt'}
+  'hc', 'ct', 'fe', 'ft', 'rid', 'rt'}
 
 -- The room's state fields by name: STATE_FIELDS and `more`, in one HMGET.
 local function read_state(q, more)
@@ -482,8 +482,8 @@ local function advance(q, rm, now, defer, st)
     if corner then
       redis.call('RPUSH', q.hist, t .. ' ' .. f)
       local hc = tonumber(st.hc or '0') + 1
-      st.hc = tostring(hc)
-      for _, v in ipairs({'sl', corner, 'hc', hc}) do pending[#pending + 1] = v end
+      st.hc, st.ct = tostring(hc), tostring(now)
+      for _, v in ipairs({'sl', corner, 'hc', hc, 'ct', now}) do pending[#pending + 1] = v end
       local hb = trim_corners(q, rm.ttl, now)
       st.hb = tostring(tonumber(st.hb or '0') + hb)
     end
@@ -600,7 +600,8 @@ local function room_snapshot(q, rm, room, now, fresh)
     t = tonumber(st.t or '0'), n = tonumber(st.n or '0'), P = tonumber(st.P or '0'),
     hb = tonumber(st.hb or '0'), ls = tonumber(st.ls or '0'), nl = tonumber(st.nl or '0'),
     r = tonumber(st.r or '0'), lv = tonumber(st.lv or '0'), fe = tonumber(st.fe or '0'),
-    ft = tonumber(st.ft or '0'), hc = tonumber(st.hc or '0'), fk = '', fa = 0,
+    ft = tonumber(st.ft or '0'), hc = tonumber(st.hc or '0'), ct = tonumber(st.ct or '0'),
+    fk = '', fa = 0,
     w = room.worker and 1 or 0,
   }
   local through = room.through
@@ -627,8 +628,16 @@ end
 
 -- How long a stored snapshot (sj) serves the API processes before one of them steps the
 -- room again (service/selling/roomstate.py, STEP_MS: the same; the worker steps every
--- room as often, waitingroom.py TICK_SECONDS).
+-- room as often, waitingroom.py TICK_SECONDS). For SETTLE_MS after the frontier's slope
+-- changed (ct: the opening, a sell-out, stock back, a pause, a new rate) a snapshot
+-- serves only SETTLE_STEP_MS: the change's first effects show at once.
 local STEP_MS = 750
+local SETTLE_MS = 2000
+local SETTLE_STEP_MS = 250
+local function step_due(snap_ct, stepped, now)
+  local due = now - tonumber(snap_ct or '0') < SETTLE_MS and SETTLE_STEP_MS or STEP_MS
+  return now - tonumber(stepped or '0') >= due
+end
 -- Whether this Redis process is the one that last stepped the room: INFO's run_id, kept
 -- in the state (rid), is replicated with it, so a replica promoted (or a restart from
 -- disk) finds another. Either may have lost the last joins a primary acknowledged: the

@@ -1,7 +1,7 @@
 -- queue_state.lua: the room's state as an API process keeps it (service/selling/roomstate.py).
 -- Most reads of it are not this script: a process reads the snapshot the last step stored
 -- (lib.lua, room_snapshot: the state's sj) with one HMGET, and calls this only when that
--- snapshot is older than STEP_MS (then this steps the room: lib.lua, room_step), when it
+-- snapshot is older than STEP_MS (lib.lua, step_due; then this steps the room: room_step), when it
 -- changed the room itself, or when it lacks leaves, corners or the ladder, or has lost
 -- tickets that are not in the order to put back. So the room is stepped about once per STEP_MS whatever the number
 -- of processes, and a process's poll costs nothing.
@@ -36,7 +36,7 @@ for _, one in ipairs(cjson.decode(ARGV[8])) do
 end
 local st = read_state(q, {'sj', 'st'})
 local snap
-if ARGV[9] ~= '1' and #lost == 0 and st.sj and now - tonumber(st.st or '0') < STEP_MS then
+if ARGV[9] ~= '1' and #lost == 0 and st.sj and not step_due(st.ct, st.st, now) then
   snap = cjson.decode(st.sj) -- the last step's; the logs' counts as they are now
   snap.hb, snap.ls = tonumber(st.hb or '0'), tonumber(st.ls or '0')
   snap.hc = tonumber(st.hc or '0')

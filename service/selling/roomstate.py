@@ -48,6 +48,11 @@ STEP_MS = 750
 # How old a snapshot the worker stored may be (lua/lib.lua, room_step's w): the worker
 # steps every STEP_MS, and the processes leave it to it unless it is this late.
 WORKER_MS = STEP_MS + 250
+# For SETTLE_MS after the frontier's slope changed (the opening, a sell-out, stock back, a
+# pause, a new rate: lua/lib.lua, step_due) a read steps the room once the snapshot is
+# SETTLE_STEP_MS old, so the change's first effects show at once.
+SETTLE_MS = 2000
+SETTLE_STEP_MS = 250
 # How far ahead of the snapshot's time a process carries the frontier on, for positions:
 # the snapshot is up to a step and a read old.
 EXTRAPOLATE_MS = 1500
@@ -86,6 +91,7 @@ class Snapshot(msgspec.Struct):
     fe: int = 0
     ft: int = 0
     hc: int = 0
+    ct: int = 0
     w: int = 0
 
 
@@ -370,7 +376,11 @@ async def _stored(svc: Services, event_id: str, state: RoomState) -> bool:
     if sj is None or stepped is None:
         return False
     snap = _decode_snapshot(sj)
-    if _Clock.now() - int(stepped) >= (WORKER_MS if snap.w else STEP_MS):
+    now = _Clock.now()
+    due = WORKER_MS if snap.w else STEP_MS
+    if now - snap.ct < SETTLE_MS:
+        due = SETTLE_STEP_MS
+    if now - int(stepped) >= due:
         return False  # time the room was stepped: the script does
     if snap.g != state.snap.g or state.needs_ladder(snap):
         return False  # another room than the logs are of, or a ladder to fetch
