@@ -4,8 +4,9 @@ hold, and the background step for quiet periods.
 Its state lives in Redis in the event's slot (lua/lib.lua, queue_keys): the order, the
 admission frontier, the leave log. A join is a script call (the joins of one loop turn
 for one event share one); a poll is none: the ticket is signed here and carries its
-place (service/selling/queuetickets.py), and the process keeps each room's state fresh
-within a quarter second (service/selling/roomstate.py). Passes are signed here
+place (service/selling/queuetickets.py), and the process keeps each room's state within
+a quarter second of the snapshot the room's last step stored, a step every 0.75 s
+(service/selling/roomstate.py). Passes are signed here
 (service/selling/passes.py) and checked here, without a round trip.
 """
 
