@@ -238,7 +238,7 @@ GOALS = (
     ),
     Goal(
         "room_script_calls_per_poll",
-        "waiting room: Redis script calls per poll (the rooms' reads)",
+        "waiting room: Redis script calls per poll (the room's steps)",
         ("room", "redis_script_calls_per_poll"),
         None,
         "<=",

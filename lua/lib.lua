@@ -309,7 +309,13 @@ local function queue_keys()
                               --   or loaded again after Redis lost it): tickets of an
                               --   earlier generation are its own, put back from their
                               --   polls, lv = how often the pre-queue was ranked again
-                              --   after the opening (put-backs: the ladder changed)
+                              --   after the opening (put-backs: the ladder changed),
+                              --   hc = corners kept so far, sj = the snapshot the API
+                              --   processes read (room_snapshot, JSON), st = when the
+                              --   room was last stepped (room_step), rid = the run id of
+                              --   the Redis process that stepped it, rt = when that was
+                              --   last asked, fe, ft = how often and when last the room
+                              --   found itself on another (check_server)
     hist = KEYS[NKEYS + 5],   -- list: "t f" corners of the frontier (where its slope
                               --   changed), as old as a pass lives: when each rank was
                               --   admitted, for the pass's expiry and the active passes
@@ -380,14 +386,15 @@ end
 
 -- Forget the corners a pass no longer needs: those before the one in force ttl ago.
 local function trim_corners(q, ttl, now)
-  for _ = 1, 100 do
+  for i = 1, 100 do
     local second = redis.call('LINDEX', q.hist, 1)
     if not second or tonumber(string.match(second, '^(%S+)')) >= now - ttl * 1000 - 5000 then
-      return
+      return i - 1
     end
     redis.call('LPOP', q.hist)
     redis.call('HINCRBY', q.state, 'hb', 1)
   end
+  return 100
 end
 
 -- The frontier's step, written by advance() and only computed by room_figures_read():
@@ -406,6 +413,20 @@ local function frontier_step(rm, moving, f, t, card, now, was)
   return nf, nil
 end
 
+-- The state fields advance() and the room's snapshot read, in one HMGET (room.st by name).
+local STATE_FIELDS = {'o', 'f', 't', 'g', 'sl', 'c', 'n', 'P', 'hb', 'ls', 'nl', 'r', 'lv',
+  'hc', 'ct', 'fe', 'ft', 'rid', 'rt'}
+
+-- The room's state fields by name: STATE_FIELDS and `more`, in one HMGET.
+local function read_state(q, more)
+  local names = {unpack(STATE_FIELDS)}
+  for _, name in ipairs(more or {}) do names[#names + 1] = name end
+  local got = redis.call('HMGET', q.state, unpack(names))
+  local st = {}
+  for i, name in ipairs(names) do st[name] = got[i] end
+  return st
+end
+
 -- Advance the admission frontier to `now` by rate x elapsed time, only while the event
 -- sells and something is left: the room never admits into nothing. The first look at or
 -- after the on-sale moment opens the queue (the pre-queue's random scores then rank it)
@@ -415,20 +436,35 @@ end
 -- the line through the corners says when each rank was admitted.
 -- Returns {opened, f = admitted up to this rank, frac = the fractional frontier, stock,
 -- through = the rank admission has reached (f, less the spare rank while out of stock)}.
-local function advance(q, rm, now)
+-- `defer`: the frontier's own fields (f, t, c, sl, hc) are not written but left in
+-- room.pending, for the caller's one HSET (room_step: with the snapshot). `st`: the
+-- state as read_state() read it in this call, if it did.
+local function advance(q, rm, now, defer, st)
   local selling = rm.status == 'on_sale' and (not rm.on_sale_at or now >= rm.on_sale_at)
-  local st = redis.call('HMGET', q.state, 'o', 'f', 't', 'g', 'sl', 'c')
-  local opened, f, t = st[1] == '1', tonumber(st[2] or '0'), tonumber(st[3] or '0')
+  st = st or read_state(q)
+  local had_g = st.g
+  local opened, f, t = st.o == '1', tonumber(st.f or '0'), tonumber(st.t or '0')
+  local pending = {}
   -- No generation: not turned on by the admin (configure.lua gives it one), so new with
   -- its event or lost with Redis: its lost tickets will be put back (r).
-  if not st[4] then redis.call('HSET', q.state, 'g', now, 'r', 1) end
+  if not st.g then
+    redis.call('HSET', q.state, 'g', now, 'r', 1)
+    st.g, st.r = tostring(now), '1'
+  end
   if not opened then
-    if not selling then return {opened = false, f = 0, frac = 0, stock = true} end
+    if not selling then
+      return {opened = false, f = 0, frac = 0, stock = true, st = st, pending = pending}
+    end
     -- Admission counts from the on-sale moment, or from now for a room that begins now:
     -- one loaded again long after it must not let a burst through.
-    opened, f, t = true, 0, st[4] and math.min(now, rm.on_sale_at or now) or now
+    opened, f, t = true, 0, had_g and math.min(now, rm.on_sale_at or now) or now
     rank_pre_queue(q)
     redis.call('HSET', q.state, 'o', 1, 'f', 0, 't', t)
+    st.P = tostring(redis.call('HGET', q.state, 'P'))
+  end
+  if not st.hc then -- corners ever kept: counted from when this was written
+    st.hc = tostring(tonumber(st.hb or '0') + redis.call('LLEN', q.hist))
+    pending[#pending + 1], pending[#pending + 2] = 'hc', st.hc
   end
   local stock = in_stock()
   if not stock then
@@ -436,26 +472,35 @@ local function advance(q, rm, now)
     reclaim(now, RECLAIM_BATCH)
     stock = in_stock()
   end
-  local card = tonumber(st[6] or '0')
+  local card = tonumber(st.c or '0')
   if stock then
     card = redis.call('ZCARD', q.order)
-    redis.call('HSET', q.state, 'c', card)
+    pending[#pending + 1], pending[#pending + 2] = 'c', card
   end
-  local nf, corner = frontier_step(rm, selling and stock, f, t, card, now, st[5])
+  local nf, corner = frontier_step(rm, selling and stock, f, t, card, now, st.sl)
   if now > t then
     if corner then
       redis.call('RPUSH', q.hist, t .. ' ' .. f)
-      redis.call('HSET', q.state, 'sl', corner)
-      trim_corners(q, rm.ttl, now)
+      local hc = tonumber(st.hc or '0') + 1
+      st.hc, st.ct = tostring(hc), tostring(now)
+      for _, v in ipairs({'sl', corner, 'hc', hc, 'ct', now}) do pending[#pending + 1] = v end
+      local hb = trim_corners(q, rm.ttl, now)
+      st.hb = tostring(tonumber(st.hb or '0') + hb)
     end
-    redis.call('HSET', q.state, 'f', nf, 't', now)
+    for _, v in ipairs({'f', nf, 't', now}) do pending[#pending + 1] = v end
+    st.f, st.t = tostring(nf), tostring(now)
+  end
+  if not defer and #pending > 0 then
+    redis.call('HSET', q.state, unpack(pending))
+    pending = {}
   end
   -- The rank one past the end admits the next arrival, but not into nothing: without
   -- stock, admission stops where the queue ended when there was some.
   local through = stock and math.floor(nf) or math.min(math.floor(nf), card)
   return {
     opened = true, f = math.floor(nf), frac = nf, stock = stock, through = through,
-    moving = selling and stock and nf < card + 1,
+    moving = selling and stock and nf < card + 1, card = stock and card or nil, st = st,
+    pending = pending,
   }
 end
 
@@ -534,32 +579,99 @@ end
 -- moves at the rate, short of the queue's end), the frontier (rank f at
 -- time t; fk = the pre-queue place k admitted through, "all" once all of it is, "" none
 -- yet; fa = the arrival number admitted through), the sizes, the settings; r (tickets of
--- an earlier generation are the room's: it was lost) and lv (the ladder's version).
-local function room_snapshot(q, rm, room, now)
-  local st = redis.call('HMGET', q.state, 'g', 'f', 't', 'n', 'P', 'hb', 'ls', 'nl', 'r', 'lv')
+-- an earlier generation are the room's: it was lost), lv (the ladder's version), fe and
+-- ft (how often, and when last, the room found itself on another Redis process than
+-- the one that last stepped it: a failover or a restart, which may have lost joins).
+-- `fresh`: the state fields were changed since advance() read them (a join's arrival
+-- number, put-backs): read again. Stored in the state (sj), with the pending writes.
+local function room_snapshot(q, rm, room, now, fresh)
+  local st = room.st
+  if fresh or not st then
+    if room.pending and #room.pending > 0 then
+      redis.call('HSET', q.state, unpack(room.pending))
+      room.pending = {}
+    end
+    st = read_state(q)
+  end
   local s = {
-    g = tonumber(st[1]), now = now, o = room.opened and 1 or 0, mv = room.moving and 1 or 0,
+    g = tonumber(st.g), now = now, o = room.opened and 1 or 0, mv = room.moving and 1 or 0,
     closed = rm.status == 'closed' and 1 or 0, stock = room.stock and 1 or 0,
-    apm = rm.apm, ttl = rm.ttl, on = rm.on_sale_at, f = tostring(st[2] or '0'),
-    t = tonumber(st[3] or '0'), n = tonumber(st[4] or '0'), P = tonumber(st[5] or '0'),
-    hb = tonumber(st[6] or '0'), ls = tonumber(st[7] or '0'), nl = tonumber(st[8] or '0'),
-    r = tonumber(st[9] or '0'), lv = tonumber(st[10] or '0'), fk = '', fa = 0,
+    apm = rm.apm, ttl = rm.ttl, on = rm.on_sale_at, f = tostring(st.f or '0'),
+    t = tonumber(st.t or '0'), n = tonumber(st.n or '0'), P = tonumber(st.P or '0'),
+    hb = tonumber(st.hb or '0'), ls = tonumber(st.ls or '0'), nl = tonumber(st.nl or '0'),
+    r = tonumber(st.r or '0'), lv = tonumber(st.lv or '0'), fe = tonumber(st.fe or '0'),
+    ft = tonumber(st.ft or '0'), hc = tonumber(st.hc or '0'), ct = tonumber(st.ct or '0'),
+    fk = '', fa = 0,
+    w = room.worker and 1 or 0,
   }
-  local card = redis.call('ZCARD', q.order)
   local through = room.through
-  if not room.opened or through < 1 then return s end
-  local score
-  if through <= card then
-    score = tonumber(redis.call('ZRANGE', q.order, through - 1, through - 1, 'WITHSCORES')[2])
-  else
-    score = 1 + s.n + through - card -- all admitted, and the next arrivals as they come
+  if room.opened and through >= 1 then
+    local card = (not fresh and room.card) or redis.call('ZCARD', q.order)
+    local score
+    if through <= card then
+      score = tonumber(redis.call('ZRANGE', q.order, through - 1, through - 1, 'WITHSCORES')[2])
+    else
+      score = 1 + s.n + through - card -- all admitted, and the next arrivals as they come
+    end
+    if score < 1 then
+      s.fk = string.format('%.0f', score * PRE)
+    else
+      s.fk, s.fa = 'all', score - 1
+    end
   end
-  if score < 1 then
-    s.fk = string.format('%.0f', score * PRE)
-  else
-    s.fk, s.fa = 'all', score - 1
-  end
+  local pending = room.pending or {}
+  pending[#pending + 1], pending[#pending + 2] = 'sj', cjson.encode(s)
+  redis.call('HSET', q.state, unpack(pending))
+  room.pending = {}
   return s
+end
+
+-- How long a stored snapshot (sj) serves the API processes before one of them steps the
+-- room again (service/selling/roomstate.py, STEP_MS: the same; the worker steps every
+-- room as often, waitingroom.py TICK_SECONDS). For SETTLE_MS after the frontier's slope
+-- changed (ct: the opening, a sell-out, stock back, a pause, a new rate) a snapshot
+-- serves only SETTLE_STEP_MS: the change's first effects show at once.
+local STEP_MS = 750
+local SETTLE_MS = 2000
+local SETTLE_STEP_MS = 250
+local function step_due(snap_ct, stepped, now)
+  local due = now - tonumber(snap_ct or '0') < SETTLE_MS and SETTLE_STEP_MS or STEP_MS
+  return now - tonumber(stepped or '0') >= due
+end
+-- Whether this Redis process is the one that last stepped the room: INFO's run_id, kept
+-- in the state (rid), is replicated with it, so a replica promoted (or a restart from
+-- disk) finds another. Either may have lost the last joins a primary acknowledged: the
+-- room is then suspect (fe counts these, ft is the last one's time), and for a while
+-- the API processes offer the tickets polled for putting back (queue_state.lua), which
+-- the run_id alone cannot tell lost. Asked at most once a second (rt).
+local function check_server(st, now, pending)
+  if st.rt and now - tonumber(st.rt) < 1000 then return end
+  local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+  local add = {'rt', now}
+  if rid ~= st.rid then
+    add[#add + 1], add[#add + 2] = 'rid', rid
+    if st.rid then
+      st.fe, st.ft = tostring(tonumber(st.fe or '0') + 1), tostring(now)
+      for _, v in ipairs({'fe', st.fe, 'ft', now}) do add[#add + 1] = v end
+    end
+    st.rid = rid
+  end
+  for _, v in ipairs(add) do pending[#pending + 1] = v end
+end
+
+-- The room's step (queue_state.lua, queue_tick.lua): advanced to now, the server checked,
+-- `between(room)` run (put-backs: it returns true when it changed the state fields), the
+-- snapshot stored for the API processes (sj, and st = when) with every write in one HSET.
+-- `worker`: the worker's step (queue_tick.lua), marked w = 1 in the snapshot: the API
+-- processes then leave the next step to it, a little longer (roomstate.py, WORKER_MS).
+local function room_step(q, rm, now, between, worker, st)
+  local room = advance(q, rm, now, true, st)
+  check_server(room.st, now, room.pending)
+  local changed = between and between(room)
+  local p = room.pending
+  p[#p + 1], p[#p + 2] = 'st', now
+  room.worker = worker
+  return room_snapshot(q, rm, room, now, changed)
 end
 
 -- Rate limits (GCRA, the generic cell rate algorithm): `limit` attempts per `window_ms`,

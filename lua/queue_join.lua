@@ -52,6 +52,6 @@ for i, buyer in ipairs(cjson.decode(ARGV[5])) do
   end
   places[i] = p
 end
-local reply = cjson.encode({places = places, room = room_snapshot(q, rm, room, now)})
+local reply = cjson.encode({places = places, room = room_snapshot(q, rm, room, now, made)})
 if made then return finish(reply) end
 return unchanged(reply)

@@ -1,7 +1,10 @@
 """A waiting room that Redis lost: joins acknowledged, then the primary killed and back
 empty (no persistence). The event is loaded again from PostgreSQL with a new room, yet
 every ticket keeps its place: each is signed with it, and the room puts it back there from
-its ticket's first poll (service/selling/roomstate.py, lua/queue_state.lua)."""
+its ticket's first poll (service/selling/roomstate.py, lua/queue_state.lua). And a Redis
+back from a snapshot that missed the last joins, as a replica promoted without them: the
+same room, but served by another Redis process, which marks it suspect, and the polled
+tickets are put back (tests/test_waiting_room_failover.py does it with a real failover)."""
 
 from __future__ import annotations
 
@@ -91,6 +94,52 @@ async def test_a_pre_queue_lost_before_the_opening_opens_in_its_tickets_order(
             return int(r6.zcard(order)) == len(tickets)
 
         await eventually(put_back, within=5)
+    await patch(client, event_id, {"on_sale_at": None})
+    numbers = []
+    for token in tickets:
+        t = queuetickets.read(PASS_SECRET.encode(), event_id, token)
+        assert t is not None and t.kind == "p"
+        numbers.append(t.number)
+    by_place = sorted(range(len(tickets)), key=numbers.__getitem__)
+    after = await poll_all(client, event_id, tickets)
+    assert [after[i]["position"] for i in by_place] == list(range(1, len(tickets) + 1))
+
+
+async def test_a_restart_that_missed_the_last_pre_queue_joins_puts_them_back(
+    own_client: httpx.AsyncClient,  # noqa: F811
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    """Redis back from a snapshot taken before the last joins (as a replica promoted
+    without them): the same room, the same generation, nothing in it shows the joins
+    missing, but it is served by another Redis process (lua/lib.lua, check_server), so
+    for a while the tickets polled are offered back and put back at their places: each
+    reads the same, a lost buyer joining again gets the same ticket, and the opening
+    ranks every ticket by its place."""
+    client = own_client
+    event_id = await create_event(
+        client, **ga(on_sale_at=LATER, waiting_room={"admit_per_minute": 1})
+    )
+    kept = [(await join(client, event_id, f"kept-{i}")).json()["ticket"] for i in range(5)]
+    await poll_all(client, event_id, kept)  # stepped: the room has this process's run id
+    order = event_keys(event_id).queue[2]
+    with redis.Redis(port=own_redis.port) as r6:
+        assert r6.save()  # dump.rdb: what the restart will come back with
+    lost = [(await join(client, event_id, f"lost-{i}")).json()["ticket"] for i in range(20)]
+    tickets = kept + lost
+    before = await poll_all(client, event_id, tickets)
+    own_redis.restart(kill=True)  # no AOF: the snapshot is loaded, the last joins lost
+    with redis.Redis(port=own_redis.port) as r6:
+        assert r6.zcard(order) == len(kept)
+
+        async def put_back() -> bool:
+            now = await poll_all(client, event_id, tickets)
+            assert seen(now) == seen(before)
+            return int(r6.zcard(order)) == len(tickets)
+
+        await eventually(put_back, within=10)
+        again = (await join(client, event_id, "lost-7")).json()
+        assert again["ticket"] == lost[7]
+        assert r6.zcard(order) == len(tickets)
     await patch(client, event_id, {"on_sale_at": None})
     numbers = []
     for token in tickets:

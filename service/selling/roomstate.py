@@ -1,8 +1,14 @@
 """Each API process's copy of its waiting rooms' state, so that a poll costs no Redis call.
 
-A room's state is read with one script call (lua/queue_state.lua) at most every
-REFRESH_SECONDS per room and process, by the first poll that finds it older (the polls
-meanwhile wait for that one read, never make their own). What a read brings:
+A room's state is read at most every REFRESH_SECONDS per room and process, by the first
+poll that finds it older (the polls meanwhile wait for that one read, never make their
+own), and a read is mostly one HMGET of the snapshot the room's last step stored (lua/
+lib.lua, room_step: the frontier advanced, written with it). The step itself is a script
+(lua/queue_state.lua), run by the read that finds the snapshot STEP_MS old, or by the
+worker's background step (every STEP_MS), so a room is stepped about once per
+STEP_MS whatever the number of processes. The script is called too when a process
+changed the room or heard stock come back (it steps at once), lacks leaves, corners or
+the ladder, or has tickets to offer for putting back. What a read brings:
 - the frontier: rank f at Redis time t, and the place admission has got to in the order's
   own terms (the pre-queue's k, the arrival number), so that "admitted?" is a comparison,
   exact, with no look-up of the ticket;
@@ -36,8 +42,24 @@ from service.selling.queuetickets import Ticket
 # How old a room's state may be when a poll is answered from it.
 REFRESH_SECONDS = 0.25
 ROOMS_KEPT = 10_000
-# How far ahead of its last read a process carries the frontier on, for positions.
-EXTRAPOLATE_MS = 500
+# How old the room's stored snapshot may be before a read steps the room (lua/lib.lua,
+# STEP_MS: the same).
+STEP_MS = 750
+# How old a snapshot the worker stored may be (lua/lib.lua, room_step's w): the worker
+# steps every STEP_MS, and the processes leave it to it unless it is this late.
+WORKER_MS = STEP_MS + 250
+# For SETTLE_MS after the frontier's slope changed (the opening, a sell-out, stock back, a
+# pause, a new rate: lua/lib.lua, step_due) a read steps the room once the snapshot is
+# SETTLE_STEP_MS old, so the change's first effects show at once.
+SETTLE_MS = 2000
+SETTLE_STEP_MS = 250
+# How far ahead of the snapshot's time a process carries the frontier on, for positions:
+# the snapshot is up to a step and a read old.
+EXTRAPOLATE_MS = 1500
+# After the room found itself on another Redis process (a failover, a restart from disk:
+# lua/lib.lua, check_server), how long polled tickets are offered for putting back: a
+# few of the longest poll intervals, so every buyer still waiting polls within it.
+SUSPECT_MS = 300_000
 # A corner is kept this much longer than a pass lives (as lua/lib.lua, trim_corners).
 CORNER_SLACK_MS = 5000
 
@@ -66,6 +88,11 @@ class Snapshot(msgspec.Struct):
     fa: int = 0
     r: int = 0
     lv: int = 0
+    fe: int = 0
+    ft: int = 0
+    hc: int = 0
+    ct: int = 0
+    w: int = 0
 
 
 class _StateReply(msgspec.Struct):
@@ -78,6 +105,22 @@ class _StateReply(msgspec.Struct):
 
 
 _decode_state = msgspec.json.Decoder(_StateReply).decode
+_decode_snapshot = msgspec.json.Decoder(Snapshot).decode
+
+
+class _Clock:
+    """Redis's clock as this process reckons it (wall clock + the offset its last step's
+    reply showed): whether a stored snapshot is STEP_MS old is judged on Redis's time."""
+
+    offset_ms = 0
+
+    @classmethod
+    def now(cls) -> int:
+        return int(time.time() * 1000) + cls.offset_ms
+
+    @classmethod
+    def heard(cls, redis_now_ms: int) -> None:
+        cls.offset_ms = redis_now_ms - int(time.time() * 1000)
 
 
 def _score(place: str) -> float:
@@ -93,10 +136,12 @@ class RoomState:
         self.read_at = -math.inf  # monotonic time the last read was sent
         self.reading: asyncio.Task[None] | None = None
         self.more = False
+        self.force = False  # step the room with the next read (this process changed it)
         # Tickets whose joins were lost with a primary, put back by the next read
         # (customer -> kind, number).
         self.lost: dict[str, tuple[str, int]] = {}
-        self.offered: set[tuple[str, str]] = set()  # (customer, place) sent once
+        # (customer, place, the room's failover count) sent once
+        self.offered: set[tuple[str, str, int]] = set()
         self._reset()
 
     def _reset(self) -> None:
@@ -110,6 +155,7 @@ class RoomState:
         self.ladder_r: list[int] = []
         self.has_ladder = False
         self.ladder_lv = 0
+        self.f_shown = 0.0  # the most f_now gave: a position never moves back
 
     @property
     def f(self) -> float:
@@ -120,16 +166,19 @@ class RoomState:
         (at most EXTRAPOLATE_MS): every process, whenever it read, shows a buyer about the
         same position, so that moving between processes does not move them back."""
         f = self.f
-        if not self.snap.mv:
-            return f
-        ahead = min(max(0, now_ms - self.snap.t), EXTRAPOLATE_MS)
-        return f + ahead * self.snap.apm / 60_000
+        if self.snap.mv:
+            ahead = min(max(0, now_ms - self.snap.t), EXTRAPOLATE_MS)
+            f += ahead * self.snap.apm / 60_000
+        # A snapshot after a stall (sold out) may stand behind what was carried on before.
+        self.f_shown = max(self.f_shown, f)
+        return self.f_shown
 
-    def needs_ladder(self) -> bool:
-        return not self.has_ladder or self.ladder_lv != self.snap.lv
+    def needs_ladder(self, snap: Snapshot | None = None) -> bool:
+        snap = snap or self.snap
+        return bool(snap.o) and (not self.has_ladder or self.ladder_lv != snap.lv)
 
     def fresh(self) -> bool:
-        if self.more or (self.snap.o and self.needs_ladder()):
+        if self.more or self.needs_ladder():
             return False
         return time.monotonic() < self.read_at + REFRESH_SECONDS
 
@@ -193,13 +242,16 @@ class RoomState:
     def check_lost(self, t: Ticket) -> None:
         """A ticket the room may not have (its join lost with a primary): its place is in
         it, and the next read puts it back there. No Redis call here: an arrival past the
-        room's count, or (once each, per process) one past where losses began (nl) or of
-        the room Redis lost."""
+        room's count, or (once each, per process) one past where losses began (nl), of
+        the room Redis lost, or polled while the room is suspect (it found itself on
+        another Redis process lately: a replica promoted without the last joins)."""
         snap = self.snap
         if len(self.lost) >= 1000:
             return
         if t.generation != snap.g:
             self._offer(t)
+        elif snap.fe and snap.now - snap.ft < SUSPECT_MS:
+            self._offer(t, snap.fe)
         elif t.kind == "a" and snap.o:
             if t.number > snap.n:
                 self.lost[t.customer] = ("a", t.number)  # with the next read, not sooner
@@ -207,12 +259,12 @@ class RoomState:
                 # Lost too, though n has moved past it (others were put back first).
                 self._offer(t)
 
-    def _offer(self, t: Ticket) -> None:
-        if (t.customer, t.place) in self.offered:
+    def _offer(self, t: Ticket, suspect: int = 0) -> None:
+        if (t.customer, t.place, suspect) in self.offered:
             return
         if len(self.offered) > 100_000:
             self.offered.clear()
-        self.offered.add((t.customer, t.place))
+        self.offered.add((t.customer, t.place, suspect))
         self.lost[t.customer] = (t.kind, t.number)
 
     def admitted(self, t: Ticket) -> bool:
@@ -301,18 +353,54 @@ class Rooms:
         state.merge(snap)
         return state
 
-    def stale(self, event_id: str) -> None:
-        """This process changed the room (a leave, an admin change): read it again first."""
+    def stale(self, event_id: str, step: bool = True) -> None:
+        """This process changed the room (a leave, an admin change) or heard stock come
+        back: read it again first, and step it (`step`; a leave only needs the log)."""
         state = self._rooms.get(event_id)
         if state is not None:
             state.read_at = -math.inf
+            state.force = state.force or step
+
+
+async def _stored(svc: Services, event_id: str, state: RoomState) -> bool:
+    """The read of the snapshot the room's last step stored, when it will do: one HMGET.
+    False: step the room, or fetch what the snapshot lacks, with the script."""
+    if state.force or state.lost or state.more:
+        return False
+    try:
+        sj, stepped, ls, hc = await svc.redis.hmget(
+            event_keys(event_id).queue[3], ["sj", "st", "ls", "hc"]
+        )
+    except Exception:  # the script's call has the retries: let it meet the failure
+        return False
+    if sj is None or stepped is None:
+        return False
+    snap = _decode_snapshot(sj)
+    now = _Clock.now()
+    due = WORKER_MS if snap.w else STEP_MS
+    if now - snap.ct < SETTLE_MS:
+        due = SETTLE_STEP_MS
+    if now - int(stepped) >= due:
+        return False  # time the room was stepped: the script does
+    if snap.g != state.snap.g or state.needs_ladder(snap):
+        return False  # another room than the logs are of, or a ladder to fetch
+    if int(ls or 0) > state.left_seq or int(hc or 0) > state.corner_next:
+        return False
+    if snap.now >= state.snap.now:  # (a join's reply may have brought a later one)
+        state.snap = snap
+    return True
 
 
 async def _read(svc: Services, event_id: str, state: RoomState) -> None:
+    force = state.force
     try:
+        started = time.monotonic()
+        if await _stored(svc, event_id, state):
+            state.read_at = started
+            return
+        state.force = False
         for _ in range(3):
             started = time.monotonic()
-            want_ladder = "1" if state.needs_ladder() else "0"
             lost, state.lost = state.lost, {}
             reply = await call_loaded(
                 svc,
@@ -320,13 +408,19 @@ async def _read(svc: Services, event_id: str, state: RoomState) -> None:
                 event_id,
                 str(state.left_seq),
                 str(state.corner_next),
-                want_ladder,
+                "0" if state.has_ladder and state.ladder_lv == state.snap.lv else "1",
                 msgspec.json.encode([[k, n, c] for c, (k, n) in lost.items()]),
+                "1" if force else "0",
                 extra_keys=event_keys(event_id).queue,
             )
-            if state.apply(_decode_state(reply)):
+            answer = _decode_state(reply)
+            _Clock.heard(answer.room.now)
+            if state.apply(answer):
                 state.read_at = started
                 return
+    except BaseException:
+        state.force = state.force or force
+        raise
     finally:
         state.reading = None
 

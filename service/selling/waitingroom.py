@@ -4,8 +4,9 @@ hold, and the background step for quiet periods.
 Its state lives in Redis in the event's slot (lua/lib.lua, queue_keys): the order, the
 admission frontier, the leave log. A join is a script call (the joins of one loop turn
 for one event share one); a poll is none: the ticket is signed here and carries its
-place (service/selling/queuetickets.py), and the process keeps each room's state fresh
-within a quarter second (service/selling/roomstate.py). Passes are signed here
+place (service/selling/queuetickets.py), and the process keeps each room's state within
+a quarter second of the snapshot the room's last step stored, a step every 0.75 s
+(service/selling/roomstate.py). Passes are signed here
 (service/selling/passes.py) and checked here, without a round trip.
 """
 
@@ -47,9 +48,10 @@ POLL_DONE_SECONDS = 30  # admitted or closed: nothing more to wait for
 # check of a hold without a valid pass; a PATCH in this process forgets it at once.
 ROOM_CACHE_SECONDS = 1.0
 ROOMS_CACHED = 10_000
-# The background step's period: how late a quiet room's frontier may be; and how long it
+# The background step's period: how late a quiet room's frontier may be (the API processes
+# step a room whose last step is older: roomstate.STEP_MS, the same); and how long it
 # leaves an event without a room alone (joins and reads advance a new room meanwhile).
-TICK_SECONDS = 1.0
+TICK_SECONDS = 0.75
 NO_ROOM_RECHECK_SECONDS = 10.0
 # The most joins of one event that go to Redis in one script call.
 JOIN_BATCH = 500
@@ -258,7 +260,7 @@ async def leave(
         extra_keys=event_keys(event_id).queue,
         idempotency=idem,
     )
-    STATES.stale(event_id)
+    STATES.stale(event_id, step=False)
 
 
 async def figures(svc: Services, event_id: str) -> schemas.QueueStats:
