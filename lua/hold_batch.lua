@@ -14,20 +14,34 @@
 -- Returns an array of one reply per hold, in order: what hold.lua would have returned, or
 -- an error reply for a request whose part failed with an error.
 local ev = hold_event()
-local replies = {}
+-- Where each request's keys and arguments start, and its hold id.
+local firsts, ids = {}, {}
 local k, a = NKEYS + 1, 5
 while a <= #ARGV do
-  local nk, na = 2, 7
-  if ARGV[a] ~= '' then nk, na = 5, 9 end
-  CK, CA = {unpack(KEYS, k, k + nk - 1)}, {unpack(ARGV, a, a + na - 1)}
-  local ok, reply = pcall(hold_request, ev, CA[2], CA[3], CA[4], CA[5], tonumber(CA[6]),
-    tonumber(CA[7]), CK[1], CK[2])
+  firsts[#firsts + 1] = {k, a}
+  ids[#ids + 1] = ARGV[a + 1]
+  if ARGV[a] == '' then k, a = k + 2, a + 7 else k, a = k + 5, a + 9 end
+end
+-- A hold id is new unless a client library sent its call again: one read for all.
+if ev then
+  for i, record in ipairs(redis.call('HMGET', K.holds, unpack(ids))) do ev.found[ids[i]] = record end
+end
+local NO_KEY = {''}
+local replies = {}
+for i, first in ipairs(firsts) do
+  k, a = first[1], first[2]
+  if ARGV[a] == '' then
+    CK, CA = KEYS, NO_KEY -- lib.lua's idempotency helpers read only CA[1] then
+  else
+    CK, CA = {unpack(KEYS, k, k + 4)}, {unpack(ARGV, a, a + 8)}
+  end
+  local ok, reply = pcall(hold_request, ev, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+    tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), KEYS[k], KEYS[k + 1])
   if not ok then
     -- redis.call raises a table {err = ...}; a Lua error, a string.
     reply = type(reply) == 'table' and reply or {err = 'ERR hold_batch: ' .. tostring(reply)}
   end
-  replies[#replies + 1] = reply
-  k, a = k + nk, a + na
+  replies[i] = reply
 end
 holds_write(ev)
 return replies

@@ -26,6 +26,8 @@ local function hold_event()
     take = {},        -- category -> tickets the call's holds took
     cust = {},        -- customer -> tickets the call's holds gave them
     made = {},        -- hold id -> record, of the call's holds
+    found = {},       -- hold id -> its record, or false: read ahead by a batch (hold_batch.lua)
+    px = string.format('%d', tonumber(m[3]) * 1000), -- the TTL key's, formatted once
     records = {}, deadlines = {}, n = 0,
   }
 end
@@ -57,7 +59,8 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
   local cached = replay()
   if cached then return cached end
   if not ev then return NOT_LOADED end
-  local existing = ev.made[id] or redis.call('HGET', K.holds, id)
+  local existing = ev.made[id] or ev.found[id]
+  if existing == nil then existing = redis.call('HGET', K.holds, id) end
   if existing then return existing end -- the client library retried this very call
 
   local now = ev.now
@@ -145,7 +148,7 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
       end
     end
   end
-  redis.call('SET', ttl_key, '1', 'PX', ev.ttl_ms)
+  redis.call('SET', ttl_key, '1', 'PX', ev.px)
 
   local expires = now + ev.ttl_ms
   local record = cjson.encode({

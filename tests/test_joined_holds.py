@@ -234,3 +234,18 @@ async def test_a_customer_over_the_rate_limit_in_a_batch(own: Services) -> None:
     assert Counter(map(code, answers[:25])) == {"held": 20, "rate_limited": 5}
     assert [code(a) for a in answers[25:]] == ["held"] * 5
     assert await stock(own, event_id) == (75, 25, 0)
+
+
+async def test_one_key_sent_ten_times_in_one_batch_makes_one_hold(own: Services) -> None:
+    """The same request with the same Idempotency-Key, ten times in one call: the first
+    makes the hold, the nine after it replay its record."""
+    event_id = await new_event(own, 100)
+    body = ga("twice")
+    idem = key(event_id, "again", body)
+    answers, calls = await script_calls(
+        own, asyncio.gather(*(hold(own, event_id, body, idem) for _ in range(10)))
+    )
+    assert calls == {"hold_batch": 1}, calls
+    assert all(isinstance(a, schemas.Hold) for a in answers), answers
+    assert len({a.hold_id for a in answers if isinstance(a, schemas.Hold)}) == 1
+    assert await stock(own, event_id) == (99, 1, 0)
