@@ -36,8 +36,10 @@ def hold_script_call(
     return [*key_names(event_id), *hold.extra_keys], [*common, *args]
 
 
-def hold_sha(r: redis.Redis) -> str:
-    source = script_text((LUA_DIR / "lib.lua").read_text(), "hold")
+def hold_sha(r: redis.Redis, name: str = "hold") -> str:
+    """The hold script (or `name`, its batched twin hold_batch) loaded, as the service
+    loads it."""
+    source = script_text((LUA_DIR / "lib.lua").read_text(), name)
     sha: str = r.script_load(source)
     return sha
 

@@ -27,7 +27,8 @@ from tests.conftest import event_body, services_with
 from tests.servers import RedisServer
 
 _LIB = (LUA_DIR / "lib.lua").read_text()
-SHA = {n: hashlib.sha1(script_text(_LIB, n).encode()).hexdigest() for n in ("hold", "hold_batch")}
+SCRIPTS = ("hold", "hold_batch", "confirm", "confirm_batch", "release", "release_batch")
+SHA = {n: hashlib.sha1(script_text(_LIB, n).encode()).hexdigest() for n in SCRIPTS}
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +250,68 @@ async def test_one_key_sent_ten_times_in_one_batch_makes_one_hold(own: Services)
     assert all(isinstance(a, schemas.Hold) for a in answers), answers
     assert len({a.hold_id for a in answers if isinstance(a, schemas.Hold)}) == 1
     assert await stock(own, event_id) == (99, 1, 0)
+
+
+async def settle(
+    svc: Services, event_id: str, hold_id: str, how: str, idem: Idempotency | None = None
+) -> str:
+    """Confirm or release the hold: the booking's hold id, "released", or the error code."""
+    try:
+        if how == "confirm":
+            booking = await sales.confirm_hold(svc, event_id, hold_id, schemas.HoldConfirm(), idem)
+            return booking.hold_id
+        await sales.release_hold(svc, event_id, hold_id, idem)
+    except errors.BoxofficeError as e:
+        return e.code
+    return "released"
+
+
+async def test_confirms_and_releases_of_one_turn_go_joined(own: Services) -> None:
+    """40 holds, then 20 confirmed, 19 released, one confirmed twice and a hold that does
+    not exist confirmed and released, all at once: one call of each batch script, each
+    answer its own, every booking in the outbox once."""
+    event_id = await new_event(own, 100)
+    made = await asyncio.gather(*(hold(own, event_id, ga(f"c{i}")) for i in range(40)))
+    ids = [h.hold_id for h in made if isinstance(h, schemas.Hold)]
+    assert len(ids) == 40
+    jobs = [(i, "confirm") for i in ids[:20]] + [(i, "release") for i in ids[20:39]]
+    jobs += [(ids[39], "confirm"), (ids[39], "confirm"), ("nope", "confirm"), ("nope", "release")]
+    answers, calls = await script_calls(
+        own, asyncio.gather(*(settle(own, event_id, i, how) for i, how in jobs))
+    )
+    assert calls == {"confirm_batch": 1, "release_batch": 1}, calls
+    assert answers[:20] == ids[:20]
+    assert answers[20:39] == ["released"] * 19
+    assert answers[39:] == [ids[39], ids[39], "hold_not_found", "hold_not_found"]
+    assert await stock(own, event_id) == (79, 0, 21)
+    k = event_keys(event_id)
+    assert await own.redis.hlen(k.bookings) == 21
+    assert await own.redis.xlen(k.outbox) == 21
+
+
+async def test_a_confirm_with_a_key_replays_in_its_batch(own: Services) -> None:
+    """Confirms with Idempotency-Keys joined in one call: the same key twice gives the same
+    booking, and each key's record is its own."""
+    event_id = await new_event(own, 10)
+    made = await asyncio.gather(*(hold(own, event_id, ga(f"k{i}")) for i in range(3)))
+    ids = [h.hold_id for h in made if isinstance(h, schemas.Hold)]
+
+    def idem(name: str, hold_id: str) -> Idempotency:
+        path = f"/events/{event_id}/holds/{hold_id}/confirm"
+        return fingerprint(name, "POST", path, b"")
+
+    keys = [idem("a", ids[0]), idem("a", ids[0]), idem("b", ids[1]), idem("c", ids[2])]
+    targets = [ids[0], ids[0], ids[1], ids[2]]
+    answers, calls = await script_calls(
+        own,
+        asyncio.gather(
+            *(settle(own, event_id, i, "confirm", k) for i, k in zip(targets, keys, strict=True))
+        ),
+    )
+    assert calls == {"confirm_batch": 1}, calls
+    assert answers == targets
+    again = await asyncio.gather(
+        *(settle(own, event_id, i, "confirm", k) for i, k in zip(targets, keys, strict=True))
+    )
+    assert again == targets
+    assert await own.redis.hlen(event_keys(event_id).bookings) == 3

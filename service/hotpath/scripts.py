@@ -29,7 +29,9 @@ NAMES = (
     "hold",
     "hold_batch",
     "confirm",
+    "confirm_batch",
     "release",
+    "release_batch",
     "cancel",
     "reclaim",
     "view",
@@ -319,7 +321,7 @@ class Scripts:
 # something keeps flushing the scripts.
 _LOADS = 3
 # Scripts whose calls of one event in one turn go joined, and the batch script that takes them.
-_BATCHES = {"hold": "hold_batch"}
+_BATCHES = {"hold": "hold_batch", "confirm": "confirm_batch", "release": "release_batch"}
 # Scripts that change nothing.
 _READS = frozenset({"view", "seats", "check_seats", "queue_figures", "repair_read"})
 # The stats field (lua/lib.lua) a durable script counts in.
