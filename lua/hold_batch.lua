@@ -24,7 +24,7 @@ while a <= #ARGV do
 end
 -- A hold id is new unless a client library sent its call again: one read for all.
 if ev then
-  for i, record in ipairs(redis.call('HMGET', K.holds, unpack(ids))) do ev.found[ids[i]] = record end
+  for i, record in ipairs(redis.call('HMGET', K.holds, unpack(ids))) do ev.known[ids[i]] = record end
 end
 local NO_KEY = {''}
 local replies = {}

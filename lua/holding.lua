@@ -23,12 +23,10 @@ local function hold_event()
     reclaimed = false, more = false, -- reclaim: done, and whether more were overdue than a batch
     cats = {},        -- category -> its record, or false when unknown
     avail = {},       -- category -> tickets on sale, as the call's holds so far leave it
-    take = {},        -- category -> tickets the call's holds took
-    cust = {},        -- customer -> tickets the call's holds gave them
-    made = {},        -- hold id -> record, of the call's holds
-    found = {},       -- hold id -> its record, or false: read ahead by a batch (hold_batch.lua)
-    px = string.format('%d', tonumber(m[3]) * 1000), -- the TTL key's, formatted once
-    records = {}, deadlines = {}, n = 0,
+    known = {},       -- hold id -> its record, or false: the call's holds, and the ids a batch
+                      --   read ahead (hold_batch.lua)
+    held = {},        -- the call's holds made, for holds_write: {id, record, expires, q,
+                      --   customer, n} each
   }
 end
 
@@ -59,7 +57,7 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
   local cached = replay()
   if cached then return cached end
   if not ev then return NOT_LOADED end
-  local existing = ev.made[id] or ev.found[id]
+  local existing = ev.known[id]
   if existing == nil then existing = redis.call('HGET', K.holds, id) end
   if existing then return existing end -- the client library retried this very call
 
@@ -116,7 +114,10 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
   -- After sold_out: an API process that knows the categories sold out answers sold_out
   -- itself, without knowing the customer (service/hotpath/soldout.py), and so must the script.
   if ev.mpc then
-    local has = tonumber(redis.call('HGET', K.cust, customer) or '0') + (ev.cust[customer] or 0)
+    local has = tonumber(redis.call('HGET', K.cust, customer) or '0')
+    for _, h in ipairs(ev.held) do
+      if h[5] == customer then has = has + h[6] end
+    end
     if has + n > ev.mpc then
       -- some of what counts against the customer may be overdue
       if more then rate_give_back(rate) return RETRY end
@@ -148,7 +149,7 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
       end
     end
   end
-  redis.call('SET', ttl_key, '1', 'PX', ev.px)
+  redis.call('SET', ttl_key, '1', 'PX', ev.ttl_ms)
 
   local expires = now + ev.ttl_ms
   local record = cjson.encode({
@@ -158,30 +159,41 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
   -- Remembered now: a later request of the call with the same key must find it.
   local reply = with_rate(finish(record), rate)
   -- The call's shared writes, in Lua until holds_write: nothing below calls Redis.
-  for cat, k in pairs(q) do
-    ev.avail[cat] = ev.avail[cat] - k
-    ev.take[cat] = (ev.take[cat] or 0) + k
-  end
-  ev.cust[customer] = (ev.cust[customer] or 0) + n
-  ev.made[id] = record
-  local r, d = ev.records, ev.deadlines
-  r[#r + 1] = id
-  r[#r + 1] = record
-  d[#d + 1] = expires
-  d[#d + 1] = id
-  ev.n = ev.n + 1
+  for cat, k in pairs(q) do ev.avail[cat] = ev.avail[cat] - k end
+  ev.known[id] = record
+  ev.held[#ev.held + 1] = {id, record, expires, q, customer, n}
   return reply
 end
 
 -- The writes of the call's holds, once for all of them.
 local function holds_write(ev)
-  if not ev or ev.n == 0 then return end
-  for cat, k in pairs(ev.take) do
+  local held = ev and ev.held or {}
+  if #held == 0 then return end
+  if #held == 1 then -- as they stand: nothing to add up
+    local h = held[1]
+    for cat, k in pairs(h[4]) do
+      redis.call('HINCRBY', K.avail, cat, -k)
+      redis.call('HINCRBY', K.held, cat, k)
+    end
+    redis.call('HINCRBY', K.cust, h[5], h[6])
+    redis.call('HSET', K.holds, h[1], h[2])
+    redis.call('ZADD', K.deadlines, h[3], h[1])
+    redis.call('HINCRBY', K.stats, 'created', 1)
+    return
+  end
+  local take, cust, records, deadlines = {}, {}, {}, {}
+  for i, h in ipairs(held) do
+    for cat, k in pairs(h[4]) do take[cat] = (take[cat] or 0) + k end
+    cust[h[5]] = (cust[h[5]] or 0) + h[6]
+    records[2 * i - 1], records[2 * i] = h[1], h[2]
+    deadlines[2 * i - 1], deadlines[2 * i] = h[3], h[1]
+  end
+  for cat, k in pairs(take) do
     redis.call('HINCRBY', K.avail, cat, -k)
     redis.call('HINCRBY', K.held, cat, k)
   end
-  for customer, n in pairs(ev.cust) do redis.call('HINCRBY', K.cust, customer, n) end
-  redis.call('HSET', K.holds, unpack(ev.records))
-  redis.call('ZADD', K.deadlines, unpack(ev.deadlines))
-  redis.call('HINCRBY', K.stats, 'created', ev.n)
+  for customer, n in pairs(cust) do redis.call('HINCRBY', K.cust, customer, n) end
+  redis.call('HSET', K.holds, unpack(records))
+  redis.call('ZADD', K.deadlines, unpack(deadlines))
+  redis.call('HINCRBY', K.stats, 'created', #held)
 end
