@@ -23,6 +23,7 @@ local function hold_event()
     reclaimed = false, more = false, -- reclaim: done, and whether more were overdue than a batch
     cats = {},        -- category -> its record, or false when unknown
     avail = {},       -- category -> tickets on sale, as the call's holds so far leave it
+    json = {},        -- items or seats JSON -> decoded (read only): a batch's are often alike
     known = {},       -- hold id -> its record, or false: the call's holds, and the ids a batch
                       --   read ahead (hold_batch.lua)
     held = {},        -- the call's holds made, for holds_write: {id, record, expires, q,
@@ -38,6 +39,15 @@ local function hold_category(ev, name)
     ev.cats[name] = c
   end
   return c
+end
+
+local function hold_decode(ev, json)
+  local t = ev.json[json]
+  if t == nil then
+    t = cjson.decode(json)
+    ev.json[json] = t
+  end
+  return t
 end
 
 local function hold_avail(ev, cat)
@@ -71,7 +81,7 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
     ev.more = reclaim(now, RECLAIM_BATCH)
   end
   local more = ev.more
-  local items, seats = cjson.decode(items_json), cjson.decode(seats_json)
+  local items, seats = hold_decode(ev, items_json), hold_decode(ev, seats_json)
 
   -- Validate everything before the first write.
   local q, n = {}, 0
@@ -101,13 +111,16 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
     if more then rate_give_back(rate) return RETRY end
     return unchanged(fail('seats_unavailable', {seats = taken}))
   end
-  local short, total = {}, 0
+  local short, total = nil, 0
   for cat, k in pairs(q) do
     local a = hold_avail(ev, cat)
-    if a < k then short[cat] = a end
+    if a < k then
+      short = short or {}
+      short[cat] = a
+    end
     total = total + k * ev.cats[cat].p
   end
-  if next(short) ~= nil then
+  if short then
     if more then rate_give_back(rate) return RETRY end
     return unchanged(fail('sold_out', {available = short}))
   end

@@ -579,8 +579,9 @@ end
 -- back; when refused, until the next attempt is allowed), and what give_back needs.
 -- `cost` (default 1): how many of the `limit` this attempt uses (the tickets of a hold);
 -- at most `limit`, or it could never pass.
+local RATE_OFF = {ok = true} -- no limit: the same answer every time, never changed
 local function rate_take(key, limit, window_ms, now, cost)
-  if limit <= 0 then return {ok = true} end
+  if limit <= 0 then return RATE_OFF end
   local interval = window_ms / limit
   local before = redis.call('GET', key)
   local tat = math.max(tonumber(before or '0'), now)
