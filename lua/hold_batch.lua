@@ -13,7 +13,7 @@
 --       two allowances (hold.lua's ARGV [5..], its fingerprint first)
 -- Returns an array of one reply per hold, in order: what hold.lua would have returned, or
 -- an error reply for a request whose part failed with an error.
-local ev = hold_event()
+local ev = hold_event(true)
 -- Where each request's keys and arguments start, and its hold id.
 local firsts, ids = {}, {}
 local k, a = NKEYS + 1, 5
@@ -24,7 +24,9 @@ while a <= #ARGV do
 end
 -- A hold id is new unless a client library sent its call again: one read for all.
 if ev then
-  for i, record in ipairs(redis.call('HMGET', K.holds, unpack(ids))) do ev.known[ids[i]] = record end
+  for i, record in ipairs(redis.call('HMGET', K.holds, unpack(ids))) do
+    ev.known[ids[i]] = record
+  end
 end
 local NO_KEY = {''}
 local replies = {}

@@ -12,7 +12,8 @@
 -- later requests of the call must see them.
 
 -- The event's part, or nil when the event is not loaded (a loaded one has a status).
-local function hold_event()
+-- `batch`: for several holds (hold_batch.lua), with what only they share.
+local function hold_event(batch)
   local m = redis.call('HMGET', K.meta, 'status', 'on_sale_at', 'ttl', 'mpo', 'mpc', 'currency')
   if not m[1] then return nil end
   local now = now_ms()
@@ -23,9 +24,9 @@ local function hold_event()
     reclaimed = false, more = false, -- reclaim: done, and whether more were overdue than a batch
     cats = {},        -- category -> its record, or false when unknown
     avail = {},       -- category -> tickets on sale, as the call's holds so far leave it
-    json = {},        -- items or seats JSON -> decoded (read only): a batch's are often alike
-    known = {},       -- hold id -> its record, or false: the call's holds, and the ids a batch
-                      --   read ahead (hold_batch.lua)
+    json = batch and {}, -- items or seats JSON -> decoded (read only): a batch's are often alike
+    known = batch and {}, -- hold id -> its record, or false: the batch's holds, and the ids
+                          --   it read ahead
     held = {},        -- the call's holds made, for holds_write: {id, record, expires, q,
                       --   customer, n} each
   }
@@ -42,6 +43,7 @@ local function hold_category(ev, name)
 end
 
 local function hold_decode(ev, json)
+  if not ev.json then return cjson.decode(json) end
   local t = ev.json[json]
   if t == nil then
     t = cjson.decode(json)
@@ -67,7 +69,7 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
   local cached = replay()
   if cached then return cached end
   if not ev then return NOT_LOADED end
-  local existing = ev.known[id]
+  local existing = ev.known and ev.known[id]
   if existing == nil then existing = redis.call('HGET', K.holds, id) end
   if existing then return existing end -- the client library retried this very call
 
@@ -173,7 +175,7 @@ local function hold_request(ev, id, customer, items_json, seats_json, limit, win
   local reply = with_rate(finish(record), rate)
   -- The call's shared writes, in Lua until holds_write: nothing below calls Redis.
   for cat, k in pairs(q) do ev.avail[cat] = ev.avail[cat] - k end
-  ev.known[id] = record
+  if ev.known then ev.known[id] = record end
   ev.held[#ev.held + 1] = {id, record, expires, q, customer, n}
   return reply
 end
