@@ -118,12 +118,9 @@ def script_text(lib: str, name: str) -> str:
 class Scripts:
     """The Lua scripts of one Redis connection pool, each with lua/lib.lua prepended."""
 
-    def __init__(self, redis: Redis, settings: Settings, *, join: bool = True) -> None:
-        """`join`: calls of one event's script in one turn go as one call of its batch
-        script (service/hotpath/joined.py); off, each goes alone (for comparisons)."""
+    def __init__(self, redis: Redis, settings: Settings) -> None:
         lib = (LUA_DIR / "lib.lua").read_text()
         self._redis = redis
-        self._join = join
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(script_text(lib, name)) for name in NAMES
         }
@@ -191,7 +188,7 @@ class Scripts:
         own_args = bulk(*(_bytes(a) for a in args))
         count = 4 + numkeys + 3 + len(args)
         # Calls of this script and event in the same turn go as one (service/hotpath/joined.py)
-        batch = _BATCHES.get(name) if self._join else None
+        batch = _BATCHES.get(name)
         backoff: retries.Backoff | None = None  # made only once a call has failed
         loads = 0
         while True:
