@@ -44,6 +44,9 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
            (loadtest/bench_room.py; a Redis server and a service of its own)
 - script   the hold script alone, `redis-benchmark` EVALSHA with 64 connections and a
            pipeline of 16, each call a new hold (__rand_int__ in the hold id)
+- script_batch  its batched twin: each call 16 holds of lua/hold_batch.lua, as the script
+           pipe joins the holds of one event that leave an API process in one turn; its
+           requests/s are holds/s, and both rows give their holds per Redis core-second
 - pg       the PostgreSQL baseline (loadtest/pg_baseline.py): a guarded UPDATE and an
            INSERT in one transaction
 
@@ -210,10 +213,17 @@ def run(cfg: Config) -> int:
     try:
         bench_ceilings.http_ceilings(bench)
         if bench.wanted(
-            *SERVICE_TARGETS, "spread", *CLUSTER_TARGETS, "hold_token", "room", "script", "pg"
+            *SERVICE_TARGETS,
+            "spread",
+            *CLUSTER_TARGETS,
+            "hold_token",
+            "room",
+            "script",
+            "script_batch",
+            "pg",
         ):
             bench.migrate()
-        if bench.wanted(*SERVICE_TARGETS, "script"):
+        if bench.wanted(*SERVICE_TARGETS, "script", "script_batch"):
             bench_service.service(bench)
         if bench.wanted("spread", *CLUSTER_TARGETS):
             bench_cluster.compared(bench)
@@ -221,7 +231,7 @@ def run(cfg: Config) -> int:
             bench_service.service_with_tokens(bench)
         if bench.wanted("room"):
             bench_room.room(bench)
-        if bench.wanted("script"):
+        if bench.wanted("script", "script_batch"):
             bench_ceilings.script(bench)
         if bench.wanted("pg"):
             bench_ceilings.pg(bench)

@@ -14,7 +14,7 @@ from loadtest.bench_rows import SERVICE_TARGETS, Result, Stat
 from loadtest.bench_session import Bench
 from loadtest.bench_tools import BenchError, Server, key_names, say
 from service.core.settings import Settings
-from service.hotpath.scripts import LUA_DIR
+from service.hotpath.scripts import LUA_DIR, script_text
 from service.selling.sales import hold_call
 
 
@@ -36,8 +36,10 @@ def hold_script_call(
     return [*key_names(event_id), *hold.extra_keys], [*common, *args]
 
 
-def hold_sha(r: redis.Redis) -> str:
-    source = (LUA_DIR / "lib.lua").read_text() + "\n" + (LUA_DIR / "hold.lua").read_text()
+def hold_sha(r: redis.Redis, name: str = "hold") -> str:
+    """The hold script (or `name`, its batched twin hold_batch) loaded, as the service
+    loads it."""
+    source = script_text((LUA_DIR / "lib.lua").read_text(), name)
     sha: str = r.script_load(source)
     return sha
 

@@ -23,6 +23,9 @@ CAPACITY = 10_000_000
 HOLD_TTL_SECONDS = 3600  # no hold expires during a run: no reclaim work in the figures
 HOLD_BODY = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'
 PIPELINE = 16  # redis-benchmark -P
+# Holds per call of the script row's batched twin (lua/hold_batch.lua): what the script pipe
+# joins when that many holds of one event leave an API process in one turn.
+SCRIPT_BATCH = 16
 CUSTOMERS_WITH_TOKENS = 1000  # hold_token: the customers whose tokens take turns
 QUIET_PCT = 10.0  # the machine counts as quiet at most this busy (% of all cores)
 OTHER_PCT = 30.0  # CPU beyond server, Redis and client that marks a run (% of one core)
@@ -98,6 +101,11 @@ TARGETS: dict[str, Target] = {
         f"Redis: hold script (-P {PIPELINE})",
         "redis",
     ),
+    "script_batch": Target(
+        f"the same, {SCRIPT_BATCH} holds a call (`hold_batch.lua`): holds/s",
+        f"Redis: hold batch script x{SCRIPT_BATCH} (-P {PIPELINE})",
+        "redis",
+    ),
     "pg": Target(
         "PostgreSQL baseline: guarded `UPDATE` + `INSERT`, one transaction",
         "PostgreSQL baseline",
@@ -171,6 +179,23 @@ GOALS = (
         ("bare_asgi", "rps"),
         "",
         0,
+    ),
+    Goal(
+        "hold_redis_us",
+        "Redis CPU per hold, µs",
+        ("hold", "redis_us_per_request"),
+        None,
+        "<=",
+        60,
+        ".1f",
+    ),
+    Goal(
+        "script_batch_vs_script_per_core",
+        f"hold script, {SCRIPT_BATCH} holds a call ÷ one a call, holds per Redis core-second",
+        ("script_batch", "holds_per_redis_core_second"),
+        ("script", "holds_per_redis_core_second"),
+        ">=",
+        2,
     ),
     Goal("hold_vs_twin_p99", "hold ÷ twin, p99", ("hold", "p99_ms"), ("twin", "p99_ms"), "<=", 1.5),
     Goal(

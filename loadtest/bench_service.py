@@ -29,7 +29,7 @@ def service(bench: Bench) -> None:
     say(f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {bench.db_name}; no worker)")
     with bench.served("service") as (server, admin):
         hot = bench.create_event(admin, "bench-hot")
-        if bench.wanted("script"):
+        if bench.wanted("script", "script_batch"):
             bench.script_event = bench.create_event(admin, "bench-script")
         if bench.wanted("join", "poll"):
             bench.room_event = bench.create_event(admin, "bench-room", waiting_room=ROOM)

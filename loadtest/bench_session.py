@@ -183,6 +183,7 @@ class Bench:
             k: round(meter.cpu[k] / 100 / result.rps * 1e6, 1) if result.rps else 0.0
             for k in ("server", "redis")
         }
+        result.extra["redis_us_per_request"] = result.extra["cpu_us_per_request"]["redis"]
         if refused is not None:
             result.extra["script_calls"] = calls
             if statuses < result.requests or created:

@@ -32,6 +32,12 @@ local NKEYS = 16
 -- Op-specific ARGV start at [5].
 local RECLAIM_BATCH = tonumber(ARGV[3])
 local RETENTION_MS = tonumber(ARGV[4])
+local IDEM_TTL = ARGV[2]
+-- The request's own keys and arguments, as the idempotency helpers below read them: its
+-- fingerprint first in CA, its Idempotency-Key's two counts and record last in CK, its two
+-- allowances last in CA. A script of one request leaves them at KEYS and ARGV; a script of
+-- several (hold_batch.lua) points them at each request's own in turn.
+local CK, CA = KEYS, ARGV
 
 -- Redis server time, so that every API process and worker agrees on what "overdue" means.
 local function now_ms()
@@ -122,7 +128,7 @@ local function forget_ended(now, limit)
 end
 
 local function idem_key()
-  if ARGV[1] ~= '' then return KEYS[#KEYS] end
+  if CA[1] ~= '' then return CK[#CK] end
   return nil
 end
 
@@ -134,7 +140,7 @@ local function replay()
   local v = redis.call('GET', key)
   if not v then return nil end
   local sep = string.find(v, '\n', 1, true)
-  if string.sub(v, 1, sep - 1) ~= ARGV[1] then return fail('idempotency_key_reused') end
+  if string.sub(v, 1, sep - 1) ~= CA[1] then return fail('idempotency_key_reused') end
   return string.sub(v, sep + 1)
 end
 
@@ -145,8 +151,8 @@ local function under(count, allowance)
 end
 
 local function remember(reply, count)
-  redis.call('SET', KEYS[#KEYS], ARGV[1] .. '\n' .. reply, 'EX', ARGV[2])
-  if redis.call('INCR', count) == 1 then redis.call('EXPIRE', count, ARGV[2]) end
+  redis.call('SET', CK[#CK], CA[1] .. '\n' .. reply, 'EX', IDEM_TTL)
+  if redis.call('INCR', count) == 1 then redis.call('EXPIRE', count, IDEM_TTL) end
 end
 
 -- Called before the first write of a request that changes state: with a new key, it is
@@ -154,14 +160,14 @@ end
 -- it may in the window. Only changes count, so no one's refusals can lock others out.
 local function idem_full()
   if not idem_key() then return nil end
-  local count = KEYS[#KEYS - 2]
-  if under(count, ARGV[#ARGV - 1]) then return nil end
+  local count = CK[#CK - 2]
+  if under(count, CA[#CA - 1]) then return nil end
   return fail('rate_limited', {retry_after = math.max(1, redis.call('TTL', count))})
 end
 
 -- Return an answer that changed state, remembering it when the request carries a key.
 local function finish(reply)
-  if idem_key() then remember(reply, KEYS[#KEYS - 2]) end
+  if idem_key() then remember(reply, CK[#CK - 2]) end
   return reply
 end
 
@@ -170,7 +176,7 @@ end
 -- of room: a repeat that is not remembered runs again, which is harmless since the first
 -- changed nothing.
 local function unchanged(reply)
-  if idem_key() and under(KEYS[#KEYS - 1], ARGV[#ARGV]) then remember(reply, KEYS[#KEYS - 1]) end
+  if idem_key() and under(CK[#CK - 1], CA[#CA]) then remember(reply, CK[#CK - 1]) end
   return reply
 end
 
@@ -685,8 +691,9 @@ end
 -- back; when refused, until the next attempt is allowed), and what give_back needs.
 -- `cost` (default 1): how many of the `limit` this attempt uses (the tickets of a hold);
 -- at most `limit`, or it could never pass.
+local RATE_OFF = {ok = true} -- no limit: the same answer every time, never changed
 local function rate_take(key, limit, window_ms, now, cost)
-  if limit <= 0 then return {ok = true} end
+  if limit <= 0 then return RATE_OFF end
   local interval = window_ms / limit
   local before = redis.call('GET', key)
   local tat = math.max(tonumber(before or '0'), now)

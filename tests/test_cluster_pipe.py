@@ -255,6 +255,60 @@ async def test_slot_moved_mid_traffic_runs_every_call_exactly_once(
     print(f"slot move: {moved} keys in {seconds:.2f}s, {during} calls during it, none failed")
 
 
+async def test_joined_holds_while_their_slot_moves_are_each_made_once(
+    cluster: LocalCluster, rc: RedisCluster
+) -> None:
+    """64 buyers holding on one event while its slot moves: their holds of a turn go joined
+    (lua/hold_batch.lua); a joined call refused (TRYAGAIN, ASK, MOVED) is sent again as
+    each hold alone. None may fail, and every hold acknowledged is made, once."""
+    scripts = cluster_scripts(cluster, rc)
+    event_id = next(iter(cluster.event_ids(per_primary=1, prefix="jmove").values()))[0]
+    k = event_keys(event_id)
+    slot = key_slot(k.meta.encode())
+    done = asyncio.Event()
+    made: list[str] = []
+
+    async def buyer(b: int) -> None:
+        n = 0
+        while not done.is_set() or n < 5:
+            hold_id = f"b{b}-{n}"
+            hold = hold_call(event_id, hold_id, f"c{b}", b'[["GA",1]]')
+            reply = await scripts.call_event(
+                "hold", event_id, *hold.args, extra_keys=hold.extra_keys
+            )
+            raise_for_error(reply)
+            made.append(hold_id)
+            n += 1
+
+    try:
+        await scripts.load()
+        await load_event(cluster, scripts, rc, event_id, capacity=1_000_000)
+        source = cluster.owner(slot)
+        target = next(p for p in cluster.primaries() if p is not source)
+        await rc.mset({f"{k.tag}:filler:{i}": i for i in range(300)})
+        tried = errorstat(cluster, "TRYAGAIN") + errorstat(cluster, "MOVED")
+        calls = commandstat(cluster, "evalsha")
+        buyers = [asyncio.ensure_future(buyer(b)) for b in range(64)]
+        await asyncio.sleep(0.1)
+        # Every hold made before the move added a key (its TTL key): moved 50 at a time, the
+        # move outlasts no retry budget.
+        await asyncio.to_thread(cluster.move_slot, slot, target, batch=50, pause=0.01)
+        done.set()
+        await asyncio.gather(*buyers)  # any failure fails the test
+    finally:
+        done.set()
+        scripts.close()
+    assert cluster.owner(slot) is target
+    assert errorstat(cluster, "TRYAGAIN") + errorstat(cluster, "MOVED") > tried
+    assert len(set(made)) == len(made)
+    # Joined: far fewer script calls ran than holds were made.
+    assert commandstat(cluster, "evalsha") - calls < len(made) / 4
+    held = cluster.call(target, "HGET", k.held, "GA")
+    created = cluster.call(target, "HGET", k.stats, "created")
+    records = cluster.call(target, "HLEN", k.holds)
+    assert (held, created, records) == (str(len(made)).encode(),) * 2 + (len(made),)
+
+
 async def failover_under_load(
     cluster: LocalCluster, rc: RedisCluster, fault: Callable[[RedisServer], None]
 ) -> tuple[float, float]:

@@ -97,13 +97,17 @@ async def script_calls(redis: RedisClient) -> int:
     )
 
 
-HOLD_SHA = hashlib.sha1(script_text((LUA_DIR / "lib.lua").read_text(), "hold").encode())
+# The hold script's, and its batch's (holds of one turn joined: service/hotpath/joined.py).
+HOLD_SHAS = tuple(
+    hashlib.sha1(script_text((LUA_DIR / "lib.lua").read_text(), name).encode()).hexdigest()
+    for name in ("hold", "hold_batch")
+)
 
 
 async def hold_calls(redis: RedisClient, event_id: str, work: Awaitable[None]) -> int:
     """The hold script's calls on the event while `work` runs, as Redis's MONITOR sees them:
     other scripts (a worker's, on this event or others) are not refusals."""
-    wanted = f"EVALSHA {HOLD_SHA.hexdigest()} "
+    wanted = tuple(f"EVALSHA {sha} " for sha in HOLD_SHAS)
     tag = event_keys(event_id).tag
     marker = f"end-{secrets.token_hex(8)}"
     calls = 0

@@ -12,6 +12,7 @@ from typing import Any, cast
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from service.hotpath.connection import REPLY_TIMEOUT, Connection, dial, keep
+from service.hotpath.joined import MOST, Part, join, split
 
 # Connections per Redis server: enough to keep Redis busy while one buffer is in flight.
 CONNECTIONS = 2
@@ -52,6 +53,8 @@ class NodePipe:
         self._turn = itertools.cycle(range(CONNECTIONS))
         self._queue: list[bytes] = []
         self._futures: list[asyncio.Future[Any]] = []
+        # This turn's calls that may go joined (service/hotpath/joined.py), by group.
+        self._parts: dict[tuple[str, str], tuple[list[Part], list[asyncio.Future[Any]]]] = {}
         self._watchdog: asyncio.TimerHandle | None = None
 
     def submit(self, payload: bytes, then: Then = ()) -> asyncio.Future[Any]:
@@ -64,11 +67,26 @@ class NodePipe:
             return self._for_waits().submit(payload, then)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
+        if not self._queue and not self._parts:
             loop.call_soon(self._flush)  # after every caller ready in this turn has queued
         self._queue.append(payload)
         self._futures.append(future)
         return _pair(self, future, then) if then else future
+
+    def submit_part(self, part: Part) -> asyncio.Future[Any]:
+        """Queue a call that goes joined with the others of its group queued in this turn
+        (one call of the batch script), or alone when it has none; its own reply."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queue and not self._parts:
+            loop.call_soon(self._flush)
+        group = self._parts.get(part.group)
+        if group is None:
+            self._parts[part.group] = ([part], [future])
+        else:
+            group[0].append(part)
+            group[1].append(future)
+        return future
 
     def submit_asking(self, payload: bytes, then: Then = ()) -> asyncio.Future[Any]:
         """The command after ASKING, in the same write: ASKING holds for the next command
@@ -81,7 +99,7 @@ class NodePipe:
         asking: asyncio.Future[Any] = loop.create_future()
         asking.cancel()  # its +OK is skipped, and nobody waits for it
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
+        if not self._queue and not self._parts:
             loop.call_soon(self._flush)
         self._queue += (_ASKING, payload)
         self._futures += (asking, future)
@@ -107,6 +125,8 @@ class NodePipe:
         return future
 
     def _flush(self) -> None:
+        if self._parts:
+            self._join()
         payload, futures = b"".join(self._queue), self._futures
         self._queue, self._futures = [], []
         slot = next(self._turn)
@@ -116,6 +136,18 @@ class NodePipe:
             connection.send(payload, futures, now)
         else:
             keep(asyncio.ensure_future(self._send_when_connected(slot, payload, futures, now)))
+
+    def _join(self) -> None:
+        """Each group's parts into the queue: alone as they are, several as joined calls."""
+        for parts, futures in self._parts.values():
+            if len(parts) == 1:
+                self._queue.append(parts[0].single)
+                self._futures.append(futures[0])
+                continue
+            for start in range(0, len(parts), MOST):
+                self._queue.append(join(parts[start : start + MOST]))
+                self._futures.append(split(futures[start : start + MOST]))
+        self._parts = {}
 
     async def _send_when_connected(
         self, slot: int, payload: bytes, futures: list[asyncio.Future[Any]], since: float

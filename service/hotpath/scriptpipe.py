@@ -34,6 +34,7 @@ from service.core.keys import event_keys
 from service.core.settings import parse_seed_nodes
 from service.hotpath.clusterpipe import Cluster
 from service.hotpath.connection import REPLY_TIMEOUT, ask_once, bulk
+from service.hotpath.joined import Part
 from service.hotpath.nodepipe import NodePipe, Then
 
 # Events whose encoded keys and slot are kept: any event id reaches here (an unknown one
@@ -101,6 +102,21 @@ class ScriptPipe:
             except (ResponseError, ConnectionError, TimeoutError) as e:
                 return await cluster.recover(payload, slot, e, then)
         return await node.submit(payload, then)
+
+    async def execute_part(self, part: Part, slot: int) -> Any:
+        """Send one call that may go joined with the others of its group in this turn
+        (service/hotpath/joined.py); its own reply. A redirected call is sent again alone."""
+        node = self._node
+        if node is None:
+            cluster = self._cluster
+            if cluster is None:
+                await self._detect()
+                return await self.execute_part(part, slot)
+            try:
+                return await cluster.table[slot].submit_part(part)
+            except (ResponseError, ConnectionError, TimeoutError) as e:
+                return await cluster.recover(part.single, slot, e)
+        return await node.submit_part(part)
 
     def options_for(self, slot: int) -> dict[str, Any] | None:
         """Where the calls of this slot go now (connection options), None until the first

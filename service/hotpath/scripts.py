@@ -17,15 +17,21 @@ from service.core.settings import Settings
 from service.core.timefmt import from_ms
 from service.hotpath import ratelimit
 from service.hotpath.connection import bulk, command
+from service.hotpath.joined import Part
 from service.hotpath.nodepipe import NodePipe
 from service.hotpath.replicas import Replicas
 from service.hotpath.scriptpipe import ScriptPipe
 
 LUA_DIR = packagedata.directory("lua")
+# A script's header line naming a shared file to put after lib.lua (lua/holding.lua).
+_USES = "-- uses: "
 NAMES = (
     "hold",
+    "hold_batch",
     "confirm",
+    "confirm_batch",
     "release",
+    "release_batch",
     "cancel",
     "reclaim",
     "view",
@@ -94,9 +100,15 @@ _decode_error = msgspec.json.Decoder(_ErrorReply).decode
 
 
 def script_text(lib: str, name: str) -> str:
-    """The script as Redis is sent it: lib.lua first, but a shebang (`#!lua flags=...`)
+    """The script as Redis is sent it: lib.lua first, then the shared files its header
+    names on a line `-- uses: x.lua` (holding.lua), but a shebang (`#!lua flags=...`)
     stays the first line, the only place Redis reads it."""
     text = (LUA_DIR / f"{name}.lua").read_text()
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            break  # the header ends at the first line of code
+        if line.startswith(_USES):
+            lib += "\n" + (LUA_DIR / line.removeprefix(_USES).strip()).read_text()
     if text.startswith("#!"):
         shebang, _, rest = text.partition("\n")
         return f"{shebang}\n{lib}\n{rest}"
@@ -171,14 +183,19 @@ class Scripts:
             args = (*args, *self._idempotency_caps)
         event_keys_resp, slot = self._pipe.event_keys(event_id)
         numkeys = len(keys.all) + len(extra_keys)
-        tail = bulk(*(_bytes(a) for a in (*extra_keys, fingerprint))) + self._common
-        tail += bulk(*(_bytes(a) for a in args))
+        own_keys = bulk(*(_bytes(a) for a in extra_keys))
+        own_fingerprint = bulk(fingerprint.encode())
+        own_args = bulk(*(_bytes(a) for a in args))
         count = 4 + numkeys + 3 + len(args)
+        # Calls of this script and event in the same turn go as one (service/hotpath/joined.py)
+        batch = _BATCHES.get(name)
         backoff: retries.Backoff | None = None  # made only once a call has failed
         loads = 0
         while True:
             script = self._scripts[name]
             head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
+            tail = own_keys + own_fingerprint + self._common + own_args
+            single = head + event_keys_resp + tail
             try:
                 if durable and self.replicas.wanted:
                     # WAIT counts replicas up to the connection's last write: a repeat
@@ -187,18 +204,32 @@ class Scripts:
                     # nothing (a count the script keeps, plus 0) makes it now.
                     field = _COUNTED.get(name, b"confirmed")
                     touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
-                    return await self._durable(head + event_keys_resp + tail, slot, touch)
-                reply: bytes = await self._pipe.execute(head + event_keys_resp + tail, slot)
+                    return await self._durable(single, slot, touch)
+                if batch is None:
+                    reply: bytes = await self._pipe.execute(single, slot)
+                    return reply
+                own = (own_keys, len(extra_keys), own_fingerprint + own_args, 1 + len(args))
+                part = Part(
+                    (batch, event_id),
+                    self._scripts[batch],
+                    event_keys_resp,
+                    self._common,
+                    own,
+                    single,
+                )
+                reply = await self._pipe.execute_part(part, slot)
                 return reply
             except NoScriptError:
                 loads += 1
                 if loads > _LOADS:
                     raise ConnectionError("Redis kept refusing the script") from None
                 # SCRIPT FLUSH, a restart or a promoted replica: load it again on the node
-                # that said so (through the pipe: routed as the call was), then call again.
-                source = cast(str, script.script).encode()  # registered from text, above
-                sha = await self._pipe.execute(command(b"SCRIPT", b"LOAD", source), slot)
-                script.sha = sha.decode()
+                # that said so (through the pipe: routed as the call was), then call again;
+                # its batch script too, which the same flush took.
+                for reload in (script, self._scripts[batch]) if batch else (script,):
+                    source = cast(str, reload.script).encode()  # registered from text, above
+                    sha = await self._pipe.execute(command(b"SCRIPT", b"LOAD", source), slot)
+                    reload.sha = sha.decode()
             except TimeoutError as e:
                 # Redis did not answer in time: never sent again (service/core/retries.py).
                 raise errors.Unavailable(self._silence(name)) from e
@@ -286,6 +317,8 @@ class Scripts:
 # NOSCRIPT (the script loaded again each time) more often than this in one call means
 # something keeps flushing the scripts.
 _LOADS = 3
+# Scripts whose calls of one event in one turn go joined, and the batch script that takes them.
+_BATCHES = {"hold": "hold_batch", "confirm": "confirm_batch", "release": "release_batch"}
 # Scripts that change nothing.
 _READS = frozenset({"view", "seats", "check_seats", "queue_figures", "repair_read"})
 # The stats field (lua/lib.lua) a durable script counts in.
