@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from _pytest.nodeid import NodeId
 from sqlalchemy.engine import make_url
 
 from service.core.settings import Settings
@@ -121,6 +120,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         }
         suffix = "@" + "_".join(sorted(groups))
         if groups and not item.nodeid.endswith(suffix):
+            from _pytest.nodeid import NodeId  # pytest 9.2's; before it xdist's suffix works
+
             item._id = NodeId.parse(item.nodeid + suffix)
 
 
