@@ -16,8 +16,10 @@ thread, it waits for the process to end, then reports it to the server's loop).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +49,35 @@ class Server(MPServer):
         super().__init__(*args, **kwargs)
         self.started_dir = started_dir
         self.start_failures = [0] * self.workers
+        self._main_pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        threading.Thread(target=self._wake_loop, name="signal-wake", daemon=True).start()
+
+    # granian's own handlers set main_loop_interrupt, a threading.Event, inside the handler.
+    # Python runs a handler in the main thread between two of its bytecodes; when those are
+    # in main_loop_interrupt.wait(), the thread holds the event's lock and set() waits for
+    # it forever. `make run`'s Ctrl-C sends two signals milliseconds apart (the group's
+    # SIGINT, the recipe's SIGTERM): the second one, landing as the first woke the loop,
+    # left `boxoffice serve` hung with its workers gone. Here a handler only notes the
+    # signal and writes a byte; a thread of its own sets the event.
+    def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
+        self.interrupt_signal = True
+        self._wake()
+
+    def signal_handler_reload(self, *args: Any, **kwargs: Any) -> None:
+        self.reload_signal = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # A worker process runs these handlers until it sets its own: none of its business.
+        if os.getpid() == self._main_pid:
+            with contextlib.suppress(BlockingIOError):  # a wake-up is pending already
+                os.write(self._wake_w, b"\0")
+
+    def _wake_loop(self) -> None:
+        while os.read(self._wake_r, 64):
+            self.main_loop_interrupt.set()
 
     def _spawn_worker(self, *args: Any, **kwargs: Any) -> WorkerProcess:
         worker = super()._spawn_worker(*args, **kwargs)

@@ -69,7 +69,7 @@ async def write_behind(svc: Services, event_id: str) -> None:
     await wb._join(event_id)  # this event's stream only
     for _ in range(20):
         reads_new = not wb._pending_first  # else it reads its own pending entries again
-        if not await wb.step() and reads_new:
+        if not await wb.step(wait=False) and reads_new:
             return
     raise AssertionError("the outbox did not settle")
 

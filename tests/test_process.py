@@ -9,6 +9,7 @@ import selectors
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from service.core.settings import Settings
+from service.server import Server
 from tests.apiserver import BOXOFFICE, ApiServer
 from tests.conftest import server_env
 from tests.servers import RedisServer, free_port
@@ -286,6 +288,36 @@ def test_the_private_parts_of_granian_the_server_relies_on_are_there() -> None:
     watcher = inspect.getsource(AbstractWorker._watcher)
     assert "self.inner.join()" in watcher and "interrupt_by_parent" in watcher
     assert "WorkerProcess(" in inspect.getsource(MPServer._spawn_worker)
+    # The signal handlers it replaces, and the event they wake the loop with.
+    startup = inspect.getsource(AbstractServer.startup)
+    assert "set_main_signals(self.signal_handler_interrupt, self.signal_handler_reload)" in startup
+    assert "self.main_loop_interrupt.wait()" in loop
+
+
+def test_a_signal_that_lands_while_the_loop_holds_its_event_does_not_hang_serve(
+    tmp_path: Path,
+) -> None:
+    """granian's handler set the main loop's threading.Event inside the handler: a signal
+    landing while the main thread held that event's lock (waking from the wait) hung
+    `boxoffice serve` for good, as `make run`'s Ctrl-C did now and then (a SIGINT, then
+    the recipe's SIGTERM). The handler now runs, as Python runs it, on a thread that holds
+    the lock; it returns at once, and the loop is woken once the lock is free."""
+    server = Server("service.web.app:create_app_from_env", started_dir=tmp_path, factory=True)
+    event = server.main_loop_interrupt
+    held, handled = threading.Event(), threading.Event()
+
+    def main_thread() -> None:
+        with event._cond:  # type: ignore[attr-defined]  # as inside event.wait()
+            held.set()
+            server.signal_handler_interrupt(signal.SIGTERM, None)
+            handled.set()
+
+    thread = threading.Thread(target=main_thread, daemon=True)
+    thread.start()
+    assert held.wait(5)
+    assert handled.wait(5), "the handler waited for a lock its own thread held"
+    thread.join(5)
+    assert event.wait(5) and server.interrupt_signal
 
 
 @pytest.mark.slow

@@ -99,11 +99,6 @@ async def discard(svc: Services, event_id: str, dead_letter_id: str) -> None:
 
 # --- the command ------------------------------------------------------------------------
 
-USAGE = """exit status:
-  0  listed, or every ID replayed or discarded
-  1  some ID was not found (the others were replayed or discarded)
-  2  could not run: Redis or PostgreSQL unreachable, no such event, no --event"""
-
 
 def render(listing: dict[str, DeadLetterList]) -> str:
     """A table for people: the events that have dead letters, then a total."""
@@ -140,7 +135,7 @@ async def _command(svc: Services, action: str | None, event: str | None, ids: li
 def command(
     settings: Settings, action: str | None, event: str | None, ids: list[str], as_json: bool
 ) -> int:
-    """`boxoffice dead-letters [replay|discard]`; returns the exit status (USAGE)."""
+    """`boxoffice dead-letters [replay|discard]`; the exit status (cli.DEAD_LETTERS_EXIT)."""
     name = "boxoffice dead-letters"
     if action is not None and event is None:
         print(f"{name} {action}: --event ID is required", file=sys.stderr)

@@ -147,13 +147,16 @@ class WriteBehind:
         self._streams[event_keys(event_id).outbox] = event_id
         return True
 
-    async def step(self) -> int:
-        """Read one batch, write it, acknowledge it. Returns how many entries it handled."""
+    async def step(self, wait: bool = True) -> int:
+        """Read one batch, write it, acknowledge it. Returns how many entries it handled.
+        With `wait`, a read that finds nothing new waits up to outbox_block_ms for some (a
+        worker's loop); without, it returns at once (a drain: what is there now)."""
         if not self._streams:
-            await asyncio.sleep(self.settings.outbox_block_ms / 1000)
+            if wait:
+                await asyncio.sleep(self.settings.outbox_block_ms / 1000)
             return 0
         pending = self._pending_first
-        reply = await self._read("0" if pending else ">")
+        reply = await self._read("0" if pending else ">", wait)
         entries = [
             (self._streams[stream.decode()], entry_id, fields)
             for stream, messages in reply or []
@@ -165,14 +168,15 @@ class WriteBehind:
         await self.handle(entries)
         return len(entries)
 
-    async def _read(self, start: str) -> list[Any]:
+    async def _read(self, start: str, wait: bool = True) -> list[Any]:
         """One batch from every stream: on a single node one XREADGROUP over them all; on a
         cluster one per stream (a command cannot span slots), sent together per node."""
         redis, count = self.svc.redis, self.settings.outbox_batch
+        wait = wait and start != "0"  # the pending entries are there or not: no waiting
         if not isinstance(redis, RedisCluster):
             # Blocked less than the reply timeout, which would take the wait for silence.
             most = int(self.settings.redis_timeout_seconds * 500)
-            block = None if start == "0" else min(self.settings.outbox_block_ms, most)
+            block = min(self.settings.outbox_block_ms, most) if wait else None
             one: Any = await redis.xreadgroup(
                 OUTBOX_GROUP, self.consumer, dict.fromkeys(self._streams, start), count, block
             )
@@ -182,7 +186,7 @@ class WriteBehind:
             pipe.xreadgroup(OUTBOX_GROUP, self.consumer, {stream: start}, count=count)
         replies: list[Any] = await pipe.execute()
         reply: list[Any] = [one for r in replies for one in r or ()]
-        if start != "0" and not any(messages for _, messages in reply):
+        if wait and not any(messages for _, messages in reply):
             await asyncio.sleep(CLUSTER_POLL_SECONDS)  # in place of the single node's block
         return reply
 
@@ -355,7 +359,7 @@ class WriteBehind:
             claimed = [(event_id, i, f) for i, f in claim[1] if f]
             await self.handle(claimed)
             self._pending_first = False
-            read = await self.step()
+            read = await self.step(wait=False)
             handled += len(claimed) + read
             if not claimed and not read:
                 await self._trim(event_keys(event_id).outbox)
