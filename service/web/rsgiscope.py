@@ -28,18 +28,30 @@ _EXTENSIONS: dict[str, Any] = {"http.response.pathsend": {}, "websocket.http.res
 UNREADABLE = b"\x80"
 
 
+# Addresses seen, as ASGI gives them: the server's is one, a client's repeats for as long
+# as its connection lasts. Emptied when full.
+_ADDRESSES: dict[str, tuple[str, str]] = {}
+_ADDRESSES_KEPT = 4096
+
+
 def address(text: str) -> tuple[str, str]:
-    host, _, port = text.rpartition(":")
-    if host.startswith("["):
-        host = host[1:-1]
-    return host, port
+    found = _ADDRESSES.get(text)
+    if found is None:
+        host, _, port = text.rpartition(":")
+        if host.startswith("["):
+            host = host[1:-1]
+        if len(_ADDRESSES) >= _ADDRESSES_KEPT:
+            _ADDRESSES.clear()
+        found = _ADDRESSES[text] = (host, port)
+    return found
 
 
 def request_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
-    """The request's headers as ASGI lists them (lower-case names, bytes)."""
+    """The request's headers as ASGI lists them (lower-case names, bytes). The values
+    granian's RSGI side shows are visible ASCII: UTF-8 encodes them as Latin-1 does."""
     given = scope.headers
     items = given.items()
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
+    headers = [(k.encode(), v.encode()) for k, v in items]
     # len(): the names (a name once however many values it has).
     if len({k for k, _ in items}) != len(cast(Sized, given)):
         headers = _with_unreadable(given.keys(), headers)
