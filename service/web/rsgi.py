@@ -31,9 +31,10 @@ from granian._granian import RSGIProtocolClosed as ProtocolClosed
 from granian.rsgi import Scope
 
 from service.core.settings import Settings
+from service.web.app import create_app
 from service.web.rsgiscope import asgi_scope, has_body_of_size, text_headers
 
-log = logging.getLogger("boxoffice.api")
+granian_log = logging.getLogger("_granian")  # granian.log.logger
 
 _DISCONNECT = {"type": "http.disconnect"}
 _EVENT_STREAM = b"text/event-stream"
@@ -187,8 +188,10 @@ class RSGIApp:
         try:
             loop.run_until_complete(self.lifespan.startup())
         except Exception as e:
-            # What granian does for an ASGI app whose lifespan start-up fails.
-            log.error("the app failed to start: %s", e, exc_info=e.__cause__ or e)
+            # What granian does for an ASGI app whose lifespan start-up fails, on granian's
+            # logger: the app's own logging may queue the line for a thread that the
+            # process's exit never lets write it.
+            granian_log.error("RSGI app start-up failed: %s", e)
             sys.exit(1)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -196,7 +199,7 @@ class RSGIApp:
         try:
             loop.run_until_complete(self.lifespan.shutdown())
         except Exception as e:
-            log.error("the app failed to shut down: %s", e)
+            granian_log.error("RSGI app shutdown failed: %s", e)
 
     async def __rsgi__(self, scope: Scope, protocol: HTTPProtocol) -> None:
         asgi = asgi_scope(scope, self.lifespan.state)
@@ -205,8 +208,6 @@ class RSGIApp:
 
 
 def create_rsgi_app(settings: Settings) -> RSGIApp:
-    from service.web.app import create_app
-
     return RSGIApp(create_app(settings), settings)
 
 
