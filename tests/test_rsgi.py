@@ -5,10 +5,10 @@ alike (status line, every header in order but `date`, body), each on an event of
 The requests are the lean lane's routes and the ones it hands on to Litestar, with what
 RSGI gives differently from ASGI (service/web/rsgiscope.py): repeated and non-ASCII
 header values, HTTP/1.0 without Host, percent-encoded paths, query strings, chunked and
-oversized bodies, `Expect: 100-continue`, a body too slow (408) and one cut short (499 in
-the metrics), the per-address limit through X-Forwarded-For, the live view's event
-stream. Ids the service makes, the event's own id and times are put in place of their
-values first, the same way on both sides (as tests/test_lane.py does in process).
+oversized bodies, `Expect: 100-continue`, a websocket handshake, a body too slow (408) and
+one cut short (499 in the metrics), the per-address limit through X-Forwarded-For, the
+live view's event stream. Ids the service makes, the event's own id and times are put in
+place of their values first, the same way on both sides (as tests/test_lane.py does).
 """
 
 from __future__ import annotations
@@ -205,6 +205,10 @@ def scenario(port: int, e: str, tag: str, forwarded: bytes) -> list[Answer]:
     live = f"/admin/events/{e}/live"
     send(request("GET", live, None, [*ADMIN, ("accept", b"application/json")]))
     send(request("GET", live, None, [*ADMIN, ("accept", b"text/event-stream")]), stream=True)
+    # A websocket handshake: the service has none (refused, 403, before it).
+    ws = "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13"
+    upgrade = f"GET {live} HTTP/1.1\r\nhost: test\r\nupgrade: websocket\r\n{ws}\r\n"
+    send(f"{upgrade}connection: Upgrade\r\n\r\n".encode())
     return out
 
 

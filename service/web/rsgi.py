@@ -202,6 +202,11 @@ class RSGIApp:
             granian_log.error("RSGI app shutdown failed: %s", e)
 
     async def __rsgi__(self, scope: Scope, protocol: HTTPProtocol) -> None:
+        if scope.proto != "http":
+            # A websocket: the service has none. Refused before the handshake, as
+            # Litestar refuses it on ASGI (403, no body).
+            protocol.close(403)  # type: ignore[attr-defined]  # RSGIWebsocketProtocol
+            return
         asgi = asgi_scope(scope, self.lifespan.state)
         exchange = Exchange(protocol, has_body_of_size(asgi["headers"], self.limit))
         await self.handler(asgi, exchange.receive, exchange.send)
