@@ -2,7 +2,8 @@
 
     .venv/bin/python -m loadtest.bench [--seconds 15] [--warmup 3] [--connections 64]
         [--threads 2] [--workers 2] [--pg-pool 16] [--wait-idle 30] [--retries 1]
-        [--only hold,twin,…] [--room-buyers 100000] [--no-write] [--keep]
+        [--only hold,twin,…] [--room-buyers 100000] [--interface rsgi|asgi|asgi,rsgi]
+        [--no-write] [--keep]
 
 One run, one machine, one after the other, each HTTP target on granian with the same
 options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loaded by wrk:
@@ -13,7 +14,8 @@ options and worker count as `boxoffice serve` (loadtest/twin.py, serve()), loade
            framework (loadtest/bare.py); the interface the service is served on
 - bare_rsgi  the same on granian's RSGI interface (`__rsgi__`, the body awaited whole, the
            answer handed over with response_bytes)
-- health   the service's GET /health
+- health   the service's GET /health (the service rows on granian's RSGI interface, as
+           `boxoffice serve` serves it; --interface asgi,rsgi: on ASGI too, first)
 - hold     POST /events/{id}/holds: general admission, 1 ticket, one hot event with
            10,000,000 tickets (never sells out), no customer limit
 - sold_out the same request for an event sold out before the run: every answer is
@@ -99,6 +101,7 @@ from loadtest.bench_report import (
     conditions,
     cpu_lines,
     doc_block,
+    interface_lines,
     machine_info,
     note_lines,
     ratio_lines,
@@ -118,6 +121,7 @@ from loadtest.bench_rows import (
 )
 from loadtest.bench_session import Bench
 from loadtest.bench_tools import BenchError, ensure_wrk, say
+from service.core.settings import Settings
 
 
 @contextmanager
@@ -168,12 +172,21 @@ def parse_args(argv: list[str] | None) -> Config:
         default=100_000,
         help="buyers queued in the room row (1000000: the waiting room's full scale)",
     )
+    parser.add_argument(
+        "--interface",
+        default=Settings().interface,
+        help="granian's interface of the service rows: rsgi or asgi (BOXOFFICE_INTERFACE);"
+        " asgi,rsgi: the rows on each in turn, the last one's in the table",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only: no JSON, PNG, docs")
     parser.add_argument("--keep", action="store_true", help="keep the run's events in Redis")
     args = parser.parse_args(argv)
     only = tuple(TARGETS) if not args.only else tuple(t.strip() for t in args.only.split(","))
     if unknown := [t for t in only if t not in TARGETS]:
         parser.error(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
+    interfaces = tuple(i.strip() for i in args.interface.split(","))
+    if not interfaces or any(i not in ("asgi", "rsgi") for i in interfaces):
+        parser.error("--interface: rsgi, asgi, or both comma-separated (asgi,rsgi)")
     if args.connections % args.threads:
         parser.error("--connections must be a multiple of --threads (wrk)")
     if args.room_buyers < bench_room.MIN_BUYERS:
@@ -191,6 +204,7 @@ def parse_args(argv: list[str] | None) -> Config:
         write=not (args.no_write or args.only),
         keep=args.keep,
         room_buyers=args.room_buyers,
+        interfaces=interfaces,
     )
 
 
@@ -224,7 +238,7 @@ def run(cfg: Config) -> int:
         ):
             bench.migrate()
         if bench.wanted(*SERVICE_TARGETS, "script", "script_batch"):
-            bench_service.service(bench)
+            bench_service.on_interfaces(bench)
         if bench.wanted("spread", *CLUSTER_TARGETS):
             bench_cluster.compared(bench)
         if bench.wanted("hold_token"):
@@ -262,6 +276,8 @@ def run(cfg: Config) -> int:
     for line in ratio_lines(rs):
         say(line)
     for line in cpu_lines(results):
+        say(line)
+    for line in interface_lines(results, cfg.interfaces):
         say(line)
     if room := room_line(results):
         say(room)

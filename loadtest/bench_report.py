@@ -25,6 +25,7 @@ from loadtest.bench_rows import (
     MARK_START,
     PIPELINE,
     ROOT,
+    SERVICE_TARGETS,
     SPREAD_EVENTS,
     TARGETS,
     Config,
@@ -131,6 +132,35 @@ def cpu_lines(results: dict[str, Result]) -> list[str]:
                 parts.append(f"{name} {per['server']:.0f} + {per['redis']:.0f}")
         if len(parts) >= 2:
             lines.append(f"{title}: " + ", ".join(parts))
+    return lines
+
+
+def interface_lines(results: dict[str, Result], interfaces: tuple[str, ...]) -> list[str]:
+    """The service rows on each interface measured (--interface asgi,rsgi): requests/s,
+    ÷ twin, the API's CPU per request; and the hold ÷ its interface's bare ceiling."""
+    if len(interfaces) < 2:
+        return []
+    last = interfaces[-1]
+    twin = results.get("twin")
+    lines = ["The service rows on granian's interfaces (requests/s, ÷ twin, API µs a request):"]
+    for name in SERVICE_TARGETS:
+        parts = []
+        for interface in interfaces:
+            r = results.get(name if interface == last else f"{name}@{interface}")
+            if r is not None:
+                per = r.extra["cpu_us_per_request"]["server"]
+                vs = f", {r.rps / twin.rps:.2f}" if twin and twin.rps else ""
+                parts.append(f"{interface} {r.rps:,.0f}{vs}, {per:.0f} µs")
+        if parts:
+            lines.append(f"  {name}: " + "; ".join(parts))
+    ceilings = []
+    for interface in interfaces:
+        hold = results.get("hold" if interface == last else f"hold@{interface}")
+        bare = results.get(f"bare_{interface}")
+        if hold and bare and bare.rps:
+            ceilings.append(f"{interface} {hold.rps / bare.rps:.2f}")
+    if ceilings:
+        lines.append("  hold ÷ the bare ceiling of its interface: " + ", ".join(ceilings))
     return lines
 
 

@@ -156,13 +156,23 @@ GOALS = (
         ">=",
         0.9,
     ),
+    # The service is served on RSGI (BOXOFFICE_INTERFACE's default): its ceiling is the
+    # bare RSGI one; beside it, the ASGI one (the service's rows on ASGI: --interface).
+    Goal(
+        "hold_vs_bare_rsgi_rps",
+        "hold ÷ bare granian RSGI, requests/s",
+        ("hold", "rps"),
+        ("bare_rsgi", "rps"),
+        ">=",
+        0.45,
+    ),
     Goal(
         "hold_vs_bare_asgi_rps",
         "hold ÷ bare granian ASGI, requests/s",
         ("hold", "rps"),
         ("bare_asgi", "rps"),
-        ">=",
-        0.45,
+        "",
+        0,
     ),
     Goal(
         "twin_vs_bare_asgi_rps",
@@ -312,6 +322,9 @@ class Config:
     write: bool
     room_buyers: int
     keep: bool
+    # granian's interfaces the service rows are measured on, one after the other; the
+    # last one's rows are the table's (and the goals'), the others' are shown beside them.
+    interfaces: tuple[str, ...] = ("rsgi",)
 
 
 @dataclasses.dataclass

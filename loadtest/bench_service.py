@@ -17,6 +17,7 @@ from loadtest.bench_rows import (
     POLL_POOL,
     ROOM,
     SERVICE_DB,
+    SERVICE_TARGETS,
     Result,
     Stat,
 )
@@ -25,8 +26,25 @@ from loadtest.bench_tools import BenchError, Server, say
 from service.core.keys import event_keys
 
 
+def on_interfaces(bench: Bench) -> None:
+    """service() on each of --interface's interfaces in turn: the last one's rows keep
+    their names (the table's, the goals'), the others' are named "hold@asgi" and so on."""
+    *others, last = bench.cfg.interfaces
+    for interface in others:
+        bench.interface = interface
+        service(bench)
+        for name in SERVICE_TARGETS:
+            if name in bench.results:
+                bench.results[f"{name}@{interface}"] = bench.results.pop(name)
+    bench.interface = last
+    service(bench)
+
+
 def service(bench: Bench) -> None:
-    say(f"service (boxoffice serve; Redis db {SERVICE_DB}, PostgreSQL {bench.db_name}; no worker)")
+    say(
+        f"service (boxoffice serve on {bench.interface.upper()}; Redis db {SERVICE_DB},"
+        f" PostgreSQL {bench.db_name}; no worker)"
+    )
     with bench.served("service") as (server, admin):
         hot = bench.create_event(admin, "bench-hot")
         if bench.wanted("script", "script_batch"):

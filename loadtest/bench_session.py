@@ -74,6 +74,8 @@ class Bench:
         self.script_event: str | None = None
         self.room_event = ""
         self.tmp = Path(tempfile.mkdtemp(prefix="boxoffice-bench-pools-"))
+        # granian's interface of the service served now (--interface).
+        self.interface = cfg.interfaces[-1]
 
     def wanted(self, *names: str) -> bool:
         return any(n in self.cfg.only for n in names)
@@ -289,6 +291,7 @@ class Bench:
             "BOXOFFICE_PORT": "{port}",
             "BOXOFFICE_WORKERS": str(self.cfg.workers),
             "BOXOFFICE_ADMIN_TOKEN": admin_token,
+            "BOXOFFICE_INTERFACE": self.interface,
             # The hold rows measure the hold path, not the limit of a human's attempts: one
             # customer ("bench", or 1,000 with tokens) makes thousands of holds a second.
             "BOXOFFICE_RATE_LIMIT_CUSTOMER_HOLDS": "0",

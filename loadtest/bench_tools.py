@@ -241,7 +241,7 @@ def wrk_result(name: str, data: dict[str, float], cpu: dict[str, float]) -> Resu
     }
     result = Result(
         target=name,
-        label=TARGETS[name].label,
+        label=TARGETS[name.partition("@")[0]].label,  # "hold@asgi": the hold on ASGI
         tool="wrk",
         rps=round(data["requests"] / seconds, 1),
         p50_ms=round(data["p50_us"] / 1000, 2),

@@ -54,7 +54,8 @@ def serve(target: str, port: int, workers: int, interface: Interfaces | None = N
     real = granian.Granian
 
     def swapped(kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {**kwargs, "factory": False, **({"interface": interface} if interface else {})}
+        # ASGI unless told: `boxoffice serve` picks the service's own (BOXOFFICE_INTERFACE).
+        return {**kwargs, "factory": False, "interface": interface or Interfaces.ASGI}
 
     def same_server(*args: Any, **kwargs: Any) -> Any:
         if args:

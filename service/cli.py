@@ -54,15 +54,19 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "metrics")
     os.environ[STARTED_DIR_ENV] = str(state / "started")
     share_pass_secret(settings)
+    rsgi = settings.interface == "rsgi"
     try:
         Server(
-            "service.web.app:create_app_from_env",
+            # Each worker process builds its own app (factory) on its own connections.
+            "service.web.rsgi:create_rsgi_from_env"
+            if rsgi
+            else "service.web.app:create_app_from_env",
             started_dir=state / "started",
             factory=True,
             address=settings.host,
             port=settings.port,
             workers=settings.workers,
-            interface=Interfaces.ASGI,
+            interface=Interfaces.RSGI if rsgi else Interfaces.ASGI,
             loop=Loops.uvloop,
             working_dir=Path.cwd(),
             log_access=False,

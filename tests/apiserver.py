@@ -72,9 +72,13 @@ class ApiServer(Process):
         workers: int = 2,
         program: str = BOXOFFICE,
         cwd: Path | None = None,
+        interface: str | None = None,
     ) -> None:
+        """`interface`: granian's, rsgi or asgi; by default the service's default, or what
+        BOXOFFICE_INTERFACE says (`BOXOFFICE_INTERFACE=asgi make test`: all on ASGI)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        chosen = {} if interface is None else {"BOXOFFICE_INTERFACE": interface}
         super().__init__(
             "serve",
             {
@@ -82,6 +86,7 @@ class ApiServer(Process):
                 "BOXOFFICE_HOST": "127.0.0.1",
                 "BOXOFFICE_PORT": str(self.port),
                 "BOXOFFICE_WORKERS": str(workers),
+                **chosen,
             },
             program,
             cwd,

@@ -81,6 +81,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # lean lane (service/web/lane.py) rather than through Litestar: the same answers, less CPU.
     # Off: every route through Litestar (to compare, or should the lane misbehave).
     lean_lane: bool = True
+    # granian's interface to the app: RSGI (service/web/rsgi.py; the same answers, fewer
+    # wake-ups of the event loop per request) or ASGI (to compare, or should RSGI misbehave).
+    interface: Literal["rsgi", "asgi"] = "rsgi"
     # Hold attempts one customer_id may make per event per window (0: no limit), counted
     # inside the event's hold script (GCRA: a burst of this many, then one every
     # window/limit). A human makes a few a minute; a bot thousands.
