@@ -136,10 +136,10 @@ class Goal:
     shown: str = ".3f"  # the value's format
 
 
+# The goals of the issues that set them (the lean hot path's: hold ÷ twin >= 1, sold_out ÷
+# twin >= 1.5, hold p99 <= the twin's; the room's: poll ÷ twin >= 1.5, join ÷ twin >= 0.8).
 GOALS = (
-    Goal(
-        "hold_vs_twin_rps", "hold ÷ twin, requests/s", ("hold", "rps"), ("twin", "rps"), ">=", 0.7
-    ),
+    Goal("hold_vs_twin_rps", "hold ÷ twin, requests/s", ("hold", "rps"), ("twin", "rps"), ">=", 1),
     Goal(
         "hold_vs_pg_rps",
         "hold ÷ PostgreSQL baseline, requests/s",
@@ -154,7 +154,7 @@ GOALS = (
         ("sold_out", "rps"),
         ("twin", "rps"),
         ">=",
-        0.9,
+        1.5,
     ),
     # The service is served on RSGI (BOXOFFICE_INTERFACE's default): its ceiling is the
     # bare RSGI one; beside it, the ASGI one (the service's rows on ASGI: --interface).
@@ -207,7 +207,7 @@ GOALS = (
         ">=",
         2,
     ),
-    Goal("hold_vs_twin_p99", "hold ÷ twin, p99", ("hold", "p99_ms"), ("twin", "p99_ms"), "<=", 1.5),
+    Goal("hold_vs_twin_p99", "hold ÷ twin, p99", ("hold", "p99_ms"), ("twin", "p99_ms"), "<=", 1),
     Goal(
         "hold_token_vs_hold_rps",
         "hold with customer token ÷ hold, requests/s",
@@ -236,7 +236,7 @@ GOALS = (
         "join_vs_twin_rps", "join ÷ twin, requests/s", ("join", "rps"), ("twin", "rps"), ">=", 0.8
     ),
     Goal(
-        "poll_vs_twin_rps", "poll ÷ twin, requests/s", ("poll", "rps"), ("twin", "rps"), ">=", 0.8
+        "poll_vs_twin_rps", "poll ÷ twin, requests/s", ("poll", "rps"), ("twin", "rps"), ">=", 1.5
     ),
     Goal(
         "release_vs_hold_rps",
