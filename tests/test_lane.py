@@ -116,12 +116,18 @@ class Client:
 Scenario = Callable[[Client, str, str], Awaitable[list[Answer]]]
 
 _TIME = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-_DRIFT = re.compile(rb'("poll_after_seconds"|"position"|"ahead"):\d+')
+_DRIFT = re.compile(rb'("poll_after_seconds":|"position":|"ahead":)\d+')
 
 
-def normalized(answers: list[Answer], event_id: str, tag: str) -> list[Any]:
+def normalized(
+    answers: list[tuple[Any, Head, bytes]],
+    event_id: str,
+    tag: str,
+    drift: re.Pattern[bytes] = _DRIFT,
+) -> list[Any]:
     """The answers with what differs by design between the two sides put in place: the
-    event id, the scenario's own tag, ids the service made, times."""
+    event id, the scenario's own tag, ids the service made, times, and the figures `drift`
+    finds (its group kept, the number after it not)."""
     made: dict[bytes, bytes] = {}
     for _, _head, body in answers:
         if body.startswith(b"{"):
@@ -135,8 +141,7 @@ def normalized(answers: list[Answer], event_id: str, tag: str) -> list[Any]:
         for found, placeholder in made.items():
             value = value.replace(found, placeholder)
         value = value.replace(event_id.encode(), b"<event>").replace(tag.encode(), b"<tag>")
-        value = _DRIFT.sub(rb"\1:<n>", _TIME.sub(b"<time>", value))
-        return value
+        return drift.sub(rb"\1<n>", _TIME.sub(b"<time>", value))
 
     out = []
     for status, head, body in answers:

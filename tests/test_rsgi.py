@@ -26,6 +26,7 @@ import pytest
 from service.core.settings import Settings
 from tests.apiserver import ApiServer
 from tests.conftest import ADMIN_TOKEN, server_env
+from tests.test_lane import normalized as lane_normalized
 
 Answer = tuple[bytes, list[tuple[bytes, bytes]], bytes]
 BODY_TIMEOUT = 1.0
@@ -212,34 +213,17 @@ def scenario(port: int, e: str, tag: str, forwarded: bytes) -> list[Answer]:
     return out
 
 
-_TIME = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-# What differs by design between two runs: the limits' figures (their buckets refill as
-# time passes), the room's, the live figures.
+# What differs by design between two runs, beside what the lane's comparison puts in place:
+# the limits' figures (their buckets refill as time passes), the room's, the live figures.
 _DRIFT = re.compile(rb'(;t=|;r=|"position":|"ahead":|"poll_after_seconds":)\d+')
 _LIVE = re.compile(rb'^(data: |)\{"event_id".*$', re.M)
 
 
 def normalized(answers: list[Answer], event_id: str, tag: str) -> list[Any]:
-    made: dict[bytes, bytes] = {}
-    for _, _, body in answers:
-        if body.startswith(b"{"):
-            doc = json.loads(body)
-            for name in ("hold_id", "booking_id", "ticket", "pass"):
-                value = doc.get(name)
-                if isinstance(value, str) and value.encode() not in made:
-                    made[value.encode()] = b"<%s-%d>" % (name.encode(), len(made))
-
-    def clean(value: bytes) -> bytes:
-        for found, placeholder in made.items():
-            value = value.replace(found, placeholder)
-        value = value.replace(event_id.encode(), b"<event>").replace(tag.encode(), b"<tag>")
-        return _LIVE.sub(b"<live>", _DRIFT.sub(rb"\1<n>", _TIME.sub(b"<time>", value)))
-
-    out = []
-    for status, head, body in answers:
-        lengths = [(k, b"<len>" if k == b"content-length" else clean(v)) for k, v in head]
-        out.append((status, lengths, clean(body)))
-    return out
+    return [
+        (status, head, _LIVE.sub(b"<live>", body))
+        for status, head, body in lane_normalized(answers, event_id, tag, _DRIFT)
+    ]
 
 
 def test_rsgi_answers_as_asgi(servers: dict[str, ApiServer]) -> None:
