@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -117,12 +118,14 @@ def _view(
         secret = passes.secret_of(svc.settings)
         token_pass = passes.issue(secret, event_id, t.customer, expires)
     else:
-        now = now_ms()
-        position = state.position(t, now)
+        # The rank and the frontier once each (state.position's figures): both for the
+        # position and the wait, as two calls of each would give them.
+        rank, f = state.rank(t), state.f_now(now_ms())
+        position = max(1, rank - math.floor(f))
         if not snap.stock:
             status = "sold_out"
         else:
-            wait = max(1, math.ceil((state.rank(t) - state.f_now(now)) * 60 / snap.apm))
+            wait = max(1, math.ceil((rank - f) * 60 / snap.apm))
     return schemas.QueueTicket(
         ticket=token,
         status=status,  # type: ignore[arg-type]
@@ -159,19 +162,21 @@ class _Joins:
     crowd's joins cost Redis one script run (and the room's shared work once) per turn."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, list[tuple[str, int, _Waiter]]] = {}
+        self._pending: dict[str, list[tuple[str, _Waiter]]] = {}
         self._sending: set[asyncio.Task[None]] = set()  # kept until done (the loop won't)
 
     def join(self, svc: Services, event_id: str, customer_id: str) -> _Waiter:
-        loop = asyncio.get_running_loop()
         batch = self._pending.get(event_id)
         if batch is None:
+            # Only the turn's first join asks for the loop (on Python 3.11 a getpid() call
+            # each time); the others take it from the first one's future.
+            loop = asyncio.get_running_loop()
             batch = self._pending[event_id] = []
             loop.call_soon(self._flush, svc, event_id)
+        else:
+            loop = batch[0][1].get_loop()
         waiter: _Waiter = loop.create_future()
-        # The pre-queue's place: uniformly random, from the OS (a script's math.random
-        # repeats itself).
-        batch.append((customer_id, secrets.randbits(52), waiter))
+        batch.append((customer_id, waiter))
         return waiter
 
     def _flush(self, svc: Services, event_id: str) -> None:
@@ -182,15 +187,24 @@ class _Joins:
             task.add_done_callback(self._sending.discard)
 
 
-async def _send(svc: Services, event_id: str, batch: list[tuple[str, int, _Waiter]]) -> None:
+def _randoms(count: int) -> list[int]:
+    """`count` pre-queue places, each uniformly random in [0, 2^52), from the OS (a
+    script's math.random repeats itself): one os.urandom call for a whole batch rather
+    than a getrandom() system call per join (7 bytes each, the top 52 bits kept)."""
+    data = os.urandom(7 * count)
+    return [int.from_bytes(data[i : i + 7], "big") >> 4 for i in range(0, 7 * count, 7)]
+
+
+async def _send(svc: Services, event_id: str, batch: list[tuple[str, _Waiter]]) -> None:
+    buyers = list(zip([c for c, _ in batch], _randoms(len(batch)), strict=True))
     try:
-        joined = await join_many(svc, event_id, [(c, k) for c, k, _ in batch], None)
+        joined = await join_many(svc, event_id, buyers, None)
     except Exception as e:
-        for _, _, waiter in batch:
+        for _, waiter in batch:
             if not waiter.done():
                 waiter.set_exception(e)
         return
-    for place, (_, _, waiter) in zip(joined.places, batch, strict=True):
+    for place, (_, waiter) in zip(joined.places, batch, strict=True):
         if not waiter.done():
             waiter.set_result((place, joined.room))
 
