@@ -2,8 +2,8 @@
 hold, and the background step for quiet periods.
 
 Its state lives in Redis in the event's slot (lua/lib.lua, queue_keys): the order, the
-admission frontier, the leave log. A join is a script call (the joins of one loop turn
-for one event share one); a poll is none: the ticket is signed here and carries its
+admission frontier, the leave log. A join is a script call (the joins of one event that
+arrive together share one: _Joins); a poll is none: the ticket is signed here and carries its
 place (service/selling/queuetickets.py), and the process keeps each room's state within
 a quarter second of the snapshot the room's last step stored, a step every 0.75 s
 (service/selling/roomstate.py). Passes are signed here
