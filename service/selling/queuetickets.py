@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from typing import Literal, NamedTuple
 
@@ -52,7 +51,9 @@ def _signature(secret: bytes, event_id: str, body: str) -> str:
     # Lengths first: no two (event, body) pairs sign the same bytes; "t" keeps a ticket
     # from ever being a pass's message.
     message = f"t{len(event_id)}:{event_id}{len(body)}:{body}"
-    return _b64(hmac.new(secret, message.encode(), hashlib.sha256).digest()[:16])
+    # hmac.digest: OpenSSL's one-shot HMAC, the same bytes as hmac.new(...).digest() without
+    # building an HMAC object (two hash copies): a fifth of a join's own CPU was this.
+    return _b64(hmac.digest(secret, message.encode(), "sha256")[:16])
 
 
 def issue(secret: bytes, event_id: str, t: Ticket) -> str:

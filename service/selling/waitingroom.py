@@ -2,8 +2,8 @@
 hold, and the background step for quiet periods.
 
 Its state lives in Redis in the event's slot (lua/lib.lua, queue_keys): the order, the
-admission frontier, the leave log. A join is a script call (the joins of one loop turn
-for one event share one); a poll is none: the ticket is signed here and carries its
+admission frontier, the leave log. A join is a script call (the joins of one event that
+arrive together share one: _Joins); a poll is none: the ticket is signed here and carries its
 place (service/selling/queuetickets.py), and the process keeps each room's state within
 a quarter second of the snapshot the room's last step stored, a step every 0.75 s
 (service/selling/roomstate.py). Passes are signed here
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -117,12 +118,14 @@ def _view(
         secret = passes.secret_of(svc.settings)
         token_pass = passes.issue(secret, event_id, t.customer, expires)
     else:
-        now = now_ms()
-        position = state.position(t, now)
+        # The rank and the frontier once each (state.position's figures): both for the
+        # position and the wait, as two calls of each would give them.
+        rank, f = state.rank(t), state.f_now(now_ms())
+        position = max(1, rank - math.floor(f))
         if not snap.stock:
             status = "sold_out"
         else:
-            wait = max(1, math.ceil((state.rank(t) - state.f_now(now)) * 60 / snap.apm))
+            wait = max(1, math.ceil((rank - f) * 60 / snap.apm))
     return schemas.QueueTicket(
         ticket=token,
         status=status,  # type: ignore[arg-type]
@@ -155,42 +158,82 @@ _Waiter = asyncio.Future[tuple[tuple[str, str, int], Snapshot]]
 
 
 class _Joins:
-    """The joins of one event that arrive in one turn of the loop, sent as one call: a
-    crowd's joins cost Redis one script run (and the room's shared work once) per turn."""
+    """The joins of one event that arrive together, sent as one call: a crowd's joins cost
+    Redis one script run (and the room's shared work once) per call. The joins of one
+    loop turn go together; and while an event's call is out, the joins that come meanwhile
+    wait for its reply and then go as the next call (one call of an event's joins in
+    flight per process): under load a call carries tens of joins rather than three, and
+    a join's share of the script's fixed work (the room's advance and snapshot, about
+    60 µs of Lua a call) shrinks with it."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, list[tuple[str, int, _Waiter]]] = {}
+        self._pending: dict[str, tuple[Services, list[tuple[str, _Waiter]]]] = {}
+        self._out: dict[str, asyncio.Task[None]] = {}  # an event's call out, if any
         self._sending: set[asyncio.Task[None]] = set()  # kept until done (the loop won't)
 
     def join(self, svc: Services, event_id: str, customer_id: str) -> _Waiter:
-        loop = asyncio.get_running_loop()
-        batch = self._pending.get(event_id)
-        if batch is None:
-            batch = self._pending[event_id] = []
-            loop.call_soon(self._flush, svc, event_id)
+        pending = self._pending.get(event_id)
+        if pending is None:
+            # Only the first join of a batch asks for the loop (on Python 3.11 a getpid()
+            # call each time); the others take it from the first one's future.
+            loop = asyncio.get_running_loop()
+            batch: list[tuple[str, _Waiter]] = []
+            self._pending[event_id] = (svc, batch)
+            out = self._out.get(event_id)
+            # Else the call out sends it when it is back (one of a loop gone, a test's,
+            # never will: not waited for).
+            if out is None or out.done() or out.get_loop() is not loop:
+                loop.call_soon(self._flush, event_id)
+        else:
+            batch = pending[1]
+            loop = batch[0][1].get_loop()
         waiter: _Waiter = loop.create_future()
-        # The pre-queue's place: uniformly random, from the OS (a script's math.random
-        # repeats itself).
-        batch.append((customer_id, secrets.randbits(52), waiter))
+        batch.append((customer_id, waiter))
         return waiter
 
-    def _flush(self, svc: Services, event_id: str) -> None:
-        batch = self._pending.pop(event_id)
-        for i in range(0, len(batch), JOIN_BATCH):
-            task = asyncio.ensure_future(_send(svc, event_id, batch[i : i + JOIN_BATCH]))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+    def _flush(self, event_id: str) -> None:
+        pending = self._pending.pop(event_id, None)
+        if pending is None:
+            return
+        task = asyncio.ensure_future(self._send_all(event_id, *pending))
+        self._out[event_id] = task
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_all(
+        self, event_id: str, svc: Services, batch: list[tuple[str, _Waiter]]
+    ) -> None:
+        try:
+            await asyncio.gather(
+                *(
+                    _send(svc, event_id, batch[i : i + JOIN_BATCH])
+                    for i in range(0, len(batch), JOIN_BATCH)
+                )
+            )
+        finally:
+            if self._out.get(event_id) is asyncio.current_task():
+                del self._out[event_id]
+                self._flush(event_id)  # the joins that came meanwhile, if any
 
 
-async def _send(svc: Services, event_id: str, batch: list[tuple[str, int, _Waiter]]) -> None:
+def _randoms(count: int) -> list[int]:
+    """`count` pre-queue places, each uniformly random in [0, 2^52), from the OS (a
+    script's math.random repeats itself): one os.urandom call for a whole batch rather
+    than a getrandom() system call per join (7 bytes each, the top 52 bits kept)."""
+    data = os.urandom(7 * count)
+    return [int.from_bytes(data[i : i + 7], "big") >> 4 for i in range(0, 7 * count, 7)]
+
+
+async def _send(svc: Services, event_id: str, batch: list[tuple[str, _Waiter]]) -> None:
+    buyers = list(zip([c for c, _ in batch], _randoms(len(batch)), strict=True))
     try:
-        joined = await join_many(svc, event_id, [(c, k) for c, k, _ in batch], None)
+        joined = await join_many(svc, event_id, buyers, None)
     except Exception as e:
-        for _, _, waiter in batch:
+        for _, waiter in batch:
             if not waiter.done():
                 waiter.set_exception(e)
         return
-    for place, (_, _, waiter) in zip(joined.places, batch, strict=True):
+    for place, (_, waiter) in zip(joined.places, batch, strict=True):
         if not waiter.done():
             waiter.set_result((place, joined.room))
 
