@@ -489,6 +489,21 @@ async def test_on_a_cluster_archived_events_leave_every_primary(
                 await sales.create_hold_counted(svc, reopened, body, None)
 
 
+async def test_a_drain_whose_outbox_is_archived_before_its_trim_ends_cleanly(
+    svc: Services,
+) -> None:
+    """The archive can take the outbox between a drain's last read and its trim (the race
+    below met it): a stream gone is nothing left to trim, not an error."""
+    event_id = new_event_id()
+    await catalog.create_event(svc, msgspec.convert(event_body(event_id), schemas.EventCreate))
+    wb = WriteBehind(svc, "trim")
+    assert await wb.drain(event_id) == 0  # the group made, the stream read
+    outbox = event_keys(event_id).outbox
+    await svc.redis.delete(outbox)
+    await wb._trim(outbox)
+    assert not await svc.redis.exists(outbox)
+
+
 async def test_sales_racing_the_archive_are_never_lost_nor_oversold(svc: Services) -> None:
     """An event long past its start but still on sale: buyers and archives at once. Every
     confirmed booking reaches PostgreSQL, whichever wins, and stock adds up."""

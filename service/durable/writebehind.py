@@ -388,9 +388,17 @@ class WriteBehind:
         # The last delivered id first, then the pending entries: whatever another worker
         # reads in between lies above that id and is kept. Below both, every entry was
         # delivered and is no longer pending: acknowledged.
-        groups: Any = await self.svc.redis.xinfo_groups(stream)
-        floor = stream_id(our_group(groups)["last-delivered-id"])
-        summary: Any = await self.svc.redis.xpending(stream, OUTBOX_GROUP)
+        try:
+            groups: Any = await self.svc.redis.xinfo_groups(stream)
+            floor = stream_id(our_group(groups)["last-delivered-id"])
+            summary: Any = await self.svc.redis.xpending(stream, OUTBOX_GROUP)
+        except redis.exceptions.ResponseError as e:
+            # The stream went since it was read: its event was archived (lua/archive.lua,
+            # only once drained) or Redis flushed. Nothing is left to trim, and the next
+            # read finds the streams again.
+            if "no such key" in str(e) or "NOGROUP" in str(e):
+                return
+            raise
         if summary["pending"]:
             floor = min(floor, stream_id(summary["min"]))
         await self.svc.redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
