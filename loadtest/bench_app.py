@@ -34,7 +34,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 from litestar import Litestar
@@ -42,14 +42,20 @@ from litestar import Litestar
 from loadtest import twin
 from loadtest.bench_worker import ready_bench_database
 from service.core.settings import Settings
-from service.web.app import create_app
+from service.web.app import App, create_app
+from service.web.rsgi import RSGIApp
 from tests.servers import RedisServer
 
 HOLD = b'{"customer_id":"bench","items":[{"category":"GA","quantity":1}]}'
 JOIN = b'{"customer_id":"bench"}'
 ADMIN_TOKEN = secrets.token_urlsafe(24)
 LANE_TARGETS = ("sold_out", "hold", "read", "join", "poll")
-TARGETS = ("twin", *LANE_TARGETS, *(f"{t}:ls" for t in LANE_TARGETS))
+TARGETS = (
+    "twin",
+    *LANE_TARGETS,
+    *(f"{t}:rsgi" for t in LANE_TARGETS),
+    *(f"{t}:ls" for t in LANE_TARGETS),
+)
 
 Call = Callable[[], Awaitable[None]]
 
@@ -102,6 +108,54 @@ async def request(
     return answer["status"], answer["body"]
 
 
+class _Headers(dict[str, str]):
+    """A request's headers as granian's RSGI side gives them (one value a name here)."""
+
+
+class _Scope:
+    """An RSGI request's scope (granian.rsgi.Scope), for service/web/rsgi.py."""
+
+    proto = "http"
+    http_version = "1.1"
+    scheme = "http"
+    server = "127.0.0.1:8000"
+    client = "127.0.0.1:50000"
+    authority = None
+    query_string = ""
+
+    def __init__(self, method: str, path: str, body: bytes, headers: tuple[Any, ...]) -> None:
+        self.method = method
+        self.path = path
+        given = [(b"host", b"127.0.0.1"), (b"content-length", b"%d" % len(body)), *headers]
+        if body:
+            given.append((b"content-type", b"application/json"))
+        self.headers = _Headers((k.decode(), v.decode()) for k, v in given)
+
+
+class _Protocol:
+    """An RSGI request's protocol: the body awaited whole, the answer in one call."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.status = 0
+        self.answer = b""
+
+    async def __call__(self) -> bytes:
+        return self.body
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status, self.answer = status, body
+
+
+async def rsgi_request(
+    app: RSGIApp, method: str, path: str, body: bytes = b"", headers: tuple[Any, ...] = ()
+) -> tuple[int, bytes]:
+    """One request through the RSGI app (the lane served straight from the protocol)."""
+    protocol = _Protocol(body)
+    await app.__rsgi__(_Scope(method, path, body, headers), protocol)  # type: ignore[arg-type]
+    return protocol.status, protocol.answer
+
+
 @asynccontextmanager
 async def running(app: Litestar) -> AsyncIterator[None]:
     """The app's start-up (its lifespan) before, its shut-down after."""
@@ -144,8 +198,9 @@ async def _event(app: Any, capacity: int, **extra: Any) -> str:
     return event_id
 
 
-async def targets(app: Litestar, suffix: str = "") -> dict[str, Call]:
-    """Each target's request, ready to repeat; the events it needs made first."""
+async def targets(app: Litestar, suffix: str = "", rsgi: RSGIApp | None = None) -> dict[str, Call]:
+    """Each target's request, ready to repeat; the events it needs made first. With
+    `rsgi`, each request goes through it (the app itself still makes the events)."""
     gone = await _event(app, 1)
     await _expect(app, 201, "POST", f"/events/{gone}/holds", HOLD)  # now sold out
     hot = await _event(app, 10_000_000)
@@ -155,7 +210,10 @@ async def targets(app: Litestar, suffix: str = "") -> dict[str, Call]:
 
     def repeat(target: Any, status: int, method: str, path: str, body: bytes = b"") -> Call:
         async def once() -> None:
-            got, answer = await request(target, method, path, body)
+            if rsgi is None:
+                got, answer = await request(target, method, path, body)
+            else:
+                got, answer = await rsgi_request(rsgi, method, path, body)
             if got != status:
                 raise RuntimeError(f"{method} {path}: {got} {answer[:300]!r}")
 
@@ -186,8 +244,14 @@ async def cpu_per_request(once: Call, requests: int, concurrency: int) -> float:
 async def run(args: argparse.Namespace, settings: Settings) -> None:
     lean, plain = create_app(settings), create_app(settings, lean=False)
     async with running(lean), running(plain):
-        twin_call = {"twin": await _twin()}
-        await measure(args, {**twin_call, **await targets(lean), **await targets(plain, ":ls")})
+        on_rsgi = RSGIApp(cast(App, lean), settings)
+        calls = {
+            "twin": await _twin(),
+            **await targets(lean),
+            **await targets(lean, ":rsgi", on_rsgi),
+            **await targets(plain, ":ls"),
+        }
+        await measure(args, calls)
 
 
 async def _twin() -> Call:

@@ -44,6 +44,11 @@ class App(Litestar):
     at all (its scope set-up and before_send wrapper cost a sold-out refusal a tenth)."""
 
     lean: ASGIApp | None = None
+    # The lane, with what sits around it on ASGI, for the RSGI side to serve it straight
+    # (service/web/rsgi.py): the request metrics and the body deadlines.
+    hot_lane: lane.Lane | None = None
+    stats: metrics.HttpStats
+    deadlines: bodies.Deadlines
 
     async def __call__(
         self,
@@ -141,15 +146,21 @@ def create_app(settings: Settings, lean: bool | None = None) -> Litestar:
     # Around the whole app, not as route middleware: requests that match no route (404,
     # 405) are answered before any route's middleware runs, and they count too.
     # The body guard inside it, so that a 408 is counted as one.
-    around = metrics.middleware(stats), bodies.guard(settings.http_body_timeout_seconds)
+    app.stats = stats
+    app.deadlines = bodies.Deadlines(settings.http_body_timeout_seconds)
+
+    def around(inner: ASGIApp) -> ASGIApp:
+        return metrics.middleware(stats)(bodies.guard(app.deadlines)(inner))
+
     if not lean:
-        app.asgi_handler = around[0](around[1](app.asgi_handler))
+        app.asgi_handler = around(app.asgi_handler)
         return app
 
     async def litestar(scope: Scope, receive: Receive, send: Send) -> None:
         await Litestar.__call__(app, scope, receive, send)
 
-    app.lean = around[0](around[1](lane.lane(app, settings)(litestar)))
+    app.hot_lane = lane.Lane(app, settings)
+    app.lean = around(app.hot_lane.asgi(litestar))
     return app
 
 

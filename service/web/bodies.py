@@ -49,12 +49,27 @@ class Deadlines:
         self.pending: dict[asyncio.Task[Any], float] = {}
         self.fired: set[asyncio.Task[Any]] = set()
         self.ticking = False
+        # The words of a 408, made once.
+        self.error = errors.RequestTimeout(
+            f"the request body did not arrive within {timeout:g} seconds; nothing was changed"
+        ).detail
+        # The process's loop, kept: on Python 3.11, asyncio.current_task() without it
+        # looks the loop up, and every look-up is a getpid() system call (a twentieth of a
+        # hold's CPU on the event loop's thread, with the pipe's own look-up).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def arm(self, task: asyncio.Task[Any]) -> None:
+    def arm(self) -> asyncio.Task[Any]:
+        """The current task given a deadline for its body (returned, to be ended())."""
+        task = asyncio.current_task(self.loop) if self.loop is not None else None
+        if task is None:  # no loop kept yet, or another one (a test's): kept anew
+            self.loop = asyncio.get_running_loop()
+            task = asyncio.current_task(self.loop)
+            assert task is not None
         self.pending[task] = time.monotonic() + self.timeout
         if not self.ticking:
             self.ticking = True
             asyncio.get_running_loop().call_later(self.tick, self.expire)
+        return task
 
     def expire(self) -> None:
         now = time.monotonic()
@@ -79,28 +94,26 @@ class Deadlines:
         self.fired.discard(task)
         return task.uncancel() == 0
 
+    def ended(self, task: asyncio.Task[Any]) -> None:
+        """The task's request is over: its deadline with it."""
+        self.pending.pop(task, None)
+        self.fired.discard(task)
 
-def guard(timeout: float) -> Callable[[ASGIApp], ASGIApp]:
-    deadlines = Deadlines(timeout)
-    timed_out = errors.RequestTimeout(
-        f"the request body did not arrive within {timeout:g} seconds; nothing was changed"
-    ).detail
 
+def guard(deadlines: Deadlines) -> Callable[[ASGIApp], ASGIApp]:
     def wrap(app: ASGIApp) -> ASGIApp:
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != ScopeType.HTTP or not _has_body(scope):
                 await app(scope, receive, send)
                 return
-            task = asyncio.current_task()
-            assert task is not None
-            deadlines.arm(task)
+            task = deadlines.arm()
 
             async def receiving() -> ReceiveMessage:
                 try:
                     message = await receive()
                 except asyncio.CancelledError:
                     if deadlines.timed_out(task):
-                        raise errors.RequestTimeout(timed_out) from None
+                        raise errors.RequestTimeout(deadlines.error) from None
                     raise
                 if message["type"] == "http.disconnect":
                     deadlines.pending.pop(task, None)
@@ -117,8 +130,7 @@ def guard(timeout: float) -> Callable[[ASGIApp], ASGIApp]:
                 if not deadlines.timed_out(task):
                     raise
             finally:
-                deadlines.pending.pop(task, None)
-                deadlines.fired.discard(task)
+                deadlines.ended(task)
 
         return guarded
 

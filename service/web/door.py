@@ -12,7 +12,7 @@ import msgspec
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.datastructures import MutableScopeHeaders
-from litestar.types import Message, Scope, Send
+from litestar.types import Message, Scope
 
 from service.core import errors
 from service.hotpath import ratelimit
@@ -101,24 +101,25 @@ async def _tickets_asked(request: Request[Any, Any, Any]) -> int:
 async def add_rate_headers(message: Message, scope: Scope) -> None:
     """The per-address limit's RateLimit headers on whatever the route answers; beside
     the customer limit's on a hold (each field a list, one item per policy)."""
-    found: dict[str, str] | None = scope.get(_RATE_HEADERS_OF_SCOPE)  # type: ignore[assignment]
+    put_rate_headers(message, scope)
+
+
+def rate_headers_of(scope: Any) -> dict[str, str] | None:
+    """The per-address limit's headers that a request's answer must carry."""
+    found: dict[str, str] | None = scope.get(_RATE_HEADERS_OF_SCOPE)
+    return found
+
+
+def put_rate_headers(message: Any, scope: Any) -> None:
+    """add_rate_headers(), for the lean lane's answers on RSGI (which are not sent as
+    ASGI messages)."""
+    found = rate_headers_of(scope)
     if not found or message["type"] != "http.response.start":
         return
     headers = MutableScopeHeaders(message)
     for name, value in found.items():
         given = headers.get(name)
         headers[name] = f"{value}, {given}" if given else value
-
-
-def sending_rate_headers(send: Send, scope: Any) -> Send:
-    """`send`, adding the per-address limit's headers as add_rate_headers does: for the
-    lean lane, whose answers do not pass Litestar's before_send."""
-
-    async def sending(message: Message) -> None:
-        await add_rate_headers(message, scope)
-        await send(message)
-
-    return sending
 
 
 async def door(request: Request[Any, Any, Any]) -> None:

@@ -154,116 +154,179 @@ def _match(table: Table, scope: Any) -> tuple[Route, list[str]] | None:
     return route, params
 
 
-def lane(app: Litestar, settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
-    """Wraps Litestar (its own __call__, app.App): the hot routes here, the rest there."""
-    tokens = bool(settings.customer_token_secret)
-    table = routes(tokens)
-    verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
-    limit = settings.max_body_bytes
-    # The per-address limits, once the app's start-up has made them (service/web/app.py).
-    address_limits: list[ratelimit.AddressLimits | None] = []
+class HandBack:
+    """What Lane.answer() gives for a body that Litestar must answer (its words for it)."""
 
-    def wrap(litestar: ASGIApp) -> ASGIApp:
-        async def handed_back(
-            scope: Scope, read: list[ReceiveMessage], receive: Receive, send: Send
-        ) -> None:
-            """Litestar answers, the body's messages read so far given to it again."""
 
-            async def again() -> ReceiveMessage:
-                if read:
-                    return read.pop(0)
-                return await receive()
+HAND_BACK = HandBack()
 
-            await litestar(scope, again, send)
 
-        async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-            found = _match(table, scope) if scope["type"] == ScopeType.HTTP else None
-            if found is None:
-                await litestar(scope, receive, send)
-                return
-            route, params = found
-            content_type, length, chunked = door.body_head(scope)
-            has_body = chunked or (length is not None and length != b"0")
-            if (
-                chunked
-                or (has_body and route.body is None)
-                or (route.body is not None and not has_body and not route.optional)
-                or (content_type is not None and not door.json_media_type(content_type))
-                or (length is not None and not (length.isdigit() and int(length) <= limit))
-            ):
-                await litestar(scope, receive, send)  # Litestar's answer (a 400, 413, 415)
-                return
-            state: Any = scope
-            state["path_template"] = route.template
-            state["path_params"] = (
-                {route.names[0]: params[0]}
-                if len(params) == 1
-                else {route.names[0]: params[0], route.names[1]: params[1]}
-            )
-            call = Call(app, scope, b"")
-            if not address_limits:
-                address_limits.append(app.state.limits)
-            limits = address_limits[0]
-            raw_send = send  # for Litestar, should the lane hand the request on
-            try:
+class Lane:
+    """The hot routes of one app: recognised (accept), then answered once their body is
+    read (answer). Served on ASGI by serve() (in front of Litestar), and on RSGI straight
+    from the protocol (service/web/rsgi.py)."""
+
+    def __init__(self, app: Litestar, settings: Settings) -> None:
+        tokens = bool(settings.customer_token_secret)
+        self.app = app
+        self.table = routes(tokens)
+        self.verifier = customers.Verifier(settings.customer_token_secret) if tokens else None
+        self.limit = settings.max_body_bytes
+        # The per-address limits, once the app's start-up has made them (service/web/app.py).
+        self.limits: ratelimit.AddressLimits | None = None
+        self.limits_known = False
+
+    def accept(self, scope: Any) -> tuple[Route, list[str], bool] | None:
+        """The route of a request the lane takes, its path parameters and whether it has a
+        body (the route's template and parameters put in the scope, for the metrics);
+        None for a request that Litestar answers as it is (a 400, 413, 415, or no lane
+        route at all)."""
+        found = _match(self.table, scope)
+        if found is None:
+            return None
+        route, params = found
+        content_type, length, chunked = door.body_head(scope)
+        has_body = chunked or (length is not None and length != b"0")
+        if (
+            chunked
+            or (has_body and route.body is None)
+            or (route.body is not None and not has_body and not route.optional)
+            or (content_type is not None and not door.json_media_type(content_type))
+            or (length is not None and not (length.isdigit() and int(length) <= self.limit))
+        ):
+            return None
+        scope["path_template"] = route.template
+        scope["path_params"] = (
+            {route.names[0]: params[0]}
+            if len(params) == 1
+            else {route.names[0]: params[0], route.names[1]: params[1]}
+        )
+        return route, params, has_body
+
+    async def answer(
+        self, route: Route, params: list[str], scope: Any, raw: bytes | None
+    ) -> Answer[Any] | HandBack | None:
+        """The answer of an accepted request whose body (None: it has none) is read, in the
+        door's order: the per-address limit, the customer token, the body, the route's
+        work. None: the route's answer without content."""
+        call = Call(self.app, scope, b"")
+        try:
+            # Counted before the token is checked (a flood of bad tokens meets the limit
+            # too), and with the tickets a hold's body asks for (door.rate_limit's rule).
+            if not self.limits_known:
+                self.limits, self.limits_known = self.app.state.limits, True
+            limits = self.limits
+            if limits is not None and limits.enabled:
+                tickets = (
+                    door.tickets_in(raw) if raw is not None and limits.counts_tickets(scope) else 1
+                )
+                await door.count_address(scope, limits, tickets)
+            if self.verifier is not None:
+                self.verifier.check(scope)
+            if route.body is None:
+                answer = await route.work(call, *params)
+            else:
                 data = None
-                raw = b""
-                if has_body and route.body is not None:
-                    # granian sends a body in a message with more_body, then an empty last one.
-                    read: list[Any] = []
-                    size, more = 0, True
-                    while more and size <= limit:
-                        message: Any = await receive()
-                        read.append(message)
-                        if message["type"] != "http.request":
-                            break
-                        size += len(message.get("body", b""))
-                        more = message.get("more_body", False)
-                    if more or size > limit:
-                        await handed_back(scope, read, receive, raw_send)
-                        return
-                    raw = b"".join(m.get("body", b"") for m in read)
-                # Counted before the token is checked (a flood of bad tokens meets the limit
-                # too), and with the tickets a hold's body asks for (door.rate_limit's rule).
-                if limits is not None and limits.enabled:
-                    tickets = door.tickets_in(raw) if limits.counts_tickets(scope) else 1
-                    await door.count_address(scope, limits, tickets)
-                    send = door.sending_rate_headers(send, scope)
-                if verifier is not None:
-                    verifier.check(scope)
-                if has_body and route.body is not None:
+                if raw is not None:
                     try:
                         data = route.body.decode(raw)
                         strictjson.check_body(raw, data)
                     except (msgspec.MsgspecError, UnicodeDecodeError, errors.ValidationError):
-                        # Litestar's words for it (the body's messages handed back).
-                        await handed_back(scope, read, receive, raw_send)
-                        return
+                        return HAND_BACK
                     call._body = raw
-                if route.body is None:
-                    answer = await route.work(call, *params)
-                else:
-                    answer = await route.work(call, *params, data)
-            except errors.BoxofficeError as e:
-                answer = problems.problem(call, e)
-            except bodies.ClientGone:
-                await _send(send, problems.CLIENT_GONE, _CLIENT_GONE_HEADERS, CLIENT_GONE_BODY)
-                return
-            except Exception as e:
-                answer = problems.on_crash(call, e)
-            if answer is None:
-                await _send(send, route.status, _NO_CONTENT, b"")
-                return
+                answer = await route.work(call, *params, data)
+        except errors.BoxofficeError as e:
+            answer = problems.problem(call, e)
+        except Exception as e:
+            answer = problems.on_crash(call, e)
+        if answer is not None:
             assert isinstance(answer, Answer)  # what the route functions make
-            await answer(scope, receive, send)
+        return answer
+
+    def asgi(self, litestar: ASGIApp) -> ASGIApp:
+        """The lane on ASGI, in front of Litestar (its own __call__, app.App)."""
+
+        async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+            found = self.accept(scope) if scope["type"] == ScopeType.HTTP else None
+            if found is None:
+                await litestar(scope, receive, send)
+                return
+            route, params, has_body = found
+            read: list[Any] = []
+            raw = None
+            if has_body:
+                try:
+                    raw = await _read(receive, read, self.limit)
+                except errors.BoxofficeError as e:  # a 408 (bodies.guard)
+                    await _send_answer(
+                        send, scope, problems.problem(Call(self.app, scope, b""), e), 0
+                    )
+                    return
+                except bodies.ClientGone:
+                    await _send(send, problems.CLIENT_GONE, CLIENT_GONE_HEADERS, CLIENT_GONE_BODY)
+                    return
+                if raw is None:  # over the limit after all
+                    await _handed_back(litestar, scope, read, receive, send)
+                    return
+            answer = await self.answer(route, params, scope, raw)
+            if isinstance(answer, HandBack):
+                await _handed_back(litestar, scope, read, receive, send)
+                return
+            await _send_answer(send, scope, answer, route.status)
 
         return serve
 
-    return wrap
+
+async def _read(receive: Receive, read: list[Any], limit: int) -> bytes | None:
+    """A body from its ASGI messages (kept in `read`, to be handed back); None when it is
+    over `limit` or not all came. granian sends a body in a message with more_body, then
+    an empty last one."""
+    size, more = 0, True
+    while more and size <= limit:
+        message: Any = await receive()
+        read.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    if more or size > limit:
+        return None
+    return b"".join(m.get("body", b"") for m in read)
+
+
+async def _handed_back(
+    litestar: ASGIApp, scope: Scope, read: list[ReceiveMessage], receive: Receive, send: Send
+) -> None:
+    """Litestar answers, the body's messages read so far given to it again."""
+
+    async def again() -> ReceiveMessage:
+        if read:
+            return read.pop(0)
+        return await receive()
+
+    await litestar(scope, again, send)
+
+
+def head(scope: Any, answer: Answer[Any] | None, status: int) -> tuple[int, list[Any], bytes]:
+    """Status, headers and body of a lane answer (None: the route's `status`, no
+    content), the per-address limit's headers added."""
+    if answer is None:
+        status, headers, body = status, _NO_CONTENT, b""
+    else:
+        status, headers, body = answer.status_code or 200, answer.raw_headers, answer.body
+    if door.rate_headers_of(scope):
+        start: Any = {"type": "http.response.start", "headers": list(headers)}
+        door.put_rate_headers(start, scope)
+        headers = start["headers"]
+    return status, headers, body
+
+
+async def _send_answer(send: Send, scope: Any, answer: Answer[Any] | None, status: int) -> None:
+    await _send(send, *head(scope, answer, status))
 
 
 # What Litestar sends for on_client_gone's Response(None, status_code=499).
-_CLIENT_GONE_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"4")]
+CLIENT_GONE_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"4")]
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

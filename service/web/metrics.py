@@ -88,6 +88,22 @@ class HttpStats:
         if refusal is not None:
             self.refusals[refusal] += 1
 
+    def finish(self, scope: Any, status: int, started: float) -> None:
+        """A request answered (`started`: its time.perf_counter() as it came): counted
+        by its route template, known only now (the router sets it when a route matched)."""
+        path = scope.get("path_template") or UNMATCHED
+        if path in _UNCOUNTED:
+            return
+        method: str = scope.get("method", "")
+        if method not in _METHODS:
+            method = "OTHER"
+        refusal = scope.get("state", {}).get(_REFUSAL)
+        self.record(method, path, status, time.perf_counter() - started, refusal)
+        # The buyers' refusals, for the live view (not the admin's own 401s).
+        event_id = scope.get("path_params", {}).get("event_id")
+        if refusal is not None and path.startswith("/events/") and event_id:
+            self.tally.record(event_id, refusal)
+
     def flush(self) -> None:
         latencies, refusals = self.latencies, self.refusals
         self.latencies, self.refusals = {}, collections.Counter()
@@ -135,18 +151,7 @@ def middleware(stats: HttpStats) -> Callable[[ASGIApp], ASGIApp]:
             try:
                 await app(scope, receive, sending)
             finally:
-                # Known only now: the router sets the template when a route matched.
-                path = scope.get("path_template") or UNMATCHED
-                if path not in _UNCOUNTED:
-                    method: str = scope.get("method", "")  # type: ignore[assignment]
-                    if method not in _METHODS:
-                        method = "OTHER"
-                    refusal = scope.get("state", {}).get(_REFUSAL)
-                    stats.record(method, path, status, time.perf_counter() - started, refusal)
-                    # The buyers' refusals, for the live view (not the admin's own 401s).
-                    event_id = scope.get("path_params", {}).get("event_id")
-                    if refusal is not None and path.startswith("/events/") and event_id:
-                        stats.tally.record(event_id, refusal)
+                stats.finish(scope, status, started)
 
         return record
 

@@ -109,4 +109,8 @@ def has_body_of_size(headers: list[tuple[bytes, bytes]], limit: int) -> bool:
 
 def text_headers(head: Any) -> list[tuple[str, str]]:
     """An ASGI answer's headers as RSGI takes them: text (the service's are ASCII)."""
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head["headers"]]
+    return text_pairs(head["headers"])
+
+
+def text_pairs(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
