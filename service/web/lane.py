@@ -2,8 +2,9 @@
 
 A hold refused or made spends more CPU in Litestar (routing, the Request, before-request
 hooks, argument extraction, the handler call) than in its own work (README "Benchmarks").
-This dispatcher gets every HTTP request first (app.App, inside the metrics and
-body-deadline middleware), recognises the hot routes' plain requests, and runs the
+This dispatcher gets every HTTP request first (on ASGI: app.App, inside the metrics and
+body-deadline middleware; on RSGI: service/web/rsgi.py, straight from the protocol, with
+the same deadline and metrics), recognises the hot routes' plain requests, and runs the
 very functions the Litestar handlers run (service/web/routes/sales.py: `hold`, `read_hold`,
 `confirm`, `release`; routes/queue.py: `join`, `poll`), with the same checks in the same
 order as the app's door (service/web/door.py): per-address limit, customer token, then the

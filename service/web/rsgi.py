@@ -7,11 +7,14 @@ one plain call (`protocol.response_bytes`), and a request without a body awaits 
 of granian's at all (loadtest/bare.py, bench rows bare_asgi and bare_rsgi).
 
 The app itself stays an ASGI app (service/web/app.py: the lean lane in front of Litestar,
-inside the metrics and the body deadlines): each RSGI request is handed to it with the
-scope granian's ASGI side would have built (service/web/rsgiscope.py), a `receive` that
-reads the body from the protocol and a `send` that turns the answer's messages into the
-protocol's response calls. So every answer is the one the ASGI interface gives, byte for
-byte: the same code makes it (tests/test_rsgi.py compares both servers' answers).
+inside the metrics and the body deadlines). A request the lean lane takes (a hold, a
+confirm, a poll: service/web/lane.py) is served straight from the protocol: the lane's
+own checks and route work, the same body deadline and metrics, one `response_bytes`
+(RSGIApp.lean). Any other is handed to the ASGI app with the scope granian's ASGI side
+would have built (service/web/rsgiscope.py), a `receive` that reads the body from the
+protocol and a `send` that turns the answer's messages into the protocol's response
+calls. So every answer is the one the ASGI interface gives, byte for byte: the same code
+makes it (tests/test_rsgi.py compares both servers' answers).
 
 The app's lifespan (the process's connections, the metrics flusher) is run from RSGI's
 `__rsgi_init__` and `__rsgi_del__` hooks, as granian runs an ASGI app's: started before
@@ -34,6 +37,7 @@ from granian.rsgi import Scope
 from service.core import errors
 from service.core.settings import Settings
 from service.web import problems
+from service.web.answers import Answer
 from service.web.app import App, create_app
 from service.web.lane import (
     CLIENT_GONE_BODY,
@@ -245,6 +249,7 @@ class RSGIApp:
         status = 500
         try:
             raw = None
+            answer: Answer[Any] | HandBack | None = None
             if has_body:
                 deadlines = app.deadlines
                 task = deadlines.arm()
@@ -258,10 +263,10 @@ class RSGIApp:
                     if not deadlines.timed_out(task):
                         raise
                     late = errors.RequestTimeout(deadlines.error)
-                    answer: Any = problems.problem(Call(app, scope, b""), late)
+                    answer = problems.problem(Call(app, scope, b""), late)
                 finally:
                     deadlines.ended(task)
-            if raw is not None or not has_body:
+            if answer is None:
                 answer = await lane.answer(route, params, scope, raw)
             if isinstance(answer, HandBack):
                 status = 0  # counted by the ASGI side
