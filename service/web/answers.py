@@ -30,7 +30,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Answer(Response[T]):
-    __slots__ = ("body", "raw_headers")
+    __slots__ = ("body", "extra", "media")
 
     def __init__(
         self,
@@ -44,10 +44,23 @@ class Answer(Response[T]):
         self.status_code = status_code
         self.background = None
         self.body = _encode(content)
-        raw = [(b"content-type", media_type), (b"content-length", b"%d" % len(self.body))]
-        if headers:
-            raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        self.raw_headers = raw
+        self.media = media_type
+        self.extra = headers  # beside Content-Type and Content-Length
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers as an ASGI message carries them."""
+        raw = [(b"content-type", self.media), (b"content-length", b"%d" % len(self.body))]
+        if self.extra:
+            raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.extra.items()]
+        return raw
+
+    def text_headers(self) -> list[tuple[str, str]]:
+        """The same headers as RSGI takes them (the lean lane's answers on RSGI)."""
+        text = [("content-type", self.media.decode()), ("content-length", str(len(self.body)))]
+        if self.extra:
+            text += self.extra.items()
+        return text
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
         return self

@@ -46,7 +46,7 @@ from service.web.lane import (
     HandBack,
     Lane,
     Route,
-    head,
+    text_head,
 )
 from service.web.problems import CLIENT_GONE
 from service.web.rsgiscope import asgi_scope, has_body_of_size, text_headers, text_pairs
@@ -273,8 +273,8 @@ class RSGIApp:
                 exchange = Exchange(protocol, True, raw)
                 await self.handler(scope, exchange.receive, exchange.send)
                 return
-            status, headers, body = head(scope, answer, route.status)
-            protocol.response_bytes(status, text_pairs(headers), body)
+            status, headers, body = text_head(scope, answer, route.status)
+            protocol.response_bytes(status, headers, body)
         finally:
             if status:
                 app.stats.finish(scope, status, started)
