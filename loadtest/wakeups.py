@@ -15,8 +15,9 @@ loop runs. A call whose tracepoint this kernel lacks is left out ("-" for a colu
 none). Needs perf and the right to trace other processes (root, or a low enough
 kernel.perf_event_paranoid).
 
-The servers start from this checkout's virtualenv; PYTHONPATH=<another checkout> makes
-them (not this tool) run that checkout's service and twin, for a comparison.
+The servers run the checkout this file is in (granian puts their working directory, that
+checkout, first on the workers' path): to measure another, copy this file into its
+loadtest/ and run it there with PYTHONPATH=<that checkout> (for `boxoffice serve`).
 """
 
 from __future__ import annotations
