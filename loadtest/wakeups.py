@@ -8,12 +8,12 @@ Rows: twin (loadtest/twin.py, bare Litestar), hold (`boxoffice serve`, a hold ma
 request) and sold_out (every hold refused by the sold-out shortcut), loaded as `make bench`
 loads them (loadtest/wrk/hold.lua), with the bench's options (rate limits off), Redis and
 PostgreSQL databases. Per request: write (write, writev, sendto, sendmsg), read (read,
-recvfrom), futex, epoll (epoll_wait, epoll_pwait, epoll_pwait2), sched_yield, context
-switches (cs) and CPU (task-clock, µs): "all" counts every thread of the worker processes
-(granian's own too; not the main process), "loop" their main threads, where the event
-loop runs. A call whose tracepoint this kernel lacks is left out ("-" for a column with
-none). Needs perf and the right to trace other processes (root, or a low enough
-kernel.perf_event_paranoid).
+recvfrom), futex, epoll (epoll_wait, epoll_pwait, epoll_pwait2), sched_yield, getpid,
+getrandom, context switches (cs) and CPU (task-clock, µs): "all" counts every thread of
+the worker processes (granian's own too; not the main process), "loop" their main
+threads, where the event loop runs. A call whose tracepoint this kernel lacks is left
+out ("-" for a column with none). Needs perf and the right to trace other processes
+(root, or a low enough kernel.perf_event_paranoid).
 
 The servers run the checkout this file is in (granian puts their working directory, that
 checkout, first on the workers' path): to measure another, copy this file into its
@@ -44,6 +44,10 @@ SYSCALLS = {
     "futex": ("futex",),
     "epoll": ("epoll_wait", "epoll_pwait", "epoll_pwait2"),
     "sched_yield": ("sched_yield",),
+    # Not wake-ups, but system calls made per request that need not be: asyncio's fork
+    # check in get_running_loop() (Python 3.11), os.urandom.
+    "getpid": ("getpid",),
+    "getrandom": ("getrandom",),
 }
 COLUMNS = (*SYSCALLS, "cs", "cpu_us")
 TWIN_PATH = "/events/bench-twin/holds"
@@ -145,12 +149,16 @@ def rows(bench: Bench, events: set[str]) -> dict[str, dict[str, dict[str, float]
 
 
 def table(found: dict[str, dict[str, dict[str, float]]]) -> str:
-    head = f"{'target':9} {'threads':7} {'requests/s':>10} " + " ".join(f"{c:>11}" for c in COLUMNS)
+    widths = {c: max(7, len(c)) for c in COLUMNS}
+    head = f"{'target':9} {'threads':7} {'requests/s':>10} "
+    head += " ".join(f"{c:>{w}}" for c, w in widths.items())
     lines = [head, "-" * len(head)]
     for name, scopes in found.items():
         for scope, row in scopes.items():
-            cells = " ".join(f"{row[c]:11.2f}" if row[c] >= 0 else f"{'-':>11}" for c in COLUMNS)
-            lines.append(f"{name:9} {scope:7} {row['rps']:10,.0f} {cells}")
+            cells = (
+                f"{row[c]:{w}.2f}" if row[c] >= 0 else f"{'-':>{w}}" for c, w in widths.items()
+            )
+            lines.append(f"{name:9} {scope:7} {row['rps']:10,.0f} " + " ".join(cells))
     return "\n".join(lines)
 
 
