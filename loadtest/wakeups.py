@@ -98,6 +98,8 @@ def counted(
             for scope in ("all", "loop") if tid in pids else ("all",):
                 counts[scope][fields[3]] = counts[scope].get(fields[3], 0) + float(fields[1])
     out.unlink()
+    if "task-clock" not in counts["all"]:
+        raise BenchError("perf stat counted nothing: may this user trace other processes?")
     requests = data["requests"]
     rows = {}
     for scope, c in counts.items():
