@@ -49,3 +49,11 @@ def test_uuid7_is_a_version_7_uuid_ordered_by_time() -> None:
     millis = [uuid.UUID(t).int >> 80 for t in ids]
     assert millis == sorted(millis)
     assert abs(millis[-1] - to_ms(datetime.now(UTC))) < 5_000
+
+
+def test_from_ms_stays_exact_past_its_cache_of_seconds() -> None:
+    # More distinct seconds than the cache keeps (it is emptied and filled again).
+    for ms in range(1_795_000_000_000, 1_795_000_000_000 + 5000 * 1999, 1999):
+        expected = (EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds")
+        expected = expected.replace("+00:00", "Z").replace(".000Z", "Z")
+        assert from_ms(ms) == expected

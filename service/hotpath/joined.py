@@ -81,10 +81,12 @@ def join(parts: list[Part]) -> bytes:
     )
 
 
-def split(futures: list[asyncio.Future[Any]]) -> asyncio.Future[Any]:
+def split(
+    futures: list[asyncio.Future[Any]], loop: asyncio.AbstractEventLoop
+) -> asyncio.Future[Any]:
     """The future of a joined call, which settles each part's future with its own reply
     (an error reply of a part fails that part alone), or all of them with the call's error."""
-    joined: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    joined: asyncio.Future[Any] = loop.create_future()
 
     def settle(done: asyncio.Future[Any]) -> None:
         if done.cancelled():

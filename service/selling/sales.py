@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import bisect
-import os
-import secrets
 import time
 from typing import NamedTuple, NoReturn
 
 import msgspec
 
-from service.core import errors, schemas
+from service.core import errors, randompool, schemas
 from service.core.keys import event_keys
 from service.core.records import BookingRecord, HoldRecord, decode_booking, decode_hold
 from service.core.timefmt import from_ms
@@ -25,7 +23,7 @@ _encode = msgspec.json.encode
 
 def uuid7() -> str:
     """A time-ordered booking id (RFC 9562 UUIDv7): 48 bits of milliseconds, then random."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    value = (time.time_ns() // 1_000_000) << 80 | randompool.randbits(80)
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
     h = f"{value:032x}"  # the canonical form, without building a uuid.UUID per confirm
@@ -147,7 +145,7 @@ async def create_hold_counted(
         if known is not None:
             raise known
     since = svc.sold_out.step
-    hold_id = secrets.token_urlsafe(16)  # 128 random bits: knowing it is the authority
+    hold_id = randompool.token_urlsafe()  # 128 random bits: knowing it is the authority
     limit = svc.settings.rate_limit_customer_holds
     window = svc.settings.rate_limit_customer_window_seconds
     items = _encode([(i.category, i.quantity) for i in body.items])

@@ -17,13 +17,12 @@ import contextlib
 import logging
 import math
 import os
-import secrets
 import time
 from collections import OrderedDict
 
 import msgspec
 
-from service.core import errors, schemas
+from service.core import errors, randompool, schemas
 from service.core.keys import event_keys
 from service.core.timefmt import from_ms, now_ms
 from service.durable.live import call_loaded, ensure_loaded, live_event_ids
@@ -248,7 +247,7 @@ async def join(
     if idem is None:
         place, snap = await JOINS.join(svc, event_id, customer_id)
     else:  # its answer is remembered under its key: a call of its own
-        joined = await join_many(svc, event_id, [(customer_id, secrets.randbits(52))], idem)
+        joined = await join_many(svc, event_id, [(customer_id, randompool.randbits(52))], idem)
         place, snap = joined.places[0], joined.room
     kind, number, new = place
     state = STATES.merge(event_id, snap)
