@@ -15,8 +15,10 @@ not land on one only; the best round of each is reported, with the others beside
 
 Targets: twin (loadtest/twin.py), sold_out (a hold refused by the sold-out shortcut),
 hold (a hold made: one script call), read (a hold read), join, poll (the waiting room);
-each served by the lean lane (service/web/lane.py), and again with a `:ls` suffix by an app
-without it (every route through Litestar), side by side in the same rounds. The service runs on
+each served by the lean lane (service/web/lane.py) on ASGI, again with a `:rsgi` suffix
+through the RSGI app (service/web/rsgi.py: the lane straight from the protocol, which is
+given as granian gives it, the body whole), and with a `:ls` suffix by an app without the
+lane (every route through Litestar), side by side in the same rounds. The service runs on
 a Redis server of the run's own (tests/servers.py) and the bench's PostgreSQL database
 (`<name>_bench`, as `make bench`). `--profile TARGET` prints cProfile's top functions for
 one more round of that target.
