@@ -333,3 +333,23 @@ async def test_room_turned_on_needs_passes(client: httpx.AsyncClient) -> None:
     await eventually(refused, within=3)
     t = await admitted(client, event_id, "c1")
     assert (await hold(client, event_id, "c1", t["pass"])).status_code == 201
+
+
+async def test_holds_that_find_the_room_out_of_date_wait_for_one_read(
+    client: httpx.AsyncClient, svc: Services
+) -> None:
+    """Once a second every hold in flight finds its event's entry out of date together:
+    they wait for one read of the event, not one each."""
+    with_room = await create_event(client, **ga(waiting_room=ROOM))
+    without = await create_event(client, **ga())
+
+    async def hmgets() -> int:
+        stats = await svc.redis.info("commandstats")
+        return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+    for event_id, expected in ((with_room, True), (without, False)):
+        waitingroom.ROOMS.forget(event_id)
+        before = await hmgets()
+        found = await asyncio.gather(*(waitingroom.has_room(svc, event_id) for _ in range(20)))
+        assert found == [expected] * 20
+        assert await hmgets() - before == 1

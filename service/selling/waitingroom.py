@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import msgspec
 
@@ -356,10 +357,33 @@ class _Rooms:
 ROOMS = _Rooms(ROOMS_CACHED)
 
 
+# The reads of has_room() under way, by event: the holds that find an event's entry out of
+# date together (every second, a process's whole load of holds in flight) wait for one read
+# rather than each making its own (a redis-py call each: 4 % of a hold's loop thread).
+_READING: dict[str, asyncio.Future[bool]] = {}
+
+
 async def has_room(svc: Services, event_id: str) -> bool:
     on = ROOMS.get(event_id)
     if on is not None:
         return on
+    reading = _READING.get(event_id)
+    if reading is None:
+        reading = _READING[event_id] = asyncio.ensure_future(_read_room(svc, event_id))
+        reading.add_done_callback(_read_done(event_id))
+    return await asyncio.shield(reading)  # a waiter cancelled leaves the read to the others
+
+
+def _read_done(event_id: str) -> Callable[[asyncio.Future[bool]], None]:
+    def done(reading: asyncio.Future[bool]) -> None:
+        _READING.pop(event_id, None)
+        if not reading.cancelled():
+            reading.exception()  # retrieved: its waiters may all have gone
+
+    return done
+
+
+async def _read_room(svc: Services, event_id: str) -> bool:
     meta = event_keys(event_id).meta
     status, apm = await svc.redis.hmget(meta, ["status", "qapm"])
     if status is None:  # not loaded: load it (or 404), then read again
