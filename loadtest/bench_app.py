@@ -21,7 +21,8 @@ given as granian gives it, the body whole), and with a `:ls` suffix by an app wi
 lane (every route through Litestar), side by side in the same rounds. The service runs on
 a Redis server of the run's own (tests/servers.py) and the bench's PostgreSQL database
 (`<name>_bench`, as `make bench`). `--profile TARGET` prints cProfile's top functions for
-one more round of that target.
+one more round of that target; `--cycles` counts, instead of the CPU, the objects each
+target leaves in reference cycles for the garbage collector.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -268,6 +270,9 @@ async def _twin() -> Call:
 async def measure(args: argparse.Namespace, calls: dict[str, Call]) -> None:
     for once in calls.values():  # warm-up: caches, first connections
         await cpu_per_request(once, 2000, args.concurrency)
+    if args.cycles:
+        await cycles(calls)
+        return
     rounds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.rounds):
         for name, once in calls.items():
@@ -288,6 +293,22 @@ async def measure(args: argparse.Namespace, calls: dict[str, Call]) -> None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 
 
+async def cycles(calls: dict[str, Call], requests: int = 500) -> None:
+    """Objects each target leaves in reference cycles (the collector's work, which a
+    profile shows wherever an allocation happens to trigger it, not where it is made)."""
+    print(f"Objects found unreachable by the collector, per request ({requests} requests):")
+    for name, once in calls.items():
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(requests):
+                await once()
+            found = gc.collect()
+        finally:
+            gc.enable()
+        print(f"  {name:12} {found / requests:6.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -296,6 +317,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--profile", choices=TARGETS)
+    parser.add_argument(
+        "--cycles", action="store_true", help="count the objects each target leaves in cycles"
+    )
     args = parser.parse_args()
     base = Settings.from_env()
     database_url = ready_bench_database(base)

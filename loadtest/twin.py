@@ -22,13 +22,14 @@ import msgspec
 from granian.constants import Interfaces
 from litestar import Litestar, Request, post
 from litestar.exceptions import ValidationException
+from litestar.params import FromPath
 
 from loadtest.bare import answer, decode
 from service.core import schemas
 
 
 @post("/events/{event_id:str}/holds", status_code=201)
-async def create_hold(request: Request[Any, Any, Any], event_id: str) -> schemas.Hold:
+async def create_hold(request: Request[Any, Any, Any], event_id: FromPath[str]) -> schemas.Hold:
     try:
         body = decode(await request.body())
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
