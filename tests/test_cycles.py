@@ -20,6 +20,19 @@ from service.web.rsgi import RSGIApp
 REQUESTS = 100
 
 
+async def _refused_by_script(app: App) -> bench_app.Call:
+    """A hold the event's script refuses (a seat it does not have): the sold-out shortcut
+    knows nothing of seats."""
+    event_id = await bench_app._event(app, 10)
+    body = b'{"customer_id":"c","seats":["NO-1"]}'
+
+    async def once() -> None:
+        status, answer = await bench_app.request(app, "POST", f"/events/{event_id}/holds", body)
+        assert status == 400, answer
+
+    return once
+
+
 async def test_hot_routes_leave_no_reference_cycles(settings: Settings) -> None:
     own = msgspec.structs.replace(settings, admin_token=bench_app.ADMIN_TOKEN)
     app = create_app(own)
@@ -28,6 +41,7 @@ async def test_hot_routes_leave_no_reference_cycles(settings: Settings) -> None:
         calls = {
             **await bench_app.targets(app),
             **await bench_app.targets(app, ":rsgi", RSGIApp(app, own)),
+            "refused_by_script": await _refused_by_script(app),
         }
         left = {}
         for name, once in calls.items():

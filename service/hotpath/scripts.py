@@ -384,7 +384,10 @@ def raise_for_error(reply: bytes) -> None:
         )
     elif e.retry_after is not None:
         err.headers = {"retry-after": str(e.retry_after)}
-    raise err
+    try:
+        raise err
+    finally:
+        del err  # else a cycle for the collector: this frame, in err's traceback, holds err
 
 
 def sold_out(available: dict[str, int]) -> errors.BoxofficeError:
