@@ -165,7 +165,7 @@ HAND_BACK = HandBack()
 
 class Lane:
     """The hot routes of one app: recognised (accept), then answered once their body is
-    read (answer). Served on ASGI by serve() (in front of Litestar), and on RSGI straight
+    read (answer). Served on ASGI by asgi() (in front of Litestar), and on RSGI straight
     from the protocol (service/web/rsgi.py)."""
 
     def __init__(self, app: Litestar, settings: Settings) -> None:
