@@ -1,5 +1,5 @@
-"""The loop a NodePipe keeps (service/hotpath/nodepipe.py, _running_loop): always the loop
-that calls, whether the pipe goes on to another loop, another thread's, or a forked child's."""
+"""The loop a NodePipe keeps (service/hotpath/loops.py KeptLoop): always the loop that
+calls, whether the pipe goes on to another loop, another thread's, or a forked child's."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _pipe() -> NodePipe:
 async def _kept(pipe: NodePipe) -> bool:
     """Whether the pipe's loop is the running one, asked twice (the second time, kept)."""
     running = asyncio.get_running_loop()
-    return pipe._running_loop() is running and pipe._running_loop() is running
+    return pipe._loop.running() is running and pipe._loop.running() is running
 
 
 def test_a_pipe_follows_its_callers_from_loop_to_loop() -> None:

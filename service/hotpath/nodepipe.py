@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -15,6 +13,7 @@ from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from service.hotpath.connection import REPLY_TIMEOUT, Connection, dial, keep
 from service.hotpath.joined import MOST, Part, join, split
+from service.hotpath.loops import KeptLoop
 
 # Connections per Redis server: enough to keep Redis busy while one buffer is in flight.
 CONNECTIONS = 2
@@ -27,18 +26,6 @@ _ASKING = b"*1\r\n$6\r\nASKING\r\n"
 # Commands to send right behind a call, in the same write: as they are, or made for the node
 # the call goes to (each time it is sent: a call redirected by a failover reaches another).
 Then = tuple[bytes, ...] | Callable[["NodePipe"], tuple[bytes, ...]]
-
-
-# How many forks this process descends through: a loop kept before a fork is the parent's.
-_forks = 0
-
-
-def _forked() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 class NodePipe:
@@ -70,33 +57,7 @@ class NodePipe:
         # This turn's calls that may go joined (service/hotpath/joined.py), by group.
         self._parts: dict[tuple[str, str], tuple[list[Part], list[asyncio.Future[Any]]]] = {}
         self._watchdog: asyncio.TimerHandle | None = None
-        # The loop the pipe is used on, and its thread: see _running_loop.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = 0
-        self._kept_forks = 0
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, kept rather than looked up per call: on Python 3.11,
-        asyncio.get_running_loop() makes a getpid() system call each time (its check for a
-        fork), 4% of a hold's loop thread in a profile. The kept loop is the running one when
-        it runs and this is the thread it was kept on: a thread runs one loop at a time, so
-        that is the loop calling (unless the loop went on to run in another thread while
-        this one runs a loop of its own: nothing here moves loops). A loop that stopped (a
-        test's own loop, closed) or another thread's is looked up again, and so is one kept
-        before a fork (in the child, the copy of a loop that was running when the parent
-        forked still says it runs)."""
-        loop = self._loop
-        if (
-            loop is not None
-            and loop.is_running()
-            and threading.get_ident() == self._thread
-            and self._kept_forks == _forks
-        ):
-            return loop
-        loop = self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
-        self._kept_forks = _forks
-        return loop
+        self._loop = KeptLoop()  # the loop the pipe is used on
 
     def submit(self, payload: bytes, then: Then = ()) -> asyncio.Future[Any]:
         """Queue one command (already in RESP) with the others of this turn; its reply.
@@ -106,7 +67,7 @@ class NodePipe:
             then = then(self)
         if then and not self._waits:
             return self._for_waits().submit(payload, then)
-        loop = self._running_loop()
+        loop = self._loop.running()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue and not self._parts:
             loop.call_soon(self._flush)  # after every caller ready in this turn has queued
@@ -117,7 +78,7 @@ class NodePipe:
     def submit_part(self, part: Part) -> asyncio.Future[Any]:
         """Queue a call that goes joined with the others of its group queued in this turn
         (one call of the batch script), or alone when it has none; its own reply."""
-        loop = self._running_loop()
+        loop = self._loop.running()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue and not self._parts:
             loop.call_soon(self._flush)
@@ -136,7 +97,7 @@ class NodePipe:
             then = then(self)
         if then and not self._waits:
             return self._for_waits().submit_asking(payload, then)
-        loop = self._running_loop()
+        loop = self._loop.running()
         asking: asyncio.Future[Any] = loop.create_future()
         asking.cancel()  # its +OK is skipped, and nobody waits for it
         future: asyncio.Future[Any] = loop.create_future()
@@ -160,14 +121,14 @@ class NodePipe:
     def queue_after(self, then: bytes) -> asyncio.Future[Any]:
         """One more command right behind the last queued one (same write, same connection:
         a turn's queue is flushed as one buffer to one connection)."""
-        future: asyncio.Future[Any] = self._running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.running().create_future()
         self._queue.append(then)
         self._futures.append(future)
         return future
 
     def _flush(self) -> None:
         # Called soon after a submit, on that submit's loop: the kept one.
-        loop = self._running_loop()
+        loop = self._loop.running()
         if self._parts:
             self._join(loop)
         payload, futures = b"".join(self._queue), self._futures
@@ -260,7 +221,7 @@ def _pair(
     """The replies of the command queued last and of the last of `then`, queued right
     behind it: one future for both, failed with the first error among them."""
     others = [node.queue_after(command) for command in then]
-    both: asyncio.Future[Any] = node._running_loop().create_future()
+    both: asyncio.Future[Any] = node._loop.running().create_future()
 
     def settle(_: asyncio.Future[Any]) -> None:
         for future in (first, *others):  # every exception retrieved, whatever the outcome

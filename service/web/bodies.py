@@ -22,6 +22,7 @@ from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 from litestar.types.empty import Empty
 
 from service.core import errors
+from service.hotpath.loops import KeptLoop
 
 
 class ClientGone(Exception):
@@ -53,22 +54,18 @@ class Deadlines:
         self.error = errors.RequestTimeout(
             f"the request body did not arrive within {timeout:g} seconds; nothing was changed"
         ).detail
-        # The process's loop, kept: on Python 3.11, asyncio.current_task() without it
-        # looks the loop up, and every look-up is a getpid() system call (a twentieth of a
-        # hold's CPU on the event loop's thread, with the pipe's own look-up).
-        self.loop: asyncio.AbstractEventLoop | None = None
+        # Kept: asyncio.current_task() without its loop looks the loop up (a system call).
+        self.loop = KeptLoop()
 
     def arm(self) -> asyncio.Task[Any]:
         """The current task given a deadline for its body (returned, to be ended())."""
-        task = asyncio.current_task(self.loop) if self.loop is not None else None
-        if task is None:  # no loop kept yet, or another one (a test's): kept anew
-            self.loop = asyncio.get_running_loop()
-            task = asyncio.current_task(self.loop)
-            assert task is not None
+        loop = self.loop.running()
+        task = asyncio.current_task(loop)
+        assert task is not None
         self.pending[task] = time.monotonic() + self.timeout
         if not self.ticking:
             self.ticking = True
-            asyncio.get_running_loop().call_later(self.tick, self.expire)
+            loop.call_later(self.tick, self.expire)
         return task
 
     def expire(self) -> None:
