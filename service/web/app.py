@@ -49,6 +49,9 @@ class App(Litestar):
     # The lane, with what sits around it on ASGI, for the RSGI side to serve it straight
     # (service/web/rsgi.py): the request metrics and the body deadlines.
     hot_lane: lane.Lane | None = None
+    # Litestar inside the same metrics and body deadlines, not behind the lane: where the
+    # RSGI side hands a lane request whose body Litestar must answer.
+    handed: ASGIApp | None = None
     stats: metrics.HttpStats
     deadlines: bodies.Deadlines
 
@@ -169,6 +172,7 @@ def create_app(settings: Settings, lean: bool | None = None) -> Litestar:
 
     app.hot_lane = lane.Lane(app, settings)
     app.lean = around(app.hot_lane.asgi(litestar))
+    app.handed = around(litestar)
     return app
 
 

@@ -33,6 +33,7 @@ from typing import Any, cast
 from granian._granian import RSGIHTTPProtocol as HTTPProtocol
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 from granian.rsgi import Scope
+from litestar.types import ASGIApp
 
 from service.core import errors
 from service.core.settings import Settings
@@ -243,7 +244,8 @@ class RSGIApp:
         """A request the lane takes, served straight from the protocol: what the ASGI
         side does (the metrics, the body's deadline, the lane: service/web/app.py) without
         its messages, wrappers and sends (a sixth of a hold's CPU on the loop's thread).
-        A body that Litestar must answer is handed to the ASGI side, read already."""
+        A body that Litestar must answer is handed to Litestar (inside the same metrics
+        and deadlines, app.App.handed), read already."""
         lane, app = cast(Lane, self.lane), self.app
         started = time.perf_counter()
         status = 500
@@ -271,7 +273,7 @@ class RSGIApp:
             if isinstance(answer, HandBack):
                 status = 0  # counted by the ASGI side
                 exchange = Exchange(protocol, True, raw)
-                await self.handler(scope, exchange.receive, exchange.send)
+                await cast(ASGIApp, app.handed)(scope, exchange.receive, exchange.send)
                 return
             status, headers, body = text_head(scope, answer, route.status)
             protocol.response_bytes(status, headers, body)
