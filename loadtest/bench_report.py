@@ -193,6 +193,13 @@ def ratio_lines(rs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def slices(info: dict[str, Any]) -> str:
+    us = info.get("cpu_slice_us")
+    if us is None:
+        return "the kernel's CPU slices"
+    return f"{us} µs CPU slices" if us else "the kernel's default CPU slices"
+
+
 def conditions(cfg: Config, info: dict[str, Any]) -> str:
     git = info["git"]
     code = f"commit {git['commit']}" + (
@@ -200,7 +207,8 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
     )
     text = (
         f"Measured by `make bench` on {info['date'][:10]} ({info['cpu']}, {info['cores']} cores; "
-        f"{code}): every HTTP target on granian with {cfg.workers} worker processes, "
+        f"{code}; Linux {info.get('kernel', '?')}): every HTTP target on granian with"
+        f" {cfg.workers} worker processes, {slices(info)}, "
         f"wrk with {cfg.connections} connections and {cfg.threads} threads, {cfg.warmup} s "
         f"warm-up then {cfg.seconds} s per row. One hot event with {CAPACITY:,} general-admission "
         "tickets, 1 ticket per hold; confirm and release each hit a different live hold. "
@@ -343,6 +351,9 @@ def machine_info(bench: Bench, wrk: str) -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        "kernel": platform.release(),
+        # The slice `boxoffice serve` asks for, for every HTTP target (service/core/cpuslice.py).
+        "cpu_slice_us": bench.settings.cpu_slice_us,
         **{name: version(name) for name in ("granian", "litestar", "msgspec", "redis", "uvloop")},
         "redis_server": bench.r.info("server")["redis_version"],
         "wrk": tool_version([wrk, "-v"]),

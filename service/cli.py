@@ -22,6 +22,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+from service.core import cpuslice
 from service.core.settings import SettingError, Settings
 
 log = logging.getLogger("boxoffice.cli")
@@ -55,6 +56,9 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     os.environ[STARTED_DIR_ENV] = str(state / "started")
     share_pass_secret(settings)
     rsgi = settings.interface == "rsgi"
+    # Before the workers start: they and their threads inherit it.
+    if cpuslice.ask(settings.cpu_slice_us):
+        log.info("API processes run in %d µs slices", settings.cpu_slice_us)
     try:
         Server(
             # Each worker process builds its own app (factory) on its own connections.

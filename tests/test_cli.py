@@ -58,6 +58,10 @@ BAD_SETTINGS = [
     ("BOXOFFICE_REDIS_TIMEOUT_SECONDS", "0"),
     ("BOXOFFICE_REDIS_TIMEOUT_SECONDS", "61"),
     ("BOXOFFICE_REDIS_TIMEOUT_SECONDS", "soon"),
+    ("BOXOFFICE_CPU_SLICE_US", "50"),  # below the kernel's shortest, which would round it up
+    ("BOXOFFICE_CPU_SLICE_US", "100001"),
+    ("BOXOFFICE_CPU_SLICE_US", "-1"),
+    ("BOXOFFICE_CPU_SLICE_US", "short"),
 ]
 
 

@@ -1,0 +1,93 @@
+"""The time slice the API's threads ask the kernel for (`BOXOFFICE_CPU_SLICE_US`).
+
+A request crosses threads several times: granian's I/O thread reads it and hands it to the
+thread that enters Python, which wakes the event loop; the body comes back the same way;
+the loop waits for Redis, then hands the answer back to the I/O thread. Each hand-over
+wakes a thread. On a machine whose cores are busy (the API, Redis and the load all on two
+cores in `make bench`), Linux's scheduler (EEVDF, 6.6+) lets the thread running keep the
+core until it has used its slice (by default 1.4 ms on this project's 2-core machines, as
+sched_getattr reports it). A woken thread waited up to that long at each hand-over; Redis,
+woken by a batch of holds, too.
+At 64 connections a hold spent most of its 5 ms there, with a fifth of the machine idle.
+
+Since Linux 6.12 a thread of the normal policy may ask for a shorter slice (the `runtime`
+of sched_setattr(2), 0.1 to 100 ms). Measured side by side in `make bench` (docs/
+benchmarks.md): at 0.1 ms the same service makes 35 % more holds a second at a lower p99,
+and each hold costs the API a quarter less CPU (fewer spins of a thread waiting for
+another that was not running). The twin and the bare ceilings are served by the same
+launcher and get the same slice.
+
+`boxoffice serve` asks in its main process before granian starts the workers: a slice is
+inherited by every thread and process started after it, across exec too. An older kernel
+takes the call and keeps its default; that is logged, nothing else changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import sys
+
+log = logging.getLogger("boxoffice.cpuslice")
+
+# The kernel's range for a requested slice, in microseconds (0: the kernel's default).
+SHORTEST, LONGEST = 100, 100_000
+# sched_setattr(2) and sched_getattr(2) by machine: Python binds neither.
+_SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
+
+
+class _Attr(ctypes.Structure):
+    """struct sched_attr, its first version (SCHED_ATTR_SIZE_VER0, 48 bytes)."""
+
+    _fields_ = (
+        ("size", ctypes.c_uint32),
+        ("policy", ctypes.c_uint32),
+        ("flags", ctypes.c_uint64),
+        ("nice", ctypes.c_int32),
+        ("priority", ctypes.c_uint32),
+        ("runtime", ctypes.c_uint64),  # of a normal thread: its slice, in nanoseconds
+        ("deadline", ctypes.c_uint64),
+        ("period", ctypes.c_uint64),
+    )
+
+
+def ask(microseconds: int) -> bool:
+    """Ask for slices of `microseconds` for this thread and all it starts from now on;
+    whether the kernel took them. 0, another system, or a thread of a real-time policy
+    (whose slices are its own): nothing asked."""
+    calls = _SYSCALLS.get(platform.machine())
+    if not microseconds or sys.platform != "linux" or calls is None:
+        return False
+    policy = os.sched_getscheduler(0)
+    if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
+        return False
+    attr = _Attr(
+        size=ctypes.sizeof(_Attr),
+        policy=policy,
+        nice=os.getpriority(os.PRIO_PROCESS, 0),  # kept as it is: only the slice changes
+        runtime=microseconds * 1000,
+    )
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(calls[0], 0, ctypes.byref(attr), 0) != 0:
+        error = os.strerror(ctypes.get_errno())
+        log.warning("the kernel refused a %d µs slice: %s", microseconds, error)
+        return False
+    taken = slice_of(0) == microseconds * 1000
+    if not taken:
+        log.info("this kernel keeps its own slices (custom ones need Linux 6.12 or later)")
+    return taken
+
+
+def slice_of(tid: int) -> int:
+    """The slice thread `tid` (0: this one) runs in, in nanoseconds, as the kernel reports
+    it: 0 where it reports none (an older kernel, another system)."""
+    calls = _SYSCALLS.get(platform.machine())
+    if sys.platform != "linux" or calls is None:
+        return 0
+    attr = _Attr()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(calls[1], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+        return 0
+    return int(attr.runtime)
