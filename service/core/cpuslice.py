@@ -6,16 +6,16 @@ the loop waits for Redis, then hands the answer back to the I/O thread. Each han
 wakes a thread. On a machine whose cores are busy (the API, Redis and the load all on two
 cores in `make bench`), Linux's scheduler (EEVDF, 6.6+) lets the thread running keep the
 core until it has used its slice (by default 1.4 ms on this project's 2-core machines, as
-sched_getattr reports it). A woken thread waited up to that long at each hand-over; Redis,
-woken by a batch of holds, too.
-At 64 connections a hold spent most of its 5 ms there, with a fifth of the machine idle.
+sched_getattr reports it). A woken thread waited up to that long at each hand-over, and so
+did Redis, woken by a batch of holds. At 64 connections a hold spent most of its 5 ms
+there, with a fifth of the machine idle.
 
 Since Linux 6.12 a thread of the normal policy may ask for a shorter slice (the `runtime`
-of sched_setattr(2), 0.1 to 100 ms). Measured side by side in `make bench` (docs/
-benchmarks.md): at 0.1 ms the same service makes 35 % more holds a second at a lower p99,
-and each hold costs the API a quarter less CPU (fewer spins of a thread waiting for
-another that was not running). The twin and the bare ceilings are served by the same
-launcher and get the same slice.
+of sched_setattr(2), 0.1 to 100 ms). Measured side by side (docs/benchmarks.md "The
+kernel's time slice"): at 0.1 ms the same service makes about a quarter more holds a second
+at a lower p99, and each hold costs the API a fifth less CPU (fewer wake-ups and spins of a
+thread waiting for another that was not running). The twin and the bare ceilings are
+served by the same launcher and get the same slice.
 
 `boxoffice serve` asks in its main process before granian starts the workers: a slice is
 inherited by every thread and process started after it, across exec too. An older kernel
