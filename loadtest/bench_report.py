@@ -193,22 +193,17 @@ def ratio_lines(rs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def slices(info: dict[str, Any]) -> str:
-    us = info.get("cpu_slice_us")
-    if us is None:
-        return "the kernel's CPU slices"
-    return f"{us} µs CPU slices" if us else "the kernel's default CPU slices"
-
-
 def conditions(cfg: Config, info: dict[str, Any]) -> str:
     git = info["git"]
     code = f"commit {git['commit']}" + (
         ", with uncommitted changes in service/ or lua/" if git["dirty"] else ""
     )
+    us = info["cpu_slice_us"]
+    slices = f"{us} µs CPU slices" if us else "the kernel's default CPU slices"
     text = (
         f"Measured by `make bench` on {info['date'][:10]} ({info['cpu']}, {info['cores']} cores; "
-        f"{code}; Linux {info.get('kernel', '?')}): every HTTP target on granian with"
-        f" {cfg.workers} worker processes, {slices(info)}, "
+        f"{code}; Linux {info['kernel']}): every HTTP target on granian with"
+        f" {cfg.workers} worker processes, {slices}, "
         f"wrk with {cfg.connections} connections and {cfg.threads} threads, {cfg.warmup} s "
         f"warm-up then {cfg.seconds} s per row. One hot event with {CAPACITY:,} general-admission "
         "tickets, 1 ticket per hold; confirm and release each hit a different live hold. "

@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import sys
+from typing import Any
 
 log = logging.getLogger("boxoffice.cpuslice")
 
@@ -57,8 +58,8 @@ def ask(microseconds: int) -> bool:
     """Ask for slices of `microseconds` for this thread and all it starts from now on;
     whether the kernel took them. 0, another system, or a thread of a real-time policy
     (whose slices are its own): nothing asked."""
-    calls = _SYSCALLS.get(platform.machine())
-    if not microseconds or sys.platform != "linux" or calls is None:
+    calls = _calls()
+    if not microseconds or calls is None:
         return False
     policy = os.sched_getscheduler(0)
     if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
@@ -69,8 +70,7 @@ def ask(microseconds: int) -> bool:
         nice=os.getpriority(os.PRIO_PROCESS, 0),  # kept as it is: only the slice changes
         runtime=microseconds * 1000,
     )
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(calls[0], 0, ctypes.byref(attr), 0) != 0:
+    if _syscall(calls[0], 0, ctypes.byref(attr), 0) != 0:
         error = os.strerror(ctypes.get_errno())
         log.warning("the kernel refused a %d µs slice: %s", microseconds, error)
         return False
@@ -83,11 +83,18 @@ def ask(microseconds: int) -> bool:
 def slice_of(tid: int) -> int:
     """The slice thread `tid` (0: this one) runs in, in nanoseconds, as the kernel reports
     it: 0 where it reports none (an older kernel, another system)."""
-    calls = _SYSCALLS.get(platform.machine())
-    if sys.platform != "linux" or calls is None:
-        return 0
+    calls = _calls()
     attr = _Attr()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(calls[1], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+    if calls is None or _syscall(calls[1], tid, ctypes.byref(attr), ctypes.sizeof(attr), 0):
         return 0
     return int(attr.runtime)
+
+
+def _calls() -> tuple[int, int] | None:
+    """sched_setattr's and sched_getattr's numbers here; None off Linux or on a machine
+    not in _SYSCALLS."""
+    return _SYSCALLS.get(platform.machine()) if sys.platform == "linux" else None
+
+
+def _syscall(number: int, *args: Any) -> int:
+    return int(ctypes.CDLL(None, use_errno=True).syscall(number, *args))
