@@ -200,6 +200,7 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
     )
     us = info["cpu_slice_us"]
     slices = f"{us} µs CPU slices" if us else "the kernel's default CPU slices"
+    slices = f"{info['cpu_policy']} scheduling in {slices}"
     text = (
         f"Measured by `make bench` on {info['date'][:10]} ({info['cpu']}, {info['cores']} cores; "
         f"{code}; Linux {info['kernel']}): every HTTP target on granian with"
@@ -347,8 +348,10 @@ def machine_info(bench: Bench, wrk: str) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),
-        # The slice `boxoffice serve` asks for, for every HTTP target (service/core/cpuslice.py).
+        # The policy and slice `boxoffice serve` asks for, for every HTTP target
+        # (service/core/cpusched.py).
         "cpu_slice_us": bench.settings.cpu_slice_us,
+        "cpu_policy": bench.settings.cpu_policy,
         **{name: version(name) for name in ("granian", "litestar", "msgspec", "redis", "uvloop")},
         "redis_server": bench.r.info("server")["redis_version"],
         "wrk": tool_version([wrk, "-v"]),

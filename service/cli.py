@@ -22,7 +22,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from service.core import cpuslice
+from service.core import cpusched
 from service.core.settings import SettingError, Settings
 
 log = logging.getLogger("boxoffice.cli")
@@ -57,8 +57,12 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     share_pass_secret(settings)
     rsgi = settings.interface == "rsgi"
     # Before the workers start: they and their threads inherit it.
-    if cpuslice.ask(settings.cpu_slice_us):
-        log.info("API processes run in %d µs slices", settings.cpu_slice_us)
+    if cpusched.ask(settings.cpu_slice_us, settings.cpu_policy):
+        log.info(
+            "API processes run %s in %s slices",
+            settings.cpu_policy,
+            f"{settings.cpu_slice_us} µs" if settings.cpu_slice_us else "the kernel's",
+        )
     try:
         Server(
             # Each worker process builds its own app (factory) on its own connections.

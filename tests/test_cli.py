@@ -62,6 +62,7 @@ BAD_SETTINGS = [
     ("BOXOFFICE_CPU_SLICE_US", "100001"),
     ("BOXOFFICE_CPU_SLICE_US", "-1"),
     ("BOXOFFICE_CPU_SLICE_US", "short"),
+    ("BOXOFFICE_CPU_POLICY", "fifo"),  # real-time policies are not the API's to take
 ]
 
 

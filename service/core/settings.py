@@ -12,7 +12,7 @@ import msgspec
 from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 
-from service.core import cpuslice, retries
+from service.core import cpusched, retries
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -85,9 +85,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # wake-ups of the event loop per request) or ASGI (to compare, or should RSGI misbehave).
     interface: Literal["rsgi", "asgi"] = "rsgi"
     # The time slice, in microseconds, the API processes ask the kernel for: a woken thread
-    # waits at most about this long for a core (service/core/cpuslice.py; Linux 6.12+).
+    # waits at most about this long for a core (service/core/cpusched.py; Linux 6.12+).
     # 100 to 100000, or 0: the kernel's default.
-    cpu_slice_us: Annotated[int, msgspec.Meta(ge=0, le=cpuslice.LONGEST)] = cpuslice.SHORTEST
+    cpu_slice_us: Annotated[int, msgspec.Meta(ge=0, le=cpusched.LONGEST)] = cpusched.SHORTEST
+    # The scheduling policy they ask for: "batch" (SCHED_BATCH: a thread woken does not
+    # preempt the one that woke it, which holds the GIL, until the waker's slice ends or it
+    # sleeps) or "normal" (the kernel's default, SCHED_OTHER). service/core/cpusched.py.
+    cpu_policy: Literal["batch", "normal"] = "batch"
     # Hold attempts one customer_id may make per event per window (0: no limit), counted
     # inside the event's hold script (GCRA: a burst of this many, then one every
     # window/limit). A human makes a few a minute; a bot thousands.
@@ -139,8 +143,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if 0 < len(self.pass_secret) < 16:
             raise ValueError("at least 16 characters, or none")
-        if 0 < self.cpu_slice_us < cpuslice.SHORTEST:
-            raise ValueError(f"{cpuslice.SHORTEST} or more (the kernel's shortest), or 0")
+        if 0 < self.cpu_slice_us < cpusched.SHORTEST:
+            raise ValueError(f"{cpusched.SHORTEST} or more (the kernel's shortest), or 0")
         # Here rather than in from_env, so that every Settings, however built, holds URLs
         # the drivers accept. A ValueError raised here names no variable: from_env adds it.
         check_redis_url(self.redis_url)

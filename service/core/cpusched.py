@@ -31,7 +31,7 @@ import platform
 import sys
 from typing import Any
 
-log = logging.getLogger("boxoffice.cpuslice")
+log = logging.getLogger("boxoffice.cpusched")
 
 # The kernel's range for a requested slice, in microseconds (0: the kernel's default).
 SHORTEST, LONGEST = 100, 100_000
@@ -54,30 +54,35 @@ class _Attr(ctypes.Structure):
     )
 
 
-def ask(microseconds: int) -> bool:
-    """Ask for slices of `microseconds` for this thread and all it starts from now on;
-    whether the kernel took them. 0, another system, or a thread of a real-time policy
-    (whose slices are its own): nothing asked."""
+# The policies `boxoffice serve` may ask for (BOXOFFICE_CPU_POLICY), by name.
+POLICIES = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER} if sys.platform == "linux" else {}
+
+
+def ask(microseconds: int, policy: str = "normal") -> bool:
+    """Ask for `policy` ("batch" or "normal") and slices of `microseconds` (0: the
+    kernel's) for this thread and all it starts from now on; whether the kernel took both.
+    Normal with the kernel's slices, another system, or a thread of a real-time policy
+    (whose scheduling is its own): nothing asked."""
     calls = _calls()
-    if not microseconds or calls is None:
+    wanted = POLICIES.get(policy)
+    if calls is None or wanted is None or (wanted == os.SCHED_OTHER and not microseconds):
         return False
-    policy = os.sched_getscheduler(0)
-    if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
+    if os.sched_getscheduler(0) not in (os.SCHED_OTHER, os.SCHED_BATCH):
         return False
     attr = _Attr(
         size=ctypes.sizeof(_Attr),
-        policy=policy,
-        nice=os.getpriority(os.PRIO_PROCESS, 0),  # kept as it is: only the slice changes
+        policy=wanted,
+        nice=os.getpriority(os.PRIO_PROCESS, 0),  # kept as it is
         runtime=microseconds * 1000,
     )
     if _syscall(calls[0], 0, ctypes.byref(attr), 0) != 0:
         error = os.strerror(ctypes.get_errno())
-        log.warning("the kernel refused a %d µs slice: %s", microseconds, error)
+        log.warning("the kernel refused %s in %d µs slices: %s", policy, microseconds, error)
         return False
-    taken = slice_of(0) == microseconds * 1000
-    if not taken:
+    if microseconds and slice_of(0) != microseconds * 1000:
         log.info("this kernel keeps its own slices (custom ones need Linux 6.12 or later)")
-    return taken
+        return False
+    return os.sched_getscheduler(0) == wanted
 
 
 def slice_of(tid: int) -> int:
