@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -71,11 +72,17 @@ def script(bench: Bench) -> None:
                 script_run(bench, tool, port, r, event_id, name, batch)
 
 
-def script_call(bench: Bench, r: redis.Redis, event_id: str, batch: int) -> list[str]:
+def script_call(bench: Bench, r: redis.Redis, event_id: str, batch: int, run: str) -> list[str]:
     """EVALSHA of hold.lua (`batch` 1), or of hold_batch.lua with `batch` holds: each
     __rand_int__ gets its own 12-digit number, so two of them make a hold id that no other
-    hold of the run has (the TTL key's number differs; it is only a SET)."""
-    keys, args = hold_script_call(bench.settings, event_id, "bench-__rand_int__-__rand_int__")
+    hold of the run has (the TTL key's number differs; it is only a SET). `run` tells
+    redis-benchmark's runs apart: each seeds its numbers with srandom(time(NULL) ^
+    getpid()), and the measured run, started a second after the calibration (an even one)
+    with the next pid (the calibration's, an even one, plus one), gets the same seed and
+    repeats the calibration's ids, which the script answers as retries of holds already made
+    (seen: the measured run short of exactly the calibration's 20,000 holds)."""
+    hold_id = f"bench-{run}-__rand_int__-__rand_int__"
+    keys, args = hold_script_call(bench.settings, event_id, hold_id)
     if batch == 1:
         return ["EVALSHA", hold_sha(r), str(len(keys)), *keys, *args]
     # hold_batch.lua: the event's keys and the common arguments once, then each hold's
@@ -91,9 +98,9 @@ def script_run(
 ) -> None:
     argv = [tool, "-h", "127.0.0.1", "-p", str(port), "-c", str(bench.cfg.connections)]
     argv += ["-P", str(PIPELINE), "-r", "2000000000", "--csv"]
-    command = script_call(bench, r, event_id, batch)
 
     def benchmark(n: int) -> dict[str, str]:
+        command = script_call(bench, r, event_id, batch, secrets.token_hex(4))
         out = subprocess.run(  # noqa: S603
             [*argv, "-n", str(n), *command],
             capture_output=True,
