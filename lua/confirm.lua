@@ -8,4 +8,7 @@
 -- {err = code} (hold_released adds ended_at ms, hold_expired expires_at ms). The outbox
 -- entry is written in this same step: no booking exists that the write-behind worker
 -- will not see.
-return confirm_request({}, ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+local ev = {}
+local reply = confirm_request(ev, ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+confirms_write(ev)
+return reply

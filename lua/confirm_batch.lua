@@ -9,4 +9,7 @@
 --       allowances (confirm.lua's ARGV [5..], its fingerprint first)
 -- Returns an array of one reply per confirm, in order: what confirm.lua would have
 -- returned, or an error reply for a request whose part failed with an error.
-return settle_batch(4, confirm_request)
+local ev = {}
+local replies = settle_batch(ev, 4, confirm_request)
+confirms_write(ev)
+return replies

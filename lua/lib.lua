@@ -188,11 +188,12 @@ local function loaded() return redis.call('EXISTS', K.meta) == 1 end
 -- The hold a confirm or release names; or, instead, the reply to give at once (a replayed
 -- Idempotency-Key, an event not loaded, no such hold).
 -- `customer`: the caller's customer token's ("" = tokens off, anyone's hold): another
--- customer's hold is not found, as if it did not exist.
-local function named_hold(hold_id, customer)
+-- customer's hold is not found, as if it did not exist. `pending`: the hold's record as the
+-- call has changed it and not written yet (settling.lua), if it has.
+local function named_hold(hold_id, customer, pending)
   local cached = replay()
   if cached then return nil, cached end
-  local raw = redis.call('HGET', K.holds, hold_id)
+  local raw = pending or redis.call('HGET', K.holds, hold_id)
   if raw then
     local h = cjson.decode(raw)
     if customer ~= '' and h.c ~= customer then return nil, fail('hold_not_found') end

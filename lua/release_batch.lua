@@ -9,4 +9,4 @@
 --       fingerprint first)
 -- Returns an array of one reply per release, in order: what release.lua would have
 -- returned, or an error reply for a request whose part failed with an error.
-return settle_batch(2, release_request)
+return settle_batch({}, 2, release_request)

@@ -289,6 +289,37 @@ async def test_confirms_and_releases_of_one_turn_go_joined(own: Services) -> Non
     assert await own.redis.xlen(k.outbox) == 21
 
 
+async def test_joined_confirms_write_what_each_alone_would(own: Services) -> None:
+    """The confirms of one call share their writes (settling.lua confirms_write): each
+    hold's record, sets, booking, outbox entry and the counters are what a confirm alone
+    leaves, and a hold confirmed twice in the call gets its one booking both times."""
+    event_id = await new_event(own, 10)
+    made = await asyncio.gather(*(hold(own, event_id, ga(f"w{i}", 2)) for i in range(4)))
+    ids = [h.hold_id for h in made if isinstance(h, schemas.Hold)]
+    confirms = [*ids[:3], ids[0]]
+
+    async def confirm(hold_id: str) -> schemas.Booking:
+        return await sales.confirm_hold(own, event_id, hold_id, schemas.HoldConfirm(), None)
+
+    bookings, calls = await script_calls(own, asyncio.gather(*(confirm(i) for i in confirms)))
+    assert calls == {"confirm_batch": 1}, calls
+    assert bookings[3] == bookings[0]
+    assert len({b.booking_id for b in bookings}) == 3
+    k, r = event_keys(event_id), own.redis
+    for b in bookings[:3]:
+        record = msgspec.json.decode(await r.hget(k.holds, b.hold_id))
+        assert (record["s"], record["b"]) == ("confirmed", b.booking_id)
+        assert await r.zscore(k.deadlines, b.hold_id) is None
+        assert await r.zscore(k.ended, b.hold_id) == record["e"]
+        booking = msgspec.json.decode(await r.hget(k.bookings, b.booking_id))
+        assert (booking["h"], booking["n"]) == (b.hold_id, 2)
+    assert await r.zscore(k.deadlines, ids[3]) is not None  # not confirmed: still live
+    outbox = [msgspec.json.decode(f[b"booking"])["id"] for _, f in await r.xrange(k.outbox)]
+    assert outbox == [b.booking_id for b in bookings[:3]]
+    assert int(await r.hget(k.stats, "confirmed")) == 3
+    assert await stock(own, event_id) == (2, 2, 6)
+
+
 async def test_a_confirm_with_a_key_replays_in_its_batch(own: Services) -> None:
     """Confirms with Idempotency-Keys joined in one call: the same key twice gives the same
     booking, and each key's record is its own."""
