@@ -23,7 +23,7 @@ for a body, writing to Redis). Under the normal policy the woken thread may pree
 its core, and every thread waiting for the GIL then waits for one that is not running. A
 thread of the batch policy (SCHED_BATCH, any Linux, no privilege) is never preempted for at
 wake-up: it runs on an idle core, or once the waker sleeps or its slice ends. Measured side
-by side (docs/benchmarks.md "SCHED_BATCH"): about a third more holds a second, a fifth less
+by side (docs/benchmarks.md "SCHED_BATCH"): about a third more holds a second, a quarter less
 CPU a hold, p99 down by a third; the twin and the ceilings gain too.
 
 `boxoffice serve` asks in its main process before granian starts the workers: policy and
