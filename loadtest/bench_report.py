@@ -200,11 +200,11 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
     )
     us = info["cpu_slice_us"]
     slices = f"{us} µs CPU slices" if us else "the kernel's default CPU slices"
-    slices = f"{info['cpu_policy']} scheduling in {slices}"
+    scheduling = f"{info['cpu_policy']} scheduling in {slices}"
     text = (
         f"Measured by `make bench` on {info['date'][:10]} ({info['cpu']}, {info['cores']} cores; "
         f"{code}; Linux {info['kernel']}): every HTTP target on granian with"
-        f" {cfg.workers} worker processes, {slices}, "
+        f" {cfg.workers} worker processes, {scheduling}, "
         f"wrk with {cfg.connections} connections and {cfg.threads} threads, {cfg.warmup} s "
         f"warm-up then {cfg.seconds} s per row. One hot event with {CAPACITY:,} general-admission "
         "tickets, 1 ticket per hold; confirm and release each hit a different live hold. "
