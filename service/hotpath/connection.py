@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Iterable
 from typing import Any, cast
 
 import hiredis
@@ -28,7 +29,18 @@ REPLY_TIMEOUT = retries.TIMEOUT_SECONDS
 
 def bulk(*parts: bytes) -> bytes:
     """Arguments in the Redis protocol (RESP bulk strings), to go after a command's head."""
-    return b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+    return b"".join([b"$%d\r\n%s\r\n" % (len(part), part) for part in parts])
+
+
+def bulk_values(values: Iterable[str | bytes | int]) -> bytes:
+    """bulk() of the values a script takes: text as UTF-8, a number in decimal. A loop
+    rather than bulk(*generator): a hold encodes a dozen of them, and this is twice as fast."""
+    out = []
+    for value in values:
+        if not isinstance(value, bytes):
+            value = value.encode() if isinstance(value, str) else str(value).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(value), value))
+    return b"".join(out)
 
 
 def command(*parts: bytes) -> bytes:

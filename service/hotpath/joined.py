@@ -24,50 +24,66 @@ from service.hotpath.connection import bulk
 MOST = 64
 
 _NKEYS = len(EVENT_KEY_NAMES)
+_NCOMMON = 3  # the arguments every event script takes after the fingerprint (lua/lib.lua)
 _NO_FINGERPRINT = bulk(b"")
 
 
 class Part:
     """One call as a part of a batch: the event's keys and the common arguments (RESP, the
-    same for every part of a group), its own keys and arguments in RESP (the batch script's
-    layout: its fingerprint first), and the call alone as the script of one takes it."""
+    same for every part of a group), its own keys, fingerprint and arguments in RESP (the
+    batch script's layout: its fingerprint first), and the script of one, which takes the
+    call alone (`single`)."""
 
     __slots__ = (
+        "alone",
         "args",
         "common",
         "event_keys",
+        "fingerprint",
         "group",
         "keys",
         "nargs",
         "nkeys",
         "script",
-        "single",
     )
 
     def __init__(
         self,
         group: tuple[str, str],
         script: AsyncScript,
+        alone: AsyncScript,
         event_keys: bytes,
         common: bytes,
-        own: tuple[bytes, int, bytes, int],
-        single: bytes,
+        own: tuple[bytes, int, bytes, bytes, int],
     ) -> None:
         """`group`: the batch script's name and the event's id; `script`: the batch script;
-        `own`: the part's keys and their count, its arguments and their count."""
+        `own`: the part's keys and their count, its fingerprint, its other arguments, and
+        the count of its arguments with the fingerprint."""
         self.group = group
         self.script = script
+        self.alone = alone
         self.event_keys = event_keys
         self.common = common
-        self.keys, self.nkeys, self.args, self.nargs = own
-        self.single = single
+        self.keys, self.nkeys, self.fingerprint, self.args, self.nargs = own
+
+    @property
+    def single(self) -> bytes:
+        """The call as the script of one takes it: built only for a call that goes alone (the
+        only one of its group in a turn, a redirect), not for every call (a copy of the
+        event's kilobyte of keys each)."""
+        nkeys = _NKEYS + self.nkeys
+        count = 3 + nkeys + _NCOMMON + self.nargs
+        head = b"*%d\r\n" % count + bulk(b"EVALSHA", self.alone.sha.encode(), b"%d" % nkeys)
+        return b"".join(
+            (head, self.event_keys, self.keys, self.fingerprint, self.common, self.args)
+        )
 
 
 def join(parts: list[Part]) -> bytes:
     """One EVALSHA of the batch script for the parts, in their order."""
     first = parts[0]
     nkeys = _NKEYS + sum(p.nkeys for p in parts)
-    count = 3 + nkeys + 4 + sum(p.nargs for p in parts)
+    count = 3 + nkeys + 1 + _NCOMMON + sum(p.nargs for p in parts)
     head = b"*%d\r\n" % count + bulk(b"EVALSHA", first.script.sha.encode(), b"%d" % nkeys)
     return b"".join(
         (
@@ -76,7 +92,7 @@ def join(parts: list[Part]) -> bytes:
             *(p.keys for p in parts),
             _NO_FINGERPRINT,
             first.common,
-            *(p.args for p in parts),
+            *(piece for p in parts for piece in (p.fingerprint, p.args)),
         )
     )
 

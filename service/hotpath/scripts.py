@@ -16,7 +16,7 @@ from service.core.keys import event_keys
 from service.core.settings import Settings
 from service.core.timefmt import from_ms
 from service.hotpath import ratelimit
-from service.hotpath.connection import bulk, command
+from service.hotpath.connection import bulk, bulk_values, command
 from service.hotpath.joined import Part
 from service.hotpath.nodepipe import NodePipe
 from service.hotpath.replicas import Replicas
@@ -182,20 +182,27 @@ class Scripts:
             fingerprint = idempotency.fingerprint
             args = (*args, *self._idempotency_caps)
         event_keys_resp, slot = self._pipe.event_keys(event_id)
-        numkeys = len(keys.all) + len(extra_keys)
-        own_keys = bulk(*(_bytes(a) for a in extra_keys))
-        own_fingerprint = bulk(fingerprint.encode())
-        own_args = bulk(*(_bytes(a) for a in args))
-        count = 4 + numkeys + 3 + len(args)
+        own = (
+            bulk_values(extra_keys),
+            len(extra_keys),
+            bulk(fingerprint.encode()),
+            bulk_values(args),
+            1 + len(args),
+        )
         # Calls of this script and event in the same turn go as one (service/hotpath/joined.py)
         batch = _BATCHES.get(name)
         backoff: retries.Backoff | None = None  # made only once a call has failed
         loads = 0
         while True:
             script = self._scripts[name]
-            head = b"*%d\r\n" % count + bulk(b"EVALSHA", script.sha.encode(), b"%d" % numkeys)
-            tail = own_keys + own_fingerprint + self._common + own_args
-            single = head + event_keys_resp + tail
+            part = Part(
+                (batch or name, event_id),
+                self._scripts[batch or name],
+                script,
+                event_keys_resp,
+                self._common,
+                own,
+            )
             try:
                 if durable and self.replicas.wanted:
                     # WAIT counts replicas up to the connection's last write: a repeat
@@ -204,19 +211,10 @@ class Scripts:
                     # nothing (a count the script keeps, plus 0) makes it now.
                     field = _COUNTED.get(name, b"confirmed")
                     touch = command(b"HINCRBY", keys.stats.encode(), field, b"0")
-                    return await self._durable(single, slot, touch)
+                    return await self._durable(part.single, slot, touch)
                 if batch is None:
-                    reply: bytes = await self._pipe.execute(single, slot)
+                    reply: bytes = await self._pipe.execute(part.single, slot)
                     return reply
-                own = (own_keys, len(extra_keys), own_fingerprint + own_args, 1 + len(args))
-                part = Part(
-                    (batch, event_id),
-                    self._scripts[batch],
-                    event_keys_resp,
-                    self._common,
-                    own,
-                    single,
-                )
                 reply = await self._pipe.execute_part(part, slot)
                 return reply
             except NoScriptError:
@@ -285,7 +283,7 @@ class Scripts:
         through the same pipe, routed by the (first) key's slot."""
         encoded = [k.encode() for k in ((key,) if isinstance(key, str) else key)]
         slot = key_slot(encoded[0])
-        tail = bulk(b"%d" % len(encoded), *encoded, *(_bytes(a) for a in args))
+        tail = bulk(b"%d" % len(encoded), *encoded) + bulk_values(args)
         head = b"*%d\r\n" % (3 + len(encoded) + len(args))
         for _ in range(2):
             script = self._scripts[name]
@@ -327,12 +325,6 @@ _COUNTED = {"confirm": b"confirmed", "cancel": b"cancelled"}
 
 def _node_key(options: dict[str, Any]) -> tuple[Any, ...]:
     return (options.get("host"), options.get("port"), options.get("path"))
-
-
-def _bytes(value: str | bytes | int) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode() if isinstance(value, int) else value.encode()
 
 
 def raise_for_error(reply: bytes) -> None:
