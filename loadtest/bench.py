@@ -99,7 +99,6 @@ from loadtest import bench_ceilings, bench_cluster, bench_room, bench_service
 from loadtest.bench_report import (
     chart,
     conditions,
-    cpu_lines,
     doc_block,
     interface_lines,
     machine_info,
@@ -271,11 +270,10 @@ def run(cfg: Config) -> int:
     say("CPU: % of one core during the measured run. server = the target's processes; redis =")
     say("the whole Redis server (shared); client = wrk or redis-benchmark; other = the rest of")
     say("the machine (kernel, PostgreSQL, anything else running). ~ other work on the machine")
-    say("may have slowed the row down; ! the row is not to be trusted (see below).")
+    say("may have slowed the row down; ! the row is not to be trusted (see below). µs server +")
+    say("redis: CPU a request (a script row: Redis's a hold; pg: the rest of the machine's).")
     say("")
     for line in ratio_lines(rs):
-        say(line)
-    for line in cpu_lines(results):
         say(line)
     for line in interface_lines(results, cfg.interfaces):
         say(line)

@@ -82,7 +82,7 @@ def ms(value: float) -> str:
 def table(results: dict[str, Result]) -> str:
     head = (
         f"{'target':<68} {'req/s':>9} {'p50':>10} {'p99':>10} {'errors':>7}"
-        "  CPU % server/redis/client/other"
+        f"  {'µs server + redis':<24}  CPU % server/redis/client/other"
     )
     lines = [head, "-" * len(head)]
     for name in TARGETS:
@@ -93,7 +93,7 @@ def table(results: dict[str, Result]) -> str:
         cpu = f"{c['server']:.0f}/{c['redis']:.0f}/{c['load_generator']:.0f}/{c['other']:.0f}"
         lines.append(
             f"{r.label.replace('`', ''):<68} {r.rps:>9,.0f} {ms(r.p50_ms):>10} {ms(r.p99_ms):>10}"
-            f" {r.error_count:>7}  {cpu}{mark(r)}"
+            f" {r.error_count:>7}  {cpu_per_request(r):<24}  {cpu}{mark(r)}"
         )
     return "\n".join(lines)
 
@@ -111,28 +111,18 @@ def note_lines(results: dict[str, Result]) -> list[str]:
     ]
 
 
-# CPU per request beside requests/s, which on a shared machine move with whatever else runs.
-CPU_LINES = (
-    (
-        "CPU per request of the hold and its ceilings, µs of server + Redis",
-        ("bare_rsgi", "bare_asgi", "twin", "hold"),
-    ),
-    ("CPU per hold, µs of server + Redis", ("spread", "cluster", "cluster_one")),
-)
-
-
-def cpu_lines(results: dict[str, Result]) -> list[str]:
-    """For each group of rows compared, their CPU per request (two of them measured at least)."""
-    lines = []
-    for title, names in CPU_LINES:
-        parts = []
-        for name in names:
-            if (r := results.get(name)) is not None:
-                per = r.extra["cpu_us_per_request"]
-                parts.append(f"{name} {per['server']:.0f} + {per['redis']:.0f}")
-        if len(parts) >= 2:
-            lines.append(f"{title}: " + ", ".join(parts))
-    return lines
+def cpu_per_request(r: Result) -> str:
+    """µs of CPU a request, the server's processes + Redis (a script row: Redis a hold; the
+    PostgreSQL baseline: its processes + the rest of the machine, mostly PostgreSQL): beside
+    requests/s, which on a shared machine move with whatever else runs."""
+    if (hold := r.extra.get("redis_us_per_hold")) is not None:
+        return f"0 + {hold:.0f}"
+    per = r.extra.get("cpu_us_per_request")
+    if per is None or not r.rps:
+        return ""
+    if r.target == "pg":
+        return f"{per['server']:,.0f} + PostgreSQL {r.cpu['other'] * 10_000 / r.rps:,.0f}"
+    return f"{per['server']:.0f} + {per['redis']:.0f}"
 
 
 def interface_lines(results: dict[str, Result], interfaces: tuple[str, ...]) -> list[str]:
@@ -240,18 +230,19 @@ def doc_block(
     lines = [
         conditions(cfg, info),
         "",
-        "| target | requests/s | p50 | p99 |",
-        "|---|---:|---:|---:|",
+        "| target | requests/s | p50 | p99 | CPU µs a request: server + Redis |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name in TARGETS:
         if (r := results.get(name)) is not None:
-            lines.append(f"| {r.label}{mark(r)} | {r.rps:,.0f} | {ms(r.p50_ms)} | {ms(r.p99_ms)} |")
+            lines.append(
+                f"| {r.label}{mark(r)} | {r.rps:,.0f} | {ms(r.p50_ms)} | {ms(r.p99_ms)}"
+                f" | {cpu_per_request(r)} |"
+            )
     lines += ["", "| ratio | value | goal | |", "|---|---:|---:|---|"]
     for ratio in rs:
         verdict = "" if ratio["met"] is None else "met" if ratio["met"] else "not met"
         lines.append(f"| {ratio['label']} | {ratio['shown']} | {ratio['goal']} | {verdict} |")
-    for cpu in cpu_lines(results):
-        lines += ["", cpu + "."]
     if line := room_line(results):
         lines += ["", textwrap.fill(line + ".", 92, break_on_hyphens=False)]
     if notes := note_lines(results):
