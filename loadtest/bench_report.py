@@ -10,6 +10,7 @@ import platform
 import re
 import subprocess
 import textwrap
+import time
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -191,9 +192,12 @@ def conditions(cfg: Config, info: dict[str, Any]) -> str:
     us = info["cpu_slice_us"]
     slices = f"{us} µs CPU slices" if us else "the kernel's default CPU slices"
     scheduling = f"{info['cpu_policy']} scheduling in {slices}"
+    speed = ""
+    if (loop := info.get("reference_loop_s")) is not None:
+        speed = f"; {REFERENCE_LOOP:,} additions in a Python loop took {loop:.2f} s of CPU"
     text = (
         f"Measured by `make bench` on {info['date'][:10]} ({info['cpu']}, {info['cores']} cores; "
-        f"{code}; Linux {info['kernel']}): every HTTP target on granian with"
+        f"{code}; Linux {info['kernel']}{speed}): every HTTP target on granian with"
         f" {cfg.workers} worker processes, {scheduling}, "
         f"wrk with {cfg.connections} connections and {cfg.threads} threads, {cfg.warmup} s "
         f"warm-up then {cfg.seconds} s per row. One hot event with {CAPACITY:,} general-admission "
@@ -348,4 +352,19 @@ def machine_info(bench: Bench, wrk: str) -> dict[str, Any]:
         "wrk": tool_version([wrk, "-v"]),
         "git": git_state(),
         "worker_running": False,
+        "reference_loop_s": reference_loop(),
     }
+
+
+REFERENCE_LOOP = 5_000_000
+
+
+def reference_loop() -> float:
+    """CPU seconds of a fixed pure-Python loop: how fast the machine's cores were when the run
+    began. This shared machine's have run the same code up to 2.5 times slower on one day
+    than another; requests/s and µs move with it, and ratios much less."""
+    started = time.process_time()
+    total = 0
+    for i in range(REFERENCE_LOOP):
+        total += i
+    return round(time.process_time() - started, 3)
