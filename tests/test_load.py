@@ -15,8 +15,10 @@ from typing import Any
 
 import msgspec
 import pytest
+import sqlalchemy as sa
 
 from service.core import errors, schemas
+from service.core.db import seats
 from service.core.keys import event_keys
 from service.core.records import BookingRecord
 from service.core.settings import Settings
@@ -136,6 +138,51 @@ async def test_200000_seats_load_in_short_calls(own: Services) -> None:
     assert sorted(last.seats or []) == ["R19-10000", "R19-9999"]
     assert best.seats == ["R0-1", "R0-2"]
     await assert_complete(own, event.id, held=4)
+
+
+async def copy_all_seats_seconds(svc: Services) -> float:
+    """How long one COPY of the 200,000 seats takes on this machine now: into a table like
+    `seats` (its indexes too, written to the log as `seats` is), rolled back."""
+    rows = [
+        ("scratch", f"{row}-{n}", "Stalls", i * PER_ROW + n, row, n)
+        for i, row in enumerate(ROWS)
+        for n in range(1, PER_ROW + 1)
+    ]
+    async with svc.engine.connect() as conn:
+        await conn.exec_driver_sql("CREATE TABLE scratch_seats (LIKE seats INCLUDING ALL)")
+        raw = await conn.get_raw_connection()
+        started = time.perf_counter()
+        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            "scratch_seats",
+            records=rows,
+            columns=["event_id", "label", "category", "position", "row", "number"],
+        )
+        seconds = time.perf_counter() - started
+        await conn.rollback()
+    return seconds
+
+
+async def test_the_largest_event_is_created_in_statements_shorter_than_the_timeout(
+    settings: Settings, slowlog_redis: RedisServer
+) -> None:
+    """The command timeout bounds each PostgreSQL statement, to notice a hung server; an
+    event's seats go in several COPY statements, so that creating the largest event does not
+    meet it on a slow or busy server. Here the timeout is a little over half of what one
+    COPY of all 200,000 seats takes now (measured first): one statement would meet it."""
+    async with services_with(settings, redis_url=slowlog_redis.url) as svc:
+        whole = await copy_all_seats_seconds(svc)
+    timeout = max(0.6 * whole, 0.2)
+    async with services_with(
+        settings, redis_url=slowlog_redis.url, database_command_timeout_seconds=timeout
+    ) as svc:
+        event = await catalog.create_event(svc, big_body())
+        async with svc.engine.connect() as conn:
+            count = await conn.scalar(
+                sa.select(sa.func.count()).select_from(seats).where(seats.c.event_id == event.id)
+            )
+    print(f"\none COPY of 200,000 seats: {whole:.2f} s; created under a {timeout:.2f} s timeout")
+    assert count == catalog.MAX_SEATS
+    assert catalog.MAX_SEATS // catalog.SEATS_PER_COPY >= 10  # each well under the timeout
 
 
 async def raw_hold(svc: Services, event_id: str, seat: str) -> bytes:

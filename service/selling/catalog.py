@@ -21,6 +21,8 @@ from service.hotpath.context import Services
 from service.selling import roomstate, waitingroom
 
 MAX_SEATS = 200_000
+# Seats written per COPY statement (_insert_seats).
+SEATS_PER_COPY = 10_000
 
 log = logging.getLogger("boxoffice.catalog")
 
@@ -192,15 +194,20 @@ async def _insert_seats(conn: AsyncConnection, event_id: str, plan: live.Plan) -
     if not plan.labels:
         return
     raw = await conn.get_raw_connection()
-    # COPY: an event of 200,000 seats is created in a second, not a minute of INSERTs.
-    await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-        "seats",
-        records=[
-            (event_id, label, plan.seat_cats[i], i, *plan.places[i])
-            for i, label in enumerate(plan.labels)
-        ],
-        columns=["event_id", "label", "category", "position", "row", "number"],
-    )
+    copy = raw.driver_connection.copy_records_to_table  # type: ignore[union-attr]
+    # COPY: an event of 200,000 seats is created in a second, not a minute of INSERTs. In
+    # statements of SEATS_PER_COPY: the command timeout bounds each statement, to notice a
+    # hung server, and one COPY of 200,000 seats met the default 10 s on a busy machine.
+    n = len(plan.labels)
+    for start in range(0, n, SEATS_PER_COPY):
+        await copy(
+            "seats",
+            records=[
+                (event_id, plan.labels[i], plan.seat_cats[i], i, *plan.places[i])
+                for i in range(start, min(n, start + SEATS_PER_COPY))
+            ],
+            columns=["event_id", "label", "category", "position", "row", "number"],
+        )
 
 
 # --- read ---------------------------------------------------------------------------
