@@ -90,7 +90,11 @@ def ask(microseconds: int, policy: str = "normal") -> bool:
         log.warning("the kernel refused %s in %d µs slices: %s", policy, microseconds, error)
         return False
     if microseconds and slice_of(0) != microseconds * 1000:
-        log.info("this kernel keeps its own slices (custom ones need Linux 6.12 or later)")
+        # The policy was taken all the same: said here, since the caller's line is not.
+        log.info(
+            "API processes run %s in the kernel's slices (custom ones need Linux 6.12 or later)",
+            policy,
+        )
         return False
     return os.sched_getscheduler(0) == wanted
 
