@@ -124,10 +124,12 @@ class Scripts:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(script_text(lib, name)) for name in NAMES
         }
-        self._common = bulk(
-            str(settings.idempotency_ttl_seconds).encode(),
-            str(settings.reclaim_batch).encode(),
-            str(settings.hold_retention_seconds * 1000).encode(),
+        self._common = bulk_values(
+            (
+                settings.idempotency_ttl_seconds,
+                settings.reclaim_batch,
+                settings.hold_retention_seconds * 1000,
+            )
         )
         self._timeout = settings.redis_timeout_seconds
         self._pipe = ScriptPipe(
